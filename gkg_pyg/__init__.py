@@ -1,0 +1,8 @@
+"""gkg-pyg: GKGNet (Group K-nearest-neighbour Graph Convolutional Network,
+ECCV 2024) for multi-label image recognition, in PyTorch Geometric."""
+from .knn import group_knn
+from .conv import DynamicGroupMaxRelConv, GroupMaxRelConv
+from .graph import build_stage_graph, stack_group_edges
+from .models.gkgnet import GKGNet, create_model, list_models, min_input_size
+
+__version__ = "0.1.0"

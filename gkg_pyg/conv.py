@@ -1,0 +1,190 @@
+"""Group max-relative graph convolution (GKGNet, paper eq. 1 and 2)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
+
+from .knn import group_knn
+
+PairTensor = Tuple[Tensor, Tensor]
+
+
+class GroupedLinear(nn.Module):
+    """A linear map with ``groups`` independent weight blocks: a 1x1 grouped
+    convolution on node features ``(N, in_channels) -> (N, out_channels)``.
+
+    ``weight`` is ``(out_channels, in_channels // groups)``, the layout of a
+    grouped ``Conv2d`` weight without its trailing ``1 x 1``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1, bias: bool = True):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must both be "
+                             f"divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Same initialisation as a grouped Conv2d of this shape.
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        if self.bias is not None:
+            bound = 1 / (self.weight.shape[1] ** 0.5)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.groups == 1:
+            return F.linear(x, self.weight, self.bias)
+        g = self.groups
+        w = self.weight.view(g, self.out_channels // g, self.in_channels // g)
+        out = torch.bmm(x.reshape(-1, g, self.in_channels // g).transpose(0, 1), w.transpose(1, 2))
+        out = out.transpose(0, 1).reshape(*x.shape[:-1], self.out_channels)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, groups={self.groups}, bias={self.bias is not None}"
+
+
+def _activation(name: Optional[str]) -> nn.Module:
+    acts = {"gelu": nn.GELU, "relu": nn.ReLU, None: nn.Identity, "none": nn.Identity}
+    if name not in acts:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(map(str, acts))}")
+    return acts[name]()
+
+
+def _norm(name: Optional[str], channels: int) -> nn.Module:
+    if name == "batch":
+        return nn.BatchNorm1d(channels)
+    if name in (None, "none"):
+        return nn.Identity()
+    raise ValueError(f"unknown norm {name!r}; expected 'batch' or None")
+
+
+class GroupMaxRelConv(MessagePassing):
+    r"""The group max-relative graph convolution of GKGNet
+    (`"Group K-Nearest Neighbor based Graph Convolutional Network for
+    Multi-Label Image Recognition" <https://arxiv.org/abs/2308.14378>`_).
+
+    The channels are split into :math:`G` contiguous groups; group :math:`g`
+    aggregates over its own neighbour set :math:`\mathcal{N}_g(i)` (paper eq. 1)
+
+    .. math::
+        \mathbf{m}_{i,g} = \max_{j \in \mathcal{N}_g(i)} \left(
+        \mathbf{x}_{j,g} - \mathbf{x}_{i,g} \right)
+        = \max_{j \in \mathcal{N}_g(i)} \mathbf{x}_{j,g} - \mathbf{x}_{i,g},
+
+    and the update (paper eq. 2, as the authors implement it) interleaves the
+    destination features with the concatenated messages channel by channel,
+
+    .. math::
+        \mathbf{x}'_i = \sigma\left(\mathrm{Norm}\left(\mathbf{W}
+        [x_{i,0}, m_{i,0}, x_{i,1}, m_{i,1}, \ldots]\right)\right),
+
+    with :math:`\mathbf{W}` a linear map of ``conv_groups`` weight blocks.
+    A destination without neighbours in a group gets :math:`\mathbf{m} = 0`.
+
+    Args:
+        in_channels (int): node feature size :math:`C` (divisible by ``groups``).
+        out_channels (int): output size (divisible by ``conv_groups``; GKGNet
+            uses :math:`2C`).
+        groups (int): number of channel groups :math:`G`. (default: ``2``)
+        conv_groups (int): weight groups of the update map. (default: ``4``)
+        act (str, optional): ``"gelu"``, ``"relu"`` or ``None``.
+        norm (str, optional): ``"batch"`` or ``None``.
+        **kwargs: arguments of :class:`torch_geometric.nn.conv.MessagePassing`.
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, C)` or
+          :math:`((|\mathcal{V}_s|, C), (|\mathcal{V}_t|, C))` if bipartite;
+          edge indices :math:`(G, 2, |\mathcal{E}|)` (one edge set per group,
+          as returned by :func:`gkg_pyg.group_knn`) or :math:`(2, |\mathcal{E}|)`
+          (shared by all groups)
+        - **output:** node features :math:`(|\mathcal{V}_t|, C_{out})`
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 2, conv_groups: int = 4,
+                 act: Optional[str] = "gelu", norm: Optional[str] = "batch", **kwargs):
+        kwargs.setdefault("aggr", "max")
+        super().__init__(**kwargs)
+        if in_channels % groups:
+            raise ValueError(f"in_channels={in_channels} is not divisible by groups={groups}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.groups, self.conv_groups = groups, conv_groups
+        self.nn = nn.Sequential(GroupedLinear(2 * in_channels, out_channels, conv_groups),
+                                _norm(norm, out_channels), _activation(act))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        for module in self.nn:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def forward(self, x: Union[Tensor, PairTensor], edge_index: Tensor) -> Tensor:
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        g, c = self.groups, self.in_channels
+        if x_src.shape[-1] != c or x_dst.shape[-1] != c:
+            raise ValueError(f"{self.__class__.__name__} expects {c} channels, got "
+                             f"{x_src.shape[-1]} (source) and {x_dst.shape[-1]} (destination)")
+        if edge_index.dim() == 2:
+            edge_index = edge_index.unsqueeze(0).expand(g, -1, -1)
+        if edge_index.dim() != 3 or edge_index.shape[:2] != (g, 2):
+            raise ValueError(f"edge_index must be ({g}, 2, E) or (2, E), got {tuple(edge_index.shape)}")
+        # Group g of node n becomes sub-node n * G + g, so one max aggregation
+        # over sub-nodes is the per-group aggregation over per-group edges.
+        group_id = torch.arange(g, device=edge_index.device).view(g, 1)
+        sub_edges = (edge_index * g + group_id.unsqueeze(1)).transpose(0, 1).reshape(2, -1)
+        n_src, n_dst = x_src.shape[0], x_dst.shape[0]
+        sub_src, sub_dst = x_src.reshape(n_src * g, c // g), x_dst.reshape(n_dst * g, c // g)
+        nbr_max = self.propagate(sub_edges, x=(sub_src, sub_dst), size=(n_src * g, n_dst * g))
+        has_nbr = torch.zeros(n_dst * g, 1, dtype=torch.bool, device=x_dst.device)
+        has_nbr[sub_edges[1]] = True
+        rel = torch.where(has_nbr, nbr_max - sub_dst, torch.zeros_like(sub_dst)).view(n_dst, c)
+        interleaved = torch.stack([x_dst, rel], dim=-1).view(n_dst, 2 * c)
+        return self.nn(interleaved)
+
+    def message(self, x_j: Tensor) -> Tensor:
+        return x_j
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, groups={self.groups}, "
+                f"conv_groups={self.conv_groups})")
+
+
+class DynamicGroupMaxRelConv(GroupMaxRelConv):
+    r""":class:`GroupMaxRelConv` on a group kNN graph rebuilt from the input
+    features at every call (like :class:`torch_geometric.nn.DynamicEdgeConv`),
+    for point clouds and other feature spaces.
+
+    Args:
+        in_channels (int), out_channels (int), groups (int), conv_groups (int):
+            as in :class:`GroupMaxRelConv`.
+        k (int): neighbours per node and group.
+        dilation (int): keep every ``dilation``-th of the ``k * dilation`` nearest.
+        backend (str): kNN backend of :func:`gkg_pyg.group_knn`.
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, C)`, optional batch
+          vector :math:`(|\mathcal{V}|)`
+        - **output:** node features :math:`(|\mathcal{V}|, C_{out})`
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, k: int, groups: int = 2, dilation: int = 1,
+                 conv_groups: int = 4, backend: str = "auto", **kwargs):
+        super().__init__(in_channels, out_channels, groups=groups, conv_groups=conv_groups, **kwargs)
+        self.k, self.dilation, self.backend = k, dilation, backend
+
+    def forward(self, x: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+        edge_index = group_knn(x, x, self.k, self.groups, dilation=self.dilation, batch_src=batch,
+                               batch_dst=batch, backend=self.backend)
+        return super().forward(x, edge_index)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, k={self.k}, "
+                f"groups={self.groups}, dilation={self.dilation})")

@@ -1,0 +1,432 @@
+"""GKGNet: Group K-nearest-neighbour Graph Convolutional Network for
+multi-label image recognition (Yao et al., ECCV 2024).
+
+A Pyramid ViG patch path (four stages of Grapher + FFN blocks over patch
+nodes) and a label path (one node per label) that, after every stage, looks
+at the stage's patches through a cross-level group kNN graph.  Features live
+in node layout ``(B, N, C)`` so every 1x1 convolution is a linear map and the
+graph layers see PyG node tensors; only the stem and the downsampling
+convolutions run on the image layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from ..conv import GroupMaxRelConv
+from ..graph import build_stage_graph
+from ..knn import group_knn
+
+__all__ = ["GKGNet", "create_model", "list_models", "min_input_size", "relative_position_table"]
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Variant:
+    channels: Tuple[int, int, int, int]
+    depths: Tuple[int, int, int, int]
+
+
+VARIANTS: Dict[str, Variant] = {
+    "ti": Variant((48, 96, 240, 384), (2, 2, 6, 2)),
+    "s": Variant((80, 160, 400, 640), (2, 2, 6, 2)),
+    "m": Variant((96, 192, 384, 768), (2, 2, 16, 2)),
+    "b": Variant((128, 256, 512, 1024), (2, 2, 18, 2)),
+}
+
+# Metadata of the published weights (files are not downloaded: pass their
+# path to gkg_pyg.load_checkpoint).
+pretrained_cfgs: Dict[str, dict] = {
+    "gkgnet_s": dict(
+        file="GKGNet-S COCO checkpoint of the authors (mmcls layout)", source="gkgnet_mmcls",
+        num_classes=80, input_size=(3, 576, 576), interpolation="bicubic",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, coco_map=87.65,
+        backbone_init="pvig_s_82.1.pth.tar (Pyramid ViG-S, ImageNet)"),
+}
+for _name in ("ti", "m", "b"):
+    pretrained_cfgs[f"gkgnet_{_name}"] = dict(
+        file=None, source="gkgnet_mmcls", num_classes=80, input_size=(3, 448, 448),
+        interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        backbone_init=f"pvig_{_name}_*.pth.tar (Pyramid ViG-{_name.upper()}, ImageNet)")
+
+
+# ---------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------
+def _down(size: int) -> int:
+    """Output size of a 3x3 stride-2 convolution with padding 1."""
+    return (size - 1) // 2 + 1
+
+
+def stage_grids(height: int, width: int) -> List[Tuple[int, int]]:
+    """Patch grids of the four stages for an input of ``height x width``."""
+    h, w = _down(_down(height)), _down(_down(width))
+    grids = [(h, w)]
+    for _ in range(3):
+        h, w = _down(h), _down(w)
+        grids.append((h, w))
+    return grids
+
+
+POOL = (4, 2, 1, 1)  # source pooling factor r of the patch-level graph per stage
+
+
+def _too_small(grids, k: int) -> Optional[str]:
+    for i, (h, w) in enumerate(grids):
+        n_src = (h // POOL[i]) * (w // POOL[i])
+        if n_src < k:
+            return f"stage {i + 1} has {h}x{w} patches ({n_src} kNN sources after {POOL[i]}x{POOL[i]} pooling)"
+        if h * w < k:
+            return f"stage {i + 1} has only {h * w} patches"
+    return None
+
+
+def min_input_size(k: int = 9) -> int:
+    """Smallest square input whose every stage has at least ``k`` kNN sources."""
+    size = 4
+    while _too_small(stage_grids(size, size), k):
+        size += 1
+    return size
+
+
+def _axis_table(size: int, channels: int) -> Tensor:
+    """``(size, size)``: ``(2/C) sum_k cos(omega_k (a - b))`` along one grid axis."""
+    if channels % 4:
+        raise ValueError(f"the relative-position table needs channels divisible by 4, got {channels}")
+    omega = 1.0 / 10000 ** (torch.arange(channels // 4, dtype=torch.float64) / (channels // 4))
+    pos = torch.arange(size, dtype=torch.float64)
+    offsets = pos[:, None] - pos[None, :]
+    return torch.cos(offsets[..., None] * omega).sum(-1) * (2.0 / channels)
+
+
+def relative_position_table(grid: Tuple[int, int], channels: int, pool: int, rows_per_chunk: int = 2048) -> Tensor:
+    """The position term of one stage at its construction grid, ``(n, n_src)`` float32.
+
+    ``T = 2 P P^T / C`` of the MAE 2-D sine-cosine embedding ``P`` of the
+    ``h x w`` grid, which in closed form is ``Ty[row_i, row_j] + Tx[col_i, col_j]``
+    (``Tx``, ``Ty`` from :func:`_axis_table`), rounded to float32 and resampled
+    bicubically over the flattened source index to the ``pool x pool``-reduced
+    sources, as the authors do.  Bicubic resampling leaves an axis of
+    unchanged size untouched, so the rows are built and resampled in chunks
+    (bit-identical to one call, without the ``n x n`` matrix in memory).
+    """
+    h, w = grid
+    n, n_src = h * w, (h // pool) * (w // pool)
+    ty, tx = _axis_table(h, channels), _axis_table(w, channels)
+    rows, cols = torch.arange(n) // w, torch.arange(n) % w
+    out = torch.empty(n, n_src)
+    for r0 in range(0, n, rows_per_chunk):
+        r, c = rows[r0:r0 + rows_per_chunk], cols[r0:r0 + rows_per_chunk]
+        chunk = (ty[r][:, rows] + tx[c][:, cols]).float()
+        if n_src == n:
+            out[r0:r0 + len(r)] = chunk
+        else:
+            out[r0:r0 + len(r)] = F.interpolate(chunk[None, None], size=(len(r), n_src), mode="bicubic",
+                                                align_corners=False)[0, 0]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------
+class NodeBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over all nodes of all images: ``(..., C)`` in and out."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+
+
+def linear_bn(cin: int, cout: int) -> nn.Sequential:
+    """A 1x1 convolution + BatchNorm on node features."""
+    return nn.Sequential(nn.Linear(cin, cout), NodeBatchNorm(cout))
+
+
+class FFN(nn.Module):
+    """``x + droppath(BN(W2 GELU(BN(W1 x))))`` with a 4x hidden width."""
+
+    def __init__(self, channels: int, drop_path: float = 0.0):
+        super().__init__()
+        self.fc1 = linear_bn(channels, 4 * channels)
+        self.act = nn.GELU()
+        self.fc2 = linear_bn(4 * channels, channels)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop_path(self.fc2(self.act(self.fc1(x))))
+
+
+class GroupGraphBlock(nn.Module):
+    """The Grapher of a patch block or a cross-level module:
+    ``x + droppath(BN(W2 GroupMaxRelConv(BN(W1 x_dst), sources)))``."""
+
+    def __init__(self, channels: int, groups: int, drop_path: float = 0.0):
+        super().__init__()
+        self.fc1 = linear_bn(channels, channels)
+        self.graph_conv = GroupMaxRelConv(channels, 2 * channels, groups=groups, conv_groups=4)
+        self.fc2 = linear_bn(2 * channels, channels)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, sources, knn) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``x``: ``(B, N_dst, C)`` destinations; ``sources(y)`` returns the
+        ``(B, N_src, C)`` sources given ``y = BN(W1 x)``; ``knn(src, y)`` the
+        edges.  Returns the new ``x``, the edges, ``y`` and the sources."""
+        b, n, c = x.shape
+        y = self.fc1(x)
+        src = sources(y)
+        edges = knn(src, y)
+        m = self.graph_conv((src.reshape(-1, c), y.reshape(-1, c)), edges).view(b, n, 2 * c)
+        return x + self.drop_path(self.fc2(m)), edges, y, src
+
+
+def _batched_knn(src: Tensor, dst: Tensor, k: int, groups: int, dilation: int = 1,
+                 position_bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """group_knn between ``(B, N_src, C)`` and ``(B, N_dst, C)`` image by image."""
+    b, n_src, c = src.shape
+    n_dst = dst.shape[1]
+    batch_src = torch.arange(b, device=src.device).repeat_interleave(n_src)
+    batch_dst = torch.arange(b, device=src.device).repeat_interleave(n_dst)
+    return group_knn(src.reshape(-1, c), dst.reshape(-1, c), k, groups, dilation=dilation,
+                     batch_src=batch_src, batch_dst=batch_dst, position_bias=position_bias,
+                     backend=backend)
+
+
+def _to_image(x: Tensor, grid: Tuple[int, int]) -> Tensor:
+    b, n, c = x.shape
+    return x.transpose(1, 2).reshape(b, c, *grid)
+
+
+def _to_nodes(x: Tensor) -> Tensor:
+    return x.flatten(2).transpose(1, 2)
+
+
+class Stage(nn.Module):
+    """Optional downsampling, then patch blocks (Grapher + FFN) on one grid."""
+
+    def __init__(self, cin: int, channels: int, grid: Tuple[int, int], pool: int, dilations: Sequence[int],
+                 drop_paths: Sequence[float], k: int, groups: int, knn_backend: str, downsample: bool):
+        super().__init__()
+        self.downsample = None if not downsample else nn.Sequential(
+            nn.Conv2d(cin, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(grapher=GroupGraphBlock(channels, groups, dp), ffn=FFN(channels, dp)))
+            for dp in drop_paths)
+        self.grid, self.pool, self.dilations = grid, pool, list(dilations)
+        self.k, self.groups, self.knn_backend = k, groups, knn_backend
+        # Fixed, recomputed at construction: not part of any checkpoint.
+        self.register_buffer("relative_pos", relative_position_table(grid, channels, pool), persistent=False)
+        self._bias_cache: Dict[tuple, Tensor] = {}
+
+    def position_bias(self, grid: Tuple[int, int]) -> Tensor:
+        """The ``(N, N_src)`` position term at a runtime grid (resampled
+        bicubically from the construction grid's table when they differ)."""
+        if grid == self.grid:
+            return self.relative_pos
+        n_src = (grid[0] // self.pool) * (grid[1] // self.pool)
+        key = (grid, self.relative_pos.dtype, self.relative_pos.device)
+        if key not in self._bias_cache:
+            self._bias_cache.clear()
+            self._bias_cache[key] = F.interpolate(self.relative_pos[None, None], size=(grid[0] * grid[1], n_src),
+                                                  mode="bicubic", align_corners=False)[0, 0]
+        return self._bias_cache[key]
+
+    def _pool(self, grid):
+        if self.pool == 1:
+            return lambda y: y
+        return lambda y: _to_nodes(F.avg_pool2d(_to_image(y, grid), self.pool, self.pool))
+
+    def forward(self, x: Tensor, in_grid: Tuple[int, int], grid: Tuple[int, int]):
+        """``x``: ``(B, N_in, C_in)`` on ``in_grid`` -> ``(B, N, C)`` on ``grid``,
+        the last block's patch-level edges, its ``y`` and its sources."""
+        if self.downsample is not None:
+            x = _to_nodes(self.downsample(_to_image(x, in_grid)))
+        bias = self.position_bias(grid).to(x.dtype)
+        n_src = bias.shape[1]
+        edges = y = src = None
+        for block, dilation in zip(self.blocks, self.dilations):
+            dilation = max(1, min(dilation, n_src // self.k))  # small inputs: cap to the sources there are
+
+            def knn(s, d, dilation=dilation):
+                return _batched_knn(s, d, self.k, self.groups, dilation, bias, self.knn_backend)
+
+            x, edges, y, src = block["grapher"](x, self._pool(grid), knn)
+            x = block["ffn"](x)
+        return x, edges, y, src
+
+
+class CrossLevelModule(nn.Module):
+    """Label nodes aggregate from the patches of a stage (cross-level group
+    KGCN): group kNN without position term or dilation, then an FFN."""
+
+    def __init__(self, channels: int, k: int, groups: int, drop_path: float, knn_backend: str):
+        super().__init__()
+        self.fc1 = linear_bn(channels, channels)
+        self.graph_conv = GroupMaxRelConv(channels, 2 * channels, groups=groups, conv_groups=4)
+        self.fc2 = linear_bn(2 * channels, channels)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.ffn = FFN(channels, drop_path)
+        self.k, self.groups, self.knn_backend = k, groups, knn_backend
+
+    def forward(self, labels: Tensor, patches: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``labels`` ``(B, L, C)``, ``patches`` ``(B, N, C)`` -> new labels,
+        edges (patch -> label) and the label features that chose them."""
+        b, num_labels, c = labels.shape
+        z = self.fc1(labels)
+        edges = _batched_knn(patches, z, self.k, self.groups, backend=self.knn_backend)
+        m = self.graph_conv((patches.reshape(-1, c), z.reshape(-1, c)), edges).view(b, num_labels, 2 * c)
+        labels = labels + self.drop_path(self.fc2(m))
+        return self.ffn(labels), edges, z
+
+
+class GKGNet(nn.Module):
+    """GKGNet for multi-label recognition.
+
+    Args:
+        variant: ``"ti"``, ``"s"``, ``"m"`` or ``"b"`` (Pyramid ViG widths/depths).
+        num_classes: number of labels ``L``.
+        img_size: construction size ``S`` (int or ``(H, W)``); sets the
+            position tables and embedding, other input sizes are resampled.
+        k: neighbours per node and group.
+        groups: channel groups ``G`` of the group kNN graphs.
+        drop_path: final stochastic-depth rate (linear from 0 over the blocks).
+        cross_level: label path on/off (off: patch logits only; an ablation).
+        num_gcn: cross-level modules after the last stage.
+        knn_backend: backend of :func:`gkg_pyg.group_knn`.
+        class_names: label names, attached to captured graphs.
+
+    ``forward(images)`` takes normalised ``(B, 3, H, W)`` images and returns
+    logits ``(B, L)``; ``forward(images, return_graphs=True)`` also returns
+    one :class:`~torch_geometric.data.HeteroData` per stage
+    (see :mod:`gkg_pyg.graph`).
+    """
+
+    def __init__(self, variant: str = "s", num_classes: int = 80, img_size=448, k: int = 9, groups: int = 2,
+                 drop_path: float = 0.0, cross_level: bool = True, num_gcn: int = 1,
+                 knn_backend: str = "auto", class_names: Optional[Sequence[str]] = None):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        spec = VARIANTS[variant]
+        for c in spec.channels:
+            if c % groups:
+                raise ValueError(f"groups={groups} does not divide the stage width {c} of variant {variant!r}")
+        if k < 1 or num_classes < 1 or num_gcn < 1:
+            raise ValueError(f"k, num_classes and num_gcn must be positive, got {k}, {num_classes}, {num_gcn}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.variant, self.num_classes, self.k, self.groups = variant, num_classes, k, groups
+        self.cross_level, self.class_names = cross_level, list(class_names) if class_names else None
+        grids = stage_grids(*self.img_size)
+        problem = _too_small(grids, k)
+        if problem:
+            raise ValueError(f"img_size {self.img_size} is too small for k={k}: {problem}; "
+                             f"the smallest square size is {min_input_size(k)}")
+        chans, depths = spec.channels, spec.depths
+        c0 = chans[0]
+        self.stem = nn.Module()
+        self.stem.convs = nn.Sequential(
+            nn.Conv2d(3, c0 // 2, 3, stride=2, padding=1), nn.BatchNorm2d(c0 // 2), nn.GELU(),
+            nn.Conv2d(c0 // 2, c0, 3, stride=2, padding=1), nn.BatchNorm2d(c0), nn.GELU(),
+            nn.Conv2d(c0, c0, 3, stride=1, padding=1), nn.BatchNorm2d(c0))
+        self.pos_embed = nn.Parameter(torch.zeros(1, c0, *grids[0]))
+        total = sum(depths)
+        rates = torch.linspace(0, drop_path, total).tolist()
+        dilations = [min(b // 4 + 1, 49 // k) for b in range(total)]
+        starts = [sum(depths[:i]) for i in range(4)]
+        self.stages = nn.ModuleList(
+            Stage(chans[max(i - 1, 0)], chans[i], grids[i], POOL[i], dilations[starts[i]:starts[i] + depths[i]],
+                  rates[starts[i]:starts[i] + depths[i]], k, groups, knn_backend, downsample=i > 0)
+            for i in range(4))
+        if cross_level:
+            self.label_embed = nn.Embedding(num_classes, c0)  # initialised N(0, 1)
+            self.label_modules = nn.ModuleList(
+                nn.ModuleList(CrossLevelModule(chans[i], k, groups, rates[starts[i]], knn_backend)
+                              for _ in range(num_gcn if i == 3 else 1))
+                for i in range(4))
+            self.label_projs = nn.ModuleList(nn.Linear(chans[i], chans[i + 1]) for i in range(3))
+            # Per-label linear head on the label nodes: logit_l = w_l . x_l + b_l.
+            self.head_label = nn.Linear(chans[3], num_classes)
+        self.head_patch = nn.Linear(chans[3], num_classes)
+
+    @property
+    def knn_backend(self) -> str:
+        return self.stages[0].knn_backend
+
+    def set_knn_backend(self, backend: str) -> None:
+        for module in self.modules():
+            if isinstance(module, (Stage, CrossLevelModule)):
+                module.knn_backend = backend
+
+    def _check_input(self, images: Tensor) -> List[Tuple[int, int]]:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (batch, 3, height, width), got {tuple(images.shape)}")
+        grids = stage_grids(images.shape[2], images.shape[3])
+        problem = _too_small(grids, self.k)
+        if problem:
+            raise ValueError(f"input {images.shape[2]}x{images.shape[3]} is too small for k={self.k}: {problem}; "
+                             f"the smallest input is {min_input_size(self.k)}x{min_input_size(self.k)}")
+        return grids
+
+    def forward(self, images: Tensor, return_graphs: bool = False):
+        grids = self._check_input(images)
+        x = self.stem.convs(images)
+        pos = self.pos_embed
+        if tuple(pos.shape[2:]) != grids[0]:
+            pos = F.interpolate(pos, size=grids[0], mode="bicubic", align_corners=False)
+        x = _to_nodes(x + pos)
+        labels = self.label_embed.weight.unsqueeze(0).expand(x.shape[0], -1, -1) if self.cross_level else None
+        graphs = []
+        for i, stage in enumerate(self.stages):
+            x, patch_edges, y, src = stage(x, grids[max(i - 1, 0)], grids[i])
+            label_edges = z = None
+            if self.cross_level:
+                for module in self.label_modules[i]:
+                    labels, label_edges, z = module(labels, x)
+                if i < 3:
+                    labels = self.label_projs[i](labels)
+            if return_graphs:
+                graphs.append(build_stage_graph(
+                    patch_x=x.detach().reshape(-1, x.shape[-1]), grid=grids[i], image_size=tuple(images.shape[2:]),
+                    patch_knn_x=y.detach().reshape(-1, y.shape[-1]),
+                    source_x=src.detach().reshape(-1, src.shape[-1]), pool=stage.pool, patch_edges=patch_edges,
+                    label_x=None if z is None else z.detach().reshape(-1, z.shape[-1]),
+                    label_edges=label_edges, label_names=self.class_names))
+        logits = self.head_patch(x.mean(dim=1))
+        if self.cross_level:
+            logits = logits + (labels * self.head_label.weight).sum(-1) + self.head_label.bias
+        return (logits, graphs) if return_graphs else logits
+
+
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+_REGISTRY = {f"gkgnet_{v}": v for v in VARIANTS}
+
+
+def list_models() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, pretrained: Optional[str] = None, **kwargs) -> GKGNet:
+    """Build a registered GKGNet (``gkgnet_ti``, ``gkgnet_s``, ``gkgnet_m``,
+    ``gkgnet_b``); keyword arguments go to :class:`GKGNet`.  ``pretrained``
+    is a checkpoint path loaded with :func:`gkg_pyg.load_checkpoint`."""
+    if name not in _REGISTRY:
+        import difflib
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; available: {list_models()}")
+    model = GKGNet(_REGISTRY[name], **kwargs)
+    model.pretrained_cfg = pretrained_cfgs[name]
+    if pretrained:
+        from ..checkpoint import load_checkpoint
+        load_checkpoint(model, pretrained)
+    return model
