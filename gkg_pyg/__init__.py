@@ -4,5 +4,6 @@ from .knn import group_knn
 from .conv import DynamicGroupMaxRelConv, GroupMaxRelConv
 from .graph import build_stage_graph, stack_group_edges
 from .models.gkgnet import GKGNet, create_model, list_models, min_input_size
+from .checkpoint import export_authors_checkpoint, load_checkpoint
 
 __version__ = "0.1.0"

@@ -1,0 +1,206 @@
+"""Load and export GKGNet weights in three layouts.
+
+* ``"gkg_pyg"``: this library's own state dict (optionally under ``model``
+  or ``state_dict``, as the training script saves it).
+* ``"gkgnet_mmcls"``: the authors' GKGNet checkpoints (mmcls
+  ``ImageClassifier``, under ``state_dict``): ``backbone.stem.*``,
+  ``backbone.pos_embed``, ``backbone.backbone.{j}.*``, ``backbone.label_lt``,
+  ``backbone.gcn_label.*``, ``backbone.ffn_label.*``, ``head.fc{1,2}.*``.
+* ``"pyramid_vig"``: Pyramid ViG ImageNet checkpoints (``pvig_*.pth.tar``):
+  the patch path only, without the ``backbone.`` prefix; the ImageNet head
+  (``prediction.*``) is dropped.
+
+Foreign 1x1 convolution weights ``(out, in, 1, 1)`` become linear weights
+``(out, in)``; the relative-position tables are recomputed, never read; an
+absolute position embedding of another grid is resized bicubically.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .models.gkgnet import GKGNet
+
+SOURCES = ("auto", "gkg_pyg", "gkgnet_mmcls", "pyramid_vig")
+
+
+def _block_keys(prefix: str, theirs: str) -> Iterator[Tuple[str, str, bool]]:
+    """(our key, their key, their weight is a 1x1 conv) of one Grapher+FFN or label module."""
+    for ours, them in (("fc1", "fc1"), ("graph_conv.nn", "graph_conv.gconv.nn"), ("fc2", "fc2")):
+        yield f"{prefix}.{ours}.0.weight", f"{theirs}.{them}.0.weight", True
+        yield f"{prefix}.{ours}.0.bias", f"{theirs}.{them}.0.bias", False
+        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            yield f"{prefix}.{ours}.1.{p}", f"{theirs}.{them}.1.{p}", False
+
+
+def _ffn_keys(prefix: str, theirs: str) -> Iterator[Tuple[str, str, bool]]:
+    for fc in ("fc1", "fc2"):
+        yield f"{prefix}.{fc}.0.weight", f"{theirs}.{fc}.0.weight", True
+        yield f"{prefix}.{fc}.0.bias", f"{theirs}.{fc}.0.bias", False
+        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            yield f"{prefix}.{fc}.1.{p}", f"{theirs}.{fc}.1.{p}", False
+
+
+def authors_key_map(model: GKGNet) -> Dict[str, Tuple[str, bool]]:
+    """Our key -> (the authors' mmcls key, stored as a 1x1 conv weight)."""
+    pairs = []
+    for i in (0, 1, 3, 4, 6, 7):
+        for p in ("weight", "bias") + (("running_mean", "running_var", "num_batches_tracked") if i % 3 else ()):
+            pairs.append((f"stem.convs.{i}.{p}", f"backbone.stem.convs.{i}.{p}", False))
+    pairs.append(("pos_embed", "backbone.pos_embed", False))
+    j = 0  # index into the authors' flat sequence of blocks and downsamplings
+    for s, stage in enumerate(model.stages):
+        if stage.downsample is not None:
+            for i, ps in ((0, ("weight", "bias")),
+                          (1, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))):
+                for p in ps:
+                    pairs.append((f"stages.{s}.downsample.{i}.{p}", f"backbone.backbone.{j}.conv.{i}.{p}", False))
+            j += 1
+        for b in range(len(stage.blocks)):
+            pairs += _block_keys(f"stages.{s}.blocks.{b}.grapher", f"backbone.backbone.{j}.0")
+            pairs += _ffn_keys(f"stages.{s}.blocks.{b}.ffn", f"backbone.backbone.{j}.1")
+            j += 1
+    if model.cross_level:
+        pairs.append(("label_embed.weight", "backbone.label_lt.weight", False))
+        for s, modules in enumerate(model.label_modules):
+            for r in range(len(modules)):
+                pairs += _block_keys(f"label_modules.{s}.{r}", f"backbone.gcn_label.{s}.{r}")
+                pairs += _ffn_keys(f"label_modules.{s}.{r}.ffn", f"backbone.gcn_label.{s}.{r}.ffn")
+        for s in range(len(model.label_projs)):
+            for p in ("weight", "bias"):
+                pairs.append((f"label_projs.{s}.{p}", f"backbone.ffn_label.{s}.0.{p}", False))
+        for p in ("weight", "bias"):
+            pairs.append((f"head_label.{p}", f"head.fc1.{p}", False))
+    for p in ("weight", "bias"):
+        pairs.append((f"head_patch.{p}", f"head.fc2.{p}", False))
+    return {ours: (theirs, conv) for ours, theirs, conv in pairs}
+
+
+def _relative_pos_keys(model: GKGNet) -> Dict[str, Tensor]:
+    """The authors' stored, negated position tables ``(1, n, n_src)`` per block."""
+    out, j = {}, 0
+    for stage in model.stages:
+        j += stage.downsample is not None
+        for _ in stage.blocks:
+            out[f"backbone.backbone.{j}.0.relative_pos"] = -stage.relative_pos.float().unsqueeze(0)
+            j += 1
+    return out
+
+
+def _read(path_or_state_dict) -> Tuple[Mapping[str, Tensor], dict]:
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_state_dict)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # training checkpoints also hold RNG states and configs
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        ckpt = path_or_state_dict
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"a checkpoint must be a dict of tensors, got {type(ckpt).__name__}")
+    outer = ckpt
+    for wrapper in ("state_dict", "model"):
+        if isinstance(ckpt.get(wrapper), Mapping):
+            ckpt = ckpt[wrapper]
+            break
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in ckpt.items() if isinstance(v, Tensor)}
+    if not state:
+        raise ValueError("the checkpoint holds no tensors")
+    return state, outer
+
+
+def detect_source(state: Mapping[str, Tensor]) -> str:
+    keys = list(state)
+    if any(k.startswith(("backbone.label_lt", "backbone.backbone.", "head.fc")) for k in keys):
+        return "gkgnet_mmcls"
+    if any(k.startswith("stages.") for k in keys):
+        return "gkg_pyg"
+    if "stem.convs.0.weight" in state and any(k.startswith("backbone.") for k in keys):
+        return "pyramid_vig"
+    raise ValueError("cannot tell the checkpoint layout from its keys (first keys: "
+                     f"{keys[:5]}); pass source='gkg_pyg', 'gkgnet_mmcls' or 'pyramid_vig'")
+
+
+def load_checkpoint(model: GKGNet, path_or_state_dict: Union[str, os.PathLike, Mapping],
+                    source: str = "auto", verbose: bool = True) -> dict:
+    """Load weights of any supported layout into ``model``.
+
+    Returns a report ``{"source", "used", "skipped", "missing", "resized"}``
+    (checkpoint keys used, checkpoint keys skipped, model keys not loaded,
+    keys resized) and prints a summary when ``verbose``.  A tensor whose shape
+    does not fit raises ``ValueError`` naming the key and both shapes, before
+    anything is loaded.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {SOURCES}")
+    state, _ = _read(path_or_state_dict)
+    if source == "auto":
+        source = detect_source(state)
+    own = model.state_dict()
+    if source == "gkg_pyg":
+        mapping = {k: (k, False) for k in own}
+    else:
+        mapping = authors_key_map(model)
+        if source == "pyramid_vig":
+            mapping = {ours: (theirs[len("backbone."):], conv) for ours, (theirs, conv) in mapping.items()
+                       if theirs.startswith("backbone.") and not theirs.startswith("backbone.label_")
+                       and not theirs.startswith(("backbone.gcn_label", "backbone.ffn_label"))}
+    converted, used, resized = {}, [], []
+    for ours, (theirs, _) in mapping.items():
+        if theirs not in state:
+            continue
+        tensor, target = state[theirs], own[ours]
+        if tensor.dim() == 4 and target.dim() == 2 and tensor.shape[2:] == (1, 1):
+            tensor = tensor.flatten(1)
+        if ours == "pos_embed" and tensor.dim() == 4 and tensor.shape[:2] == target.shape[:2] \
+                and tensor.shape != target.shape:
+            tensor = F.interpolate(tensor.float(), size=target.shape[2:], mode="bicubic", align_corners=False)
+            resized.append(f"{theirs} {tuple(state[theirs].shape)} -> {tuple(target.shape)}")
+        if tensor.shape != target.shape:
+            raise ValueError(f"checkpoint does not fit the model: {theirs!r} has shape {tuple(state[theirs].shape)} "
+                             f"but the model's {ours!r} has shape {tuple(target.shape)}")
+        converted[ours] = tensor
+        used.append(theirs)
+    used_set = set(used)
+    skipped = [k for k in state if k not in used_set]
+    missing = [k for k in own if k not in converted]
+    model.load_state_dict(converted, strict=False)
+    report = dict(source=source, used=used, skipped=skipped, missing=missing, resized=resized)
+    if verbose:
+        print(format_report(report))
+    return report
+
+
+def format_report(report: dict, show: int = 6) -> str:
+    def few(keys):
+        return ", ".join(keys[:show]) + (f", ... (+{len(keys) - show})" if len(keys) > show else "")
+    lines = [f"loaded {len(report['used'])} tensors ({report['source']} layout)"]
+    if report["resized"]:
+        lines.append(f"  resized: {few(report['resized'])}")
+    if report["skipped"]:
+        lines.append(f"  skipped {len(report['skipped'])} checkpoint keys: {few(report['skipped'])}")
+    if report["missing"]:
+        lines.append(f"  missing {len(report['missing'])} model keys (left as initialised): {few(report['missing'])}")
+    return "\n".join(lines)
+
+
+def export_authors_checkpoint(model: GKGNet, path: Optional[Union[str, os.PathLike]] = None) -> dict:
+    """The model's weights in the authors' mmcls layout, ``{"state_dict": ...}``
+    (1x1 conv weights 4-D, position tables included), saved to ``path`` if given."""
+    own = model.state_dict()
+    state = {}
+    for ours, (theirs, conv) in authors_key_map(model).items():
+        tensor = own[ours]
+        state[theirs] = tensor[:, :, None, None] if conv else tensor
+    state.update(_relative_pos_keys(model))
+    ckpt = {"state_dict": state}
+    if path is not None:
+        torch.save(ckpt, path)
+    return ckpt

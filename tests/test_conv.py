@@ -1,0 +1,357 @@
+"""Tests of GroupMaxRelConv / DynamicGroupMaxRelConv against a naive loop
+implementation and the authors' Conv2d layout, gradcheck, use on HeteroData
+and a small point-cloud classifier that has to learn."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.data import Batch, Data
+from torch_geometric.nn import global_max_pool, global_mean_pool
+
+from gkg_pyg import DynamicGroupMaxRelConv, GroupMaxRelConv, build_stage_graph, group_knn, stack_group_edges
+
+
+def naive_conv(conv, x_src, x_dst, edge_index):
+    """The layer written out with loops: per destination and group the max of
+    ``x_j - x_i`` over its neighbours, the channel interleave, one matmul per
+    weight block, eval-mode BatchNorm from its formula, then the activation."""
+    groups, c = conv.groups, conv.in_channels
+    if edge_index.dim() == 2:
+        edge_index = torch.stack([edge_index] * groups)
+    width = c // groups
+    n_dst = x_dst.shape[0]
+    rel = torch.zeros(n_dst, c, dtype=x_dst.dtype)
+    for g in range(groups):
+        cols = slice(g * width, (g + 1) * width)
+        for i in range(n_dst):
+            nbrs = edge_index[g, 0][edge_index[g, 1] == i].tolist()
+            if nbrs:
+                rel[i, cols] = torch.stack([x_src[j, cols] - x_dst[i, cols] for j in nbrs]).max(dim=0).values
+    interleaved = torch.empty(n_dst, 2 * c, dtype=x_dst.dtype)
+    for ch in range(c):
+        interleaved[:, 2 * ch] = x_dst[:, ch]
+        interleaved[:, 2 * ch + 1] = rel[:, ch]
+    lin = conv.nn[0]
+    blocks, out_ch = conv.conv_groups, conv.out_channels
+    in_b, out_b = 2 * c // blocks, out_ch // blocks
+    out = torch.empty(n_dst, out_ch, dtype=x_dst.dtype)
+    for b in range(blocks):
+        w = lin.weight[b * out_b:(b + 1) * out_b]  # (out_b, in_b)
+        out[:, b * out_b:(b + 1) * out_b] = interleaved[:, b * in_b:(b + 1) * in_b] @ w.t()
+    out = out + lin.bias
+    norm = conv.nn[1]
+    if isinstance(norm, nn.BatchNorm1d):
+        out = (out - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+    act = conv.nn[2]
+    if isinstance(act, nn.GELU):
+        out = 0.5 * out * (1 + torch.erf(out / math.sqrt(2)))
+    elif isinstance(act, nn.ReLU):
+        out = out.clamp_min(0)
+    return out
+
+
+def make_conv(in_ch, out_ch, groups, conv_groups, seed, act="gelu", norm="batch", cls=GroupMaxRelConv, **kw):
+    """A float64 conv in eval mode with random weights and BatchNorm running stats."""
+    torch.manual_seed(seed)
+    conv = cls(in_ch, out_ch, groups=groups, conv_groups=conv_groups, act=act, norm=norm, **kw).double()
+    if norm == "batch":
+        bn = conv.nn[1]
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+    return conv.eval()
+
+
+def random_edges(gen, n_src, n_dst, per_group, groups):
+    """``(groups, 2, per_group)`` distinct random (src, dst) pairs per group:
+    irregular degrees, different in every group, destinations 0 and 1 without
+    neighbours in group 0 (and destination 0 in every group)."""
+    out = []
+    for g in range(groups):
+        lowest = 2 if g == 0 else 1
+        pairs = torch.randperm(n_src * (n_dst - lowest), generator=gen)[:per_group]
+        out.append(torch.stack([pairs % n_src, pairs // n_src + lowest]))
+    return torch.stack(out)
+
+
+CONFIGS = [  # in, out, groups, conv_groups, act, norm
+    (8, 16, 2, 4, "gelu", "batch"),
+    (12, 24, 4, 4, "gelu", "batch"),
+    (6, 12, 1, 2, "relu", None),
+    (8, 8, 2, 1, None, "batch"),
+    (16, 32, 4, 8, "gelu", None),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_bipartite_per_group_edges_match_naive(config):
+    in_ch, out_ch, groups, conv_groups, act, norm = config
+    conv = make_conv(in_ch, out_ch, groups, conv_groups, seed=1, act=act, norm=norm)
+    gen = torch.Generator().manual_seed(2)
+    x_src = torch.randn(13, in_ch, generator=gen, dtype=torch.float64)
+    x_dst = torch.randn(9, in_ch, generator=gen, dtype=torch.float64)
+    edges = random_edges(gen, 13, 9, 30, groups)
+    with torch.no_grad():
+        got = conv((x_src, x_dst), edges)
+        expected = naive_conv(conv, x_src, x_dst, edges)
+    assert got.shape == (9, out_ch)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:3])
+def test_shared_edges_on_one_node_set_match_naive(config):
+    in_ch, out_ch, groups, conv_groups, act, norm = config
+    conv = make_conv(in_ch, out_ch, groups, conv_groups, seed=3, act=act, norm=norm)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(11, in_ch, generator=gen, dtype=torch.float64)
+    edges = random_edges(gen, 11, 11, 25, 1)[0]  # (2, E), nodes 0 and 1 isolated
+    with torch.no_grad():
+        got = conv(x, edges)
+        expected = naive_conv(conv, x, x, edges)
+        # (2, E) is the same as giving every group that edge set.
+        stacked = conv(x, torch.stack([edges] * groups))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stacked, got, rtol=0, atol=0)
+
+
+def test_destination_without_neighbours_gets_zero_message():
+    """Checked on the interleaved input the weights see: without the update
+    map (identity weights) x_i comes through and m_i = 0."""
+    conv = GroupMaxRelConv(4, 8, groups=2, conv_groups=1, act=None, norm=None).double()
+    with torch.no_grad():
+        conv.nn[0].weight.copy_(torch.eye(8, dtype=torch.float64))
+        conv.nn[0].bias.zero_()
+    x_src = torch.tensor([[1.0, 5.0, -3.0, 2.0], [4.0, -1.0, 0.5, 7.0]], dtype=torch.float64)
+    x_dst = torch.tensor([[-2.0, -2.0, 1.0, 1.0], [10.0, 20.0, 30.0, 40.0]], dtype=torch.float64)
+    # Group 0: dst 0 <- src 0, 1; group 1: dst 0 <- src 1. Destination 1 has no edges.
+    edges = torch.tensor([[[0, 1], [0, 0]], [[1, 1], [0, 0]]])
+    out = conv((x_src, x_dst), edges)
+    m0 = [max(1.0, 4.0) + 2.0, max(5.0, -1.0) + 2.0, 0.5 - 1.0, 7.0 - 1.0]
+    expected = torch.tensor([[-2.0, m0[0], -2.0, m0[1], 1.0, m0[2], 1.0, m0[3]],
+                             [10.0, 0.0, 20.0, 0.0, 30.0, 0.0, 40.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups,dilation", [(2, 1), (4, 2)])
+def test_group_knn_edges_match_naive(groups, dilation):
+    """Bipartite label-style graph from group_knn over two graphs."""
+    conv = make_conv(16, 32, groups, 4, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    x_src = torch.randn(30, 16, generator=gen, dtype=torch.float64)
+    x_dst = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    batch_src = torch.tensor([0] * 12 + [1] * 18)
+    batch_dst = torch.tensor([0] * 4 + [1] * 6)
+    edges = group_knn(x_src, x_dst, 4, groups, dilation=dilation, batch_src=batch_src, batch_dst=batch_dst)
+    with torch.no_grad():
+        got = conv((x_src, x_dst), edges)
+        expected = naive_conv(conv, x_src, x_dst, edges)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def authors_layout_forward(conv, x_src, x_dst, nbr):
+    """The authors' dense formulation on (B=1, C, N, 1) maps with a grouped
+    Conv2d, BatchNorm2d and GELU holding this layer's weights; ``nbr`` is the
+    ``(G, N_dst, k)`` neighbour table."""
+    groups, c = conv.groups, conv.in_channels
+    width = c // groups
+    conv2d = nn.Conv2d(2 * c, conv.out_channels, 1, groups=conv.conv_groups).double()
+    bn2d = nn.BatchNorm2d(conv.out_channels).double().eval()
+    conv2d.load_state_dict({"weight": conv.nn[0].weight[..., None, None], "bias": conv.nn[0].bias})
+    bn2d.load_state_dict({k: v for k, v in conv.nn[1].state_dict().items()})
+    parts = []
+    for g in range(groups):
+        cols = slice(g * width, (g + 1) * width)
+        x_j = x_src[nbr[g], cols]  # (N_dst, k, width)
+        parts.append((x_j - x_dst[:, None, cols]).max(dim=1).values)
+    m = torch.cat(parts, dim=1)  # (N_dst, C)
+    feat = torch.cat([x_dst.t()[:, None], m.t()[:, None]], dim=1).reshape(1, 2 * c, -1, 1)
+    return F.gelu(bn2d(conv2d(feat)))[0, :, :, 0].t()
+
+
+def test_parameter_layout_maps_to_authors_gconv():
+    conv = make_conv(8, 16, 2, 4, seed=7)
+    shapes = {name: tuple(t.shape) for name, t in conv.state_dict().items()}
+    assert shapes == {"nn.0.weight": (16, 2 * 8 // 4), "nn.0.bias": (16,), "nn.1.weight": (16,),
+                      "nn.1.bias": (16,), "nn.1.running_mean": (16,), "nn.1.running_var": (16,),
+                      "nn.1.num_batches_tracked": ()}
+    assert isinstance(conv.nn[1], nn.BatchNorm1d) and isinstance(conv.nn[2], nn.GELU)
+    gen = torch.Generator().manual_seed(8)
+    x_src = torch.randn(20, 8, generator=gen, dtype=torch.float64)
+    x_dst = torch.randn(7, 8, generator=gen, dtype=torch.float64)
+    edges = group_knn(x_src, x_dst, 3, 2)
+    nbr = edges[:, 0].view(2, 7, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(conv((x_src, x_dst), edges), authors_layout_forward(conv, x_src, x_dst, nbr),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def no_max_ties(x_src, x_dst, edges, groups, margin=1e-3):
+    """True if every (destination, channel) max over its neighbours is unique by ``margin``."""
+    width = x_src.shape[1] // groups
+    for g in range(groups):
+        cols = slice(g * width, (g + 1) * width)
+        for i in range(x_dst.shape[0]):
+            vals = x_src[edges[g, 0][edges[g, 1] == i], cols]
+            if vals.shape[0] > 1:
+                top2 = vals.topk(2, dim=0).values
+                if bool(((top2[0] - top2[1]) < margin).any()):
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_gradcheck_bipartite(act):
+    conv = make_conv(4, 8, 2, 2, seed=9, act=act, norm=None)
+    gen = torch.Generator().manual_seed(10)
+    x_src = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    x_dst = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    edges = random_edges(gen, 6, 5, 9, 2)
+    assert no_max_ties(x_src, x_dst, edges, 2)
+    weight = conv.nn[0].weight.detach().clone().requires_grad_(True)
+    bias = conv.nn[0].bias.detach().clone().requires_grad_(True)
+
+    def fn(xs, xd, w, b):
+        params = {"nn.0.weight": w, "nn.0.bias": b}
+        return torch.func.functional_call(conv, params, ((xs, xd), edges))
+
+    assert torch.autograd.gradcheck(fn, (x_src, x_dst, weight, bias))
+
+
+def test_gradcheck_self_graph():
+    """One node set: gradients through both the source and destination role."""
+    conv = make_conv(4, 8, 2, 4, seed=11, act="gelu", norm=None)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    edges = random_edges(gen, 7, 7, 12, 2)
+    assert no_max_ties(x, x, edges, 2)
+    assert torch.autograd.gradcheck(lambda t: conv(t, edges), (x,))
+
+
+def test_dynamic_equals_static_on_group_knn_edges():
+    dyn = make_conv(8, 16, 2, 4, seed=13, cls=DynamicGroupMaxRelConv, k=3, dilation=2)
+    static = make_conv(8, 16, 2, 4, seed=13)
+    static.load_state_dict(dyn.state_dict())
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(25, 8, generator=gen, dtype=torch.float64)
+    batch = torch.tensor([0] * 10 + [1] * 15)
+    edges = group_knn(x, x, 3, 2, dilation=2, batch_src=batch, batch_dst=batch)
+    with torch.no_grad():
+        got = dyn(x, batch)
+        torch.testing.assert_close(got, static(x, edges), rtol=0, atol=0)
+        torch.testing.assert_close(got, naive_conv(static, x, x, edges), rtol=1e-10, atol=1e-10)
+    # Without a batch vector all nodes form one graph.
+    with torch.no_grad():
+        assert not torch.allclose(dyn(x), got)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match=r"in_channels=10 is not divisible by groups=4"):
+        GroupMaxRelConv(10, 20, groups=4)
+    with pytest.raises(ValueError, match=r"in_channels=16 and out_channels=18 .*groups=4"):
+        GroupMaxRelConv(8, 18, groups=2, conv_groups=4)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        GroupMaxRelConv(8, 16, act="swish")
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        GroupMaxRelConv(8, 16, norm="layer")
+    conv = GroupMaxRelConv(8, 16, groups=2)
+    x = torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"expects 8 channels, got 6 \(source\) and 8"):
+        conv((x[:, :6], x), torch.zeros(2, 2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"edge_index must be \(2, 2, E\) or \(2, E\), got \(3, 2, 4\)"):
+        conv(x, torch.zeros(3, 2, 4, dtype=torch.long))
+
+
+def test_hetero_data_model():
+    """Label nodes aggregate patch nodes through the per-group edge types of a HeteroData."""
+    gen = torch.Generator().manual_seed(15)
+    num_images, grid, channels, num_labels, groups = 2, (4, 5), 8, 3, 2
+    patch_x = torch.randn(num_images * 20, channels, generator=gen, dtype=torch.float64)
+    label_x = torch.randn(num_images * num_labels, channels, generator=gen, dtype=torch.float64)
+    patch_batch = torch.arange(num_images).repeat_interleave(20)
+    label_batch = torch.arange(num_images).repeat_interleave(num_labels)
+    edges = group_knn(patch_x, label_x, 4, groups, batch_src=patch_batch, batch_dst=label_batch)
+    data = build_stage_graph(patch_x=patch_x, grid=grid, image_size=(32, 40), label_x=label_x, label_edges=edges)
+
+    class LabelUpdate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = GroupMaxRelConv(channels, 2 * channels, groups=groups, conv_groups=4)
+
+        def forward(self, data):
+            stacked = stack_group_edges(data, "patch", "label")
+            return self.conv((data.x_dict["patch"], data.x_dict["label"]), stacked)
+
+    torch.manual_seed(16)
+    model = LabelUpdate().double().eval()
+    with torch.no_grad():
+        got = model(data)
+        expected = naive_conv(model.conv, patch_x, label_x, edges)
+    assert got.shape == (num_images * num_labels, 2 * channels)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def point_cloud_batch(gen, per_class=8, points=48):
+    """Random point clouds of three shape classes (sphere surface, cube
+    surface, flat disc), randomly rotated and scaled, as one PyG Batch."""
+    clouds = []
+    for label in range(3):
+        for _ in range(per_class):
+            p = torch.randn(points, 3, generator=gen)
+            if label == 0:
+                p = p / p.norm(dim=1, keepdim=True)
+            elif label == 1:
+                p = p / p.abs().max(dim=1, keepdim=True).values
+            else:
+                p[:, 2] = 0.02 * p[:, 2]
+                p = p / p[:, :2].norm(dim=1).max()
+            q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen))
+            scale = 0.5 + torch.rand(1, generator=gen)
+            clouds.append(Data(pos=scale * p @ q, y=torch.tensor([label])))
+    return Batch.from_data_list(clouds)
+
+
+class PointNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 16)
+        self.conv1 = DynamicGroupMaxRelConv(16, 32, k=6, groups=2, conv_groups=4)
+        self.conv2 = DynamicGroupMaxRelConv(32, 32, k=6, groups=4, conv_groups=4, dilation=2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, pos, batch):
+        # Centre each cloud: the features the kNN compares then describe shape.
+        h = self.embed(pos - global_mean_pool(pos, batch)[batch])
+        h = self.conv1(h, batch)
+        h = self.conv2(h, batch)
+        return self.head(global_max_pool(h, batch))
+
+
+def test_point_cloud_classifier_learns():
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(17)
+    data = point_cloud_batch(gen)
+    torch.manual_seed(18)
+    model = PointNetLike()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(data.pos, data.batch), data.y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        test = point_cloud_batch(torch.Generator().manual_seed(19), per_class=6)
+        accuracy = (model(test.pos, test.batch).argmax(1) == test.y).float().mean()
+    assert accuracy > 0.6
+    assert time.perf_counter() - start < 20

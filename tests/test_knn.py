@@ -1,0 +1,244 @@
+"""Tests of gkg_pyg.group_knn against a brute-force loop over groups and
+destinations, for both backends: neighbour sets, rank order, the edge format,
+error messages, the torch-cluster fallback and the chunked dense path."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import gkg_pyg.knn as knn_module
+from gkg_pyg import group_knn
+
+CHANNELS = 12  # splits into 1, 2 and 4 groups
+
+
+@pytest.fixture(params=["dense", "torch_cluster"])
+def backend(request):
+    if request.param == "torch_cluster":
+        pytest.importorskip("torch_cluster")
+    return request.param
+
+
+def graph_ids(sizes):
+    """Sorted PyG batch vector of graphs with ``sizes`` nodes."""
+    return torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
+
+
+def reference_group_knn(x_src, x_dst, k, groups, dilation=1, batch_src=None, batch_dst=None, bias=None):
+    """Brute force, one (group, destination) at a time.
+
+    Returns ``(groups, N_dst, k)`` global source indices in rank order.  Asserts
+    that the ``k * dilation + 1`` nearest distances have no (near) ties, so the
+    expected answer is unique.
+    """
+    n_src, n_dst = x_src.shape[0], x_dst.shape[0]
+    batch_src = torch.zeros(n_src, dtype=torch.long) if batch_src is None else batch_src
+    batch_dst = torch.zeros(n_dst, dtype=torch.long) if batch_dst is None else batch_dst
+    if isinstance(bias, tuple):
+        bias = bias[0] @ bias[1].t()
+    width = x_src.shape[1] // groups
+    needed = k * dilation
+    out = torch.empty(groups, n_dst, k, dtype=torch.long)
+    for g in range(groups):
+        cols = slice(g * width, (g + 1) * width)
+        for i in range(n_dst):
+            cand = (batch_src == batch_dst[i]).nonzero().flatten()
+            local_i = int((batch_dst[:i] == batch_dst[i]).sum())  # row of the shared bias
+            a = x_dst[i, cols] / x_dst[i, cols].norm()
+            b = x_src[cand, cols] / x_src[cand, cols].norm(dim=1, keepdim=True)
+            dist = ((a - b) ** 2).sum(dim=1)
+            if bias is not None:
+                dist = dist - bias[local_i, cand - cand[0]]
+            values, order = torch.sort(dist)
+            window = values[: needed + 1]
+            assert (window[1:] - window[:-1]).min() > 1e-9, "tie in the random test data"
+            out[g, i] = cand[order[:needed:dilation]]
+    return out
+
+
+def make_problem(seed, src_sizes, dst_sizes, bias_kind, rank=5):
+    """Random float64 features; ``dst_sizes=None`` means a self graph (x_src is x_dst)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_src = torch.randn(sum(src_sizes), CHANNELS, generator=gen, dtype=torch.float64)
+    if dst_sizes is None:
+        x_dst, dst_sizes = x_src, src_sizes
+    else:
+        x_dst = torch.randn(sum(dst_sizes), CHANNELS, generator=gen, dtype=torch.float64)
+    multi = len(src_sizes) > 1
+    batch_src = graph_ids(src_sizes) if multi else None
+    batch_dst = graph_ids(dst_sizes) if multi else None
+    n_dst, n_src = dst_sizes[0], src_sizes[0]
+    if bias_kind == "dense":
+        bias = 0.5 * torch.randn(n_dst, n_src, generator=gen, dtype=torch.float64)
+    elif bias_kind == "factored":
+        bias = (0.5 * torch.randn(n_dst, rank, generator=gen, dtype=torch.float64),
+                0.5 * torch.randn(n_src, rank, generator=gen, dtype=torch.float64))
+    else:
+        bias = None
+    return x_src, x_dst, batch_src, batch_dst, bias
+
+
+# (source graph sizes, destination graph sizes or None for a self graph, position bias)
+LAYOUTS = [
+    ([7], None, None),
+    ([40], None, None),
+    ([33], [14], None),
+    ([5, 11, 8], None, None),
+    ([9, 14, 6], [3, 7, 5], None),
+    ([8, 6, 13], [4, 0, 5], None),  # graph 1 has no destinations
+    ([20], None, "dense"),
+    ([24], [10], "factored"),
+    ([10, 10, 10], [6, 6, 6], "dense"),
+    ([12, 12], None, "factored"),
+]
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+def test_matches_brute_force(backend, layout, groups, dilation):
+    src_sizes, dst_sizes, bias_kind = LAYOUTS[layout]
+    k = min(4, min(src_sizes) // dilation)
+    x_src, x_dst, batch_src, batch_dst, bias = make_problem(100 * layout + 10 * groups + dilation,
+                                                            src_sizes, dst_sizes, bias_kind)
+    edges = group_knn(x_src, x_dst, k, groups, dilation=dilation, batch_src=batch_src,
+                      batch_dst=batch_dst, position_bias=bias, backend=backend)
+    expected = reference_group_knn(x_src, x_dst, k, groups, dilation, batch_src, batch_dst, bias)
+    got = edges[:, 0].view(groups, x_dst.shape[0], k)
+    assert torch.equal(got.sort(dim=-1).values, expected.sort(dim=-1).values), "neighbour sets differ"
+    assert torch.equal(got, expected), "rank order differs"
+
+
+@pytest.mark.parametrize("bias_kind", ["dense", "factored"])
+def test_position_bias_changes_the_graph(backend, bias_kind):
+    """Guards the bias cases above: the bias must matter, and be subtracted (not added)."""
+    x_src, x_dst, _, _, bias = make_problem(7, [30], [12], bias_kind)
+    with_bias = group_knn(x_src, x_dst, 4, 2, position_bias=bias, backend=backend)
+    without = group_knn(x_src, x_dst, 4, 2, backend=backend)
+    assert not torch.equal(with_bias, without)
+    dense = bias if bias_kind == "dense" else bias[0] @ bias[1].t()
+    added = reference_group_knn(x_src, x_dst, 4, 2, bias=-dense)
+    assert not torch.equal(with_bias[:, 0].view(2, 12, 4), added)
+
+
+def test_self_graph_node_is_its_own_nearest(backend):
+    x, _, batch, _, _ = make_problem(3, [9, 15], None, None)
+    edges = group_knn(x, x, 3, 2, batch_src=batch, batch_dst=batch, backend=backend)
+    assert torch.equal(edges[:, 0].view(2, 24, 3)[:, :, 0], torch.arange(24).expand(2, -1))
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_output_format(backend, dilation):
+    src_sizes, dst_sizes, groups, k = [11, 7, 16], [5, 9, 4], 4, 3
+    x_src, x_dst, batch_src, batch_dst, _ = make_problem(11, src_sizes, dst_sizes, None)
+    n_dst = x_dst.shape[0]
+    edges = group_knn(x_src, x_dst, k, groups, dilation=dilation, batch_src=batch_src,
+                      batch_dst=batch_dst, backend=backend)
+    assert edges.dtype == torch.long
+    assert edges.shape == (groups, 2, n_dst * k)
+    for g in range(groups):
+        src, dst = edges[g]
+        assert torch.equal(dst, torch.arange(n_dst).repeat_interleave(k))
+        assert torch.equal(torch.bincount(dst, minlength=n_dst), torch.full((n_dst,), k))
+        assert int(src.min()) >= 0 and int(src.max()) < x_src.shape[0]
+        assert torch.equal(batch_src[src], batch_dst[dst]), "an edge crosses graphs"
+        # No source twice for one destination.
+        table = src.view(n_dst, k)
+        assert all(len(set(row.tolist())) == k for row in table)
+        # Nearest first: the distances along each row never decrease.
+        cols = slice(g * CHANNELS // groups, (g + 1) * CHANNELS // groups)
+        a = torch.nn.functional.normalize(x_dst[:, cols], dim=-1)
+        b = torch.nn.functional.normalize(x_src[:, cols], dim=-1)
+        dist = ((a.unsqueeze(1) - b[table]) ** 2).sum(-1)
+        assert bool((dist[:, 1:] >= dist[:, :-1]).all())
+
+
+def test_no_gradient(backend):
+    x_src, x_dst, _, _, bias = make_problem(5, [20], [8], "dense")
+    x_src.requires_grad_(True)
+    x_dst.requires_grad_(True)
+    bias.requires_grad_(True)
+    edges = group_knn(x_src, x_dst, 3, 2, position_bias=bias, backend=backend)
+    assert edges.grad_fn is None and not edges.requires_grad
+    expected = reference_group_knn(x_src.detach(), x_dst.detach(), 3, 2, bias=bias.detach())
+    assert torch.equal(edges[:, 0].view(2, 8, 3), expected)
+    # The inputs are left usable for autograd.
+    (x_src.sum() + x_dst.sum() + bias.sum()).backward()
+    assert x_src.grad is not None
+
+
+def test_float32_inputs(backend):
+    x_src, x_dst, batch_src, batch_dst, _ = make_problem(9, [10, 12], [6, 5], None)
+    edges = group_knn(x_src.float(), x_dst.float(), 3, 2, batch_src=batch_src, batch_dst=batch_dst,
+                      backend=backend)
+    expected = reference_group_knn(x_src, x_dst, 3, 2, 1, batch_src, batch_dst)
+    assert torch.equal(edges[:, 0].view(2, 11, 3), expected)
+
+
+def test_error_messages():
+    x = torch.randn(10, 8)
+    batch = graph_ids([5, 5])
+    with pytest.raises(ValueError, match=r"3 \* 2 = 6 .*graph 1 has only 2 source"):
+        group_knn(x[:9], x[:9], 3, 2, dilation=2, batch_src=graph_ids([7, 2]), batch_dst=graph_ids([7, 2]))
+    with pytest.raises(ValueError, match=r"3 \* 4 = 12 .*graph 0 has only 10 source"):
+        group_knn(x, x, 3, 2, dilation=4)
+    with pytest.raises(ValueError, match=r"\b8 channels cannot be split into 3\b"):
+        group_knn(x, x, 2, 3)
+    with pytest.raises(ValueError, match=r"batch_src must be a vector of length 10.*\(9,\)"):
+        group_knn(x, x, 2, 2, batch_src=batch[:9], batch_dst=batch)
+    with pytest.raises(ValueError, match=r"batch_dst must be a vector of length 10.*\(11,\)"):
+        group_knn(x, x, 2, 2, batch_src=batch, batch_dst=torch.zeros(11, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"batch_dst must be sorted"):
+        group_knn(x, x, 2, 2, batch_src=batch, batch_dst=batch.flip(0))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        group_knn(x, bad, 2, 2)
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        group_knn(bad, x, 2, 2)
+    with pytest.raises(ValueError, match=r"position_bias is \(5, 6\).*\[5, 5\] destinations and \[5, 5\] sources"):
+        group_knn(x, x, 2, 2, batch_src=batch, batch_dst=batch, position_bias=torch.zeros(5, 6))
+    with pytest.raises(ValueError, match=r"U: \(n_dst, r\) and V: \(n_src, r\), got \(10, 3\) and \(10, 2\)"):
+        group_knn(x, x, 2, 2, position_bias=(torch.zeros(10, 3), torch.zeros(10, 2)))
+    with pytest.raises(ValueError, match=r"position_bias is \(10, 9\)"):
+        group_knn(x, x, 2, 2, position_bias=(torch.zeros(10, 3), torch.zeros(9, 3)))
+    with pytest.raises(ValueError, match=r"x_src has 8 channels but x_dst has 6"):
+        group_knn(x, x[:, :6], 2, 2)
+    with pytest.raises(ValueError, match=r"k=0, dilation=1"):
+        group_knn(x, x, 0, 2)
+    with pytest.raises(ValueError, match=r"unknown kNN backend 'faiss'"):
+        group_knn(x, x, 2, 2, backend="faiss")
+
+
+def test_auto_without_torch_cluster_warns_once(monkeypatch):
+    monkeypatch.setattr(knn_module, "torch_cluster", None)
+    monkeypatch.setattr(knn_module, "_warned_no_cluster", False)
+    x_src, x_dst, batch_src, batch_dst, _ = make_problem(13, [9, 12], [4, 6], None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = group_knn(x_src, x_dst, 3, 2, batch_src=batch_src, batch_dst=batch_dst, backend="auto")
+        second = group_knn(x_src, x_dst, 3, 2, batch_src=batch_src, batch_dst=batch_dst, backend="auto")
+    messages = [str(w.message) for w in caught if "torch-cluster" in str(w.message)]
+    assert len(messages) == 1, messages
+    expected = reference_group_knn(x_src, x_dst, 3, 2, 1, batch_src, batch_dst)
+    assert torch.equal(first[:, 0].view(2, 10, 3), expected)
+    assert torch.equal(second, first)
+
+
+@pytest.mark.parametrize("block", [1, 7, 100, 700])
+@pytest.mark.parametrize("layout", [([10, 10, 10], [6, 6, 6], "dense"), ([9, 14, 6], [3, 7, 5], None),
+                                    ([25], None, "factored")])
+def test_chunked_dense_is_identical(monkeypatch, block, layout):
+    src_sizes, dst_sizes, bias_kind = layout
+    x_src, x_dst, batch_src, batch_dst, bias = make_problem(17, src_sizes, dst_sizes, bias_kind)
+    kwargs = dict(dilation=2, batch_src=batch_src, batch_dst=batch_dst, position_bias=bias, backend="dense")
+    whole = group_knn(x_src, x_dst, 3, 2, **kwargs)
+    monkeypatch.setattr(knn_module, "DENSE_BLOCK_ELEMENTS", block)
+    chunked = group_knn(x_src, x_dst, 3, 2, **kwargs)
+    assert torch.equal(chunked, whole)
+    expected = reference_group_knn(x_src, x_dst, 3, 2, 2, batch_src, batch_dst, bias)
+    assert torch.equal(chunked[:, 0].view(2, x_dst.shape[0], 3), expected)
