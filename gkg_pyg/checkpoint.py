@@ -87,7 +87,7 @@ def _relative_pos_keys(model: GKGNet) -> Dict[str, Tensor]:
     for stage in model.stages:
         j += stage.downsample is not None
         for _ in stage.blocks:
-            out[f"backbone.backbone.{j}.0.relative_pos"] = -stage.relative_pos.float().unsqueeze(0)
+            out[f"backbone.backbone.{j}.0.relative_pos"] = -stage.construction_table().float().unsqueeze(0)
             j += 1
     return out
 

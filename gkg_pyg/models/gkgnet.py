@@ -220,13 +220,23 @@ class Stage(nn.Module):
             for dp in drop_paths)
         self.grid, self.pool, self.dilations = grid, pool, list(dilations)
         self.k, self.groups, self.knn_backend = k, groups, knn_backend
-        # Fixed, recomputed at construction: not part of any checkpoint.
-        self.register_buffer("relative_pos", relative_position_table(grid, channels, pool), persistent=False)
+        # Fixed and recomputed, never part of a checkpoint; built on first use
+        # (it is large: 20736 x 1296 at 576 px), then moved by .to() like any buffer.
+        self.channels = channels
+        self.register_buffer("relative_pos", None, persistent=False)
         self._bias_cache: Dict[tuple, Tensor] = {}
+
+    def construction_table(self) -> Tensor:
+        """The ``(n, n_src)`` position term at the construction grid."""
+        if self.relative_pos is None:
+            like = self.blocks[0]["grapher"].fc1[0].weight  # follow the model's device and dtype
+            self.relative_pos = relative_position_table(self.grid, self.channels, self.pool).to(like)
+        return self.relative_pos
 
     def position_bias(self, grid: Tuple[int, int]) -> Tensor:
         """The ``(N, N_src)`` position term at a runtime grid (resampled
         bicubically from the construction grid's table when they differ)."""
+        self.construction_table()
         if grid == self.grid:
             return self.relative_pos
         n_src = (grid[0] // self.pool) * (grid[1] // self.pool)
@@ -382,7 +392,9 @@ class GKGNet(nn.Module):
         if tuple(pos.shape[2:]) != grids[0]:
             pos = F.interpolate(pos, size=grids[0], mode="bicubic", align_corners=False)
         x = _to_nodes(x + pos)
-        labels = self.label_embed.weight.unsqueeze(0).expand(x.shape[0], -1, -1) if self.cross_level else None
+        labels = None
+        if self.cross_level:  # a lookup, not a view of the weight: views of leaves break autograd hooks
+            labels = self.label_embed(torch.arange(self.num_classes, device=x.device)).expand(x.shape[0], -1, -1)
         graphs = []
         for i, stage in enumerate(self.stages):
             x, patch_edges, y, src = stage(x, grids[max(i - 1, 0)], grids[i])

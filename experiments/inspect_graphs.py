@@ -1,0 +1,188 @@
+"""Draw the graphs GKGNet builds for one image (paper Fig. 5, 6, A1-A4).
+
+    python experiments/inspect_graphs.py --config C [--checkpoint P] --image IMG \
+        [--label NAME ...] [--stage N] [--patch ROW COL] --out DIR [--html] \
+        [--dataset DIR [--max-images N]] [--format png|svg]
+
+Writes to DIR:
+
+* ``label_<name>_stage<N>.<fmt>``: the patches each label connects to, per
+  group (default: the three highest-scoring labels, every stage unless
+  ``--stage``);
+* ``patch_stage<N>_r<ROW>_c<COL>.<fmt>`` with ``--patch`` (needs ``--stage``;
+  ROW, COL in that stage's patch grid): one patch and its neighbours;
+* ``viewer.html`` with ``--html``: the interactive, self-contained viewer;
+* ``histogram_stage<N>.<fmt>`` and ``neighbour_counts.json`` with
+  ``--dataset``: distinct-neighbour counts per label over the images of a folder;
+* ``summary.json``: scores and, per stage and label, the neighbours, the
+  distinct count and the group overlap.
+
+The config is a YAML file whose ``model:`` section holds the
+``gkg_pyg.create_model`` arguments (``name: gkgnet_ti``, ``num_classes``,
+``img_size``, ...).  Without ``--checkpoint`` the model keeps random weights
+(seeded by ``--seed``) and every figure says so.  Class names come from the
+checkpoint's ``class_names``, else the config's ``model.class_names``, else
+``label_i``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import gkg_pyg  # noqa: E402
+from gkg_pyg import inspect as gi  # noqa: E402
+from gkg_pyg.checkpoint import load_checkpoint  # noqa: E402
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def model_from_config(path: str) -> torch.nn.Module:
+    """``gkg_pyg.create_model(**cfg["model"])`` of a YAML config (``name`` picks the model)."""
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    model_cfg = dict(cfg.get("model") or {})
+    if "name" not in model_cfg:
+        raise ValueError(f"{path}: the 'model:' section needs a 'name' (one of {gkg_pyg.list_models()})")
+    return gkg_pyg.create_model(model_cfg.pop("name"), **model_cfg)
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint dict (weights-only when possible; training checkpoints hold more)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: a checkpoint must be a dict, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def load_model(config: str, checkpoint: Optional[str], seed: int = 0,
+               device: str = "cpu") -> Tuple[torch.nn.Module, Optional[List[str]], str]:
+    """The model, the checkpoint's class names (None if it has none) and the figure note."""
+    torch.manual_seed(seed)
+    model = model_from_config(config)
+    names, note = None, gi.RANDOM_WEIGHTS_NOTE
+    if checkpoint:
+        ckpt = read_checkpoint(checkpoint)
+        load_checkpoint(model, ckpt)
+        names = ckpt.get("class_names")
+        note = ""
+    return model.to(device).eval(), names, note
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _resolve_labels(captured: gi.CapturedGraphs, labels: Optional[Sequence[str]]) -> List[int]:
+    """Label names (or indices) -> indices; default the three highest scores."""
+    if not labels:
+        return captured.scores.argsort(descending=True)[:3].tolist()
+    out = []
+    for label in labels:
+        if label not in captured.class_names and label.isdigit():
+            out.append(captured.label_index(int(label)))
+        else:
+            out.append(captured.label_index(label))
+    return out
+
+
+def dataset_images(folder: str, max_images: int) -> List[Path]:
+    """The first ``max_images`` images under ``folder`` (recursively, sorted)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files[:max_images]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML config with a 'model:' section")
+    p.add_argument("--checkpoint", help="weights (gkg-pyg or the authors' layout); none: random weights")
+    p.add_argument("--image", required=True, help="the image to inspect")
+    p.add_argument("--label", nargs="+", help="label names (or indices); default the 3 highest scores")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="one stage (default: all)")
+    p.add_argument("--patch", type=int, nargs=2, metavar=("ROW", "COL"),
+                   help="also draw this patch's neighbours (in the --stage grid)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--html", action="store_true", help="also write the interactive viewer.html")
+    p.add_argument("--dataset", help="folder of images for the distinct-neighbour histogram")
+    p.add_argument("--max-images", type=int, default=200, help="images of --dataset to use")
+    p.add_argument("--format", choices=("png", "svg"), default="png", help="figure format")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.patch and args.stage is None:
+        p.error("--patch needs --stage (ROW and COL index that stage's patch grid)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the command line; returns the summary also written to ``summary.json``."""
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, ckpt_names, note = load_model(args.config, args.checkpoint, args.seed, args.device)
+    if note:
+        print(f"note: {note}")
+    captured = gi.capture_graphs(model, args.image, class_names=ckpt_names, note=note)
+    stages = [args.stage] if args.stage else list(range(1, captured.num_stages + 1))
+    labels = _resolve_labels(captured, args.label)
+    written = []
+    for stage in stages:
+        for label in labels:
+            path = out / f"label_{_safe(captured.class_names[label])}_stage{stage}.{args.format}"
+            gi.plot_label(captured, label, stage, path)
+            written.append(path)
+    if args.patch:
+        row, col = args.patch
+        path = out / f"patch_stage{args.stage}_r{row}_c{col}.{args.format}"
+        gi.plot_patch(captured, args.stage, row, col, path)
+        written.append(path)
+    if args.html:
+        written.append(gi.write_html_viewer(captured, out / "viewer.html"))
+    if args.dataset:
+        images = dataset_images(args.dataset, args.max_images)
+        counts = gi.neighbour_count_distribution(model, images, class_names=captured.class_names, note=note)
+        for stage in stages:
+            path = out / f"histogram_stage{stage}.{args.format}"
+            gi.plot_neighbour_histogram(counts, stage, path=path)
+            written.append(path)
+        table = {"images": [str(p) for p in images], "k": counts.k, "groups": counts.groups,
+                 "stages": {s: {name: {"mean": float(m), "histogram": h.tolist()}
+                                for name, m, h in zip(counts.class_names, counts.mean(s), counts.histogram(s))}
+                            for s in stages}}
+        path = out / "neighbour_counts.json"
+        path.write_text(json.dumps(table, indent=1))
+        written.append(path)
+    summary = {
+        "image": str(args.image), "checkpoint": args.checkpoint, "note": note,
+        "k": captured.k, "groups": captured.groups,
+        "scores": dict(zip(captured.class_names, captured.scores.tolist())),
+        "labels": [asdict(s) for s in gi.summarize_labels(captured, stages)],
+        "patch": asdict(gi.patch_summary(captured, args.stage, *args.patch)) if args.patch else None,
+    }
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=1))
+    written.append(path)
+    for path in written:
+        print(f"wrote {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Train GKGNet from a YAML config.
+
+    python experiments/train.py experiments/configs/demo.yaml
+    python experiments/train.py CONFIG.yaml --set train.epochs=3 --set optim.lr=2e-4
+    python experiments/train.py CONFIG.yaml --resume            # continue runs/<name>/
+    torchrun --nproc_per_node 8 experiments/train.py experiments/configs/coco_576.yaml
+
+Everything is checked before the run folder is touched: the config, the
+data sets (non-empty, same labels, image files present), the model (its
+label count, the pretrained / init_from weights) and, with --resume, the
+checkpoint. Then runs/<name>/ (or --output) receives config.yaml,
+log.jsonl (one JSON line per epoch), checkpoint_last.pth (every epoch),
+checkpoint_best.pth (best mAP) and, at the end, metrics.json and
+per_class_ap.csv; the final metrics are printed next to the
+label-frequency baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from gkg_pyg import engine  # noqa: E402
+from gkg_pyg.config import build_model, config_diff, load_config, save_config  # noqa: E402
+from gkg_pyg.loss import GKGNetLoss  # noqa: E402
+from gkg_pyg.metrics import (  # noqa: E402
+    SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, label_frequency_baseline_scores,
+    multilabel_metrics, per_class_ap_csv,
+)  # fmt: skip
+
+SUMMARY = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config (experiments/configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from PATH (default: <run folder>/checkpoint_last.pth)")
+    p.add_argument("--output", help="run folder (default: <output.dir>/<name>)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip missing or unreadable images (data.skip_bad_images) and count them")
+    return p.parse_args(argv)
+
+
+def summary(metrics: dict) -> dict:
+    """The scalar metrics, NaN as None (strict JSON)."""
+    return {k: (None if math.isnan(metrics[k]) else metrics[k]) for k in SUMMARY if k in metrics}
+
+
+def check_run_folder(run_dir: Path, resuming: bool) -> None:
+    """Refuse to start a fresh run over an existing one (its files would be lost)."""
+    if not resuming and (run_dir / "checkpoint_last.pth").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run (checkpoint_last.pth); continue it with --resume, "
+            f"or choose another folder (--output or --set name=...)"
+        )
+
+
+def prepare(args: argparse.Namespace, info: engine.DistInfo) -> dict:
+    """Load and check everything; write nothing. Returns the pieces of the run."""
+    cfg = load_config(args.config, args.overrides)
+    if args.skip_bad_images:
+        cfg["data"]["skip_bad_images"] = True
+    if cfg["train"]["num_threads"]:
+        torch.set_num_threads(cfg["train"]["num_threads"])
+    run_dir = Path(args.output) if args.output else Path(cfg["output"]["dir"]) / cfg["name"]
+    resume_path = None
+    if args.resume is not None:
+        resume_path = Path(args.resume) if args.resume else run_dir / "checkpoint_last.pth"
+    check_run_folder(run_dir, resume_path is not None)
+
+    train_set = engine.build_split(cfg, train=True)
+    val_set = engine.build_split(cfg, train=False)
+    if val_set.class_names != train_set.class_names:
+        raise ValueError(
+            f"the training and evaluation splits have different labels: {len(train_set.class_names)} "
+            f"({train_set.class_names[:5]}...) vs {len(val_set.class_names)} ({val_set.class_names[:5]}...)"
+        )
+    skip = cfg["data"]["skip_bad_images"]
+    missing = {
+        "train": engine.check_images(train_set, "training", skip),
+        "val": engine.check_images(val_set, "evaluation", skip),
+    }
+
+    # Identical initial weights on every rank; afterwards each rank draws
+    # its own augmentation stream.
+    engine.seed_everything(cfg["seed"])
+    model = build_model(cfg, train_set.class_names)
+    engine.seed_everything(engine.derived_seed(cfg["seed"], info.rank))
+
+    resume_state = None
+    if resume_path is not None:
+        resume_state = engine.load_training_checkpoint(resume_path)
+        if resume_state["class_names"] != train_set.class_names:
+            raise ValueError(f"{resume_path} was trained on other labels than the data set of {args.config}")
+        changed = config_diff(resume_state["config"], cfg)
+        if changed and info.is_main:
+            print(f"note: the config differs from the checkpoint's in {', '.join(changed)}")
+    return dict(cfg=cfg, run_dir=run_dir, train_set=train_set, val_set=val_set, model=model,
+                resume_state=resume_state, resume_path=resume_path, missing=missing)  # fmt: skip
+
+
+def final_report(cfg, run_dir, class_names, train_targets, results: dict, info) -> None:
+    """Print the metrics next to the label-frequency baseline; save
+    metrics.json and per_class_ap.csv (per_class_ap_ema.csv with EMA)."""
+    threshold = cfg["eval"]["threshold"]
+    first = next(iter(results.values()))
+    base_scores = label_frequency_baseline_scores(train_targets, len(first["targets"]))
+    baseline = multilabel_metrics(base_scores, first["targets"], threshold, first["areas"], class_names)
+    out = {"baseline": summary(baseline)}
+    for name, res in results.items():
+        metrics = multilabel_metrics(res["scores"], res["targets"], threshold, res["areas"], class_names)
+        out[name] = summary(metrics)
+        out[name]["num_images"] = len(res["targets"])
+        out[name]["num_skipped"] = res["num_skipped"]
+        suffix = "" if name == "model" else f"_{name}"
+        if info.is_main:
+            print(f"\n{name} vs the label-frequency baseline ({len(res['targets'])} images):")
+            print(format_metrics_table(metrics, baseline))
+            per_class_ap_csv(metrics, class_names, run_dir / f"per_class_ap{suffix}.csv")
+    if info.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+        print(f"\nsaved {run_dir / 'metrics.json'} and {run_dir / 'per_class_ap.csv'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = engine.init_distributed()
+    run = prepare(args, info)
+    cfg, run_dir, train_set, val_set = run["cfg"], run["run_dir"], run["train_set"], run["val_set"]
+    tcfg, main_rank = cfg["train"], info.is_main
+    if main_rank and any(run["missing"].values()):
+        print(f"skipping missing images: {run['missing']['train']} training, {run['missing']['val']} evaluation")
+
+    # Model, optimiser, schedule, precision, EMA.
+    model = run["model"].to(info.device)
+    if info.distributed and cfg["train"]["sync_bn"]:
+        if info.device.type == "cuda":
+            model = engine.convert_sync_batchnorm(model)
+        elif main_rank:
+            print("note: SyncBatchNorm needs GPUs; on CPUs each process normalises its own batch")
+    train_loader = engine.train_loader(cfg, train_set, info)
+    val_loader = engine.eval_loader(cfg, val_set, info)
+    optimizer = engine.build_optimizer(cfg, model)
+    schedule = engine.build_schedule(cfg, optimizer, len(train_loader))
+    precision = engine.build_precision(tcfg["amp"], info.device)
+    if info.distributed:
+        ids = [info.local_rank] if info.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ema = engine.build_ema(cfg, model)  # after DDP's broadcast: the same on every rank
+    criterion = GKGNetLoss(**cfg["loss"])
+
+    start_epoch, best_map = 0, -1.0
+    if run["resume_state"] is not None:
+        start_epoch, best_map = engine.restore_training_state(
+            run["resume_state"], model, optimizer, schedule, precision, ema, info
+        )
+        if main_rank:
+            print(f"resumed from {run['resume_path']} after epoch {start_epoch}")
+
+    # Only now is anything written.
+    log_path = run_dir / "log.jsonl"
+    writer = None
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        # Keep the log lines of the epochs the checkpoint holds (a killed run
+        # may have logged an epoch whose checkpoint it did not write).
+        lines = log_path.read_text().splitlines() if (start_epoch and log_path.exists()) else []
+        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= start_epoch))
+        writer = tensorboard_writer(cfg, run_dir)
+        print(f"run folder {run_dir}: {len(train_set)} training images ({len(train_loader.dataset)} per epoch "
+              f"with repeats), {len(val_set)} evaluation images, {len(train_set.class_names)} labels, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+              f"{info.world_size} process(es) on {info.device.type}")  # fmt: skip
+
+    epochs, results = tcfg["epochs"], None
+    for epoch in range(start_epoch, epochs):
+        engine.start_epoch(train_loader, cfg["seed"], epoch, info.rank)
+        stats = engine.train_one_epoch(
+            model, train_loader, criterion, optimizer, schedule, precision, info, tcfg["clip_grad"], ema,
+            desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["output"]["progress"],
+        )  # fmt: skip
+        record = {"epoch": epoch + 1, "step": schedule.step_count, **stats}
+        results = None
+        if (epoch + 1) % cfg["eval"]["interval"] == 0 or epoch + 1 == epochs:
+            results = {"model": engine.evaluate(model, val_loader, info, precision, "eval",
+                                                cfg["output"]["progress"])}  # fmt: skip
+            if ema is not None:
+                results["ema"] = engine.evaluate(ema.module, val_loader, info, precision, "eval EMA",
+                                                 cfg["output"]["progress"])  # fmt: skip
+            for name, res in results.items():
+                m = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"])
+                prefix = "" if name == "model" else "ema_"
+                record.update({f"{prefix}{k}": m[k] for k in ("mAP", "CF1", "OF1")})
+        epoch_map = max(record.get("mAP", -1.0), record.get("ema_mAP", -1.0))
+        improved = epoch_map > best_map
+        best_map = max(best_map, epoch_map)
+        rngs = engine.gather_rng_states(info)
+        if main_rank:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key, value in record.items():
+                    writer.add_scalar(key, value, epoch + 1)
+            state = engine.training_state(model, optimizer, schedule, precision, ema, epoch + 1, best_map,
+                                          cfg, train_set.class_names, rngs)  # fmt: skip
+            engine.save_atomic(state, run_dir / "checkpoint_last.pth")
+            if improved:
+                engine.save_atomic(state, run_dir / "checkpoint_best.pth")
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+            print(json.dumps(shown), flush=True)
+        stop = tcfg["stop_after_epochs"]
+        if stop is not None and epoch + 1 >= stop and epoch + 1 < epochs:
+            if main_rank:
+                print(f"stopping after epoch {epoch + 1} (train.stop_after_epochs); continue with --resume")
+            engine.cleanup_distributed()
+            return 0
+
+    if results is None:  # resumed after the last epoch: evaluate once more
+        results = {"model": engine.evaluate(model, val_loader, info, precision)}
+        if ema is not None:
+            results["ema"] = engine.evaluate(ema.module, val_loader, info, precision)
+    final_report(cfg, run_dir, train_set.class_names, train_set.targets, results, info)
+    skipped = stats_skipped(log_path) if main_rank else 0
+    if main_rank and (skipped or results["model"]["num_skipped"]):
+        print(f"skipped unreadable images: {skipped} in training (all epochs), "
+              f"{results['model']['num_skipped']} in the final evaluation")  # fmt: skip
+    if writer is not None:
+        writer.close()
+    engine.cleanup_distributed()
+    return 0
+
+
+def stats_skipped(log_path: Path) -> int:
+    """Training images skipped over all logged epochs."""
+    return sum(json.loads(line).get("num_skipped", 0) for line in log_path.read_text().splitlines())
+
+
+def tensorboard_writer(cfg: dict, run_dir: Path):
+    """A SummaryWriter under run_dir/tensorboard, or None (disabled or not installed)."""
+    if not cfg["output"]["tensorboard"]:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: output.tensorboard is on but tensorboard is not installed (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

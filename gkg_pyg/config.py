@@ -1,0 +1,389 @@
+"""Experiment configuration: YAML files over a schema of defaults.
+
+A config is a nested dict with the sections of ``DEFAULTS`` (model, data,
+train, optim, schedule, loss, eval, output) plus ``name`` and ``seed``.
+``load_config`` reads a YAML file, merges it over the defaults, applies
+``key=value`` overrides and checks every key and type, so a typo fails at
+once with the nearest valid key suggested.
+
+Inheritance: a top-level ``base: other.yaml`` (a path relative to the file)
+loads that file first and merges this one over it (nested dicts merge key
+by key; any other value, lists included, replaces). Bases may chain.
+
+``build_model(cfg)`` is the one place where a config becomes a model: the
+``model`` section's ``name`` and keyword arguments go to
+``gkg_pyg.create_model``, then ``pretrained`` / ``init_from`` weights load.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from .checkpoint import _read, authors_key_map, detect_source, format_report, load_checkpoint
+from .models.gkgnet import GKGNet, create_model
+
+# Every valid key with its default. A None default accepts any value;
+# otherwise a value must have the default's type (an int is accepted for a
+# float) or be None where the key is listed in NULLABLE.
+DEFAULTS: dict[str, Any] = {
+    "name": "run",  # run folder: <output.dir>/<name>
+    "seed": 0,
+    "model": {
+        "name": "gkgnet_s",
+        "num_classes": None,  # None: the data set's label count (else it must match)
+        "img_size": 448,
+        "k": 9,
+        "groups": 2,
+        "drop_path": 0.1,
+        "cross_level": True,
+        "num_gcn": 1,
+        "knn_backend": "auto",
+        # Weights that must fit the model completely (a Pyramid ViG ImageNet
+        # checkpoint fills the patch path; see gkg_pyg.load_checkpoint).
+        "pretrained": None,
+        # Weights of a model trained on other labels (e.g. COCO for VOC):
+        # everything must fit except the label table and the heads, which
+        # are skipped when their shapes differ.
+        "init_from": None,
+    },
+    "data": {
+        "name": "coco",  # coco | voc2007 | synthetic
+        "root": "data/coco",
+        "train_split": "train",
+        "val_split": "val",
+        "num_workers": 4,
+        "skip_bad_images": False,
+        "class_balanced_threshold": 0.01,  # None: no oversampling
+        # Only for name: synthetic (generated under root when missing).
+        "synthetic": {"num_train": 2000, "num_val": 500, "image_size": 256, "seed": 0},
+        # Training augmentation (gkg_pyg.data.build_train_transform).
+        "augment": {
+            "cropmix_prob": 0.5,
+            "cropmix_crops": [2, 3, 4],
+            "cropmix_min_scale": 0.01,
+            "cropmix_mix_ratio": 0.4,
+            "cropmix_channel_permute": True,
+            "hflip": 0.5,
+            "color_jitter": 0.4,
+            "trivial_augment": True,
+            "random_erasing": 0.5,
+        },
+    },
+    "train": {
+        "epochs": 80,
+        "batch_size": 16,  # per process (GPU)
+        "amp": "fp16",  # fp16 | bf16 | none; CUDA only, the CPU always runs float32
+        "clip_grad": 5.0,  # max L2 norm of all gradients; None: no clipping
+        "sync_bn": True,  # SyncBatchNorm when distributed on GPUs
+        "ema": False,
+        "ema_decay": 0.9998,
+        "ema_warmup": False,
+        "num_threads": None,  # torch CPU threads per process; None: torch's default
+        "stop_after_epochs": None,  # stop (like a kill) once this many epochs are done
+    },
+    "optim": {
+        "lr": 1.0e-4,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.05,
+        "eps": 1.0e-8,
+    },
+    "schedule": {
+        "name": "step",  # step | cosine; stepped every iteration
+        "warmup_epochs": 5.0,
+        "warmup_ratio": 1.0e-3,  # warm-up starts at warmup_ratio x lr
+        "milestones": [10, 50],  # step: epochs where the lr is multiplied by gamma
+        "gamma": 0.1,
+        "min_lr_ratio": 0.0,  # cosine: final lr = min_lr_ratio x lr
+    },
+    "loss": {
+        "bce_weight": 1.0,
+        "asl_weight": 10.0,
+        "label_smoothing": 0.1,
+        "gamma_pos": 0.0,
+        "gamma_neg": 2.0,
+        "clip": 0.05,
+        "eps": 1.0e-8,
+    },
+    "eval": {
+        "batch_size": 32,
+        "threshold": 0.5,
+        "interval": 1,  # evaluate every this many epochs (and after the last)
+    },
+    "output": {
+        "dir": "runs",
+        "tensorboard": False,
+        "progress": True,
+    },
+}
+
+NULLABLE = {
+    "model.pretrained", "model.init_from", "data.class_balanced_threshold",
+    "train.clip_grad", "train.num_threads", "train.stop_after_epochs",
+}  # fmt: skip
+CHOICES = {
+    "data.name": ("coco", "voc2007", "synthetic"),
+    "train.amp": ("fp16", "bf16", "none"),
+    "schedule.name": ("step", "cosine"),
+    "model.knn_backend": ("auto", "dense", "torch_cluster"),
+}
+# Keys of the model section that are not create_model arguments.
+WEIGHT_KEYS = ("name", "pretrained", "init_from")
+# Parameters that depend on the label count: skipped by init_from when
+# their shapes differ.
+HEAD_KEYS = ("label_embed.weight", "head_label.weight", "head_label.bias", "head_patch.weight", "head_patch.bias")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def _unknown_key_error(path: str, source: str) -> ConfigError:
+    valid = _flat_keys(DEFAULTS)
+    close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
+    if not close:  # a typo in the last part only: compare against the section's keys
+        section, _, last = path.rpartition(".")
+        siblings = [k for k in valid if k.rpartition(".")[0] == section]
+        tails = difflib.get_close_matches(last, [k.rpartition(".")[2] for k in siblings], n=1, cutoff=0.5)
+        close = [f"{section}.{tails[0]}" if section else tails[0]] if tails else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {path!r} in {source}{hint}")
+
+
+def _check_value(path: str, value: Any, default: Any, source: str) -> None:
+    if value is None:
+        if default is not None and path not in NULLABLE:
+            raise ConfigError(f"{path} may not be null ({source})")
+        return
+    if default is None:
+        return
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }[type(default)](value)
+    if not ok:
+        raise ConfigError(
+            f"{path} must be a {type(default).__name__} (like its default {default!r}), "
+            f"got {value!r} ({source})"
+        )
+    if path in CHOICES and value not in CHOICES[path]:
+        raise ConfigError(f"{path} must be one of {CHOICES[path]}, got {value!r} ({source})")
+
+
+def _merge(base: dict, update: dict, schema: dict, source: str, prefix: str = "") -> dict:
+    """Merge ``update`` over ``base`` (both nested dicts) in place, checking
+    every key of ``update`` against ``schema``. Returns ``base``."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {update!r} ({source})")
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in schema:
+            raise _unknown_key_error(path, source)
+        default = schema[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a mapping of {sorted(default)}, got {value!r} ({source})")
+            _merge(base[key], value, default, source, path + ".")
+        else:
+            _check_value(path, value, default, source)
+            base[key] = value
+    return base
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The YAML mappings of ``path`` and its chain of bases, base first,
+    each with its file name (for error messages)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config inheritance loop: {' -> '.join(map(str, seen + (path,)))}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    chain = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"base must be a file name, got {base!r} ({path})")
+        chain = _load_tree(path.parent / base, seen + (path,))
+    return chain + [(data, str(path))]
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ("train.epochs", 3); the value is parsed as a
+    YAML scalar or flow collection (``null``, ``true``, ``1e-3``, ``[5, 50]``)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=3)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse the value of override {item!r}: {err}") from err
+    return key, value
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``key=value`` overrides to ``cfg`` in place (checked like a
+    config file); returns cfg."""
+    for item in overrides:
+        key, value = parse_override(item)
+        update: Any = value
+        for part in reversed(key.split(".")):
+            update = {part: update}
+        _merge(cfg, update, DEFAULTS, f"override {item!r}")
+    return cfg
+
+
+def default_config() -> dict:
+    """A deep copy of ``DEFAULTS``."""
+    return copy.deepcopy(DEFAULTS)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Defaults, then the YAML file (after its ``base`` chain), then overrides.
+
+    Args:
+        path: a YAML file, or None for the defaults alone.
+        overrides: ``"section.key=value"`` strings.
+    Raises:
+        FileNotFoundError: a missing file (or base file).
+        ConfigError (a ValueError): unparsable YAML (naming the file), an
+            unknown key (with the nearest valid key), a wrong type.
+    """
+    cfg = default_config()
+    if path is not None:
+        for data, source in _load_tree(Path(path)):
+            _merge(cfg, data, DEFAULTS, source)
+    return apply_overrides(cfg, overrides)
+
+
+def validate_config(cfg: dict) -> dict:
+    """Check a config dict (e.g. one stored in a checkpoint) against the
+    schema; returns it merged over the defaults."""
+    return _merge(default_config(), cfg, DEFAULTS, "the config")
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    """Write the resolved config as YAML (no ``base``: every key spelled out)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(config_diff(va, vb, f"{prefix}{key}."))
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def model_kwargs(cfg: dict, class_names: Sequence[str] | None = None) -> dict:
+    """create_model keyword arguments of a config's model section.
+
+    With ``class_names`` the label count comes from them (and must equal
+    model.num_classes when that is set); without, model.num_classes must
+    be set.
+    """
+    section = cfg["model"]
+    kwargs = {k: v for k, v in section.items() if k not in WEIGHT_KEYS and k != "num_classes"}
+    num_classes = section["num_classes"]
+    if class_names is not None:
+        if num_classes is not None and num_classes != len(class_names):
+            raise ValueError(
+                f"model.num_classes is {num_classes} but the data set has {len(class_names)} labels"
+            )
+        kwargs["num_classes"] = len(class_names)
+        kwargs["class_names"] = list(class_names)
+    elif num_classes is None:
+        raise ValueError("model.num_classes is not set and no class names were given")
+    else:
+        kwargs["num_classes"] = num_classes
+    return kwargs
+
+
+def init_from_checkpoint(model: GKGNet, path: str | Path, verbose: bool = True) -> dict:
+    """Load a checkpoint trained on another label set: the label table and
+    the heads (HEAD_KEYS) are skipped when their shapes differ; everything
+    else must fit (gkg_pyg.load_checkpoint raises ValueError otherwise).
+
+    Returns load_checkpoint's report plus ``"dropped_head"``: the
+    checkpoint keys left out.
+    """
+    state, _ = _read(path)
+    source = detect_source(state)
+    own = model.state_dict()
+    names = {k: k for k in HEAD_KEYS}
+    if source == "gkgnet_mmcls":
+        mapping = authors_key_map(model)
+        names = {k: mapping[k][0] for k in HEAD_KEYS if k in mapping}
+    dropped = [
+        theirs for ours, theirs in names.items()
+        if ours in own and theirs in state and tuple(state[theirs].shape) != tuple(own[ours].shape)
+    ]  # fmt: skip
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    report = load_checkpoint(model, kept, source=source, verbose=False)
+    report["dropped_head"] = dropped
+    if verbose:
+        print(f"init_from {path}:\n{format_report(report)}")
+        if dropped:
+            print(f"  dropped (label count differs, left as initialised): {', '.join(dropped)}")
+    return report
+
+
+def build_model(cfg: dict, class_names: Sequence[str] | None = None, load_weights: bool = True) -> GKGNet:
+    """The model of a config: ``create_model(model.name, **kwargs)``, then
+    ``model.pretrained`` (must fit) and ``model.init_from`` (head may differ)
+    when ``load_weights``.
+
+    Args:
+        cfg: a loaded config.
+        class_names: the data set's labels (fix num_classes); None uses
+            model.num_classes.
+        load_weights: False to skip pretrained / init_from (the caller loads
+            a trained checkpoint instead).
+    Raises:
+        ValueError: a label-count mismatch or a checkpoint that does not fit.
+        FileNotFoundError: a missing weights file.
+    """
+    section = cfg["model"]
+    model = create_model(section["name"], **model_kwargs(cfg, class_names))
+    if load_weights and section["pretrained"]:
+        print(f"pretrained {section['pretrained']}:")
+        load_checkpoint(model, section["pretrained"])
+    if load_weights and section["init_from"]:
+        init_from_checkpoint(model, section["init_from"])
+    return model

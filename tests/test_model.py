@@ -1,0 +1,149 @@
+"""GKGNet against the published numbers and against the independent dense
+reference in tests/reference_gkgnet.py (same weights, through the authors'
+checkpoint layout)."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import gkg_pyg
+from gkg_pyg.graph import neighbour_table
+from reference_gkgnet import ReferenceGKGNet
+
+
+def randomize(model, seed=0):
+    """Non-trivial BN statistics and position embedding, so that every tensor matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+        model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=gen) * 0.1)
+    return model
+
+
+def paired_models(dtype=torch.float64, num_classes=20, img_size=192, **kw):
+    torch.manual_seed(0)
+    ours = randomize(gkg_pyg.create_model("gkgnet_ti", num_classes=num_classes, img_size=img_size, **kw)).to(dtype)
+    ref = ReferenceGKGNet("ti", num_classes=num_classes, img_size=img_size, **kw).to(dtype)
+    ref.load_state_dict(gkg_pyg.export_authors_checkpoint(ours)["state_dict"], strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("size,expected", [(224, 33.265), (448, 34.018), (576, 34.673)])
+def test_trainable_parameters_match_paper(size, expected):
+    model = gkg_pyg.create_model("gkgnet_s", num_classes=80, img_size=size)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert round(count / 1e6, 3) == expected
+
+
+@pytest.mark.parametrize("size,expected_gmacs", [(224, 5.2), (448, 21.9), (576, 40.1)])
+def test_macs_match_paper(size, expected_gmacs):
+    model = gkg_pyg.create_model("gkgnet_s", num_classes=80, img_size=size).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    gmacs = counter.get_total_flops() / 2e9
+    assert abs(gmacs - expected_gmacs) / expected_gmacs < 0.03, gmacs
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_equals_dense_reference_float64(mode):
+    ours, ref = paired_models()
+    for size in [(192, 192), (224, 224), (192, 256)]:  # construction size, another size, non-square
+        getattr(ours, mode)(), getattr(ref, mode)()
+        x = torch.randn(3, 3, *size, dtype=torch.float64)
+        a, b = ours(x), ref(x)
+        assert a.shape == (3, 20)
+        assert (a - b).abs().max() <= 1e-8 * b.abs().max(), size
+
+
+def test_captured_graphs_equal_reference_neighbours():
+    ours, ref = paired_models()
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        logits, graphs = ours(x, return_graphs=True)
+        _, edges = ref(x, return_edges=True)
+        assert torch.equal(logits, ours(x))  # capturing changes nothing
+    for data, expected in zip(graphs, edges):
+        b, g, n, k = expected["patch"].shape
+        src_type = "pooled_patch" if "pooled_patch" in data.node_types else "patch"
+        n_src = data[src_type].num_nodes // b
+        table = neighbour_table(gkg_pyg.stack_group_edges(data, src_type, "patch"), b * n)
+        local = table.view(g, b, n, k) - (torch.arange(b) * n_src).view(1, b, 1, 1)
+        assert torch.equal(local.transpose(0, 1), expected["patch"])
+        b, g, num_labels, k = expected["cross"].shape
+        table = neighbour_table(gkg_pyg.stack_group_edges(data, "patch", "label"), b * num_labels)
+        local = table.view(g, b, num_labels, k) - (torch.arange(b) * (data["patch"].num_nodes // b)).view(1, b, 1, 1)
+        assert torch.equal(local.transpose(0, 1), expected["cross"])
+
+
+def test_float32_neighbour_choices_mostly_identical():
+    ours, ref = paired_models(dtype=torch.float32)
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        _, graphs = ours(x, return_graphs=True)
+        _, edges = ref(x, return_edges=True)
+    same = total = 0
+    for data, expected in zip(graphs, edges):
+        b, g, num_labels, k = expected["cross"].shape
+        table = neighbour_table(gkg_pyg.stack_group_edges(data, "patch", "label"), b * num_labels)
+        local = table.view(g, b, num_labels, k) - (torch.arange(b) * (data["patch"].num_nodes // b)).view(1, b, 1, 1)
+        same += (local.transpose(0, 1) == expected["cross"]).sum().item()
+        total += local.numel()
+    print(f"float32: {same / total:.4%} of cross-level neighbour choices identical")
+    assert same / total > 0.95
+
+
+def test_bfloat16_and_float32_forward():
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        out32 = model(x)
+        out16 = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
+    assert out32.shape == out16.shape == (2, 5)
+
+
+def test_input_size_limits():
+    k = 9
+    smallest = gkg_pyg.min_input_size(k)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=4, img_size=smallest, k=k).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, smallest, smallest)).shape == (1, 4)
+        assert model(torch.randn(1, 3, smallest, 2 * smallest)).shape == (1, 4)  # non-square
+        with pytest.raises(ValueError, match=f"smallest input is {smallest}x{smallest}"):
+            model(torch.randn(1, 3, smallest - 1, smallest - 1))
+        with pytest.raises(ValueError, match=r"\(batch, 3, height, width\)"):
+            model(torch.randn(3, smallest, smallest))
+    with pytest.raises(ValueError, match=f"smallest square size is {smallest}"):
+        gkg_pyg.create_model("gkgnet_ti", img_size=smallest - 8, k=k)
+
+
+@pytest.mark.parametrize("kw", [dict(groups=1), dict(groups=4), dict(groups=8), dict(cross_level=False),
+                                dict(k=3), dict(k=6), dict(k=12), dict(num_gcn=2)])
+def test_ablation_switches(kw):
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=3, img_size=128, **kw).eval()
+    with torch.no_grad():
+        logits, graphs = model(torch.randn(2, 3, 128, 128), return_graphs=True)
+    assert logits.shape == (2, 3)
+    g = kw.get("groups", 2)
+    assert len(graphs) == 4
+    assert sum(1 for et in graphs[0].edge_types if et[2] == "patch") == g
+    if kw.get("cross_level", True):
+        k = kw.get("k", 9)
+        assert graphs[3]["patch", "group_0", "label"].edge_index.shape[1] == 2 * 3 * k
+    else:
+        assert "label" not in graphs[0].node_types
+
+
+def test_variants_widths():
+    for name, width in [("gkgnet_ti", 384), ("gkgnet_s", 640), ("gkgnet_m", 768), ("gkgnet_b", 1024)]:
+        model = gkg_pyg.create_model(name, num_classes=7, img_size=224)
+        assert model.head_patch.in_features == width
+    with pytest.raises(ValueError, match="did you mean 'gkgnet_s'"):
+        gkg_pyg.create_model("gkgnet_x")
+
