@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import gkg_pyg  # noqa: E402
 from gkg_pyg import inspect as gi  # noqa: E402
-from gkg_pyg.checkpoint import load_checkpoint  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -78,7 +77,7 @@ def load_model(config: str, checkpoint: Optional[str], seed: int = 0,
     names, note = None, gi.RANDOM_WEIGHTS_NOTE
     if checkpoint:
         ckpt = read_checkpoint(checkpoint)
-        load_checkpoint(model, ckpt)
+        gkg_pyg.load_checkpoint(model, ckpt)
         names = ckpt.get("class_names")
         note = ""
     return model.to(device).eval(), names, note

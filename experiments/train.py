@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                                           cfg, train_set.class_names, rngs)  # fmt: skip
             engine.save_atomic(state, run_dir / "checkpoint_last.pth")
             if improved:
-                engine.save_atomic(state, run_dir / "checkpoint_best.pth")
+                engine.link_atomic(run_dir / "checkpoint_last.pth", run_dir / "checkpoint_best.pth")
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
             print(json.dumps(shown), flush=True)
         stop = tcfg["stop_after_epochs"]

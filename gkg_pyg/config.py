@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from .checkpoint import _read, authors_key_map, detect_source, format_report, load_checkpoint
-from .models.gkgnet import GKGNet, create_model
+from .models.gkgnet import GKGNet, create_model, min_input_size
 
 # Every valid key with its default. A None default accepts any value;
 # otherwise a value must have the default's type (an int is accepted for a
@@ -202,9 +202,20 @@ def _merge(base: dict, update: dict, schema: dict, source: str, prefix: str = ""
                 raise ConfigError(f"{path} must be a mapping of {sorted(default)}, got {value!r} ({source})")
             _merge(base[key], value, default, source, path + ".")
         else:
+            value = _yaml_float(value) if isinstance(default, float) else value
             _check_value(path, value, default, source)
             base[key] = value
     return base
+
+
+def _yaml_float(value: Any) -> Any:
+    """PyYAML reads ``1e-4`` (no dot) as a string; a float key takes it as 1e-4."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _read_yaml(path: Path) -> dict:
@@ -268,6 +279,38 @@ def default_config() -> dict:
     return copy.deepcopy(DEFAULTS)
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_values(cfg: dict) -> None:
+    """Range checks the types alone do not cover (a ConfigError names the key)."""
+    m, d, t, o, s, e = (cfg[k] for k in ("model", "data", "train", "optim", "schedule", "eval"))
+    _require(m["img_size"] >= min_input_size(m["k"]),
+             f"model.img_size {m['img_size']} is below the smallest input for k={m['k']}, "
+             f"{min_input_size(m['k'])}")
+    for key, value in (("train.epochs", t["epochs"]), ("train.batch_size", t["batch_size"]),
+                       ("eval.batch_size", e["batch_size"]), ("eval.interval", e["interval"])):
+        _require(value >= 1, f"{key} must be >= 1, got {value}")
+    _require(d["num_workers"] >= 0, f"data.num_workers must be >= 0, got {d['num_workers']}")
+    threshold = d["class_balanced_threshold"]
+    _require(threshold is None or threshold > 0, f"data.class_balanced_threshold must be > 0, got {threshold}")
+    _require(o["lr"] > 0, f"optim.lr must be > 0, got {o['lr']}")
+    _require(o["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}")
+    _require(len(o["betas"]) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o["betas"]),
+             f"optim.betas must be two numbers in [0, 1), got {o['betas']}")
+    _require(s["warmup_epochs"] >= 0, f"schedule.warmup_epochs must be >= 0, got {s['warmup_epochs']}")
+    _require(0 < s["warmup_ratio"] <= 1, f"schedule.warmup_ratio must be in (0, 1], got {s['warmup_ratio']}")
+    _require(all(isinstance(x, int) and x >= 0 for x in s["milestones"]) and s["milestones"] == sorted(s["milestones"]),
+             f"schedule.milestones must be increasing epoch numbers, got {s['milestones']}")
+    _require(s["gamma"] > 0, f"schedule.gamma must be > 0, got {s['gamma']}")
+    _require(0 <= s["min_lr_ratio"] <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {s['min_lr_ratio']}")
+    _require(0 < t["ema_decay"] < 1, f"train.ema_decay must be in (0, 1), got {t['ema_decay']}")
+    for key in ("clip_grad", "num_threads", "stop_after_epochs"):
+        _require(t[key] is None or t[key] > 0, f"train.{key} must be > 0 or null, got {t[key]}")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Defaults, then the YAML file (after its ``base`` chain), then overrides.
 
@@ -277,19 +320,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises:
         FileNotFoundError: a missing file (or base file).
         ConfigError (a ValueError): unparsable YAML (naming the file), an
-            unknown key (with the nearest valid key), a wrong type.
+            unknown key (with the nearest valid key), a wrong type, a value
+            out of range (``check_values``).
     """
     cfg = default_config()
     if path is not None:
         for data, source in _load_tree(Path(path)):
             _merge(cfg, data, DEFAULTS, source)
-    return apply_overrides(cfg, overrides)
+    apply_overrides(cfg, overrides)
+    check_values(cfg)
+    return cfg
 
 
 def validate_config(cfg: dict) -> dict:
     """Check a config dict (e.g. one stored in a checkpoint) against the
     schema; returns it merged over the defaults."""
-    return _merge(default_config(), cfg, DEFAULTS, "the config")
+    merged = _merge(default_config(), cfg, DEFAULTS, "the config")
+    check_values(merged)
+    return merged
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

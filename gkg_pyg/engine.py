@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -317,7 +318,11 @@ class LRSchedule:
         if name not in ("step", "cosine"):
             raise ValueError(f"unknown schedule {name!r}; expected 'step' or 'cosine'")
         self.optimizer = optimizer
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        # The configured rates, kept in the param groups (as torch's
+        # schedulers do), so that they travel with the optimizer's state.
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         self.steps_per_epoch, self.total_steps = steps_per_epoch, epochs * steps_per_epoch
         self.name, self.milestones, self.gamma, self.min_lr_ratio = name, list(milestones), gamma, min_lr_ratio
         self.warmup_steps, self.warmup_ratio = round(warmup_epochs * steps_per_epoch), warmup_ratio
@@ -531,6 +536,21 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_atomic(source: str | Path, path: str | Path) -> None:
+    """Make ``path`` a hard link to ``source`` (a copy where links are not
+    supported), replacing ``path`` atomically. Checkpoints are only ever
+    replaced by ``save_atomic``'s rename, never rewritten in place, so the
+    link keeps the content ``source`` had."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
 
 
 def gather_rng_states(info: DistInfo) -> list[dict]:

@@ -199,6 +199,9 @@ def capture_graphs(model: nn.Module, image: ImageLike, class_names: Optional[Seq
         model.train(was_training)
     graphs = [g.to("cpu") for g in graphs]
     for g in graphs:
+        for store in g.node_stores:
+            if "grid" in store:  # .to() turns tuples into lists; keep the model's (h, w) tuples
+                store.grid = tuple(store.grid)
         if "label" in g.node_types:
             g["label"].name = list(names)
     logits = logits[0].cpu()

@@ -142,7 +142,8 @@ def assert_same_neighbours(dist, table, expect):
 def test_graphs_agree_with_recomputed_knn(model, captured, stage):
     data = captured.graph(stage)
     block = model.stages[stage - 1]
-    grid = tuple(data["patch"].grid)
+    grid = data["patch"].grid
+    assert isinstance(grid, tuple)  # usable as position_bias's cache key
     dst = data["patch"].knn_x
     if block.pool > 1:
         src = data["pooled_patch"].x
@@ -322,9 +323,9 @@ def page_state(chromium, page, query, tmp_path):
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", f"{page.as_uri()}?{query}"]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
-    match = re.search(r'<pre id="state">(.*?)</pre>', dom, re.S)
-    assert match, f"no state in the page; chromium printed: {dom[:500]}"
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="state">(.*?)</pre>', run.stdout, re.S)
+    assert match, f"no state in the page; chromium printed: {run.stdout[:500]} {run.stderr[-1500:]}"
     return json.loads(html.unescape(match.group(1)))
 
 

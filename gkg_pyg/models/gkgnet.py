@@ -237,6 +237,7 @@ class Stage(nn.Module):
         """The ``(N, N_src)`` position term at a runtime grid (resampled
         bicubically from the construction grid's table when they differ)."""
         self.construction_table()
+        grid = tuple(grid)  # HeteroData.to() turns stored grids into lists
         if grid == self.grid:
             return self.relative_pos
         n_src = (grid[0] // self.pool) * (grid[1] // self.pool)

@@ -1,0 +1,220 @@
+"""YAML configs: schema, errors, overrides, inheritance, the shipped configs,
+build_model and init_from."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkg_pyg.config import (
+    DEFAULTS, ConfigError, build_model, config_diff, init_from_checkpoint, load_config, save_config,
+    validate_config,
+)  # fmt: skip
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+TINY_MODEL = "model: {name: gkgnet_ti, img_size: 33, k: 3}\n"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_alone():
+    cfg = load_config()
+    assert cfg == DEFAULTS and cfg is not DEFAULTS
+    cfg["train"]["epochs"] = 1
+    assert DEFAULTS["train"]["epochs"] == 80  # a deep copy
+
+
+@pytest.mark.parametrize(
+    "text, bad, suggestion",
+    [
+        ("train: {epoch: 3}\n", "train.epoch", "train.epochs"),
+        ("modle: {k: 3}\n", "modle", "model"),
+        ("optim: {weight_decy: 0.1}\n", "optim.weight_decy", "optim.weight_decay"),
+        ("data: {augment: {hflp: 0.2}}\n", "data.augment.hflp", "data.augment.hflip"),
+    ],
+)
+def test_unknown_key_suggests_nearest(tmp_path, text, bad, suggestion):
+    path = write(tmp_path, "c.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert repr(bad) in message and repr(suggestion) in message and str(path) in message
+
+
+def test_unknown_override_suggests_nearest():
+    with pytest.raises(ConfigError, match="'schedule.milestones'"):
+        load_config(None, ["schedule.milestone=[1, 2]"])
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "broken.yaml", "model:\n  k: [1, 2\ntrain: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "list.yaml", "- 1\n- 2\n"))
+    with pytest.raises(FileNotFoundError, match="nothere.yaml"):
+        load_config(tmp_path / "nothere.yaml")
+
+
+def test_type_and_range_errors(tmp_path):
+    with pytest.raises(ConfigError, match="train.epochs must be a int"):
+        load_config(None, ["train.epochs=three"])
+    with pytest.raises(ConfigError, match="train.epochs may not be null"):
+        load_config(None, ["train.epochs=null"])
+    with pytest.raises(ConfigError, match="train.amp must be one of"):
+        load_config(None, ["train.amp=fp8"])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(None, ["model=gkgnet_ti"])
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        load_config(None, ["optim.lr=0"])
+    with pytest.raises(ConfigError, match="smallest input for k=9, 65"):
+        load_config(None, ["model.img_size=64"])
+    with pytest.raises(ConfigError, match="milestones must be increasing"):
+        load_config(None, ["schedule.milestones=[50, 10]"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_overrides_are_yaml_values():
+    cfg = load_config(None, [
+        "train.epochs=3", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "model.pretrained=null",
+        "model.cross_level=false", "train.amp=bf16", "name=my run", "schedule.warmup_epochs=2",
+    ])  # fmt: skip
+    assert cfg["train"]["epochs"] == 3
+    assert cfg["optim"]["lr"] == 1e-3  # PyYAML alone would read "1e-3" as a string
+    assert cfg["optim"]["betas"] == [0.8, 0.9]
+    assert cfg["model"]["pretrained"] is None and cfg["model"]["cross_level"] is False
+    assert cfg["train"]["amp"] == "bf16" and cfg["name"] == "my run"
+    assert cfg["schedule"]["warmup_epochs"] == 2  # an int is accepted for a float key
+    # Untouched siblings keep their defaults.
+    assert cfg["train"]["batch_size"] == DEFAULTS["train"]["batch_size"]
+
+
+def test_base_inheritance_chain(tmp_path):
+    write(tmp_path, "root.yaml", "name: root\nmodel: {k: 6, groups: 4}\noptim: {lr: 2.0e-4}\n")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub", "mid.yaml", "base: ../root.yaml\nname: mid\nmodel: {groups: 1}\n")
+    leaf = write(tmp_path / "sub", "leaf.yaml", "base: mid.yaml\nname: leaf\nschedule: {milestones: [3]}\n")
+    cfg = load_config(leaf, ["model.k=3"])
+    assert cfg["name"] == "leaf"
+    assert cfg["model"]["groups"] == 1  # mid over root
+    assert cfg["model"]["k"] == 3  # override over root
+    assert cfg["optim"]["lr"] == 2e-4  # from root
+    assert cfg["schedule"]["milestones"] == [3]  # a list replaces, not merges
+    assert "base" not in cfg
+
+
+def test_base_errors(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="inheritance loop"):
+        load_config(tmp_path / "a.yaml")
+    bad = write(tmp_path, "child.yaml", "base: parent.yaml\n")
+    write(tmp_path, "parent.yaml", "train: {epochz: 1}\n")
+    with pytest.raises(ConfigError, match=r"parent\.yaml.*'train.epochs'"):
+        load_config(bad)
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = load_config(CONFIGS / "ablation_k6.yaml", ["train.epochs=7"])
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(tmp_path / "out" / "config.yaml")
+    assert again == cfg and config_diff(again, cfg) == []
+    assert validate_config(cfg) == cfg
+    assert config_diff(cfg, load_config(CONFIGS / "ablation_k6.yaml")) == ["train.epochs"]
+
+
+def test_shipped_configs_load():
+    names = {p.stem for p in SHIPPED}
+    expected = {"coco_224", "coco_448", "coco_576", "voc2007_576", "demo",
+                "ablation_g1", "ablation_no_cross", "ablation_k3", "ablation_k6", "ablation_k12"}  # fmt: skip
+    assert expected <= names
+    cfgs = {p.stem: load_config(p) for p in SHIPPED}
+    for stem, cfg in cfgs.items():
+        assert cfg["name"] == stem, f"{stem}.yaml must name its run folder after itself"
+
+    recipe = cfgs["coco_576"]
+    assert recipe["model"]["name"] == "gkgnet_s" and recipe["model"]["img_size"] == 576
+    assert recipe["model"]["drop_path"] == 0.1 and recipe["model"]["pretrained"].startswith("data/pretrained/")
+    assert recipe["optim"] == {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "eps": 1e-8}
+    assert recipe["schedule"]["milestones"] == [10, 50] and recipe["schedule"]["warmup_epochs"] == 5
+    assert recipe["schedule"]["warmup_ratio"] == 1e-3 and recipe["schedule"]["name"] == "step"
+    assert recipe["train"]["epochs"] == 80 and recipe["train"]["batch_size"] == 16
+    assert recipe["train"]["amp"] == "fp16" and recipe["train"]["clip_grad"] == 5.0
+    assert recipe["data"]["class_balanced_threshold"] == 0.01
+    assert cfgs["coco_448"]["model"]["img_size"] == 448 and cfgs["coco_224"]["model"]["img_size"] == 224
+    assert config_diff(cfgs["coco_448"], recipe) == ["model.img_size", "name"]
+
+    voc = cfgs["voc2007_576"]
+    assert voc["data"]["name"] == "voc2007" and voc["schedule"]["milestones"] == [5, 50]
+    assert voc["model"]["init_from"] and voc["model"]["pretrained"] is None
+
+    for stem, key, value in [("ablation_g1", "groups", 1), ("ablation_no_cross", "cross_level", False),
+                             ("ablation_k3", "k", 3), ("ablation_k6", "k", 6), ("ablation_k12", "k", 12)]:
+        assert config_diff(cfgs[stem], cfgs["coco_448"]) == sorted([f"model.{key}", "name"])
+        assert cfgs[stem]["model"][key] == value
+        assert len((CONFIGS / f"{stem}.yaml").read_text().strip().splitlines()) <= 3
+
+    demo = cfgs["demo"]
+    assert demo["data"]["name"] == "synthetic" and demo["model"]["name"] == "gkgnet_ti"
+
+
+def test_build_small_shipped_model():
+    cfg = load_config(CONFIGS / "demo.yaml")
+    model = build_model(cfg, [f"c{i}" for i in range(10)])
+    assert model.num_classes == 10 and model.img_size == (cfg["model"]["img_size"],) * 2
+    assert model.k == cfg["model"]["k"] and model.class_names[3] == "c3"
+
+
+def tiny_cfg(*overrides):
+    return load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3", *overrides])
+
+
+def test_build_model_label_count():
+    with pytest.raises(ValueError, match="model.num_classes is 4 but the data set has 3 labels"):
+        build_model(tiny_cfg("model.num_classes=4"), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="not set"):
+        build_model(tiny_cfg())
+    assert build_model(tiny_cfg("model.num_classes=4")).num_classes == 4
+
+
+def test_pretrained_must_fit(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(tiny_cfg(), ["a", "b", "c", "d", "e"])
+    torch.save(source.state_dict(), tmp_path / "five.pth")
+    model = build_model(tiny_cfg(f"model.pretrained={tmp_path / 'five.pth'}"), ["a", "b", "c", "d", "e"])
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="label_embed.weight.*\\(5, 48\\).*\\(3, 48\\)"):
+        build_model(tiny_cfg(f"model.pretrained={tmp_path / 'five.pth'}"), ["a", "b", "c"])
+
+
+def test_init_from_drops_only_the_head(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(tiny_cfg(), ["a", "b", "c", "d", "e"])
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "five.pth")
+    torch.manual_seed(1)
+    model = build_model(tiny_cfg(f"model.init_from={tmp_path / 'five.pth'}"), ["x", "y", "z"])
+    heads = {"label_embed.weight", "head_label.weight", "head_label.bias", "head_patch.weight", "head_patch.bias"}
+    fresh = build_model(tiny_cfg(), ["x", "y", "z"])  # seed 1 again would differ: compare shapes only
+    for key, value in model.state_dict().items():
+        if key in heads:
+            assert value.shape == fresh.state_dict()[key].shape
+            assert value.shape != source.state_dict()[key].shape
+        else:
+            assert torch.equal(value, source.state_dict()[key]), key
+    report = init_from_checkpoint(fresh, tmp_path / "five.pth", verbose=False)
+    assert sorted(report["dropped_head"]) == sorted(heads)
+    assert sorted(report["missing"]) == sorted(heads)
+
+    # Any other mismatch is an error: groups 1 vs 2 changes no shape, a
+    # wider variant does.
+    other = load_config(None, ["model.name=gkgnet_s", "model.img_size=33", "model.k=3"])
+    torch.save(build_model(other, ["a"]).state_dict(), tmp_path / "small.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        init_from_checkpoint(fresh, tmp_path / "small.pth", verbose=False)

@@ -1,0 +1,425 @@
+"""Training machinery and the experiment scripts, on a tiny synthetic set.
+
+One module-scoped pair of runs (2 epochs, gkgnet_ti at its smallest input)
+is shared: run A goes uninterrupted, run B is SIGKILLed after its first
+epoch's checkpoint and resumed; their final states must be identical.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gkg_pyg import engine
+from gkg_pyg.config import build_model, load_config
+from gkg_pyg.data import build_test_transform, load_rgb, make_synthetic_coco
+from gkg_pyg.loss import GKGNetLoss
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "experiments"
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+RUN_TIMEOUT = 240
+
+TINY = """\
+name: tiny
+seed: 3
+model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.1}}
+data:
+  name: synthetic
+  root: {root}
+  synthetic: {{num_train: 24, num_val: 12, image_size: 64, seed: 0}}
+  num_workers: 0
+  class_balanced_threshold: 0.2
+train: {{epochs: 2, batch_size: 6, amp: none, num_threads: 1, ema: true, ema_decay: 0.9}}
+optim: {{lr: 1.0e-3}}
+schedule: {{name: step, warmup_epochs: 1, warmup_ratio: 0.1, milestones: [1]}}
+eval: {{batch_size: 12}}
+output: {{dir: {runs}, progress: false}}
+"""
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
+        env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name}.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start(name: str, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def snapshot(folder: Path) -> dict:
+    """(size, mtime) of every file under folder."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny config and its two runs: A uninterrupted, B killed after
+    epoch 1 and resumed. Both run at once (one thread each)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    config = tmp / "tiny.yaml"
+    config.write_text(TINY.format(root=tmp / "synthetic", runs=tmp / "runs"))
+    make_synthetic_coco(tmp / "synthetic", 24, 12, 64, seed=0, progress=False)
+    run_a, run_b = tmp / "runs" / "a", tmp / "runs" / "b"
+
+    proc_a = start("train", config, "--output", run_a)
+    proc_b = start("train", config, "--output", run_b)
+    deadline = time.time() + RUN_TIMEOUT
+    while not (run_b / "checkpoint_last.pth").exists():
+        assert proc_b.poll() is None, f"run B ended early:\n{proc_b.communicate()[0][-3000:]}"
+        assert time.time() < deadline, "run B wrote no checkpoint"
+        time.sleep(0.05)
+    proc_b.send_signal(signal.SIGKILL)
+    proc_b.communicate()
+    killed_epoch = torch.load(run_b / "checkpoint_last.pth", weights_only=True)["epoch"]
+    killed_log = (run_b / "log.jsonl").read_text()
+    resumed = finish(start("train", config, "--output", run_b, "--resume"))
+    out_a = finish(proc_a)
+    return dict(config=config, tmp=tmp, run_a=run_a, run_b=run_b, out_a=out_a, resumed=resumed,
+                killed_epoch=killed_epoch, killed_log=killed_log)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# The shared runs
+# ---------------------------------------------------------------------------
+def test_run_outputs(tiny):
+    run = tiny["run_a"]
+    for name in ("config.yaml", "log.jsonl", "checkpoint_last.pth", "checkpoint_best.pth", "metrics.json",
+                 "per_class_ap.csv", "per_class_ap_ema.csv"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*tmp")), "temporary checkpoint files left behind"
+    assert load_config(run / "config.yaml") == load_config(tiny["config"])
+
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    steps_per_epoch = log[0]["step"]
+    assert log[1]["step"] == 2 * steps_per_epoch
+    # Class-balanced repeats: more than the 24 images per epoch.
+    assert log[0]["images"] > 24
+    # Schedule: warm-up over epoch 1 ends at the full lr, the milestone at
+    # epoch 1 multiplies by 0.1 (the logged lr is the next iteration's).
+    assert log[0]["lr"] == pytest.approx(1e-4)
+    assert all(math.isfinite(r["loss"]) and 0 <= r["mAP"] <= 100 for r in log)
+
+    last = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    best = torch.load(run / "checkpoint_best.pth", weights_only=True)
+    assert last["epoch"] == 2 and last["step"] == 2 * steps_per_epoch
+    best_epoch = max(log, key=lambda r: max(r["mAP"], r["ema_mAP"]))["epoch"]
+    assert best["epoch"] == best_epoch
+    assert best["best_map"] == pytest.approx(max(max(r["mAP"], r["ema_mAP"]) for r in log))
+    assert last["class_names"][:3] == ["circle", "square", "triangle"]
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model"]["mAP"] == pytest.approx(log[-1]["mAP"])
+    assert metrics["ema"]["mAP"] == pytest.approx(log[-1]["ema_mAP"])
+    assert metrics["model"]["num_images"] == 12
+    assert "label-frequency baseline" in tiny["out_a"] and "mAP" in tiny["out_a"]
+    assert metrics["baseline"]["CF1"] == 0.0  # frequencies are all < 0.5: nothing predicted
+
+
+def test_resume_after_kill_is_exact(tiny):
+    assert tiny["killed_epoch"] == 1, "the kill should land between epoch 1's checkpoint and the end"
+    assert "resumed from" in tiny["resumed"] and "after epoch 1" in tiny["resumed"]
+    a = torch.load(tiny["run_a"] / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(tiny["run_b"] / "checkpoint_last.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resuming"
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key]))
+    assert a["best_map"] == b["best_map"]
+    # Same log apart from timings, epoch 1 kept once.
+    timing = ("seconds", "images_per_s")
+    log_a = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in
+             (tiny["run_a"] / "log.jsonl").read_text().splitlines()]  # fmt: skip
+    log_b = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in
+             (tiny["run_b"] / "log.jsonl").read_text().splitlines()]  # fmt: skip
+    assert log_a == log_b
+    assert json.loads((tiny["run_a"] / "metrics.json").read_text())["model"] == json.loads(
+        (tiny["run_b"] / "metrics.json").read_text()
+    )["model"]
+
+
+def test_evaluate_script_matches_training(tiny, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        load_script("evaluate").main([str(tiny["config"]), "--checkpoint", str(tiny["run_a"] / "checkpoint_last.pth"),
+                                      "--output", str(tmp_path)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    ours = json.loads((tmp_path / "metrics.json").read_text())
+    trained = json.loads((tiny["run_a"] / "metrics.json").read_text())
+    for name in ("model", "ema"):
+        for key in ("mAP", "CF1", "OF1", "mAP_small"):
+            assert ours[name][key] == pytest.approx(trained[name][key], abs=1e-9), (name, key)
+    assert (tmp_path / "per_class_ap.csv").read_text().startswith("class,AP\ncircle,")
+
+
+def test_predict_json(tiny, capsys):
+    images = sorted((tiny["tmp"] / "synthetic" / "val2014").glob("*.jpg"))[:2]
+    ckpt = tiny["run_a"] / "checkpoint_last.pth"
+    out = json.loads(script("predict", "--checkpoint", ckpt, "--json", "--threshold", "0", *images).stdout)
+    assert [r["image"] for r in out] == [str(p) for p in images]
+
+    # Reference: the same model built by hand.
+    state = torch.load(ckpt, weights_only=True)
+    model = build_model(load_config(tiny["config"]), state["class_names"], load_weights=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    torch.save(model.state_dict(), tiny["tmp"] / "weights_only.pth")
+
+    x = torch.stack([build_test_transform(33)(load_rgb(str(p))) for p in images])
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x))
+    for result, scores in zip(out, expected):
+        assert len(result["labels"]) == 10  # threshold 0: every label, best first
+        got = {d["label"]: d["score"] for d in result["labels"]}
+        for name, s in zip(state["class_names"], scores.tolist()):
+            assert got[name] == pytest.approx(s, abs=1e-4)
+        listed = [d["score"] for d in result["labels"]]
+        assert listed == sorted(listed, reverse=True)
+
+    predict = load_script("predict")
+    predict.main(["--checkpoint", str(ckpt), "--json", "--topk", "2", *map(str, images)])
+    top = json.loads(capsys.readouterr().out)
+    assert [len(r["labels"]) for r in top] == [2, 2]
+    assert [d["label"] for d in top[0]["labels"]] == [d["label"] for d in out[0]["labels"][:2]]
+    predict.main(["--checkpoint", str(ckpt), "--ema", "--threshold", "0.99", str(images[0])])
+    assert capsys.readouterr().out.startswith(f"{images[0]}: ")
+    with pytest.raises(ValueError, match="holds no config"):
+        predict.main(["--checkpoint", str(tiny["tmp"] / "weights_only.pth"), str(images[0])])
+
+
+# ---------------------------------------------------------------------------
+# Bad input: clear errors before training, nothing written
+# ---------------------------------------------------------------------------
+def run_train_inprocess(*args):
+    threads = torch.get_num_threads()
+    try:
+        return load_script("train").main([*map(str, args), "--set", "train.num_threads=null"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_inputs_fail_before_writing(tiny, tmp_path):
+    config, run = tiny["config"], tiny["run_a"]
+    before = snapshot(run)
+
+    # A fresh run over an existing one.
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_train_inprocess(config, "--output", run)
+
+    # A pretrained checkpoint with another label count (5 vs 10).
+    cfg5 = load_config(config)
+    five = build_model(cfg5, [f"c{i}" for i in range(5)])
+    torch.save(five.state_dict(), tmp_path / "five.pth")
+    with pytest.raises(ValueError, match=r"label_embed\.weight.*\(5, 48\).*\(10, 48\)"):
+        run_train_inprocess(config, "--output", run, "--resume", "--set", f"model.pretrained={tmp_path / 'five.pth'}")
+    with pytest.raises(ValueError, match="model.num_classes is 5 but the data set has 10 labels"):
+        run_train_inprocess(config, "--output", run, "--resume", "--set", "model.num_classes=5")
+
+    # An empty data set: annotation files without any labelled image.
+    empty = tmp_path / "empty"
+    for split in ("train", "val"):
+        (empty / f"{split}2014").mkdir(parents=True)
+    (empty / "annotations").mkdir()
+    for split in ("train", "val"):
+        data = {"images": [{"id": 1, "file_name": "x.jpg", "width": 64, "height": 64}], "annotations": [],
+                "categories": [{"id": 1, "name": "thing"}]}  # fmt: skip
+        (empty / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="no image with at least one label"):
+        run_train_inprocess(config, "--output", run, "--resume", "--set", "data.name=coco",
+                            "--set", f"data.root={empty}")  # fmt: skip
+
+    # A missing image file.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["tmp"] / "synthetic", broken)
+    victim = sorted((broken / "train2014").glob("*.jpg"))[5]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"1 of the 24 training images are missing.*{victim.name}.*--skip-bad-images"):
+        run_train_inprocess(config, "--output", run, "--resume", "--set", f"data.root={broken}")
+
+    # A resume checkpoint that does not exist.
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        run_train_inprocess(config, "--output", run, "--resume", str(tmp_path / "nothere.pth"))
+
+    assert snapshot(run) == before, "a failed start changed the run folder"
+    tiny["broken_root"] = broken
+
+
+def test_skip_bad_images_counts(tiny, tmp_path):
+    broken = tiny.get("broken_root")
+    if broken is None:
+        pytest.skip("needs test_bad_inputs_fail_before_writing")
+    proc = script("train", tiny["config"], "--output", tmp_path / "run", "--skip-bad-images",
+                  "--set", f"data.root={broken}", "--set", "train.epochs=1", "--set", "train.ema=false")  # fmt: skip
+    assert "skipping missing images: 1 training, 0 evaluation" in proc.stdout
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert log["num_skipped"] >= 1  # the missing image (and its class-balanced repeats)
+    assert log["images"] + log["num_skipped"] > 24  # the other images were trained on
+    assert f"skipped unreadable images: {log['num_skipped']} in training" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Distributed: two CPU processes with gloo
+# ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, config: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = load_config(config, ["train.epochs=1"])
+    info = engine.init_distributed()
+    train_set, val_set = engine.build_split(cfg, True), engine.build_split(cfg, False)
+    torch.manual_seed(100 + rank)  # different initial weights: DDP must broadcast rank 0's
+    model = torch.nn.parallel.DistributedDataParallel(build_model(cfg, train_set.class_names))
+    loader = engine.train_loader(cfg, train_set, info)
+    engine.start_epoch(loader, cfg["seed"], 0, rank)
+    optimizer = engine.build_optimizer(cfg, model)
+    schedule = engine.build_schedule(cfg, optimizer, len(loader))
+    precision = engine.build_precision("fp16", info.device)  # float32 on the CPU
+    stats = engine.train_one_epoch(model, loader, GKGNetLoss(), optimizer, schedule, precision, info, 5.0,
+                                   progress=False)  # fmt: skip
+    result = engine.evaluate(model, engine.eval_loader(cfg, val_set, info), info, progress=False)
+    torch.save({"state": engine.unwrap(model).state_dict(), "eval": result, "stats": stats,
+                "shard": list(iter(loader.sampler))}, Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
+    engine.cleanup_distributed()
+
+
+def test_ddp_two_cpu_processes(tiny, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tiny["config"]), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), f"{key} differs between ranks"
+    # The two shards split one epoch: disjoint up to the sampler's padding.
+    assert len(r0["shard"]) == len(r1["shard"])
+    assert r0["stats"]["images"] == r1["stats"]["images"] == len(r0["shard"]) * 2
+    # Gathered evaluation: every image once, in order, the same on both ranks,
+    # equal to a one-process evaluation of the same weights.
+    for r in (r0, r1):
+        assert r["eval"]["index"].tolist() == list(range(12))
+    assert torch.equal(r0["eval"]["scores"], r1["eval"]["scores"])
+    cfg = load_config(tiny["config"])
+    val_set = engine.build_split(cfg, False)
+    model = build_model(cfg, val_set.class_names, load_weights=False)
+    model.load_state_dict(r0["state"])
+    single = engine.DistInfo(0, 1, 0, torch.device("cpu"))
+    ref = engine.evaluate(model, engine.eval_loader(cfg, val_set, single), single, progress=False)
+    torch.testing.assert_close(r0["eval"]["scores"], ref["scores"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(r0["eval"]["targets"], val_set.targets)
+
+
+# ---------------------------------------------------------------------------
+# Engine pieces
+# ---------------------------------------------------------------------------
+def test_lr_schedule_by_hand():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    # 4 iterations per epoch, warm-up 1.5 epochs (6 iterations) from 0.1 x lr,
+    # step at epochs 2 and 3.
+    sched = engine.LRSchedule(opt, 4, 5, "step", 1.5, 0.1, [2, 3], 0.1)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    warm = [2.0 * (1 - (1 - i / 6) * 0.9) for i in range(6)]
+    expected = warm + [2.0] * 2 + [0.2] * 4 + [0.02] * 8
+    assert lrs == pytest.approx(expected)
+
+    cos = engine.LRSchedule(torch.optim.SGD([p], lr=1.0), 10, 2, "cosine", 0, 1.0, min_lr_ratio=0.1)
+    assert cos.factor(0) == pytest.approx(1.0)
+    assert cos.factor(10) == pytest.approx(0.55)
+    assert cos.factor(20) == pytest.approx(0.1)
+    restored = engine.LRSchedule(opt, 4, 5, "step", 1.5, 0.1, [2, 3], 0.1)
+    restored.load_state_dict(sched.state_dict())
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected[-1])
+
+
+def test_param_groups_no_decay():
+    model = build_model(load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"]), ["a", "b"])
+    decay, no_decay = engine.param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "label_embed.weight", "stem.convs.1.weight", "head_label.bias"} <= plain
+    assert all(names[id(p)].endswith(("bias", "weight")) for p in no_decay["params"])
+    assert all(p.ndim >= 2 and names[id(p)] not in ("pos_embed", "label_embed.weight") for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_save_atomic_and_rng_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    state = {"rng": [engine.rng_state()]}
+    expected = (torch.rand(3), np.random.rand(2).tolist(), random.random())
+    engine.save_atomic(state, tmp_path / "ck.pth")
+    engine.save_atomic(state, tmp_path / "ck.pth")  # replacing works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+    loaded = torch.load(tmp_path / "ck.pth", weights_only=True)  # no pickled numpy objects
+    engine.set_rng_state(loaded["rng"][0])
+    again = (torch.rand(3), np.random.rand(2).tolist(), random.random())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+    engine.link_atomic(tmp_path / "ck.pth", tmp_path / "best.pth")
+    engine.save_atomic({"other": 1}, tmp_path / "ck.pth")
+    assert "rng" in torch.load(tmp_path / "best.pth", weights_only=True)  # the link kept the old content
+
+
+def test_sync_batchnorm_conversion_keeps_outputs():
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"]), ["a", "b"])
+    x = torch.randn(2, 3, 33, 33)
+    model(x)  # move the running statistics away from their initial values
+    model.eval()
+    expected = model(x)
+    keys = list(model.state_dict())
+    converted = engine.convert_sync_batchnorm(model)
+    kinds = {type(m).__name__ for m in converted.modules()}
+    assert "NodeSyncBatchNorm" in kinds and "SyncBatchNorm" in kinds
+    assert "NodeBatchNorm" not in kinds and "BatchNorm2d" not in kinds
+    assert list(converted.state_dict()) == keys
+    # Evaluation mode uses the running statistics, so the outputs must match.
+    torch.testing.assert_close(converted(x), expected)
