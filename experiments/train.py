@@ -10,7 +10,7 @@ data sets (non-empty, same labels, image files present), the model (its
 label count, the pretrained / init_from weights) and, with --resume, the
 checkpoint. Then runs/<name>/ (or --output) receives config.yaml,
 log.jsonl (one JSON line per epoch), checkpoint_last.pth (every epoch),
-checkpoint_best.pth (best mAP) and, at the end, metrics.json and
+checkpoint_best.pth (best mAP of the model or its EMA) and, at the end, metrics.json and
 per_class_ap.csv; the final metrics are printed next to the
 label-frequency baseline.
 """
@@ -94,7 +94,7 @@ def prepare(args: argparse.Namespace, info: engine.DistInfo) -> dict:
     # Identical initial weights on every rank; afterwards each rank draws
     # its own augmentation stream.
     engine.seed_everything(cfg["seed"])
-    model = build_model(cfg, train_set.class_names)
+    model = build_model(cfg, train_set.class_names, verbose=info.is_main)
     engine.seed_everything(engine.derived_seed(cfg["seed"], info.rank))
 
     resume_state = None

@@ -412,7 +412,9 @@ def init_from_checkpoint(model: GKGNet, path: str | Path, verbose: bool = True) 
     return report
 
 
-def build_model(cfg: dict, class_names: Sequence[str] | None = None, load_weights: bool = True) -> GKGNet:
+def build_model(
+    cfg: dict, class_names: Sequence[str] | None = None, load_weights: bool = True, verbose: bool = True
+) -> GKGNet:
     """The model of a config: ``create_model(model.name, **kwargs)``, then
     ``model.pretrained`` (must fit) and ``model.init_from`` (head may differ)
     when ``load_weights``.
@@ -423,6 +425,7 @@ def build_model(cfg: dict, class_names: Sequence[str] | None = None, load_weight
             model.num_classes.
         load_weights: False to skip pretrained / init_from (the caller loads
             a trained checkpoint instead).
+        verbose: print what the weights loading used and skipped.
     Raises:
         ValueError: a label-count mismatch or a checkpoint that does not fit.
         FileNotFoundError: a missing weights file.
@@ -430,8 +433,9 @@ def build_model(cfg: dict, class_names: Sequence[str] | None = None, load_weight
     section = cfg["model"]
     model = create_model(section["name"], **model_kwargs(cfg, class_names))
     if load_weights and section["pretrained"]:
-        print(f"pretrained {section['pretrained']}:")
-        load_checkpoint(model, section["pretrained"])
+        if verbose:
+            print(f"pretrained {section['pretrained']}:")
+        load_checkpoint(model, section["pretrained"], verbose=verbose)
     if load_weights and section["init_from"]:
-        init_from_checkpoint(model, section["init_from"])
+        init_from_checkpoint(model, section["init_from"], verbose=verbose)
     return model

@@ -167,8 +167,7 @@ def seed_everything(seed: int) -> None:
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers (e.g. seed, epoch, rank); numpy's
     SeedSequence mixes them, so nearby tuples give unrelated seeds."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).astype(np.uint64)
-               .dot(np.array([1, 2**32], dtype=np.uint64)) >> np.uint64(1))  # fmt: skip
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def rng_state() -> dict:
@@ -499,14 +498,14 @@ def evaluate(
         targets.append(batch["target"].to(info.device))
         areas.append(batch["area"].to(info.device))
         index.append(batch["index"].to(info.device))
-    num_classes = unwrap(model).num_classes
-    empty = torch.zeros(0, num_classes, device=info.device)
-    cat = lambda parts, fallback: torch.cat(parts) if parts else fallback  # noqa: E731
+    # A rank whose images were all skipped still takes part in the gathering.
+    empty = torch.zeros(0, unwrap(model).num_classes, device=info.device)
+    no_index = torch.zeros(0, dtype=torch.long, device=info.device)
     out = {
-        "scores": all_gather_cat(cat(scores, empty), info),
-        "targets": all_gather_cat(cat(targets, empty), info),
-        "areas": all_gather_cat(cat(areas, empty), info),
-        "index": all_gather_cat(cat(index, torch.zeros(0, dtype=torch.long, device=info.device)), info),
+        "scores": all_gather_cat(torch.cat(scores) if scores else empty, info),
+        "targets": all_gather_cat(torch.cat(targets) if targets else empty, info),
+        "areas": all_gather_cat(torch.cat(areas) if areas else empty, info),
+        "index": all_gather_cat(torch.cat(index) if index else no_index, info),
     }
     # Sort by data-set index and drop the distributed sampler's repeats.
     order = torch.argsort(out["index"], stable=True)
