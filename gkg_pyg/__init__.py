@@ -7,3 +7,6 @@ from .models.gkgnet import GKGNet, create_model, list_models, min_input_size
 from .checkpoint import export_authors_checkpoint, load_checkpoint
 
 __version__ = "0.1.0"
+__all__ = ["group_knn", "GroupMaxRelConv", "DynamicGroupMaxRelConv", "build_stage_graph", "stack_group_edges",
+           "GKGNet", "create_model", "list_models", "min_input_size", "load_checkpoint",
+           "export_authors_checkpoint"]

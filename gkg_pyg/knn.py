@@ -17,7 +17,6 @@ edges are ordered by destination, then by rank (nearest first), so
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Tuple, Union
 
@@ -232,7 +231,6 @@ def _cluster_knn(x_src, x_dst, needed, groups, sizes_src, sizes_dst, position_bi
         else:
             u, v = position_bias
         u, v = u.to(src.dtype), v.to(src.dtype)
-        n_dst, n_src = u.shape[0], v.shape[0]
         u_all = u.repeat(num_graphs, 1).expand(groups, -1, -1)
         v_all = v.repeat(num_graphs, 1).expand(groups, -1, -1)
         b_sq = (src * src).sum(-1, keepdim=True)

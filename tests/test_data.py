@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import pickle
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -156,6 +156,7 @@ def test_run_outputs(tiny):
 
 def test_resume_after_kill_is_exact(tiny):
     assert tiny["killed_epoch"] == 1, "the kill should land between epoch 1's checkpoint and the end"
+    assert [json.loads(line)["epoch"] for line in tiny["killed_log"].splitlines()] == [1]
     assert "resumed from" in tiny["resumed"] and "after epoch 1" in tiny["resumed"]
     a = torch.load(tiny["run_a"] / "checkpoint_last.pth", weights_only=True)
     b = torch.load(tiny["run_b"] / "checkpoint_last.pth", weights_only=True)

@@ -10,7 +10,6 @@ convolutions run on the image layout.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
