@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on the evaluation split of a config.
 
     python experiments/evaluate.py experiments/configs/coco_576.yaml --checkpoint runs/coco_576/checkpoint_best.pth
-    python experiments/evaluate.py experiments/configs/coco_576.yaml --checkpoint gkgnet_coco_576.pth  # authors' weights
+    # the authors' released weights:
+    python experiments/evaluate.py experiments/configs/coco_576.yaml --checkpoint gkgnet_coco_576.pth
 
 Any layout gkg_pyg.load_checkpoint reads works (our training checkpoints,
 the authors' mmcls checkpoints). Prints the metrics table (and the EMA

@@ -24,7 +24,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -527,8 +526,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     over ``path``: a kill never leaves a truncated checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # (Not mkstemp: its files are private to the user, checkpoints need not be.)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

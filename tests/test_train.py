@@ -43,13 +43,13 @@ model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.1}}
 data:
   name: synthetic
   root: {root}
-  synthetic: {{num_train: 24, num_val: 12, image_size: 64, seed: 0}}
+  synthetic: {{num_train: 24, num_val: 11, image_size: 64, seed: 0}}
   num_workers: 0
   class_balanced_threshold: 0.2
 train: {{epochs: 2, batch_size: 6, amp: none, num_threads: 1, ema: true, ema_decay: 0.9}}
 optim: {{lr: 1.0e-3}}
 schedule: {{name: step, warmup_epochs: 1, warmup_ratio: 0.1, milestones: [1]}}
-eval: {{batch_size: 12}}
+eval: {{batch_size: 4}}
 output: {{dir: {runs}, progress: false}}
 """
 
@@ -96,7 +96,7 @@ def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     config = tmp / "tiny.yaml"
     config.write_text(TINY.format(root=tmp / "synthetic", runs=tmp / "runs"))
-    make_synthetic_coco(tmp / "synthetic", 24, 12, 64, seed=0, progress=False)
+    make_synthetic_coco(tmp / "synthetic", 24, 11, 64, seed=0, progress=False)
     run_a, run_b = tmp / "runs" / "a", tmp / "runs" / "b"
 
     proc_a = start("train", config, "--output", run_a)
@@ -149,7 +149,7 @@ def test_run_outputs(tiny):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["model"]["mAP"] == pytest.approx(log[-1]["mAP"])
     assert metrics["ema"]["mAP"] == pytest.approx(log[-1]["ema_mAP"])
-    assert metrics["model"]["num_images"] == 12
+    assert metrics["model"]["num_images"] == 11
     assert "label-frequency baseline" in tiny["out_a"] and "mAP" in tiny["out_a"]
     assert metrics["baseline"]["CF1"] == 0.0  # frequencies are all < 0.5: nothing predicted
 
@@ -277,7 +277,8 @@ def test_bad_inputs_fail_before_writing(tiny, tmp_path):
     shutil.copytree(tiny["tmp"] / "synthetic", broken)
     victim = sorted((broken / "train2014").glob("*.jpg"))[5]
     victim.unlink()
-    with pytest.raises(FileNotFoundError, match=f"1 of the 24 training images are missing.*{victim.name}.*--skip-bad-images"):
+    missing = f"1 of the 24 training images are missing.*{victim.name}.*--skip-bad-images"
+    with pytest.raises(FileNotFoundError, match=missing):
         run_train_inprocess(config, "--output", run, "--resume", "--set", f"data.root={broken}")
 
     # A resume checkpoint that does not exist.
@@ -339,11 +340,13 @@ def test_ddp_two_cpu_processes(tiny, tmp_path):
         assert torch.equal(r0["state"][key], r1["state"][key]), f"{key} differs between ranks"
     # The two shards split one epoch: disjoint up to the sampler's padding.
     assert len(r0["shard"]) == len(r1["shard"])
+    union = set(r0["shard"]) | set(r1["shard"])
+    assert union == set(range(len(union))) and 2 * len(r0["shard"]) - len(union) <= 1
     assert r0["stats"]["images"] == r1["stats"]["images"] == len(r0["shard"]) * 2
-    # Gathered evaluation: every image once, in order, the same on both ranks,
-    # equal to a one-process evaluation of the same weights.
+    # Gathered evaluation (11 images, 6 per rank): every image once, in
+    # order, the same on both ranks, equal to a one-process evaluation.
     for r in (r0, r1):
-        assert r["eval"]["index"].tolist() == list(range(12))
+        assert r["eval"]["index"].tolist() == list(range(11))  # the sampler's padding repeat dropped
     assert torch.equal(r0["eval"]["scores"], r1["eval"]["scores"])
     cfg = load_config(tiny["config"])
     val_set = engine.build_split(cfg, False)
@@ -370,7 +373,7 @@ def test_torchrun_train_script(tiny, tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint_last.pth", weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["model"]["num_images"] == 12
+    assert metrics["model"]["num_images"] == 11
     # The gathered evaluation equals a one-process evaluation of the weights.
     cfg = load_config(tiny["config"])
     val_set = engine.build_split(cfg, False)
@@ -451,3 +454,27 @@ def test_sync_batchnorm_conversion_keeps_outputs():
     assert list(converted.state_dict()) == keys
     # Evaluation mode uses the running statistics, so the outputs must match.
     torch.testing.assert_close(converted(x), expected)
+
+
+def test_loss_scaler_path_equals_plain_float32():
+    """With a GradScaler the gradients are unscaled before clipping: the
+    result equals training without one (a power-of-two scale is exact)."""
+    cfg = load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"])
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 33, 33, generator=gen),
+                "target": (torch.rand(4, 5, generator=gen) > 0.5).float(), "num_skipped": 0} for _ in range(3)]
+    info = engine.DistInfo(0, 1, 0, torch.device("cpu"))
+    states = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, list("abcde"))
+        optimizer = engine.build_optimizer(cfg, model)
+        schedule = engine.LRSchedule(optimizer, 3, 1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaled)
+        precision = engine.Precision(None, scaler, "cpu")
+        stats = engine.train_one_epoch(model, batches, GKGNetLoss(), optimizer, schedule, precision, info,
+                                       clip_grad=0.5, progress=False)  # fmt: skip
+        assert stats["images"] == 12 and schedule.step_count == 3
+        states.append(model.state_dict())
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-6, atol=1e-7, msg=key)
