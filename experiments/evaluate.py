@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gkg_pyg import engine  # noqa: E402
-from gkg_pyg.checkpoint import _read, load_checkpoint  # noqa: E402
+from gkg_pyg.checkpoint import read_checkpoint, load_checkpoint  # noqa: E402
 from gkg_pyg.config import build_model, load_config  # noqa: E402
 from gkg_pyg.metrics import (  # noqa: E402
     SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, multilabel_metrics, per_class_ap_csv,
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     dataset = engine.build_split(cfg, train=False)
     missing = engine.check_images(dataset, "evaluation", cfg["data"]["skip_bad_images"])
     model = build_model(cfg, dataset.class_names, load_weights=False)
-    _, checkpoint = _read(args.checkpoint)
+    _, checkpoint = read_checkpoint(args.checkpoint)
     load_checkpoint(model, checkpoint, verbose=info.is_main)
     models = {"model": model}
     if isinstance(checkpoint.get("ema"), dict):

@@ -17,18 +17,15 @@ Writes to DIR:
 * ``summary.json``: scores and, per stage and label, the neighbours, the
   distinct count and the group overlap.
 
-The config is a YAML file whose ``model:`` section holds the
-``gkg_pyg.create_model`` arguments (``name: gkgnet_ti``, ``num_classes``,
-``img_size``, ...).  Without ``--checkpoint`` the model keeps random weights
-(seeded by ``--seed``) and every figure says so.  Class names come from the
-checkpoint's ``class_names``, else the config's ``model.class_names``, else
-``label_i``.
+The config is a training config (``experiments/configs/*.yaml``); its
+model is built by ``gkg_pyg.config.build_model``.  Without ``--checkpoint``
+the model keeps random weights (seeded by ``--seed``) and every figure says
+so.  Class names come from the checkpoint's ``class_names``, else ``label_i``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import re
 import sys
 from dataclasses import asdict
@@ -36,50 +33,30 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import gkg_pyg  # noqa: E402
 from gkg_pyg import inspect as gi  # noqa: E402
+from gkg_pyg.checkpoint import read_checkpoint  # noqa: E402
+from gkg_pyg.config import build_model, load_config  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def model_from_config(path: str) -> torch.nn.Module:
-    """``gkg_pyg.create_model(**cfg["model"])`` of a YAML config (``name`` picks the model)."""
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    model_cfg = dict(cfg.get("model") or {})
-    if "name" not in model_cfg:
-        raise ValueError(f"{path}: the 'model:' section needs a 'name' (one of {gkg_pyg.list_models()})")
-    return gkg_pyg.create_model(model_cfg.pop("name"), **model_cfg)
-
-
-def read_checkpoint(path: str) -> dict:
-    """The checkpoint dict (weights-only when possible; training checkpoints hold more)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: a checkpoint must be a dict, got {type(ckpt).__name__}")
-    return ckpt
-
-
 def load_model(config: str, checkpoint: Optional[str], seed: int = 0,
                device: str = "cpu") -> Tuple[torch.nn.Module, Optional[List[str]], str]:
-    """The model, the checkpoint's class names (None if it has none) and the figure note."""
+    """The model of ``config`` (through ``gkg_pyg.config.build_model``), the
+    checkpoint's class names (None without) and the figure note."""
     torch.manual_seed(seed)
-    model = model_from_config(config)
-    names, note = None, gi.RANDOM_WEIGHTS_NOTE
+    cfg = load_config(config)
+    names, note, ckpt = None, gi.RANDOM_WEIGHTS_NOTE, None
     if checkpoint:
-        ckpt = read_checkpoint(checkpoint)
+        _, ckpt = read_checkpoint(checkpoint)
+        names, note = ckpt.get("class_names"), ""
+    model = build_model(cfg, names, load_weights=False, verbose=False)
+    if ckpt is not None:
         gkg_pyg.load_checkpoint(model, ckpt)
-        names = ckpt.get("class_names")
-        note = ""
     return model.to(device).eval(), names, note
 
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gkg_pyg.checkpoint import _read, load_checkpoint  # noqa: E402
+from gkg_pyg.checkpoint import read_checkpoint, load_checkpoint  # noqa: E402
 from gkg_pyg.config import build_model, load_config, validate_config  # noqa: E402
 from gkg_pyg.data import build_test_transform, load_rgb  # noqa: E402
 from gkg_pyg.engine import build_split  # noqa: E402
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_model(args: argparse.Namespace):
     """The model with its weights, its class names and its input size."""
-    _, checkpoint = _read(args.checkpoint)
+    _, checkpoint = read_checkpoint(args.checkpoint)
     if args.config:
         cfg = load_config(args.config)
     elif isinstance(checkpoint.get("config"), dict):

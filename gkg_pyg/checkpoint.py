@@ -92,7 +92,9 @@ def _relative_pos_keys(model: GKGNet) -> Dict[str, Tensor]:
     return out
 
 
-def _read(path_or_state_dict) -> Tuple[Mapping[str, Tensor], dict]:
+def read_checkpoint(path_or_state_dict) -> Tuple[Mapping[str, Tensor], dict]:
+    """``(state_dict, whole checkpoint)`` of a path or dict: the state dict is
+    unwrapped from ``state_dict`` or ``model`` and loses DDP's ``module.`` prefix."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
@@ -140,7 +142,7 @@ def load_checkpoint(model: GKGNet, path_or_state_dict: Union[str, os.PathLike, M
     """
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {SOURCES}")
-    state, _ = _read(path_or_state_dict)
+    state, _ = read_checkpoint(path_or_state_dict)
     if source == "auto":
         source = detect_source(state)
     own = model.state_dict()

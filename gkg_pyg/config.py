@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .checkpoint import _read, authors_key_map, detect_source, format_report, load_checkpoint
+from .checkpoint import read_checkpoint, authors_key_map, detect_source, format_report, load_checkpoint
 from .models.gkgnet import GKGNet, create_model, min_input_size
 
 # Every valid key with its default. A None default accepts any value;
@@ -391,7 +391,7 @@ def init_from_checkpoint(model: GKGNet, path: str | Path, verbose: bool = True) 
     Returns load_checkpoint's report plus ``"dropped_head"``: the
     checkpoint keys left out.
     """
-    state, _ = _read(path)
+    state, _ = read_checkpoint(path)
     source = detect_source(state)
     own = model.state_dict()
     names = {k: k for k in HEAD_KEYS}

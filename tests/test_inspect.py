@@ -400,19 +400,18 @@ def test_cli_with_checkpoint_and_html(synthetic, tmp_path):
 def test_cli_random_weights(synthetic, tmp_path):
     cli = load_cli()
     config = tmp_path / "config.yaml"
-    config.write_text("model:\n  name: gkgnet_ti\n  num_classes: 3\n  img_size: 96\n"
-                      "  class_names: [alpha, beta, gamma]\n")
+    config.write_text("model:\n  name: gkgnet_ti\n  num_classes: 3\n  img_size: 96\n")
     image = sorted((synthetic / "val2014").glob("*.jpg"))[0]
     summary = cli.main(["--config", str(config), "--image", str(image), "--label", "1", "--stage", "3",
                         "--format", "svg", "--out", str(tmp_path / "out")])
     assert summary["note"] == gi.RANDOM_WEIGHTS_NOTE
-    assert "random weights" in (tmp_path / "out" / "label_beta_stage3.svg").read_text()
-    assert [s["name"] for s in summary["labels"]] == ["alpha", "beta", "gamma"]
+    assert "random weights" in (tmp_path / "out" / "label_label_1_stage3.svg").read_text()
+    assert [s["name"] for s in summary["labels"]] == ["label_0", "label_1", "label_2"]
     with pytest.raises(SystemExit):
         cli.parse_args(["--config", "c", "--image", "i", "--out", "o", "--patch", "1", "2"])
-    (tmp_path / "bad.yaml").write_text("model:\n  num_classes: 3\n")
-    with pytest.raises(ValueError, match="needs a 'name'"):
-        cli.model_from_config(str(tmp_path / "bad.yaml"))
+    (tmp_path / "bad.yaml").write_text("model:\n  num_clases: 3\n")
+    with pytest.raises(ValueError, match="num_classes"):  # unknown key, nearest valid one suggested
+        cli.load_model(str(tmp_path / "bad.yaml"), None)
 
 
 # ---------------------------------------------------------------------------
