@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from PATH (default: <run folder>/checkpoint_last.pth)")
-    p.add_argument("--output", help="run folder (default: <output.dir>/<name>)")
+    p.add_argument("--output", help="run folder (default: <output.dir>/<name>, or <name>-2, -3, ... if taken)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip missing or unreadable images (data.skip_bad_images) and count them")
     return p.parse_args(argv)
@@ -65,6 +65,29 @@ def check_run_folder(run_dir: Path, resuming: bool) -> None:
         )
 
 
+def choose_run_folder(cfg: dict, output, resume):
+    """The run folder and the checkpoint to resume from (None: a fresh run).
+
+    A fresh run without --output takes <output.dir>/<name>, or the first free
+    <name>-2, <name>-3, ... so that running a config again loses nothing;
+    --resume PATH continues in PATH's folder."""
+    if output:
+        run_dir = Path(output)
+    elif resume:
+        run_dir = Path(resume).parent
+    else:
+        base = run_dir = Path(cfg["output"]["dir"]) / cfg["name"]
+        copy = 1
+        while resume is None and (run_dir / "checkpoint_last.pth").exists():
+            copy += 1
+            run_dir = base.with_name(f"{base.name}-{copy}")
+    resume_path = None
+    if resume is not None:
+        resume_path = Path(resume) if resume else run_dir / "checkpoint_last.pth"
+    check_run_folder(run_dir, resume_path is not None)
+    return run_dir, resume_path
+
+
 def prepare(args: argparse.Namespace, info: engine.DistInfo) -> dict:
     """Load and check everything; write nothing. Returns the pieces of the run."""
     cfg = load_config(args.config, args.overrides)
@@ -72,11 +95,7 @@ def prepare(args: argparse.Namespace, info: engine.DistInfo) -> dict:
         cfg["data"]["skip_bad_images"] = True
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
-    run_dir = Path(args.output) if args.output else Path(cfg["output"]["dir"]) / cfg["name"]
-    resume_path = None
-    if args.resume is not None:
-        resume_path = Path(args.resume) if args.resume else run_dir / "checkpoint_last.pth"
-    check_run_folder(run_dir, resume_path is not None)
+    run_dir, resume_path = choose_run_folder(cfg, args.output, args.resume)
 
     train_set = engine.build_split(cfg, train=True)
     val_set = engine.build_split(cfg, train=False)

@@ -478,3 +478,20 @@ def test_loss_scaler_path_equals_plain_float32():
         states.append(model.state_dict())
     for key in states[0]:
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_run_folder_numbering(tmp_path):
+    train = load_script("train")
+    cfg = {"output": {"dir": str(tmp_path)}, "name": "demo"}
+    first, resume = train.choose_run_folder(cfg, None, None)
+    assert first == tmp_path / "demo" and resume is None
+    first.mkdir()
+    (first / "checkpoint_last.pth").write_bytes(b"x")
+    second, _ = train.choose_run_folder(cfg, None, None)
+    assert second == tmp_path / "demo-2"  # a second fresh run keeps the first
+    again, resume = train.choose_run_folder(cfg, None, "")
+    assert again == first and resume == first / "checkpoint_last.pth"
+    elsewhere, resume = train.choose_run_folder(cfg, None, str(second / "checkpoint_last.pth"))
+    assert elsewhere == second and resume == second / "checkpoint_last.pth"
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train.choose_run_folder(cfg, str(first), None)
