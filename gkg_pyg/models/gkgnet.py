@@ -271,27 +271,22 @@ class Stage(nn.Module):
         return x, edges, y, src
 
 
-class CrossLevelModule(nn.Module):
+class CrossLevelModule(GroupGraphBlock):
     """Label nodes aggregate from the patches of a stage (cross-level group
-    KGCN): group kNN without position term or dilation, then an FFN."""
+    KGCN): the Grapher on a group kNN graph from all patches (no pooling, no
+    position term, no dilation) to the label nodes, then an FFN."""
 
     def __init__(self, channels: int, k: int, groups: int, drop_path: float, knn_backend: str):
-        super().__init__()
-        self.fc1 = linear_bn(channels, channels)
-        self.graph_conv = GroupMaxRelConv(channels, 2 * channels, groups=groups, conv_groups=4)
-        self.fc2 = linear_bn(2 * channels, channels)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        super().__init__(channels, groups, drop_path)
         self.ffn = FFN(channels, drop_path)
         self.k, self.groups, self.knn_backend = k, groups, knn_backend
 
     def forward(self, labels: Tensor, patches: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``labels`` ``(B, L, C)``, ``patches`` ``(B, N, C)`` -> new labels,
         edges (patch -> label) and the label features that chose them."""
-        b, num_labels, c = labels.shape
-        z = self.fc1(labels)
-        edges = _batched_knn(patches, z, self.k, self.groups, backend=self.knn_backend)
-        m = self.graph_conv((patches.reshape(-1, c), z.reshape(-1, c)), edges).view(b, num_labels, 2 * c)
-        labels = labels + self.drop_path(self.fc2(m))
+        labels, edges, z, _ = super().forward(
+            labels, lambda z: patches, lambda src, z: _batched_knn(src, z, self.k, self.groups,
+                                                                   backend=self.knn_backend))
         return self.ffn(labels), edges, z
 
 
