@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,56 +29,34 @@ from .models.gkgnet import GKGNet
 SOURCES = ("auto", "gkg_pyg", "gkgnet_mmcls", "pyramid_vig")
 
 
-def _block_keys(prefix: str, theirs: str) -> Iterator[Tuple[str, str, bool]]:
-    """(our key, their key, their weight is a 1x1 conv) of one Grapher+FFN or label module."""
-    for ours, them in (("fc1", "fc1"), ("graph_conv.nn", "graph_conv.gconv.nn"), ("fc2", "fc2")):
-        yield f"{prefix}.{ours}.0.weight", f"{theirs}.{them}.0.weight", True
-        yield f"{prefix}.{ours}.0.bias", f"{theirs}.{them}.0.bias", False
-        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            yield f"{prefix}.{ours}.1.{p}", f"{theirs}.{them}.1.{p}", False
-
-
-def _ffn_keys(prefix: str, theirs: str) -> Iterator[Tuple[str, str, bool]]:
-    for fc in ("fc1", "fc2"):
-        yield f"{prefix}.{fc}.0.weight", f"{theirs}.{fc}.0.weight", True
-        yield f"{prefix}.{fc}.0.bias", f"{theirs}.{fc}.0.bias", False
-        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            yield f"{prefix}.{fc}.1.{p}", f"{theirs}.{fc}.1.{p}", False
-
-
 def authors_key_map(model: GKGNet) -> Dict[str, Tuple[str, bool]]:
-    """Our key -> (the authors' mmcls key, stored as a 1x1 conv weight)."""
-    pairs = []
-    for i in (0, 1, 3, 4, 6, 7):
-        for p in ("weight", "bias") + (("running_mean", "running_var", "num_batches_tracked") if i % 3 else ()):
-            pairs.append((f"stem.convs.{i}.{p}", f"backbone.stem.convs.{i}.{p}", False))
-    pairs.append(("pos_embed", "backbone.pos_embed", False))
+    """Our key -> (the authors' mmcls key, stored as a 1x1 conv weight).
+
+    Our modules mirror theirs, so each key maps by renaming its module
+    prefix; their linear maps inside blocks are 1x1 convolutions."""
+    rules = [("stem.", "backbone.stem."), ("pos_embed", "backbone.pos_embed"),
+             ("label_embed.", "backbone.label_lt."), ("head_label.", "head.fc1."), ("head_patch.", "head.fc2.")]
     j = 0  # index into the authors' flat sequence of blocks and downsamplings
     for s, stage in enumerate(model.stages):
         if stage.downsample is not None:
-            for i, ps in ((0, ("weight", "bias")),
-                          (1, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))):
-                for p in ps:
-                    pairs.append((f"stages.{s}.downsample.{i}.{p}", f"backbone.backbone.{j}.conv.{i}.{p}", False))
+            rules.append((f"stages.{s}.downsample.", f"backbone.backbone.{j}.conv."))
             j += 1
         for b in range(len(stage.blocks)):
-            pairs += _block_keys(f"stages.{s}.blocks.{b}.grapher", f"backbone.backbone.{j}.0")
-            pairs += _ffn_keys(f"stages.{s}.blocks.{b}.ffn", f"backbone.backbone.{j}.1")
+            rules += [(f"stages.{s}.blocks.{b}.grapher.", f"backbone.backbone.{j}.0."),
+                      (f"stages.{s}.blocks.{b}.ffn.", f"backbone.backbone.{j}.1.")]
             j += 1
-    if model.cross_level:
-        pairs.append(("label_embed.weight", "backbone.label_lt.weight", False))
-        for s, modules in enumerate(model.label_modules):
-            for r in range(len(modules)):
-                pairs += _block_keys(f"label_modules.{s}.{r}", f"backbone.gcn_label.{s}.{r}")
-                pairs += _ffn_keys(f"label_modules.{s}.{r}.ffn", f"backbone.gcn_label.{s}.{r}.ffn")
-        for s in range(len(model.label_projs)):
-            for p in ("weight", "bias"):
-                pairs.append((f"label_projs.{s}.{p}", f"backbone.ffn_label.{s}.0.{p}", False))
-        for p in ("weight", "bias"):
-            pairs.append((f"head_label.{p}", f"head.fc1.{p}", False))
-    for p in ("weight", "bias"):
-        pairs.append((f"head_patch.{p}", f"head.fc2.{p}", False))
-    return {ours: (theirs, conv) for ours, theirs, conv in pairs}
+    rules += [("label_modules.", "backbone.gcn_label."), ("label_projs.", "backbone.ffn_label.")]
+    out = {}
+    for key, tensor in model.state_dict().items():
+        ours, theirs = next((o, t) for o, t in rules if key.startswith(o))
+        rest = key[len(ours):]
+        if ours == "label_projs.":  # their label maps sit in a Sequential: ffn_label.{s}.0.*
+            stage, _, rest = rest.partition(".")
+            rest = f"{stage}.0.{rest}"
+        theirs = (theirs + rest).replace(".graph_conv.nn.", ".graph_conv.gconv.nn.")
+        conv = tensor.dim() == 2 and theirs.startswith(("backbone.backbone.", "backbone.gcn_label."))
+        out[key] = (theirs, conv)
+    return out
 
 
 def _relative_pos_keys(model: GKGNet) -> Dict[str, Tensor]:
@@ -151,9 +129,9 @@ def load_checkpoint(model: GKGNet, path_or_state_dict: Union[str, os.PathLike, M
     else:
         mapping = authors_key_map(model)
         if source == "pyramid_vig":
+            label_path = ("backbone.label_lt", "backbone.gcn_label", "backbone.ffn_label")
             mapping = {ours: (theirs[len("backbone."):], conv) for ours, (theirs, conv) in mapping.items()
-                       if theirs.startswith("backbone.") and not theirs.startswith("backbone.label_")
-                       and not theirs.startswith(("backbone.gcn_label", "backbone.ffn_label"))}
+                       if theirs.startswith("backbone.") and not theirs.startswith(label_path)}
     converted, used, resized = {}, [], []
     for ours, (theirs, _) in mapping.items():
         if theirs not in state:
