@@ -32,6 +32,15 @@ def paired_models(dtype=torch.float64, num_classes=20, img_size=192, **kw):
     return ours, ref
 
 
+def per_image_neighbours(data, src, dst, shape):
+    """The captured ``src -> dst`` neighbours as the reference returns them:
+    ``(B, G, N_dst, K)`` source indices within each image."""
+    b, g, n_dst, k = shape
+    table = neighbour_table(gkg_pyg.stack_group_edges(data, src, dst), b * n_dst).view(g, b, n_dst, k)
+    n_src = data[src].num_nodes // b
+    return (table - (torch.arange(b) * n_src).view(1, b, 1, 1)).transpose(0, 1)
+
+
 @pytest.mark.parametrize("size,expected", [(224, 33.265), (448, 34.018), (576, 34.673)])
 def test_trainable_parameters_match_paper(size, expected):
     model = gkg_pyg.create_model("gkgnet_s", num_classes=80, img_size=size)
@@ -68,16 +77,9 @@ def test_captured_graphs_equal_reference_neighbours():
         _, edges = ref(x, return_edges=True)
         assert torch.equal(logits, ours(x))  # capturing changes nothing
     for data, expected in zip(graphs, edges):
-        b, g, n, k = expected["patch"].shape
         src_type = "pooled_patch" if "pooled_patch" in data.node_types else "patch"
-        n_src = data[src_type].num_nodes // b
-        table = neighbour_table(gkg_pyg.stack_group_edges(data, src_type, "patch"), b * n)
-        local = table.view(g, b, n, k) - (torch.arange(b) * n_src).view(1, b, 1, 1)
-        assert torch.equal(local.transpose(0, 1), expected["patch"])
-        b, g, num_labels, k = expected["cross"].shape
-        table = neighbour_table(gkg_pyg.stack_group_edges(data, "patch", "label"), b * num_labels)
-        local = table.view(g, b, num_labels, k) - (torch.arange(b) * (data["patch"].num_nodes // b)).view(1, b, 1, 1)
-        assert torch.equal(local.transpose(0, 1), expected["cross"])
+        assert torch.equal(per_image_neighbours(data, src_type, "patch", expected["patch"].shape), expected["patch"])
+        assert torch.equal(per_image_neighbours(data, "patch", "label", expected["cross"].shape), expected["cross"])
 
 
 def test_float32_neighbour_choices_mostly_identical():
@@ -89,10 +91,8 @@ def test_float32_neighbour_choices_mostly_identical():
         _, edges = ref(x, return_edges=True)
     same = total = 0
     for data, expected in zip(graphs, edges):
-        b, g, num_labels, k = expected["cross"].shape
-        table = neighbour_table(gkg_pyg.stack_group_edges(data, "patch", "label"), b * num_labels)
-        local = table.view(g, b, num_labels, k) - (torch.arange(b) * (data["patch"].num_nodes // b)).view(1, b, 1, 1)
-        same += (local.transpose(0, 1) == expected["cross"]).sum().item()
+        local = per_image_neighbours(data, "patch", "label", expected["cross"].shape)
+        same += (local == expected["cross"]).sum().item()
         total += local.numel()
     print(f"float32: {same / total:.4%} of cross-level neighbour choices identical")
     assert same / total > 0.95

@@ -333,6 +333,16 @@ def _ddp_worker(rank: int, world: int, port: int, config: str, out_dir: str) -> 
     engine.cleanup_distributed()
 
 
+def single_process_eval(config, state_dict):
+    """A one-process evaluation of ``state_dict`` on the config's val split."""
+    cfg = load_config(config)
+    val_set = engine.build_split(cfg, False)
+    model = build_model(cfg, val_set.class_names, load_weights=False)
+    model.load_state_dict(state_dict)
+    single = engine.DistInfo(0, 1, 0, torch.device("cpu"))
+    return engine.evaluate(model, engine.eval_loader(cfg, val_set, single), single, progress=False), val_set
+
+
 def test_ddp_two_cpu_processes(tiny, tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tiny["config"]), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -348,12 +358,7 @@ def test_ddp_two_cpu_processes(tiny, tmp_path):
     for r in (r0, r1):
         assert r["eval"]["index"].tolist() == list(range(11))  # the sampler's padding repeat dropped
     assert torch.equal(r0["eval"]["scores"], r1["eval"]["scores"])
-    cfg = load_config(tiny["config"])
-    val_set = engine.build_split(cfg, False)
-    model = build_model(cfg, val_set.class_names, load_weights=False)
-    model.load_state_dict(r0["state"])
-    single = engine.DistInfo(0, 1, 0, torch.device("cpu"))
-    ref = engine.evaluate(model, engine.eval_loader(cfg, val_set, single), single, progress=False)
+    ref, val_set = single_process_eval(tiny["config"], r0["state"])
     torch.testing.assert_close(r0["eval"]["scores"], ref["scores"], rtol=1e-5, atol=1e-5)
     assert torch.equal(r0["eval"]["targets"], val_set.targets)
 
@@ -375,12 +380,7 @@ def test_torchrun_train_script(tiny, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["model"]["num_images"] == 11
     # The gathered evaluation equals a one-process evaluation of the weights.
-    cfg = load_config(tiny["config"])
-    val_set = engine.build_split(cfg, False)
-    model = build_model(cfg, val_set.class_names, load_weights=False)
-    model.load_state_dict(state["model"])
-    single = engine.DistInfo(0, 1, 0, torch.device("cpu"))
-    ref = engine.evaluate(model, engine.eval_loader(cfg, val_set, single), single, progress=False)
+    ref, _ = single_process_eval(tiny["config"], state["model"])
     assert metrics["model"]["mAP"] == pytest.approx(multilabel_metrics(ref["scores"], ref["targets"])["mAP"])
 
 
