@@ -11,6 +11,7 @@ convolutions run on the image layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ..conv import GroupMaxRelConv
 from ..graph import build_stage_graph
 from ..knn import group_knn
+from .registry import create_model, list_models, register_model
 
 __all__ = ["GKGNet", "create_model", "list_models", "min_input_size", "relative_position_table"]
 
@@ -413,27 +415,7 @@ class GKGNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Registry
+# Registry (shared with the other model families: gkg_pyg.models.registry)
 # ---------------------------------------------------------------------------
-_REGISTRY = {f"gkgnet_{v}": v for v in VARIANTS}
-
-
-def list_models() -> List[str]:
-    return sorted(_REGISTRY)
-
-
-def create_model(name: str, pretrained: Optional[str] = None, **kwargs) -> GKGNet:
-    """Build a registered GKGNet (``gkgnet_ti``, ``gkgnet_s``, ``gkgnet_m``,
-    ``gkgnet_b``); keyword arguments go to :class:`GKGNet`.  ``pretrained``
-    is a checkpoint path loaded with :func:`gkg_pyg.load_checkpoint`."""
-    if name not in _REGISTRY:
-        import difflib
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; available: {list_models()}")
-    model = GKGNet(_REGISTRY[name], **kwargs)
-    model.pretrained_cfg = pretrained_cfgs[name]
-    if pretrained:
-        from ..checkpoint import load_checkpoint
-        load_checkpoint(model, pretrained)
-    return model
+for _variant in VARIANTS:
+    register_model(f"gkgnet_{_variant}", partial(GKGNet, _variant), pretrained_cfgs[f"gkgnet_{_variant}"])
