@@ -5,6 +5,14 @@ group each destination node picks its ``k`` nearest source nodes of the same
 graph, by the squared euclidean distance of the L2-normalised sub-vectors
 (that is, by cosine similarity), minus an optional position bias.
 
+Two entry points share the same backend kernels:
+
+* :func:`group_knn`, the library API: PyG node lists with ``batch`` vectors,
+  checked input (graph sizes, sortedness, finiteness), PyG edges out.
+* :func:`batched_group_knn`, for callers that hold equal-sized graphs as
+  ``(B, N, C)`` tensors (the GKGNet model): no host synchronisation, per-image
+  neighbour tables out.
+
 Edge format
 -----------
 :func:`group_knn` returns a ``LongTensor`` of shape ``(groups, 2, num_dst * k)``:
@@ -14,11 +22,22 @@ edges are ordered by destination, then by rank (nearest first), so
 ``edge_index[g, 0].view(num_dst, k)`` is the neighbour table of group ``g``.
 :class:`gkg_pyg.GroupMaxRelConv` consumes this tensor directly; one slice
 ``edge_index[g]`` is an ordinary PyG ``edge_index``.
+
+Backends
+--------
+``"dense"``: blocked matrix products and ``topk`` (chunked so that one
+distance block holds at most :data:`DENSE_BLOCK_ELEMENTS` values).
+``"torch_cluster"``: ``torch_cluster.knn`` on augmented coordinates that fold
+the position bias in, then an exact re-ranking of its ``k * dilation``
+candidates from the small features (see :func:`_cluster_knn`).
+``"auto"``: the dense backend on the CPU, where it measured about 14x faster
+(README, Benchmark); on CUDA torch-cluster when installed (the design's
+choice for GPU edge sets; not yet measured against the dense backend there).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +48,18 @@ try:  # compiled from source; optional so that a plain `pip install` works
 except ImportError:  # pragma: no cover - depends on the environment
     torch_cluster = None
 
+__all__ = ["group_knn", "batched_group_knn", "dense_position_bias", "has_torch_cluster", "resolve_backend"]
+
 PositionBias = Union[Tensor, Tuple[Tensor, Tensor]]
 
 # Upper bound on the elements of one block of the dense distance matrix.
 DENSE_BLOCK_ELEMENTS = 1 << 25
+# Upper bound on the bytes of the temporaries of one torch-cluster chunk
+# (augmented coordinates, torch-cluster's result, the re-ranked candidates).
+CLUSTER_CHUNK_BYTES = 1 << 28
+# torch-cluster's CUDA kernel keeps at most 100 neighbours per query.
+CLUSTER_CUDA_MAX_K = 100
+INSTALL_HINT = "pip install --no-build-isolation torch-cluster (./setup.sh compiles it)"
 
 _warned_no_cluster = False
 
@@ -41,35 +68,37 @@ def has_torch_cluster() -> bool:
     return torch_cluster is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend, warning once if torch-cluster is missing."""
+def resolve_backend(backend: str, device: torch.device, needed: Optional[int] = None) -> str:
+    """Map a requested backend to the one that runs for ``needed = k * dilation``
+    neighbours on ``device``.
+
+    ``"auto"`` is the dense backend on the CPU (it measured about 14x faster
+    than torch-cluster there) and torch-cluster on CUDA when it is installed
+    and ``needed`` fits its CUDA kernel (else the dense backend, with a one-time
+    warning when the package is missing).  An explicit ``"torch_cluster"``
+    never falls back: without the package it raises an ``ImportError``.
+    """
     global _warned_no_cluster
     if backend not in ("auto", "dense", "torch_cluster"):
         raise ValueError(f"unknown kNN backend {backend!r}; expected 'auto', 'dense' or 'torch_cluster'")
-    if backend == "dense":
+    device = torch.device(device)
+    too_many = device.type == "cuda" and needed is not None and needed > CLUSTER_CUDA_MAX_K
+    if backend == "torch_cluster":
+        if torch_cluster is None:
+            raise ImportError("kNN backend 'torch_cluster' needs the torch-cluster package, which is not "
+                              f"installed: {INSTALL_HINT}; or use backend='auto' or 'dense'")
+        if too_many:
+            raise ValueError(f"torch-cluster's CUDA kNN keeps at most {CLUSTER_CUDA_MAX_K} neighbours, but "
+                             f"k * dilation = {needed}; use backend='dense'")
+        return "torch_cluster"
+    if backend == "dense" or device.type != "cuda" or too_many:
         return "dense"
     if torch_cluster is None:
         if not _warned_no_cluster:
-            warnings.warn("torch-cluster is not installed: group_knn falls back to the dense backend "
-                          "(install it with `pip install --no-build-isolation torch-cluster`)")
+            warnings.warn(f"torch-cluster is not installed: group_knn uses the dense backend on CUDA ({INSTALL_HINT})")
             _warned_no_cluster = True
         return "dense"
-    if backend == "torch_cluster":
-        return "torch_cluster"
-    # On the CPU blocked matrix products beat torch-cluster's per-query search
-    # (experiments/benchmark.py measures both); on CUDA torch-cluster is used.
-    return "torch_cluster" if device.type == "cuda" else "dense"
-
-
-def _graph_sizes(batch: Optional[Tensor], num_nodes: int, name: str) -> Tensor:
-    if batch is None:
-        return torch.tensor([num_nodes])
-    if batch.dim() != 1 or batch.numel() != num_nodes:
-        raise ValueError(f"{name} must be a vector of length {num_nodes} (one graph id per node), "
-                         f"got shape {tuple(batch.shape)}")
-    if num_nodes > 1 and bool((batch[1:] < batch[:-1]).any()):
-        raise ValueError(f"{name} must be sorted (nodes of one graph stored contiguously)")
-    return torch.bincount(batch.cpu()) if num_nodes else torch.zeros(0, dtype=torch.long)
+    return "torch_cluster"
 
 
 def _bias_shape(position_bias: PositionBias) -> Tuple[int, int]:
@@ -90,6 +119,54 @@ def dense_position_bias(position_bias: PositionBias) -> Tensor:
         return position_bias
     u, v = position_bias
     return u @ v.t()
+
+
+def _check_arguments(channels: int, k: int, groups: int, dilation: int) -> None:
+    if groups < 1 or channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} equal groups")
+    if k < 1 or dilation < 1:
+        raise ValueError(f"k and dilation must be positive, got k={k}, dilation={dilation}")
+
+
+def batched_group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: int = 1,
+                      position_bias: Optional[PositionBias] = None, backend: str = "auto") -> Tensor:
+    r"""Group kNN of :func:`group_knn` for ``B`` equal-sized graphs held as dense tensors.
+
+    The same neighbours as :func:`group_knn` on the flattened nodes (the same
+    kernels), without host synchronisation: only shapes are checked, features
+    are not checked for NaN/inf (non-finite features give unspecified
+    neighbours on the dense backend and a ``RuntimeError`` on torch-cluster).
+
+    Args:
+        x_src: source features ``(B, N_src, C)``.
+        x_dst: destination features ``(B, N_dst, C)``.
+        k, groups, dilation, backend: as in :func:`group_knn`.
+        position_bias: ``(N_dst, N_src)`` matrix or factors ``(U, V)`` with
+            ``B = U @ V.T``, shared by all ``B`` graphs.  Pass factors to the
+            torch-cluster backend: its extra coordinates are ``r`` wide
+            instead of ``N_src``.
+
+    Returns:
+        ``LongTensor (groups, B, N_dst, k)``: for each group, graph and
+        destination the chosen sources as indices within the graph
+        (``0 .. N_src - 1``), nearest first.  Carries no gradient.
+    """
+    if x_src.dim() != 3 or x_dst.dim() != 3 or x_src.shape[0] != x_dst.shape[0] \
+            or x_src.shape[2] != x_dst.shape[2]:
+        raise ValueError("batched_group_knn needs x_src (B, N_src, C) and x_dst (B, N_dst, C), got "
+                         f"{tuple(x_src.shape)} and {tuple(x_dst.shape)}")
+    _check_arguments(x_src.shape[2], k, groups, dilation)
+    n_src, n_dst, needed = x_src.shape[1], x_dst.shape[1], k * dilation
+    if n_src < needed and n_dst > 0:
+        raise ValueError(f"k * dilation = {k} * {dilation} = {needed} neighbours requested, but the graphs "
+                         f"have only {n_src} source nodes")
+    if position_bias is not None and _bias_shape(position_bias) != (n_dst, n_src):
+        raise ValueError(f"position_bias is {_bias_shape(position_bias)} but the graphs have {n_dst} "
+                         f"destinations and {n_src} sources")
+    backend = resolve_backend(backend, x_dst.device, needed)
+    with torch.no_grad():
+        table = _knn_table(x_src.detach(), x_dst.detach(), needed, groups, position_bias, backend)
+    return table[..., ::dilation].contiguous() if dilation > 1 else table
 
 
 def group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: int = 1,
@@ -117,11 +194,16 @@ def group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: in
             (which must then all have ``n_dst`` destinations and ``n_src``
             sources): a ``(n_dst, n_src)`` matrix or factors ``(U, V)`` with
             ``B = U @ V.T`` (cheaper for the torch-cluster backend).
-        backend: ``"auto"``, ``"dense"`` or ``"torch_cluster"``.
+        backend: ``"auto"``, ``"dense"`` or ``"torch_cluster"`` (see the module
+            docstring; an explicit ``"torch_cluster"`` without the package
+            raises an ``ImportError``).
 
     Returns:
         ``LongTensor (groups, 2, N_dst * k)``: sources in row 0, destinations
         in row 1, ordered by destination then rank.  Carries no gradient.
+
+    Graphs of equal size are computed together by the kernels of
+    :func:`batched_group_knn`; graphs of different sizes one at a time.
     """
     if x_src.dim() != 2 or x_dst.dim() != 2:
         raise ValueError(f"x_src and x_dst must be (num_nodes, channels), got {tuple(x_src.shape)} "
@@ -129,39 +211,57 @@ def group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: in
     channels = x_src.shape[1]
     if x_dst.shape[1] != channels:
         raise ValueError(f"x_src has {channels} channels but x_dst has {x_dst.shape[1]}")
-    if groups < 1 or channels % groups:
-        raise ValueError(f"{channels} channels cannot be split into {groups} equal groups")
-    if k < 1 or dilation < 1:
-        raise ValueError(f"k and dilation must be positive, got k={k}, dilation={dilation}")
+    _check_arguments(channels, k, groups, dilation)
     sizes_src = _graph_sizes(batch_src, x_src.shape[0], "batch_src")
     sizes_dst = _graph_sizes(batch_dst, x_dst.shape[0], "batch_dst")
     num_graphs = max(len(sizes_src), len(sizes_dst))
-    sizes_src = F.pad(sizes_src, (0, num_graphs - len(sizes_src)))
-    sizes_dst = F.pad(sizes_dst, (0, num_graphs - len(sizes_dst)))
+    sizes_src += [0] * (num_graphs - len(sizes_src))
+    sizes_dst += [0] * (num_graphs - len(sizes_dst))
     needed = k * dilation
-    starved = (sizes_src < needed) & (sizes_dst > 0)
-    if bool(starved.any()):
-        g = int(starved.nonzero()[0])
-        raise ValueError(f"k * dilation = {k} * {dilation} = {needed} neighbours requested, but graph {g} "
-                         f"has only {int(sizes_src[g])} source nodes")
+    for g, (n_src, n_dst) in enumerate(zip(sizes_src, sizes_dst)):
+        if n_src < needed and n_dst > 0:
+            raise ValueError(f"k * dilation = {k} * {dilation} = {needed} neighbours requested, but graph {g} "
+                             f"has only {n_src} source nodes")
     if position_bias is not None:
         n_dst, n_src = _bias_shape(position_bias)
-        if bool((sizes_src != n_src).any()) or bool((sizes_dst != n_dst).any()):
+        if any(s != n_src for s in sizes_src) or any(d != n_dst for d in sizes_dst):
             raise ValueError(f"position_bias is ({n_dst}, {n_src}) but the graphs have "
-                             f"{sizes_dst.tolist()} destinations and {sizes_src.tolist()} sources")
+                             f"{sizes_dst} destinations and {sizes_src} sources")
     if not (_all_finite(x_src) and _all_finite(x_dst)):
         raise ValueError("group_knn got non-finite (NaN or inf) node features")
 
-    backend = resolve_backend(backend, x_dst.device)
+    backend = resolve_backend(backend, x_dst.device, needed)
     with torch.no_grad():
         x_src, x_dst = x_src.detach(), x_dst.detach()
-        if backend == "torch_cluster":
-            nbr = _cluster_knn(x_src, x_dst, needed, groups, sizes_src, sizes_dst, position_bias)
-        else:
-            nbr = _dense_knn(x_src, x_dst, needed, groups, sizes_src, sizes_dst, position_bias)
+        if len(set(sizes_src)) == 1 and len(set(sizes_dst)) == 1:  # one batched problem
+            n_src, n_dst = sizes_src[0], sizes_dst[0]
+            table = _knn_table(x_src.reshape(num_graphs, n_src, channels),
+                               x_dst.reshape(num_graphs, n_dst, channels), needed, groups, position_bias, backend)
+            offset = torch.arange(num_graphs, device=table.device).view(1, -1, 1, 1) * n_src
+            nbr = (table + offset).view(groups, x_dst.shape[0], needed)
+        else:  # graphs of different sizes: one problem per graph
+            nbr = torch.empty(groups, x_dst.shape[0], needed, dtype=torch.long, device=x_dst.device)
+            off_src = off_dst = 0
+            for n_src, n_dst in zip(sizes_src, sizes_dst):
+                if n_dst:
+                    table = _knn_table(x_src[None, off_src:off_src + n_src], x_dst[None, off_dst:off_dst + n_dst],
+                                       needed, groups, position_bias, backend)
+                    nbr[:, off_dst:off_dst + n_dst] = table[:, 0] + off_src
+                off_src, off_dst = off_src + n_src, off_dst + n_dst
         nbr = nbr[:, :, ::dilation]  # (groups, N_dst, k): global source indices
         dst = torch.arange(x_dst.shape[0], device=nbr.device).view(1, -1, 1).expand_as(nbr)
         return torch.stack([nbr.reshape(groups, -1), dst.reshape(groups, -1)], dim=1)
+
+
+def _graph_sizes(batch: Optional[Tensor], num_nodes: int, name: str) -> List[int]:
+    if batch is None:
+        return [num_nodes]
+    if batch.dim() != 1 or batch.numel() != num_nodes:
+        raise ValueError(f"{name} must be a vector of length {num_nodes} (one graph id per node), "
+                         f"got shape {tuple(batch.shape)}")
+    if num_nodes > 1 and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError(f"{name} must be sorted (nodes of one graph stored contiguously)")
+    return torch.bincount(batch.cpu()).tolist() if num_nodes else []
 
 
 def _all_finite(x: Tensor) -> bool:
@@ -171,86 +271,153 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _normalized_groups(x: Tensor, groups: int) -> Tensor:
-    """(N, C) -> (groups, N, C / groups), each sub-vector L2-normalised."""
-    n, c = x.shape
-    return F.normalize(x.view(n, groups, c // groups), dim=-1).transpose(0, 1)
-
-
-def _dense_knn(x_src, x_dst, needed, groups, sizes_src, sizes_dst, position_bias) -> Tensor:
-    """Blocked ``matmul`` + ``topk``; graphs of equal size are processed together."""
+# ---------------------------------------------------------------------------
+# Kernels: (B, N_src, C) and (B, N_dst, C) -> (groups, B, N_dst, needed)
+# local source indices, nearest first.  Shapes only, no host synchronisation.
+# ---------------------------------------------------------------------------
+def _knn_table(x_src: Tensor, x_dst: Tensor, needed: int, groups: int, position_bias: Optional[PositionBias],
+               backend: str) -> Tensor:
     src, dst = _normalized_groups(x_src, groups), _normalized_groups(x_dst, groups)
-    bias = None if position_bias is None else dense_position_bias(position_bias).to(src.dtype)
-    out = torch.empty(groups, x_dst.shape[0], needed, dtype=torch.long, device=x_dst.device)
-    same_size = bool((sizes_src == sizes_src[0]).all()) and bool((sizes_dst == sizes_dst[0]).all())
-    if same_size:  # batched problems (groups, graphs, n_dst, n_src), chunked over graphs
-        n_src, n_dst = int(sizes_src[0]), int(sizes_dst[0])
-        per = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * n_dst * n_src))
-        runs = [(g, min(per, len(sizes_src) - g), n_src, n_dst) for g in range(0, len(sizes_src), per)]
-    else:
-        runs = [(g, 1, int(sizes_src[g]), int(sizes_dst[g])) for g in range(len(sizes_src))]
-    off_src = torch.cat([sizes_src.new_zeros(1), sizes_src.cumsum(0)]).tolist()
-    off_dst = torch.cat([sizes_dst.new_zeros(1), sizes_dst.cumsum(0)]).tolist()
-    for first, count, n_src, n_dst in runs:
-        if n_dst == 0:
-            continue
-        s = src[:, off_src[first]:off_src[first + count]].reshape(groups, count, n_src, -1)
-        d = dst[:, off_dst[first]:off_dst[first + count]].reshape(groups, count, n_dst, -1)
-        s_sq = (s * s).sum(-1).unsqueeze(-2)  # (groups, count, 1, n_src)
-        rows = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * count * n_src))
+    kernel = _cluster_knn if backend == "torch_cluster" else _dense_knn
+    return kernel(src, dst, needed, position_bias)
+
+
+def _normalized_groups(x: Tensor, groups: int) -> Tensor:
+    """(B, N, C) -> (groups, B, N, C / groups), each sub-vector L2-normalised."""
+    b, n, c = x.shape
+    return F.normalize(x.reshape(b, n, groups, c // groups), dim=-1).permute(2, 0, 1, 3)
+
+
+def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[PositionBias]) -> Tensor:
+    """Blocked ``matmul`` + ``topk`` over (groups, graphs, destinations, sources)
+    blocks of at most :data:`DENSE_BLOCK_ELEMENTS` distances."""
+    groups, num_graphs, n_src, _ = src.shape
+    n_dst = dst.shape[2]
+    out = torch.empty(groups, num_graphs, n_dst, needed, dtype=torch.long, device=dst.device)
+    s_sq = (src * src).sum(-1).unsqueeze(-2)  # (groups, graphs, 1, n_src)
+    per = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * n_dst * n_src))
+    for b0 in range(0, num_graphs, per):
+        s, d = src[:, b0:b0 + per], dst[:, b0:b0 + per]
+        rows = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * s.shape[1] * n_src))
         for r0 in range(0, n_dst, rows):
             dd = d[:, :, r0:r0 + rows]
-            dist = (dd * dd).sum(-1, keepdim=True) - 2 * dd @ s.transpose(-1, -2) + s_sq
-            if bias is not None:
-                dist = dist - bias[r0:r0 + rows]
-            idx = dist.topk(needed, dim=-1, largest=False).indices  # sorted, nearest first
-            idx = idx + (torch.arange(count, device=idx.device) * n_src).view(1, count, 1, 1)
-            block = out[:, off_dst[first]:off_dst[first + count]].view(groups, count, n_dst, needed)
-            block[:, :, r0:r0 + rows] = idx + off_src[first]
+            dist = (dd * dd).sum(-1, keepdim=True) - 2 * dd @ s.transpose(-1, -2) + s_sq[:, b0:b0 + per]
+            if position_bias is not None:
+                dist = dist - _bias_rows(position_bias, r0, r0 + rows).to(dist.dtype)
+            out[:, b0:b0 + per, r0:r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
     return out
 
 
-def _cluster_knn(x_src, x_dst, needed, groups, sizes_src, sizes_dst, position_bias) -> Tensor:
-    """All graphs and groups in one ``torch_cluster.knn`` call.
+def _bias_rows(position_bias: PositionBias, r0: int, r1: int) -> Tensor:
+    """Rows ``r0:r1`` of the dense bias (a factored bias is multiplied out per block)."""
+    if isinstance(position_bias, Tensor):
+        return position_bias[r0:r1]
+    u, v = position_bias
+    return u[r0:r1] @ v.t()
 
-    Each (graph, group) pair is one batch entry.  A position bias turns the
-    biased cosine order into a plain euclidean order by the reduction from
-    maximum inner product search to nearest-neighbour search: destinations
-    become ``p = [a, U, 1, 0]``, sources ``q = [2b, V, -|b|^2, sqrt(M - |q'|^2)]``
-    so that ``|p - q|^2 = const_i - 2 (2 a.b + B_ij - |b|^2)`` orders sources
-    exactly like ``|a - b|^2 - B_ij``.
+
+def _cluster_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[PositionBias]) -> Tensor:
+    """``torch_cluster.knn`` for the candidates, then an exact re-ranking.
+
+    Every (group, graph) pair is one torch-cluster example.  A position bias
+    turns the biased cosine order into a plain euclidean order by the
+    reduction from maximum inner product search to nearest-neighbour search:
+    destinations become ``p = [a, U_i, 1, 0]``, sources
+    ``q = [2b, V_j, -|b|^2, sqrt(M - |q'|^2)]``, so that
+    ``|p - q|^2 = const_i - 2 (2 a.b + B_ij - |b|^2)`` orders sources exactly
+    like ``|a - b|^2 - B_ij``.  A factored bias adds ``r`` coordinates; a dense
+    one is factored as ``B @ I`` (``n_src`` coordinates).
+
+    The ``needed`` candidates of each destination are then ranked by
+    ``|a - b|^2 - B_ij`` computed from the small normalised features and the
+    bias (never from the augmented coordinates), ties broken by the lower
+    source index.  The work runs in chunks of (group, graph) pairs, or of
+    destinations when one pair is too large, whose temporaries stay below
+    about :data:`CLUSTER_CHUNK_BYTES`: the augmented coordinates of the chunk
+    and, per candidate edge, torch-cluster's indices and the gathered
+    features and bias factors.  Peak memory is therefore the inputs, the
+    ``(groups, B, N_dst, needed)`` output and one chunk, for any batch.
+    The computation runs in at least float32 (half-precision augmented
+    coordinates would lose the order).
     """
-    src, dst = _normalized_groups(x_src, groups), _normalized_groups(x_dst, groups)
-    num_graphs = len(sizes_src)
-    dev = x_src.device
-    graph_src = torch.repeat_interleave(torch.arange(num_graphs), sizes_src).to(dev)
-    graph_dst = torch.repeat_interleave(torch.arange(num_graphs), sizes_dst).to(dev)
-    if position_bias is not None:
-        if isinstance(position_bias, Tensor):  # exact rank-n_src factorisation B = B @ I
-            u, v = position_bias, torch.eye(position_bias.shape[1], device=dev)
-        else:
-            u, v = position_bias
-        u, v = u.to(src.dtype), v.to(src.dtype)
-        u_all = u.repeat(num_graphs, 1).expand(groups, -1, -1)
-        v_all = v.repeat(num_graphs, 1).expand(groups, -1, -1)
-        b_sq = (src * src).sum(-1, keepdim=True)
-        q = torch.cat([2 * src, v_all, -b_sq], dim=-1)
-        q_sq = (q * q).sum(-1, keepdim=True)
-        q = torch.cat([q, (q_sq.max() - q_sq).clamp_min(0).sqrt()], dim=-1)
-        ones = torch.ones_like(dst[..., :1])
-        p = torch.cat([dst, u_all, ones, torch.zeros_like(ones)], dim=-1)
-        src, dst = q, p
-    # Batch ids (group, graph) must be sorted: order nodes group-major.
-    batch_src = (torch.arange(groups, device=dev).view(-1, 1) * num_graphs + graph_src).reshape(-1)
-    batch_dst = (torch.arange(groups, device=dev).view(-1, 1) * num_graphs + graph_dst).reshape(-1)
-    flat_src = src.reshape(-1, src.shape[-1]).contiguous()
-    flat_dst = dst.reshape(-1, dst.shape[-1]).contiguous()
-    row, col = torch_cluster.knn(flat_src, flat_dst, needed, batch_src, batch_dst)
-    # torch-cluster does not promise an order: sort by query, then by distance.
-    dist = (flat_dst[row] - flat_src[col]).pow(2).sum(-1)
-    order = torch.sort(dist, stable=True).indices
-    order = order[torch.sort(row[order], stable=True).indices]
-    if order.numel() != flat_dst.shape[0] * needed:
-        raise RuntimeError("torch_cluster.knn returned an unexpected number of neighbours")
-    col = col[order].view(groups, x_dst.shape[0], needed)
-    return col - torch.arange(groups, device=dev).view(-1, 1, 1) * x_src.shape[0]
+    groups, num_graphs, n_src, c = src.shape
+    n_dst = dst.shape[2]
+    dtype = torch.promote_types(src.dtype, torch.float32)
+    entries = groups * num_graphs
+    src = src.reshape(entries, n_src, c).to(dtype)
+    dst = dst.reshape(entries, n_dst, c).to(dtype)
+    u = v = None
+    if isinstance(position_bias, Tensor):
+        u = position_bias.to(dtype)
+    elif position_bias is not None:
+        u, v = position_bias[0].to(dtype), position_bias[1].to(dtype)
+    r = 0 if u is None else u.shape[1]
+    width = c if u is None else c + r + 2
+    # Bytes per candidate edge: torch-cluster's row/col and their sorted copies
+    # (int64), the gathered source features and bias factors.
+    per_edge = 16 * 8 + (c + (r if v is not None else 1)) * dtype.itemsize
+    per_dst, per_src = width * dtype.itemsize + needed * per_edge, width * dtype.itemsize
+    per_entry = n_src * per_src + n_dst * per_dst
+    count = max(1, CLUSTER_CHUNK_BYTES // max(1, per_entry))
+    rows = n_dst if count > 1 or per_entry <= CLUSTER_CHUNK_BYTES else \
+        max(1, (CLUSTER_CHUNK_BYTES - n_src * per_src) // per_dst)
+    out = torch.empty(entries, n_dst, needed, dtype=torch.long, device=dst.device)
+    for e0 in range(0, entries, count):
+        s = src[e0:e0 + count]
+        q = s if u is None else _augment_sources(s, v)
+        for r0 in range(0, n_dst, rows):
+            d = dst[e0:e0 + count, r0:r0 + rows]
+            p = d if u is None else _augment_destinations(d, u[r0:r0 + rows])
+            cand = _cluster_candidates(q, p, needed)  # (count, rows, needed), ascending source index
+            out[e0:e0 + count, r0:r0 + rows] = _rank_candidates(s, d, cand, u, v, r0)
+    return out.view(groups, num_graphs, n_dst, needed)
+
+
+def _augment_sources(s: Tensor, v: Optional[Tensor]) -> Tensor:
+    """``q = [2b, V_j, -|b|^2, sqrt(M - |q'|^2)]`` (``V = I`` for a dense bias)."""
+    count, n_src, _ = s.shape
+    if v is None:
+        v = torch.eye(n_src, dtype=s.dtype, device=s.device)
+    b_sq = (s * s).sum(-1, keepdim=True)
+    q = torch.cat([2 * s, v.expand(count, -1, -1), -b_sq], dim=-1)
+    q_sq = (q * q).sum(-1, keepdim=True)
+    return torch.cat([q, (q_sq.amax(dim=1, keepdim=True) - q_sq).clamp_min(0).sqrt()], dim=-1)
+
+
+def _augment_destinations(d: Tensor, u: Tensor) -> Tensor:
+    """``p = [a, U_i, 1, 0]``."""
+    ones = torch.ones_like(d[..., :1])
+    return torch.cat([d, u.expand(d.shape[0], -1, -1), ones, torch.zeros_like(ones)], dim=-1)
+
+
+def _cluster_candidates(q: Tensor, p: Tensor, needed: int) -> Tensor:
+    """The ``needed`` nearest of ``q`` ``(E, n_src, D)`` for every row of ``p``
+    ``(E, n, D)``, example by example: ``(E, n, needed)`` local source indices
+    in ascending index order."""
+    count, n_src, width = q.shape
+    n = p.shape[1]
+    example = torch.arange(count, device=q.device).view(-1, 1)
+    row, col = torch_cluster.knn(q.reshape(-1, width), p.reshape(-1, width), needed,
+                                 example.expand(count, n_src).reshape(-1), example.expand(count, n).reshape(-1),
+                                 batch_size=count)
+    if row.numel() != count * n * needed:  # a shape, known on the host: no synchronisation
+        raise RuntimeError(f"torch_cluster.knn returned {row.numel()} neighbours instead of {count * n * needed} "
+                           "(non-finite features?)")
+    # torch-cluster does not promise an order: group by destination, then by source index.
+    col = col[torch.argsort(row)].view(count, n, needed) - example.view(-1, 1, 1) * n_src
+    return col.sort(dim=-1).values
+
+
+def _rank_candidates(s: Tensor, d: Tensor, cand: Tensor, u: Optional[Tensor], v: Optional[Tensor],
+                     r0: int) -> Tensor:
+    """Order the candidates ``(E, n, needed)`` of destinations ``d`` ``(E, n, c)``
+    by ``|a - b|^2 - B_ij`` (``B`` from ``U`` rows ``r0:`` and ``V``, or the
+    dense bias ``U``), stable: equal distances keep the lower source index first."""
+    count, n, needed = cand.shape
+    b = s.gather(1, cand.view(count, n * needed, 1).expand(-1, -1, s.shape[-1])).view(count, n, needed, -1)
+    dist = (d * d).sum(-1, keepdim=True) - 2 * (b @ d.unsqueeze(-1)).squeeze(-1) + (b * b).sum(-1)
+    if v is not None:  # factored: B_ij = U_i . V_j for the candidates only
+        dist = dist - (v[cand] @ u[r0:r0 + n].unsqueeze(-1)).squeeze(-1)
+    elif u is not None:  # dense (n_dst, n_src) bias
+        dist = dist - u[r0:r0 + n].expand(count, -1, -1).gather(2, cand)
+    return cand.gather(-1, dist.sort(dim=-1, stable=True).indices)

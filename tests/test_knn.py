@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gkg_pyg.knn as knn_module
-from gkg_pyg import group_knn
+from gkg_pyg import batched_group_knn, group_knn
 
 CHANNELS = 12  # splits into 1, 2 and 4 groups
 
@@ -234,19 +234,48 @@ def test_error_messages():
         group_knn(x, x, 2, 2, backend="faiss")
 
 
-def test_auto_without_torch_cluster_warns_once(monkeypatch):
+def test_auto_without_torch_cluster(monkeypatch):
+    """"auto" runs the dense backend on the CPU (no warning: nothing is missed
+    there) and warns once where it would have used torch-cluster (CUDA)."""
     monkeypatch.setattr(knn_module, "torch_cluster", None)
     monkeypatch.setattr(knn_module, "_warned_no_cluster", False)
     x_src, x_dst, batch_src, batch_dst, _ = make_problem(13, [9, 12], [4, 6], None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = group_knn(x_src, x_dst, 3, 2, batch_src=batch_src, batch_dst=batch_dst, backend="auto")
-        second = group_knn(x_src, x_dst, 3, 2, batch_src=batch_src, batch_dst=batch_dst, backend="auto")
+        assert knn_module.resolve_backend("auto", torch.device("cpu")) == "dense"
+        assert not [w for w in caught if "torch-cluster" in str(w.message)]
+        # resolve_backend looks at the device type only, so CUDA's choice is testable without a GPU.
+        assert knn_module.resolve_backend("auto", torch.device("cuda")) == "dense"
+        assert knn_module.resolve_backend("auto", torch.device("cuda")) == "dense"
     messages = [str(w.message) for w in caught if "torch-cluster" in str(w.message)]
     assert len(messages) == 1, messages
+    assert "pip install" in messages[0]
     expected = reference_group_knn(x_src, x_dst, 3, 2, 1, batch_src, batch_dst)
     assert torch.equal(first[:, 0].view(2, 10, 3), expected)
-    assert torch.equal(second, first)
+
+
+def test_explicit_torch_cluster_without_the_package_raises(monkeypatch):
+    monkeypatch.setattr(knn_module, "torch_cluster", None)
+    x = torch.randn(10, 8)
+    for call in (lambda: group_knn(x, x, 2, 2, backend="torch_cluster"),
+                 lambda: batched_group_knn(x[None], x[None], 2, 2, backend="torch_cluster"),
+                 lambda: knn_module.resolve_backend("torch_cluster", torch.device("cuda"))):
+        with pytest.raises(ImportError, match=r"needs the torch-cluster package.*pip install "
+                                              r"--no-build-isolation torch-cluster"):
+            call()
+
+
+def test_cuda_neighbour_limit_of_torch_cluster(monkeypatch):
+    """torch-cluster's CUDA kernel keeps at most 100 neighbours: "auto" uses
+    the dense backend beyond that, an explicit request gets an error."""
+    monkeypatch.setattr(knn_module, "torch_cluster", object())  # "installed"
+    cuda = torch.device("cuda")
+    assert knn_module.resolve_backend("auto", cuda, needed=100) == "torch_cluster"
+    assert knn_module.resolve_backend("auto", cuda, needed=101) == "dense"
+    assert knn_module.resolve_backend("torch_cluster", torch.device("cpu"), needed=101) == "torch_cluster"
+    with pytest.raises(ValueError, match=r"at most 100 neighbours, but k \* dilation = 101"):
+        knn_module.resolve_backend("torch_cluster", cuda, needed=101)
 
 
 @pytest.mark.parametrize("block", [1, 7, 100, 700])
@@ -262,3 +291,147 @@ def test_chunked_dense_is_identical(monkeypatch, block, layout):
     assert torch.equal(chunked, whole)
     expected = reference_group_knn(x_src, x_dst, 3, 2, 2, batch_src, batch_dst, bias)
     assert torch.equal(chunked[:, 0].view(2, x_dst.shape[0], 3), expected)
+
+
+# ---------------------------------------------------------------------------
+# batched_group_knn: (B, N, C) tensors, per-image neighbour tables
+# ---------------------------------------------------------------------------
+def local_reference(x_src, x_dst, k, groups, dilation, bias):
+    """Brute force of (B, N, C) problems as PyG graphs, converted to per-image indices."""
+    num, n_src, c = x_src.shape
+    n_dst = x_dst.shape[1]
+    ids_src, ids_dst = graph_ids([n_src] * num), graph_ids([n_dst] * num)
+    out = reference_group_knn(x_src.reshape(-1, c), x_dst.reshape(-1, c), k, groups, dilation, ids_src,
+                              ids_dst, bias)
+    return out.view(groups, num, n_dst, k) - (torch.arange(num) * n_src).view(1, num, 1, 1)
+
+
+def batched_problem(seed, num, n_src, n_dst, bias_kind, rank=5):
+    gen = torch.Generator().manual_seed(seed)
+    x_src = torch.randn(num, n_src, CHANNELS, generator=gen, dtype=torch.float64)
+    x_dst = x_src if n_dst is None else torch.randn(num, n_dst, CHANNELS, generator=gen, dtype=torch.float64)
+    n_dst = x_dst.shape[1]
+    if bias_kind == "dense":
+        bias = 0.5 * torch.randn(n_dst, n_src, generator=gen, dtype=torch.float64)
+    elif bias_kind == "factored":
+        bias = (0.5 * torch.randn(n_dst, rank, generator=gen, dtype=torch.float64),
+                0.5 * torch.randn(n_src, rank, generator=gen, dtype=torch.float64))
+    else:
+        bias = None
+    return x_src, x_dst, bias
+
+
+@pytest.mark.parametrize("bias_kind", [None, "dense", "factored"])
+@pytest.mark.parametrize("dilation", [1, 3])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(1, 30, 12), (3, 16, None), (4, 20, 7)])
+def test_batched_matches_brute_force(backend, shape, groups, dilation, bias_kind):
+    num, n_src, n_dst = shape
+    x_src, x_dst, bias = batched_problem(num * n_src + groups + dilation, num, n_src, n_dst, bias_kind)
+    got = batched_group_knn(x_src, x_dst, 4, groups, dilation=dilation, position_bias=bias, backend=backend)
+    assert got.dtype == torch.long and got.shape == (groups, num, x_dst.shape[1], 4)
+    assert torch.equal(got, local_reference(x_src, x_dst, 4, groups, dilation, bias))
+    # The library API on the same graphs (flattened, batch vectors) picks the same neighbours.
+    edges = group_knn(x_src.reshape(-1, CHANNELS), x_dst.reshape(-1, CHANNELS), 4, groups, dilation=dilation,
+                      batch_src=graph_ids([n_src] * num), batch_dst=graph_ids([x_dst.shape[1]] * num),
+                      position_bias=bias, backend=backend)
+    offset = (torch.arange(num) * n_src).view(1, num, 1, 1)
+    assert torch.equal(edges[:, 0], (got + offset).reshape(groups, -1))
+
+
+def test_batched_dense_and_factored_bias_agree(backend):
+    x_src, x_dst, (u, v) = batched_problem(31, 3, 25, 40, "factored", rank=6)
+    factored = batched_group_knn(x_src, x_dst, 5, 2, dilation=2, position_bias=(u, v), backend=backend)
+    dense = batched_group_knn(x_src, x_dst, 5, 2, dilation=2, position_bias=u @ v.t(), backend=backend)
+    assert torch.equal(factored, dense)
+    assert not torch.equal(factored, batched_group_knn(x_src, x_dst, 5, 2, dilation=2, backend=backend))
+
+
+def test_batched_backends_agree_in_float32():
+    """Both backends on GKGNet-like float32 input (GKGNet-S stage 4 at 224:
+    49 sources with the position term), where the answer is separated."""
+    pytest.importorskip("torch_cluster")
+    gen = torch.Generator().manual_seed(3)
+    x_src = torch.randn(4, 49, 16, generator=gen)
+    x_dst = x_src + 0.3 * torch.randn(4, 49, 16, generator=gen)
+    u, v = torch.randn(49, 8, generator=gen) / 8, torch.randn(49, 8, generator=gen) / 8
+    tables = [batched_group_knn(x_src, x_dst, 9, 2, dilation=3, position_bias=(u, v), backend=b)
+              for b in ("dense", "torch_cluster")]
+    expected, separated = brute_force_knn(x_src.reshape(-1, 16), x_dst.reshape(-1, 16), 9, 2, 3, graph_ids([49] * 4),
+                                          graph_ids([49] * 4), (u, v), min_gap=1e-4)
+    separated = separated.view(2, 4, 49)
+    assert separated.float().mean() > 0.9
+    expected = expected.view(2, 4, 49, 9) - (torch.arange(4) * 49).view(1, 4, 1, 1)
+    for table in tables:
+        assert torch.equal(table[separated], expected[separated])
+
+
+def test_batched_error_messages():
+    x = torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match=r"x_src \(B, N_src, C\) and x_dst \(B, N_dst, C\), got \(20, 8\)"):
+        batched_group_knn(x.reshape(20, 8), x, 2, 2)
+    with pytest.raises(ValueError, match=r"got \(2, 10, 8\) and \(3, 10, 8\)"):
+        batched_group_knn(x, torch.randn(3, 10, 8), 2, 2)
+    with pytest.raises(ValueError, match=r"3 \* 4 = 12 .*only 10 source"):
+        batched_group_knn(x, x, 3, 2, dilation=4)
+    with pytest.raises(ValueError, match=r"\b8 channels cannot be split into 3\b"):
+        batched_group_knn(x, x, 2, 3)
+    with pytest.raises(ValueError, match=r"position_bias is \(10, 9\) but the graphs have 10 destinations and 10"):
+        batched_group_knn(x, x, 2, 2, position_bias=torch.zeros(10, 9))
+    with pytest.raises(ValueError, match=r"unknown kNN backend 'faiss'"):
+        batched_group_knn(x, x, 2, 2, backend="faiss")
+    assert batched_group_knn(x, x[:, :0], 2, 2).shape == (2, 2, 0, 2)
+
+
+def test_batched_dense_never_reads_values():
+    """No host synchronisation: on meta tensors (shapes without data) every
+    .item(), .tolist(), bool(tensor) or data-dependent shape would fail."""
+    x_src, x_dst = torch.empty(3, 49, 32, device="meta"), torch.empty(3, 196, 32, device="meta")
+    bias = (torch.empty(196, 32, device="meta"), torch.empty(49, 32, device="meta"))
+    out = batched_group_knn(x_src, x_dst, 9, 2, dilation=2, position_bias=bias, backend="dense")
+    assert out.shape == (2, 3, 196, 9) and out.device.type == "meta"
+
+
+def test_batched_cluster_code_never_reads_values(monkeypatch):
+    """The same for the torch-cluster backend's own code, with torch_cluster.knn
+    replaced by a stand-in returning meta tensors of its result's shape (its
+    CUDA op itself synchronises once, in a masked_select)."""
+    class FakeCluster:
+        @staticmethod
+        def knn(x, y, k, batch_x, batch_y, batch_size):
+            assert x.device.type == "meta" and batch_size >= 1
+            return torch.empty(2, y.shape[0] * k, dtype=torch.long, device="meta").unbind(0)
+    monkeypatch.setattr(knn_module, "torch_cluster", FakeCluster())
+    monkeypatch.setattr(knn_module, "CLUSTER_CHUNK_BYTES", 200_000)  # several chunks
+    x_src, x_dst = torch.empty(3, 49, 32, device="meta"), torch.empty(3, 196, 32, device="meta")
+    for bias in (None, torch.empty(196, 49, device="meta"),
+                 (torch.empty(196, 32, device="meta"), torch.empty(49, 32, device="meta"))):
+        out = batched_group_knn(x_src, x_dst, 9, 2, dilation=2, position_bias=bias, backend="torch_cluster")
+        assert out.shape == (2, 3, 196, 9)
+
+
+@pytest.mark.parametrize("budget", [1, 5_000, 60_000, 1 << 30])
+@pytest.mark.parametrize("bias_kind", [None, "dense", "factored"])
+def test_chunked_cluster_is_identical(monkeypatch, budget, bias_kind):
+    """Chunks of (group, graph) pairs or of destinations (budget 1: one
+    destination at a time) give the same tables as one call and brute force."""
+    pytest.importorskip("torch_cluster")
+    x_src, x_dst, bias = batched_problem(41, 3, 18, 30, bias_kind)
+    whole = batched_group_knn(x_src, x_dst, 3, 2, dilation=2, position_bias=bias, backend="torch_cluster")
+    monkeypatch.setattr(knn_module, "CLUSTER_CHUNK_BYTES", budget)
+    chunked = batched_group_knn(x_src, x_dst, 3, 2, dilation=2, position_bias=bias, backend="torch_cluster")
+    assert torch.equal(chunked, whole)
+    assert torch.equal(chunked, local_reference(x_src, x_dst, 3, 2, 2, bias))
+
+
+def test_cluster_ties_keep_the_lower_source_first():
+    """Exact ties (duplicate sources) are ordered by source index by the
+    torch-cluster backend's re-ranking, whatever order torch-cluster returns."""
+    pytest.importorskip("torch_cluster")
+    gen = torch.Generator().manual_seed(5)
+    x_src = torch.randn(1, 20, 4, generator=gen, dtype=torch.float64)
+    x_src[0, 3] = x_src[0, 17] = x_src[0, 11]  # three equal sources
+    x_dst = x_src[:, [11, 0]] + 1e-3 * torch.randn(1, 2, 4, generator=gen, dtype=torch.float64)
+    table = batched_group_knn(x_src, x_dst, 4, 1, backend="torch_cluster")
+    assert table[0, 0, 0, :3].tolist() == [3, 11, 17]
+    assert table[0, 0, 0, 3] not in (3, 11, 17)
