@@ -58,6 +58,28 @@ def _activation(name: Optional[str]) -> nn.Module:
     return acts[name]()
 
 
+def _regular_max(x_src: Tensor, neighbors: Tensor) -> Tensor:
+    """``out[i, c] = max_j x_src[neighbors[g(c), i, j], c]`` for a ``(G, N_dst, k)``
+    table, ``g(c)`` the group of channel ``c``: ``(N_dst, C)``.
+
+    The candidates are gathered and compared without autograd; only the
+    winners are read from ``x_src`` with a differentiable ``gather``, so the
+    backward pass is one index scatter of ``(N_dst, C)`` gradients (each to
+    the first maximal neighbour, nearest first), and no ``(N_dst, k, C)``
+    tensor is kept for it.
+    """
+    g, n_dst, k = neighbors.shape
+    n_src, c = x_src.shape
+    w = c // g
+    with torch.no_grad():
+        # Sub-row n * G + g of x_src viewed as (N_src * G, C / G) is group g of node n.
+        sub = (neighbors * g + torch.arange(g, device=neighbors.device).view(g, 1, 1)).transpose(0, 1)
+        cand = x_src.detach().reshape(n_src * g, w).index_select(0, sub.reshape(-1)).view(n_dst, g, k, w)
+        winner = cand.argmax(dim=2)  # (N_dst, G, w): rank of the first maximal neighbour
+        rows = neighbors.transpose(0, 1).gather(2, winner)  # (N_dst, G, w): its source index
+    return x_src.gather(0, rows.view(n_dst, c))
+
+
 def _norm(name: Optional[str], channels: int) -> nn.Module:
     if name == "batch":
         return nn.BatchNorm1d(channels)
@@ -104,7 +126,10 @@ class GroupMaxRelConv(MessagePassing):
           :math:`((|\mathcal{V}_s|, C), (|\mathcal{V}_t|, C))` if bipartite;
           edge indices :math:`(G, 2, |\mathcal{E}|)` (one edge set per group,
           as returned by :func:`gkg_pyg.group_knn`) or :math:`(2, |\mathcal{E}|)`
-          (shared by all groups)
+          (shared by all groups); or, instead of edge indices, a regular
+          neighbour table ``neighbors`` :math:`(G, |\mathcal{V}_t|, k)` of source
+          indices (the fast path: a gather and a max over the :math:`k`
+          neighbours, whose backward is one index scatter)
         - **output:** node features :math:`(|\mathcal{V}_t|, C_{out})`
     """
 
@@ -126,12 +151,33 @@ class GroupMaxRelConv(MessagePassing):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def forward(self, x: Union[Tensor, PairTensor], edge_index: Tensor) -> Tensor:
+    def forward(self, x: Union[Tensor, PairTensor], edge_index: Optional[Tensor] = None, *,
+                neighbors: Optional[Tensor] = None) -> Tensor:
+        """Aggregate over ``edge_index`` (any PyG graph) or over a regular
+        ``neighbors`` table ``(G, N_dst, k)`` of source indices (exactly ``k``
+        per destination and group, as :func:`gkg_pyg.group_knn` builds:
+        ``neighbors = edge_index[:, 0].view(G, N_dst, k)``). Pass one of the two."""
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         g, c = self.groups, self.in_channels
         if x_src.shape[-1] != c or x_dst.shape[-1] != c:
             raise ValueError(f"{self.__class__.__name__} expects {c} channels, got "
                              f"{x_src.shape[-1]} (source) and {x_dst.shape[-1]} (destination)")
+        if (edge_index is None) == (neighbors is None):
+            raise ValueError("pass exactly one of edge_index (any graph) and neighbors (a (G, N_dst, k) table)")
+        if neighbors is not None:
+            if neighbors.dim() != 3 or neighbors.shape[:2] != (g, x_dst.shape[0]) or neighbors.shape[2] < 1:
+                raise ValueError(f"neighbors must be ({g}, {x_dst.shape[0]}, k) with k >= 1, "
+                                 f"got {tuple(neighbors.shape)}")
+            rel = _regular_max(x_src, neighbors) - x_dst
+        else:
+            rel = self._general_max_rel(x_src, x_dst, edge_index)
+        n_dst = x_dst.shape[0]
+        interleaved = torch.stack([x_dst, rel], dim=-1).view(n_dst, 2 * c)
+        return self.nn(interleaved)
+
+    def _general_max_rel(self, x_src: Tensor, x_dst: Tensor, edge_index: Tensor) -> Tensor:
+        """``max_j x_j - x_i`` per group over arbitrary edges (0 without neighbours), ``(N_dst, C)``."""
+        g, c = self.groups, self.in_channels
         if edge_index.dim() == 2:
             edge_index = edge_index.unsqueeze(0).expand(g, -1, -1)
         if edge_index.dim() != 3 or edge_index.shape[:2] != (g, 2):
@@ -145,9 +191,7 @@ class GroupMaxRelConv(MessagePassing):
         nbr_max = self.propagate(sub_edges, x=(sub_src, sub_dst), size=(n_src * g, n_dst * g))
         has_nbr = torch.zeros(n_dst * g, 1, dtype=torch.bool, device=x_dst.device)
         has_nbr[sub_edges[1]] = True
-        rel = torch.where(has_nbr, nbr_max - sub_dst, torch.zeros_like(sub_dst)).view(n_dst, c)
-        interleaved = torch.stack([x_dst, rel], dim=-1).view(n_dst, 2 * c)
-        return self.nn(interleaved)
+        return torch.where(has_nbr, nbr_max - sub_dst, torch.zeros_like(sub_dst)).view(n_dst, c)
 
     def message(self, x_j: Tensor) -> Tensor:
         return x_j
@@ -183,7 +227,8 @@ class DynamicGroupMaxRelConv(GroupMaxRelConv):
     def forward(self, x: Tensor, batch: Optional[Tensor] = None) -> Tensor:
         edge_index = group_knn(x, x, self.k, self.groups, dilation=self.dilation, batch_src=batch,
                                batch_dst=batch, backend=self.backend)
-        return super().forward(x, edge_index)
+        # group_knn's edges are regular: k per destination, ordered by destination.
+        return super().forward(x, neighbors=edge_index[:, 0].view(self.groups, x.shape[0], self.k))
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, k={self.k}, "

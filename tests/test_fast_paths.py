@@ -1,0 +1,108 @@
+"""The regular fast paths against the general ones: GroupMaxRelConv's
+neighbour-table path against its PyG edge_index path (outputs and gradients,
+float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gkg_pyg import GroupMaxRelConv, group_knn
+
+
+def conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out):
+    """Outputs and gradients (sources, destinations, every parameter) of both
+    paths for the loss ``(out * weight_out).sum()``."""
+    results = []
+    for kwargs in (dict(edge_index=edges), dict(neighbors=neighbors)):
+        xs, xd = x_src.detach().requires_grad_(True), x_dst.detach().requires_grad_(True)
+        conv.zero_grad(set_to_none=True)
+        out = conv((xs, xd), **kwargs)
+        (out * weight_out).sum().backward()
+        grads = {name: p.grad.clone() for name, p in conv.named_parameters()}
+        results.append((out.detach(), xs.grad, xd.grad, grads))
+    return results
+
+
+# Stage shapes of GKGNet-S at 224 (one image; n_dst, n_src, channels) and a bipartite label graph.
+GKGNET_SHAPES = [(3136, 196, 80, "patch"), (784, 196, 160, "patch"), (196, 196, 400, "self"),
+                 (49, 49, 640, "self"), (80, 3136, 80, "label")]
+
+
+@pytest.mark.parametrize("n_dst,n_src,channels,kind", GKGNET_SHAPES)
+@pytest.mark.parametrize("train", [False, True])
+def test_regular_path_equals_general_path_on_gkgnet_shapes(n_dst, n_src, channels, kind, train):
+    gen = torch.Generator().manual_seed(n_dst + channels)
+    torch.manual_seed(0)
+    conv = GroupMaxRelConv(channels, 2 * channels, groups=2, conv_groups=4).double().train(train)
+    x_dst = torch.randn(2 * n_dst, channels, generator=gen, dtype=torch.float64)
+    x_src = x_dst if kind == "self" else torch.randn(2 * n_src, channels, generator=gen, dtype=torch.float64)
+    batch_src, batch_dst = torch.arange(2).repeat_interleave(n_src), torch.arange(2).repeat_interleave(n_dst)
+    edges = group_knn(x_src, x_dst, 9, 2, dilation=2 if kind == "patch" else 1,
+                      batch_src=batch_src, batch_dst=batch_dst)
+    neighbors = edges[:, 0].view(2, 2 * n_dst, 9)
+    weight_out = torch.randn(2 * n_dst, 2 * channels, generator=gen, dtype=torch.float64)
+    general, regular = conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out)
+    torch.testing.assert_close(regular[0], general[0], rtol=0, atol=0)  # the same maxima, the same arithmetic
+    for got, want in zip(regular[1:3], general[1:3]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name in general[3]:
+        torch.testing.assert_close(regular[3][name], general[3][name], rtol=1e-12, atol=1e-12)
+
+
+def test_regular_path_sends_a_tied_maximum_to_one_neighbour():
+    """Exact ties (duplicated source rows): both paths give the same maxima and
+    the same total gradient per tied pair and channel; the regular path sends
+    it all to the first maximal neighbour in table order (the nearest), where
+    scatter-max may split it among the tied sources. With identity weights the
+    output's odd channels are the messages, so the expected gradient is explicit."""
+    gen = torch.Generator().manual_seed(1)
+    conv = GroupMaxRelConv(4, 8, groups=2, conv_groups=1, act=None, norm=None).double()
+    with torch.no_grad():
+        conv.nn[0].weight.copy_(torch.eye(8, dtype=torch.float64))
+        conv.nn[0].bias.zero_()
+    base = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    x_src = torch.cat([base, base])  # source j + 3 duplicates source j
+    x_dst = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    neighbors = torch.tensor([[[0, 3, 1], [4, 1, 2]], [[5, 2, 0], [1, 4, 3]]])  # (G=2, N_dst=2, k=3), all tied pairs
+    dst = torch.arange(2).repeat_interleave(3).expand(2, -1)
+    edges = torch.stack([neighbors.reshape(2, -1), dst], dim=1)
+    weight_out = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    general, regular = conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out)
+    torch.testing.assert_close(regular[0], general[0], rtol=0, atol=0)
+    torch.testing.assert_close(regular[2], general[2], rtol=1e-12, atol=1e-12)  # destinations: no ties there
+    torch.testing.assert_close(regular[1][:3] + regular[1][3:], general[1][:3] + general[1][3:],
+                               rtol=1e-12, atol=1e-12)
+    expected = torch.zeros_like(x_src)
+    for g in range(2):
+        for i in range(2):
+            for ch in range(2 * g, 2 * g + 2):
+                vals = x_src[neighbors[g, i], ch]
+                first = int(neighbors[g, i, int((vals == vals.max()).nonzero()[0])])
+                expected[first, ch] += weight_out[i, 2 * ch + 1]
+    torch.testing.assert_close(regular[1], expected, rtol=0, atol=1e-12)
+
+
+def test_neighbor_table_and_edge_index_arguments():
+    conv = GroupMaxRelConv(8, 16, groups=2)
+    x = torch.randn(5, 8)
+    table = torch.zeros(2, 5, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one of edge_index"):
+        conv(x)
+    with pytest.raises(ValueError, match="exactly one of edge_index"):
+        conv(x, torch.zeros(2, 4, dtype=torch.long), neighbors=table)
+    with pytest.raises(ValueError, match=r"neighbors must be \(2, 5, k\).*got \(2, 4, 3\)"):
+        conv(x, neighbors=table[:, :4])
+    with pytest.raises(ValueError, match=r"neighbors must be \(2, 5, k\).*got \(1, 5, 3\)"):
+        conv(x, neighbors=table[:1])
+
+
+def test_regular_path_on_group_knn_table_matches_group_knn_edges_dilated():
+    """DynamicGroupMaxRelConv uses the table of group_knn's regular edges."""
+    from gkg_pyg import DynamicGroupMaxRelConv
+    torch.manual_seed(3)
+    dyn = DynamicGroupMaxRelConv(8, 16, k=3, groups=2, dilation=2).double().eval()
+    x = torch.randn(25, 8, dtype=torch.float64)
+    batch = torch.tensor([0] * 10 + [1] * 15)
+    edges = group_knn(x, x, 3, 2, dilation=2, batch_src=batch, batch_dst=batch)
+    with torch.no_grad():
+        torch.testing.assert_close(dyn(x, batch), GroupMaxRelConv.forward(dyn, x, edges), rtol=0, atol=0)
