@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 from tqdm import tqdm
 
-from .data.coco import load_rgb
+from .data.images import load_rgb
 from .data.transforms import MEAN, STD, build_test_transform
 from .graph import neighbour_table, stack_group_edges
 

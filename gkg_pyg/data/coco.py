@@ -1,195 +1,229 @@
-"""MS-COCO 2014 multi-label loader (and the image-list base class shared
-with VOC).
+"""COCO-format multi-label loader: any instances JSON plus an image folder.
 
 Labels follow the usual multi-label COCO protocol (ASL, ML-GCN, the GKGNet
 authors' data lists): an image is labelled with every category that has at
-least one instance annotation, crowd annotations (``iscrowd=1``) included,
-and only images with at least one label are kept (82,081 train / 40,137 val
-images for COCO 2014). For the small / medium / large breakdown each label
-also carries the largest annotation ``area`` (segmentation area in
-original-image pixels, the field COCO's own scale buckets use).
+least one instance annotation, crowd annotations (``iscrowd=1``) included;
+by default only images with at least one label are kept (82,081 train /
+40,137 val images for COCO 2014). For the small / medium / large breakdown
+each label also carries the largest annotation ``area`` (segmentation area
+in original-image pixels, the field COCO's own scale buckets use).
+
+Where the files are: either explicitly (``ann_file`` and ``image_dir``) or
+found under a root in the 2014 or 2017 layout (``coco_split_files``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
+import json
+import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
-from pycocotools.coco import COCO
-from torch.utils.data import Dataset
 
+from .base import EMPTY_LABELS, ImageLabelDataset, handle_empty_rows
+from .images import load_rgb
 
-def load_rgb(path: str) -> Image.Image:
-    """Open ``path`` as an RGB PIL image, fully decoded.
-
-    Raises:
-        FileNotFoundError: the file does not exist (its ``filename`` is the
-            path).
-        OSError: the file is not a decodable image (truncated, corrupt, not
-            an image); the message names the path.
-    """
-    try:
-        with Image.open(path) as img:
-            # convert() forces the full decode, so truncated files fail here
-            # and not later inside a transform.
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError) as err:
-        # PIL raises SyntaxError for some malformed headers, and its OSError
-        # for a truncated JPEG does not name the file.
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
-class ImageLabelDataset(Dataset):
-    """Images on disk with a fixed (N, L) label matrix.
-
-    Each sample is a dict::
-
-        image:  transform(PIL RGB image); a (3, H, W) float tensor with the
-                package's transforms; the PIL image when transform is None
-        target: (L,) float tensor, 1 present, 0 absent, -1 present only
-                through difficult objects (VOC)
-        area:   (L,) float tensor, largest object area of each present label
-                in original-image pixels, 0 where absent or unknown
-        index:  int, position in the data set
-        path:   str, the image file
-
-    With ``skip_bad_images`` a missing or undecodable image gives ``None``
-    (and a warning naming the file) instead of an exception; ``collate``
-    drops such samples and counts them.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[str],
-        targets: torch.Tensor,
-        areas: torch.Tensor,
-        class_names: Sequence[str],
-        transform: Callable | None = None,
-        skip_bad_images: bool = False,
-    ) -> None:
-        if targets.shape != areas.shape or targets.shape != (len(paths), len(class_names)):
-            raise ValueError(
-                f"targets {tuple(targets.shape)} and areas {tuple(areas.shape)} must both be "
-                f"({len(paths)} images, {len(class_names)} classes)"
-            )
-        self.paths = list(paths)
-        self.targets = targets.float()
-        self.areas = areas.float()
-        self.class_names = list(class_names)
-        self.transform = transform
-        self.skip_bad_images = skip_bad_images
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict | None:
-        path = self.paths[index]
-        try:
-            image = load_rgb(path)
-        except OSError as err:
-            if not self.skip_bad_images:
-                raise
-            warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        # clone(): a row view would carry the whole (N, L) storage along when
-        # a DataLoader worker ships the sample.
-        return {
-            "image": image,
-            "target": self.targets[index].clone(),
-            "area": self.areas[index].clone(),
-            "index": int(index),
-            "path": path,
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(images={len(self)}, classes={len(self.class_names)}, "
-            f"transform={self.transform!r})"
-        )
+__all__ = ["CocoDataset", "ImageLabelDataset", "coco_category_names", "coco_paths", "coco_split_files", "load_rgb"]
 
 
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
-    """(annotation json, image folder) of a COCO 2014 ``split`` under ``root``."""
+    """(annotation json, image folder) of the COCO 2014 layout of ``split``
+    under ``root`` (what the synthetic generator writes)."""
     root = Path(root)
     return root / "annotations" / f"instances_{split}2014.json", root / f"{split}2014"
 
 
-def _load_coco_quietly(ann_file: Path) -> COCO:
-    # pycocotools prints progress lines to stdout on every load.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+def _layouts(root: Path, name: str) -> list[tuple[Path, Path]]:
+    ann = root / "annotations" / f"instances_{name}.json"
+    return [(ann, root / name), (ann, root / "images" / name)]
+
+
+def coco_split_files(root: str | Path, split: str) -> tuple[Path, Path]:
+    """(instances JSON, image folder) of ``split`` under ``root``.
+
+    Looks for ``annotations/instances_<name>.json`` with its images in
+    ``<name>/`` or ``images/<name>/``, where ``<name>`` is the split itself
+    (``train2017``, ``val2014``, or any name such as ``train``) and, for a
+    split without a year, also ``<split>2014`` and ``<split>2017``. Exactly
+    one complete match must exist.
+
+    Raises:
+        FileNotFoundError: nothing matches (the message lists what was looked for).
+        ValueError: several layouts match (e.g. both 2014 and 2017 under one root).
+    """
+    root = Path(root)
+    names = [split] if re.search(r"\d{4}$", split) else [split, f"{split}2014", f"{split}2017"]
+    found, tried = [], []
+    for name in names:
+        for ann, images in _layouts(root, name):
+            tried.append((ann, images))
+            if ann.is_file() and images.is_dir():
+                found.append((ann, images))
+                break
+    if len(found) == 1:
+        return found[0]
+    if found:
+        years = ", ".join(f"{a.name} + {i.relative_to(root)}/" for a, i in found)
+        raise ValueError(
+            f"COCO split {split!r} is ambiguous under {root}: {years}; name the split with its year "
+            f"(e.g. data.train_split=train2017) or give data.ann_file / data.image_dir"
+        )
+    anns = sorted({str(a) for a, _ in tried if a.is_file()})
+    if anns:  # an annotation file without its image folder
+        folders = ", ".join(str(i) for a, i in tried if str(a) in anns)
+        raise FileNotFoundError(f"COCO image folder not found for {', '.join(anns)}: looked for {folders}")
+    looked = ", ".join(dict.fromkeys(str(a.relative_to(root)) for a, _ in tried))
+    raise FileNotFoundError(
+        f"COCO annotation file not found under {root} for split {split!r}: looked for {looked} "
+        f"(or give data.ann_file and data.image_dir)"
+    )
+
+
+def _read_json(ann_file: Path) -> dict:
+    try:
+        with ann_file.open("rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ann_file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file} is not a COCO annotation file (top level is not an object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{ann_file} is not a COCO instances file: it has no {key!r} list")
+    return data
+
+
+def _sorted_categories(data: dict, ann_file: Path) -> list[dict]:
+    """The categories in increasing id order; their names must be unique."""
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    if not categories:
+        raise ValueError(f"{ann_file} has no categories")
+    if len({c["id"] for c in categories}) != len(categories):
+        raise ValueError(f"{ann_file} lists a category id twice")
+    names = [str(c["name"]) for c in categories]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{ann_file} has several categories named {', '.join(map(repr, twice))}")
+    return categories
+
+
+def coco_category_names(ann_file: str | Path) -> list[str]:
+    """The class names of an instances JSON, in increasing category-id order."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    return [str(c["name"]) for c in _sorted_categories(_read_json(ann_file), ann_file)]
+
+
+def _area(ann: dict) -> float:
+    """The annotation's ``area``; without one, its box area; else 0 (unknown)."""
+    if ann.get("area") is not None:
+        return float(ann["area"])
+    box = ann.get("bbox")
+    return float(box[2] * box[3]) if box and len(box) == 4 else 0.0
 
 
 class CocoDataset(ImageLabelDataset):
-    """COCO 2014 multi-label classification.
+    """Multi-label classification from a COCO instances file.
 
-    Layout: ``root/annotations/instances_{split}2014.json`` and
-    ``root/{split}2014/<file_name>``, ``split`` being ``"train"`` or ``"val"``
-    (any name whose two paths exist works, e.g. the synthetic data set).
-    Classes are the json's categories in increasing category-id order
-    (80 for COCO, mapped to 0..79). Images are in increasing image-id order.
+    Args:
+        root: folder searched for the 2014 / 2017 layout (``coco_split_files``)
+            when ``ann_file`` is not given; relative ``ann_file`` /
+            ``image_dir`` are taken relative to it.
+        split: the split to find under ``root`` (``train``, ``val``,
+            ``train2017``, ...); only a name when ``ann_file`` is given.
+        transform: applied to the PIL RGB image.
+        skip_bad_images: see ``ImageLabelDataset``.
+        ann_file, image_dir: explicit files (both or neither); the images'
+            ``file_name`` are relative to ``image_dir``.
+        empty_labels: images without any annotation: "drop" (default, the
+            standard protocol), "keep" (all-negative rows) or "error".
+
+    Classes are the JSON's categories in increasing category-id order (the
+    order COCO lists them; 80 for COCO, ids 1..90 with gaps mapped to
+    0..79), named by their ``name``. Images are in increasing image-id order.
     """
+
+    per_image_fields = ("image_ids",)
 
     def __init__(
         self,
-        root: str | Path,
-        split: str,
+        root: str | Path | None = None,
+        split: str = "train",
         transform: Callable | None = None,
         skip_bad_images: bool = False,
+        ann_file: str | Path | None = None,
+        image_dir: str | Path | None = None,
+        empty_labels: str = "drop",
     ) -> None:
-        ann_file, image_dir = coco_paths(root, split)
-        if not ann_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-        if not image_dir.is_dir():
-            raise FileNotFoundError(f"COCO image folder not found: {image_dir}")
-        coco = _load_coco_quietly(ann_file)
+        if empty_labels not in EMPTY_LABELS:
+            raise ValueError(f"empty_labels must be one of {EMPTY_LABELS}, got {empty_labels!r}")
+        base = Path(root) if root is not None else Path(".")
+        if (ann_file is None) != (image_dir is None):
+            given, other = ("ann_file", "image_dir") if ann_file is not None else ("image_dir", "ann_file")
+            raise ValueError(f"COCO split {split!r}: {given} is given but {other} is not; give both or neither")
+        if ann_file is None:
+            if root is None:
+                raise ValueError("CocoDataset needs a root or ann_file and image_dir")
+            ann_path, image_path = coco_split_files(base, split)
+        else:
+            ann_path, image_path = base / ann_file, base / image_dir
+            if not ann_path.is_file():
+                raise FileNotFoundError(f"COCO annotation file not found: {ann_path}")
+            if not image_path.is_dir():
+                raise FileNotFoundError(f"COCO image folder not found: {image_path}")
+        data = _read_json(ann_path)
 
-        categories = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
+        categories = _sorted_categories(data, ann_path)
         column = {c["id"]: i for i, c in enumerate(categories)}
-        for ann in coco.dataset.get("annotations", []):
+        names = [str(c["name"]) for c in categories]
+        images = {img["id"]: img for img in data["images"]}
+        by_image: dict = {}
+        for ann in data["annotations"]:
             if ann["category_id"] not in column:
                 raise ValueError(
-                    f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_file} has "
-                    f"category_id {ann['category_id']}, which is not in its categories "
-                    f"{sorted(column)}"
+                    f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_path} has "
+                    f"category_id {ann['category_id']}, which is not in its categories {sorted(column)}"
                 )
+            if ann["image_id"] not in images:
+                raise ValueError(
+                    f"annotation {ann.get('id')} in {ann_path} refers to image_id {ann['image_id']}, "
+                    f"which is not in its images"
+                )
+            by_image.setdefault(ann["image_id"], []).append(ann)
 
-        # Crowd annotations count: the standard multi-label COCO labels
-        # come from all instance annotations of an image.
-        image_ids = [i for i in sorted(coco.getImgIds()) if coco.imgToAnns.get(i)]
-        if not image_ids:
-            raise ValueError(
-                f"COCO split {split!r} under {root} has no image with at least one label "
-                f"({ann_file})"
-            )
+        all_ids = sorted(images)
         # numpy, not tensor element access: COCO train has ~600k annotations.
-        targets = np.zeros((len(image_ids), len(categories)), dtype=np.float32)
-        areas = np.zeros((len(image_ids), len(categories)), dtype=np.float32)
-        for row, image_id in enumerate(image_ids):
-            for ann in coco.imgToAnns[image_id]:
+        targets = np.zeros((len(all_ids), len(categories)), dtype=np.float32)
+        areas = np.zeros((len(all_ids), len(categories)), dtype=np.float32)
+        for row, image_id in enumerate(all_ids):
+            for ann in by_image.get(image_id, ()):
                 col = column[ann["category_id"]]
                 targets[row, col] = 1.0
-                areas[row, col] = max(areas[row, col], float(ann["area"]))
-        paths = [str(image_dir / coco.imgs[i]["file_name"]) for i in image_ids]
-
+                areas[row, col] = max(areas[row, col], _area(ann))
+        keep, empty = handle_empty_rows(
+            targets, empty_labels, f"{ann_path}", lambda r: str(images[all_ids[r]]["file_name"])
+        )
+        image_ids = [all_ids[r] for r in keep]
+        if not image_ids:
+            raise ValueError(
+                f"COCO split {split!r} ({ann_path}) has no image with at least one label"
+                + (" (data.empty_labels=keep keeps unlabelled images)" if empty else "")
+            )
+        paths = [str(image_path / images[i]["file_name"]) for i in image_ids]
         super().__init__(
             paths,
-            torch.from_numpy(targets),
-            torch.from_numpy(areas),
-            [c["name"] for c in categories],
+            torch.from_numpy(targets[keep]),
+            torch.from_numpy(areas[keep]),
+            names,
             transform,
             skip_bad_images,
         )
-        self.root = Path(root)
+        self.root = base
         self.split = split
+        self.ann_file = ann_path
+        self.image_dir = image_path
         self.image_ids = image_ids
+        self.num_without_labels = len(empty)

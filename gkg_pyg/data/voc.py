@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .coco import ImageLabelDataset
+from .base import ImageLabelDataset
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
