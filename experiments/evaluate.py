@@ -23,9 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gkg_pyg import engine  # noqa: E402
-from gkg_pyg.checkpoint import read_checkpoint, load_checkpoint  # noqa: E402
-from gkg_pyg.config import build_model, load_config  # noqa: E402
+from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
+from gkg_pyg.config import load_config  # noqa: E402
+from gkg_pyg.training.distributed import cleanup_distributed, init_distributed  # noqa: E402
+from gkg_pyg.training.loaders import build_split, check_images, eval_loader  # noqa: E402
+from gkg_pyg.training.loops import evaluate  # noqa: E402
+from gkg_pyg.training.precision import build_precision  # noqa: E402
 from gkg_pyg.metrics import (  # noqa: E402
     SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, multilabel_metrics, per_class_ap_csv,
 )  # fmt: skip
@@ -45,15 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    info = engine.init_distributed()
+    info = init_distributed()
     cfg = load_config(args.config, args.overrides)
     if args.skip_bad_images:
         cfg["data"]["skip_bad_images"] = True
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
 
-    dataset = engine.build_split(cfg, train=False)
-    missing = engine.check_images(dataset, "evaluation", cfg["data"]["skip_bad_images"])
+    dataset = build_split(cfg, train=False)
+    missing = check_images(dataset, "evaluation", cfg["data"]["skip_bad_images"])
     model = build_model(cfg, dataset.class_names, load_weights=False)
     _, checkpoint = read_checkpoint(args.checkpoint)
     load_checkpoint(model, checkpoint, verbose=info.is_main)
@@ -63,12 +67,12 @@ def main(argv=None) -> int:
         load_checkpoint(ema, checkpoint["ema"], verbose=False)
         models["ema"] = ema
 
-    loader = engine.eval_loader(cfg, dataset, info)
-    precision = engine.build_precision(cfg["train"]["amp"], info.device)
+    loader = eval_loader(cfg, dataset, info)
+    precision = build_precision(cfg["train"]["amp"], info.device)
     out_dir = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / "eval"
     out = {"checkpoint": str(args.checkpoint)}
     for name, net in models.items():
-        res = engine.evaluate(net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"])
+        res = evaluate(net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"])
         metrics = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"], res["areas"],
                                      dataset.class_names)  # fmt: skip
         keys = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(out, indent=2))
         print(f"\nsaved {out_dir / 'metrics.json'}")
-    engine.cleanup_distributed()
+    cleanup_distributed()
     return 0
 
 

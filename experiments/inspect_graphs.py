@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import gkg_pyg  # noqa: E402
 from gkg_pyg import inspect as gi  # noqa: E402
 from gkg_pyg.checkpoint import read_checkpoint  # noqa: E402
-from gkg_pyg.config import build_model, load_config  # noqa: E402
+from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.config import load_config  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

@@ -23,9 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gkg_pyg.checkpoint import read_checkpoint, load_checkpoint  # noqa: E402
-from gkg_pyg.config import build_model, load_config, validate_config  # noqa: E402
+from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.config import load_config, validate_config  # noqa: E402
 from gkg_pyg.data import build_test_transform, load_rgb  # noqa: E402
-from gkg_pyg.engine import build_split  # noqa: E402
+from gkg_pyg.training.loaders import build_split  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

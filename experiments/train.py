@@ -27,8 +27,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gkg_pyg import engine  # noqa: E402
-from gkg_pyg.config import build_model, config_diff, load_config, save_config  # noqa: E402
+from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.config import config_diff, load_config, save_config  # noqa: E402
+from gkg_pyg.training.distributed import (  # noqa: E402
+    DistInfo, cleanup_distributed, convert_sync_batchnorm, init_distributed,
+)  # fmt: skip
+from gkg_pyg.training.ema import build_ema  # noqa: E402
+from gkg_pyg.training.loaders import build_split, check_images, eval_loader, start_epoch, train_loader  # noqa: E402
+from gkg_pyg.training.loops import evaluate, train_one_epoch  # noqa: E402
+from gkg_pyg.training.optim import build_optimizer, build_schedule  # noqa: E402
+from gkg_pyg.training.precision import build_precision  # noqa: E402
+from gkg_pyg.training.rng import derived_seed, seed_everything  # noqa: E402
+from gkg_pyg.training.state import (  # noqa: E402
+    gather_rng_states, link_atomic, load_training_checkpoint, restore_training_state, save_atomic, training_state,
+)  # fmt: skip
 from gkg_pyg.loss import GKGNetLoss  # noqa: E402
 from gkg_pyg.metrics import (  # noqa: E402
     SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, label_frequency_baseline_scores,
@@ -88,7 +100,7 @@ def choose_run_folder(cfg: dict, output, resume):
     return run_dir, resume_path
 
 
-def prepare(args: argparse.Namespace, info: engine.DistInfo) -> dict:
+def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
     """Load and check everything; write nothing. Returns the pieces of the run."""
     cfg = load_config(args.config, args.overrides)
     if args.skip_bad_images:
@@ -97,8 +109,8 @@ def prepare(args: argparse.Namespace, info: engine.DistInfo) -> dict:
         torch.set_num_threads(cfg["train"]["num_threads"])
     run_dir, resume_path = choose_run_folder(cfg, args.output, args.resume)
 
-    train_set = engine.build_split(cfg, train=True)
-    val_set = engine.build_split(cfg, train=False)
+    train_set = build_split(cfg, train=True)
+    val_set = build_split(cfg, train=False)
     if val_set.class_names != train_set.class_names:
         raise ValueError(
             f"the training and evaluation splits have different labels: {len(train_set.class_names)} "
@@ -106,19 +118,19 @@ def prepare(args: argparse.Namespace, info: engine.DistInfo) -> dict:
         )
     skip = cfg["data"]["skip_bad_images"]
     missing = {
-        "train": engine.check_images(train_set, "training", skip),
-        "val": engine.check_images(val_set, "evaluation", skip),
+        "train": check_images(train_set, "training", skip),
+        "val": check_images(val_set, "evaluation", skip),
     }
 
     # Identical initial weights on every rank; afterwards each rank draws
     # its own augmentation stream.
-    engine.seed_everything(cfg["seed"])
+    seed_everything(cfg["seed"])
     model = build_model(cfg, train_set.class_names, verbose=info.is_main)
-    engine.seed_everything(engine.derived_seed(cfg["seed"], info.rank))
+    seed_everything(derived_seed(cfg["seed"], info.rank))
 
     resume_state = None
     if resume_path is not None:
-        resume_state = engine.load_training_checkpoint(resume_path)
+        resume_state = load_training_checkpoint(resume_path)
         if resume_state["class_names"] != train_set.class_names:
             raise ValueError(f"{resume_path} was trained on other labels than the data set of {args.config}")
         changed = config_diff(resume_state["config"], cfg)
@@ -153,7 +165,7 @@ def final_report(cfg, run_dir, class_names, train_targets, results: dict, info) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    info = engine.init_distributed()
+    info = init_distributed()
     run = prepare(args, info)
     cfg, run_dir, train_set, val_set = run["cfg"], run["run_dir"], run["train_set"], run["val_set"]
     tcfg, main_rank = cfg["train"], info.is_main
@@ -164,27 +176,27 @@ def main(argv=None) -> int:
     model = run["model"].to(info.device)
     if info.distributed and cfg["train"]["sync_bn"]:
         if info.device.type == "cuda":
-            model = engine.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model)
         elif main_rank:
             print("note: SyncBatchNorm needs GPUs; on CPUs each process normalises its own batch")
-    train_loader = engine.train_loader(cfg, train_set, info)
-    val_loader = engine.eval_loader(cfg, val_set, info)
-    optimizer = engine.build_optimizer(cfg, model)
-    schedule = engine.build_schedule(cfg, optimizer, len(train_loader))
-    precision = engine.build_precision(tcfg["amp"], info.device)
+    train_batches = train_loader(cfg, train_set, info)
+    val_batches = eval_loader(cfg, val_set, info)
+    optimizer = build_optimizer(cfg, model)
+    schedule = build_schedule(cfg, optimizer, len(train_batches))
+    precision = build_precision(tcfg["amp"], info.device)
     if info.distributed:
         ids = [info.local_rank] if info.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    ema = engine.build_ema(cfg, model)  # after DDP's broadcast: the same on every rank
+    ema = build_ema(cfg, model)  # after DDP's broadcast: the same on every rank
     criterion = GKGNetLoss(**cfg["loss"])
 
-    start_epoch, best_map = 0, -1.0
+    first_epoch, best_map = 0, -1.0
     if run["resume_state"] is not None:
-        start_epoch, best_map = engine.restore_training_state(
+        first_epoch, best_map = restore_training_state(
             run["resume_state"], model, optimizer, schedule, precision, ema, info
         )
         if main_rank:
-            print(f"resumed from {run['resume_path']} after epoch {start_epoch}")
+            print(f"resumed from {run['resume_path']} after epoch {first_epoch}")
 
     # Only now is anything written.
     log_path = run_dir / "log.jsonl"
@@ -194,28 +206,28 @@ def main(argv=None) -> int:
         save_config(cfg, run_dir / "config.yaml")
         # Keep the log lines of the epochs the checkpoint holds (a killed run
         # may have logged an epoch whose checkpoint it did not write).
-        lines = log_path.read_text().splitlines() if (start_epoch and log_path.exists()) else []
-        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= start_epoch))
+        lines = log_path.read_text().splitlines() if (first_epoch and log_path.exists()) else []
+        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= first_epoch))
         writer = tensorboard_writer(cfg, run_dir)
-        print(f"run folder {run_dir}: {len(train_set)} training images ({len(train_loader.dataset)} per epoch "
+        print(f"run folder {run_dir}: {len(train_set)} training images ({len(train_batches.dataset)} per epoch "
               f"with repeats), {len(val_set)} evaluation images, {len(train_set.class_names)} labels, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{info.world_size} process(es) on {info.device.type}")  # fmt: skip
 
     epochs, results = tcfg["epochs"], None
-    for epoch in range(start_epoch, epochs):
-        engine.start_epoch(train_loader, cfg["seed"], epoch, info.rank)
-        stats = engine.train_one_epoch(
-            model, train_loader, criterion, optimizer, schedule, precision, info, tcfg["clip_grad"], ema,
+    for epoch in range(first_epoch, epochs):
+        start_epoch(train_batches, cfg["seed"], epoch, info.rank)
+        stats = train_one_epoch(
+            model, train_batches, criterion, optimizer, schedule, precision, info, tcfg["clip_grad"], ema,
             desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["output"]["progress"],
         )  # fmt: skip
         record = {"epoch": epoch + 1, "step": schedule.step_count, **stats}
         results = None
         if (epoch + 1) % cfg["eval"]["interval"] == 0 or epoch + 1 == epochs:
-            results = {"model": engine.evaluate(model, val_loader, info, precision, "eval",
+            results = {"model": evaluate(model, val_batches, info, precision, "eval",
                                                 cfg["output"]["progress"])}  # fmt: skip
             if ema is not None:
-                results["ema"] = engine.evaluate(ema.module, val_loader, info, precision, "eval EMA",
+                results["ema"] = evaluate(ema.module, val_batches, info, precision, "eval EMA",
                                                  cfg["output"]["progress"])  # fmt: skip
             for name, res in results.items():
                 m = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"])
@@ -224,31 +236,31 @@ def main(argv=None) -> int:
         epoch_map = max(record.get("mAP", -1.0), record.get("ema_mAP", -1.0))
         improved = epoch_map > best_map
         best_map = max(best_map, epoch_map)
-        rngs = engine.gather_rng_states(info)
+        rngs = gather_rng_states(info)
         if main_rank:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             if writer is not None:
                 for key, value in record.items():
                     writer.add_scalar(key, value, epoch + 1)
-            state = engine.training_state(model, optimizer, schedule, precision, ema, epoch + 1, best_map,
+            state = training_state(model, optimizer, schedule, precision, ema, epoch + 1, best_map,
                                           cfg, train_set.class_names, rngs)  # fmt: skip
-            engine.save_atomic(state, run_dir / "checkpoint_last.pth")
+            save_atomic(state, run_dir / "checkpoint_last.pth")
             if improved:
-                engine.link_atomic(run_dir / "checkpoint_last.pth", run_dir / "checkpoint_best.pth")
+                link_atomic(run_dir / "checkpoint_last.pth", run_dir / "checkpoint_best.pth")
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
             print(json.dumps(shown), flush=True)
         stop = tcfg["stop_after_epochs"]
         if stop is not None and epoch + 1 >= stop and epoch + 1 < epochs:
             if main_rank:
                 print(f"stopping after epoch {epoch + 1} (train.stop_after_epochs); continue with --resume")
-            engine.cleanup_distributed()
+            cleanup_distributed()
             return 0
 
     if results is None:  # resumed after the last epoch: evaluate once more
-        results = {"model": engine.evaluate(model, val_loader, info, precision)}
+        results = {"model": evaluate(model, val_batches, info, precision)}
         if ema is not None:
-            results["ema"] = engine.evaluate(ema.module, val_loader, info, precision)
+            results["ema"] = evaluate(ema.module, val_batches, info, precision)
     final_report(cfg, run_dir, train_set.class_names, train_set.targets, results, info)
     skipped = stats_skipped(log_path) if main_rank else 0
     if main_rank and (skipped or results["model"]["num_skipped"]):
@@ -256,7 +268,7 @@ def main(argv=None) -> int:
               f"{results['model']['num_skipped']} in the final evaluation")  # fmt: skip
     if writer is not None:
         writer.close()
-    engine.cleanup_distributed()
+    cleanup_distributed()
     return 0
 
 

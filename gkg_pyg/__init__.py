@@ -4,7 +4,8 @@ from .knn import batched_group_knn, group_knn
 from .conv import DynamicGroupMaxRelConv, GroupMaxRelConv
 from .graph import build_stage_graph, stack_group_edges
 from .models.gkgnet import GKGNet, create_model, list_models, min_input_size
-from .checkpoint import export_authors_checkpoint, load_checkpoint
+from .models.gkgnet import export_authors_checkpoint
+from .checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
 __all__ = ["group_knn", "batched_group_knn", "GroupMaxRelConv", "DynamicGroupMaxRelConv", "build_stage_graph",

@@ -1,90 +1,88 @@
-"""Load and export GKGNet weights in three layouts.
+"""Read checkpoint files safely and load them into a model, generically.
 
-* ``"gkg_pyg"``: this library's own state dict (optionally under ``model``
-  or ``state_dict``, as the training script saves it).
-* ``"gkgnet_mmcls"``: the authors' GKGNet checkpoints (mmcls
-  ``ImageClassifier``, under ``state_dict``): ``backbone.stem.*``,
-  ``backbone.pos_embed``, ``backbone.backbone.{j}.*``, ``backbone.label_lt``,
-  ``backbone.gcn_label.*``, ``backbone.ffn_label.*``, ``head.fc{1,2}.*``.
-* ``"pyramid_vig"``: Pyramid ViG ImageNet checkpoints (``pvig_*.pth.tar``):
-  the patch path only, without the ``backbone.`` prefix; the ImageNet head
-  (``prediction.*``) is dropped.
+``read_checkpoint`` loads tensors and plain containers only
+(``torch.load(..., weights_only=True)``): unpickling arbitrary objects could
+run code the file carries, so a file that needs more is refused with an error
+that says why and how to convert it. Empty, truncated and foreign files get an
+error naming the file.
 
-Foreign 1x1 convolution weights ``(out, in, 1, 1)`` become linear weights
-``(out, in)``; the relative-position tables are recomputed, never read; an
-absolute position embedding of another grid is resized bicubically.
+``load_checkpoint`` turns the checkpoint into the model's own names with the
+model's ``filter_checkpoint`` (the key maps of foreign layouts live next to
+the model, e.g. ``gkg_pyg.models.gkgnet.checkpoint_filter_fn``), checks every
+shape before anything is loaded, and loads strictly by default: a missing or
+unexpected tensor is an error that lists them. ``strict=False`` loads what
+fits and reports the rest (always printed when ``verbose``).
 """
+
 from __future__ import annotations
 
 import os
 import pickle
-from typing import Dict, Mapping, Optional, Tuple, Union
+import zipfile
+from typing import Mapping, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from .models.gkgnet import GKGNet
+__all__ = ["read_checkpoint", "torch_load_weights", "convert_checkpoint", "load_checkpoint", "format_report",
+           "CheckpointError"]  # fmt: skip
 
-SOURCES = ("auto", "gkg_pyg", "gkgnet_mmcls", "pyramid_vig")
-
-
-def authors_key_map(model: GKGNet) -> Dict[str, Tuple[str, bool]]:
-    """Our key -> (the authors' mmcls key, stored as a 1x1 conv weight).
-
-    Our modules mirror theirs, so each key maps by renaming its module
-    prefix; their linear maps inside blocks are 1x1 convolutions."""
-    rules = [("stem.", "backbone.stem."), ("pos_embed", "backbone.pos_embed"),
-             ("label_embed.", "backbone.label_lt."), ("head_label.", "head.fc1."), ("head_patch.", "head.fc2.")]
-    j = 0  # index into the authors' flat sequence of blocks and downsamplings
-    for s, stage in enumerate(model.stages):
-        if stage.downsample is not None:
-            rules.append((f"stages.{s}.downsample.", f"backbone.backbone.{j}.conv."))
-            j += 1
-        for b in range(len(stage.blocks)):
-            rules += [(f"stages.{s}.blocks.{b}.grapher.", f"backbone.backbone.{j}.0."),
-                      (f"stages.{s}.blocks.{b}.ffn.", f"backbone.backbone.{j}.1.")]
-            j += 1
-    rules += [("label_modules.", "backbone.gcn_label."), ("label_projs.", "backbone.ffn_label.")]
-    out = {}
-    for key, tensor in model.state_dict().items():
-        ours, theirs = next((o, t) for o, t in rules if key.startswith(o))
-        rest = key[len(ours):]
-        if ours == "label_projs.":  # their label maps sit in a Sequential: ffn_label.{s}.0.*
-            stage, _, rest = rest.partition(".")
-            rest = f"{stage}.0.{rest}"
-        theirs = (theirs + rest).replace(".graph_conv.nn.", ".graph_conv.gconv.nn.")
-        conv = tensor.dim() == 2 and theirs.startswith(("backbone.backbone.", "backbone.gcn_label."))
-        out[key] = (theirs, conv)
-    return out
+PathOrState = Union[str, os.PathLike, Mapping]
 
 
-def _relative_pos_keys(model: GKGNet) -> Dict[str, Tensor]:
-    """The authors' stored, negated position tables ``(1, n, n_src)`` per block."""
-    out, j = {}, 0
-    for stage in model.stages:
-        j += stage.downsample is not None
-        for _ in stage.blocks:
-            out[f"backbone.backbone.{j}.0.relative_pos"] = -stage.construction_table().float().unsqueeze(0)
-            j += 1
-    return out
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that does not fit the model."""
 
 
-def read_checkpoint(path_or_state_dict) -> Tuple[Mapping[str, Tensor], dict]:
+def torch_load_weights(path: Union[str, os.PathLike]) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name
+    the file and say what is wrong with it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format, whose directory sits at the end
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"cannot read checkpoint {path} ({size} bytes): the file is truncated "
+                                  "(torch's zip archive has no central directory)")  # fmt: skip
+    elif not head.startswith(b"\x80"):  # nor a legacy pickle
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (it starts with {head!r}, "
+                              "neither torch's zip format nor a pickle)")  # fmt: skip
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects other than tensors and plain containers, and "
+                "unpickling them could run code the file carries, so gkg-pyg loads weights only "
+                "(torch.load(..., weights_only=True)). If you trust the file, convert it once: "
+                "torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pth') "
+                f"(torch says: {str(err).splitlines()[0]})"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({err})") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({size} bytes): the file is truncated or not a PyTorch checkpoint "
+            f"({reason})"
+        ) from None
+
+
+def read_checkpoint(path_or_state_dict: PathOrState) -> Tuple[Mapping[str, Tensor], dict]:
     """``(state_dict, whole checkpoint)`` of a path or dict: the state dict is
     unwrapped from ``state_dict`` or ``model`` and loses DDP's ``module.`` prefix."""
+    where = "the checkpoint"
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path = os.fspath(path_or_state_dict)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # training checkpoints also hold RNG states and configs
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        where = os.fspath(path_or_state_dict)
+        ckpt = torch_load_weights(where)
     else:
         ckpt = path_or_state_dict
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f"a checkpoint must be a dict of tensors, got {type(ckpt).__name__}")
+        raise CheckpointError(f"{where} is not a checkpoint: expected a dict of tensors, got {type(ckpt).__name__}")
     outer = ckpt
     for wrapper in ("state_dict", "model"):
         if isinstance(ckpt.get(wrapper), Mapping):
@@ -92,95 +90,104 @@ def read_checkpoint(path_or_state_dict) -> Tuple[Mapping[str, Tensor], dict]:
             break
     state = {(k[7:] if k.startswith("module.") else k): v for k, v in ckpt.items() if isinstance(v, Tensor)}
     if not state:
-        raise ValueError("the checkpoint holds no tensors")
+        raise CheckpointError(f"{where} holds no tensors (keys: {list(ckpt)[:8]})")
     return state, outer
 
 
-def detect_source(state: Mapping[str, Tensor]) -> str:
-    keys = list(state)
-    if any(k.startswith(("backbone.label_lt", "backbone.backbone.", "head.fc")) for k in keys):
-        return "gkgnet_mmcls"
-    if any(k.startswith("stages.") for k in keys):
-        return "gkg_pyg"
-    if "stem.convs.0.weight" in state and any(k.startswith("backbone.") for k in keys):
-        return "pyramid_vig"
-    raise ValueError("cannot tell the checkpoint layout from its keys (first keys: "
-                     f"{keys[:5]}); pass source='gkg_pyg', 'gkgnet_mmcls' or 'pyramid_vig'")
-
-
-def load_checkpoint(model: GKGNet, path_or_state_dict: Union[str, os.PathLike, Mapping],
-                    source: str = "auto", verbose: bool = True) -> dict:
-    """Load weights of any supported layout into ``model``.
-
-    Returns a report ``{"source", "used", "skipped", "missing", "resized"}``
-    (checkpoint keys used, checkpoint keys skipped, model keys not loaded,
-    keys resized) and prints a summary when ``verbose``.  A tensor whose shape
-    does not fit raises ``ValueError`` naming the key and both shapes, before
-    anything is loaded.
-    """
-    if source not in SOURCES:
-        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {SOURCES}")
+def convert_checkpoint(model: nn.Module, path_or_state_dict: PathOrState, source: str = "auto") -> dict:
+    """The checkpoint's tensors in the model's names: the model's
+    ``filter_checkpoint(state_dict, source)`` when it has one (foreign
+    layouts), else the state dict as it is (``source`` must then be "auto")."""
     state, _ = read_checkpoint(path_or_state_dict)
-    if source == "auto":
-        source = detect_source(state)
+    if hasattr(model, "filter_checkpoint"):
+        return model.filter_checkpoint(state, source)
+    if source != "auto":
+        raise ValueError(f"unknown checkpoint source {source!r}: {type(model).__name__} reads its own layout only")
+    return dict(source="state_dict", state_dict=dict(state), names={k: k for k in state}, skipped=[], absent=[],
+                resized=[], num_classes=None)  # fmt: skip
+
+
+def load_checkpoint(
+    model: nn.Module, path_or_state_dict: PathOrState, source: str = "auto", strict: bool = True,
+    verbose: bool = True,
+) -> dict:  # fmt: skip
+    """Load weights of any layout the model knows into ``model``.
+
+    Args:
+        model: e.g. a GKGNet.
+        path_or_state_dict: a file (read with ``weights_only=True``) or a dict.
+        source: the layout (``"auto"``: detected from the keys).
+        strict: every model tensor must be loaded and every checkpoint tensor
+            used, except what the layout cannot hold (a Pyramid ViG ImageNet
+            checkpoint has no label path and no heads) or deliberately leaves
+            out (stored position tables, the ImageNet head). False: load what
+            fits and report the rest.
+        verbose: print the report.
+    Returns:
+        ``{"source", "used", "skipped", "unexpected", "missing", "resized"}``:
+        checkpoint keys used, deliberately skipped, unknown; model keys not
+        loaded; keys resized.
+    Raises:
+        CheckpointError (a ValueError): a tensor of the wrong shape (naming
+            the key and both shapes), or under ``strict`` missing or unexpected
+            tensors (listing them); raised before anything is loaded.
+    """
+    name = os.fspath(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "the checkpoint"
+    state, _ = read_checkpoint(path_or_state_dict)
+    filtered = convert_checkpoint(model, state, source)
     own = model.state_dict()
-    if source == "gkg_pyg":
-        mapping = {k: (k, False) for k in own}
-    else:
-        mapping = authors_key_map(model)
-        if source == "pyramid_vig":
-            label_path = ("backbone.label_lt", "backbone.gcn_label", "backbone.ffn_label")
-            mapping = {ours: (theirs[len("backbone."):], conv) for ours, (theirs, conv) in mapping.items()
-                       if theirs.startswith("backbone.") and not theirs.startswith(label_path)}
-    converted, used, resized = {}, [], []
-    for ours, (theirs, _) in mapping.items():
-        if theirs not in state:
-            continue
-        tensor, target = state[theirs], own[ours]
-        if tensor.dim() == 4 and target.dim() == 2 and tensor.shape[2:] == (1, 1):
-            tensor = tensor.flatten(1)
-        if ours == "pos_embed" and tensor.dim() == 4 and tensor.shape[:2] == target.shape[:2] \
-                and tensor.shape != target.shape:
-            tensor = F.interpolate(tensor.float(), size=target.shape[2:], mode="bicubic", align_corners=False)
-            resized.append(f"{theirs} {tuple(state[theirs].shape)} -> {tuple(target.shape)}")
-        if tensor.shape != target.shape:
-            raise ValueError(f"checkpoint does not fit the model: {theirs!r} has shape {tuple(state[theirs].shape)} "
-                             f"but the model's {ours!r} has shape {tuple(target.shape)}")
-        converted[ours] = tensor
-        used.append(theirs)
-    used_set = set(used)
-    skipped = [k for k in state if k not in used_set]
-    missing = [k for k in own if k not in converted]
-    model.load_state_dict(converted, strict=False)
-    report = dict(source=source, used=used, skipped=skipped, missing=missing, resized=resized)
+    converted, names = filtered["state_dict"], filtered["names"]
+    for ours, tensor in converted.items():
+        if ours in own and tuple(tensor.shape) != tuple(own[ours].shape):
+            theirs = names[ours]
+            raise CheckpointError(
+                f"checkpoint does not fit the model: {theirs!r} has shape {tuple(state[theirs].shape)} "
+                f"but the model's {ours!r} has shape {tuple(own[ours].shape)} ({name})"
+            )
+    loaded = {k: v for k, v in converted.items() if k in own}
+    used = [names[k] for k in loaded]
+    known = set(used) | set(filtered["skipped"])
+    unexpected = [k for k in state if k not in known]
+    missing = [k for k in own if k not in loaded]
+    absent = set(filtered["absent"])
+    if strict and (unexpected or any(k not in absent for k in missing)):
+        wrong = [k for k in missing if k not in absent]
+        raise CheckpointError(
+            f"{name} does not match the model ({filtered['source']} layout): "
+            f"{len(wrong)} model tensors missing from it{': ' + _by_module(wrong) if wrong else ''}; "
+            f"{len(unexpected)} unexpected tensors in it{': ' + _by_module(unexpected) if unexpected else ''}. "
+            "Load it partially with strict=False only if that is what you mean (e.g. a backbone)."
+        )
+    model.load_state_dict(loaded, strict=False)
+    report = dict(source=filtered["source"], used=used, skipped=list(filtered["skipped"]), unexpected=unexpected,
+                  missing=missing, resized=list(filtered["resized"]))  # fmt: skip
     if verbose:
         print(format_report(report))
     return report
 
 
+def _by_module(keys) -> str:
+    """All keys, those of one top-level module summarised: ``head_patch.* (2)``."""
+    groups: dict = {}
+    for key in keys:
+        groups.setdefault(key.split(".")[0], []).append(key)
+    return ", ".join(members[0] if len(members) == 1 else f"{top}.* ({len(members)})" for top, members in groups.items())
+
+
+def _few(keys, show: int = 6) -> str:
+    return ", ".join(keys[:show]) + (f", ... (+{len(keys) - show})" if len(keys) > show else "")
+
+
 def format_report(report: dict, show: int = 6) -> str:
-    def few(keys):
-        return ", ".join(keys[:show]) + (f", ... (+{len(keys) - show})" if len(keys) > show else "")
     lines = [f"loaded {len(report['used'])} tensors ({report['source']} layout)"]
     if report["resized"]:
-        lines.append(f"  resized: {few(report['resized'])}")
+        lines.append(f"  resized: {_few(report['resized'], show)}")
     if report["skipped"]:
-        lines.append(f"  skipped {len(report['skipped'])} checkpoint keys: {few(report['skipped'])}")
+        lines.append(f"  skipped {len(report['skipped'])} checkpoint keys: {_few(report['skipped'], show)}")
+    if report.get("unexpected"):
+        lines.append(f"  unexpected {len(report['unexpected'])} checkpoint keys (not loaded): "
+                     f"{_few(report['unexpected'], show)}")  # fmt: skip
     if report["missing"]:
-        lines.append(f"  missing {len(report['missing'])} model keys (left as initialised): {few(report['missing'])}")
+        lines.append(f"  missing {len(report['missing'])} model keys (left as initialised): "
+                     f"{_few(report['missing'], show)}")  # fmt: skip
     return "\n".join(lines)
-
-
-def export_authors_checkpoint(model: GKGNet, path: Optional[Union[str, os.PathLike]] = None) -> dict:
-    """The model's weights in the authors' mmcls layout, ``{"state_dict": ...}``
-    (1x1 conv weights 4-D, position tables included), saved to ``path`` if given."""
-    own = model.state_dict()
-    state = {}
-    for ours, (theirs, conv) in authors_key_map(model).items():
-        tensor = own[ours]
-        state[theirs] = tensor[:, :, None, None] if conv else tensor
-    state.update(_relative_pos_keys(model))
-    ckpt = {"state_dict": state}
-    if path is not None:
-        torch.save(ckpt, path)
-    return ckpt

@@ -10,9 +10,8 @@ Inheritance: a top-level ``base: other.yaml`` (a path relative to the file)
 loads that file first and merges this one over it (nested dicts merge key
 by key; any other value, lists included, replaces). Bases may chain.
 
-``build_model(cfg)`` is the one place where a config becomes a model: the
-``model`` section's ``name`` and keyword arguments go to
-``gkg_pyg.create_model``, then ``pretrained`` / ``init_from`` weights load.
+This module reads and checks configs only; ``gkg_pyg.builder.build_model``
+turns one into a model.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .checkpoint import read_checkpoint, authors_key_map, detect_source, format_report, load_checkpoint
-from .models.gkgnet import GKGNet, create_model, min_input_size
+from .models.gkgnet import min_input_size
 
 # Every valid key with its default. A None default accepts any value;
 # otherwise a value must have the default's type (an int is accepted for a
@@ -131,11 +129,6 @@ CHOICES = {
     "schedule.name": ("step", "cosine"),
     "model.knn_backend": ("auto", "dense", "torch_cluster"),
 }
-# Keys of the model section that are not create_model arguments.
-WEIGHT_KEYS = ("name", "pretrained", "init_from")
-# Parameters that depend on the label count: skipped by init_from when
-# their shapes differ.
-HEAD_KEYS = ("label_embed.weight", "head_label.weight", "head_label.bias", "head_patch.weight", "head_patch.bias")
 
 
 class ConfigError(ValueError):
@@ -357,85 +350,3 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{key}")
     return out
-
-
-def model_kwargs(cfg: dict, class_names: Sequence[str] | None = None) -> dict:
-    """create_model keyword arguments of a config's model section.
-
-    With ``class_names`` the label count comes from them (and must equal
-    model.num_classes when that is set); without, model.num_classes must
-    be set.
-    """
-    section = cfg["model"]
-    kwargs = {k: v for k, v in section.items() if k not in WEIGHT_KEYS and k != "num_classes"}
-    num_classes = section["num_classes"]
-    if class_names is not None:
-        if num_classes is not None and num_classes != len(class_names):
-            raise ValueError(
-                f"model.num_classes is {num_classes} but the data set has {len(class_names)} labels"
-            )
-        kwargs["num_classes"] = len(class_names)
-        kwargs["class_names"] = list(class_names)
-    elif num_classes is None:
-        raise ValueError("model.num_classes is not set and no class names were given")
-    else:
-        kwargs["num_classes"] = num_classes
-    return kwargs
-
-
-def init_from_checkpoint(model: GKGNet, path: str | Path, verbose: bool = True) -> dict:
-    """Load a checkpoint trained on another label set: the label table and
-    the heads (HEAD_KEYS) are skipped when their shapes differ; everything
-    else must fit (gkg_pyg.load_checkpoint raises ValueError otherwise).
-
-    Returns load_checkpoint's report plus ``"dropped_head"``: the
-    checkpoint keys left out.
-    """
-    state, _ = read_checkpoint(path)
-    source = detect_source(state)
-    own = model.state_dict()
-    names = {k: k for k in HEAD_KEYS}
-    if source == "gkgnet_mmcls":
-        mapping = authors_key_map(model)
-        names = {k: mapping[k][0] for k in HEAD_KEYS if k in mapping}
-    dropped = [
-        theirs for ours, theirs in names.items()
-        if ours in own and theirs in state and tuple(state[theirs].shape) != tuple(own[ours].shape)
-    ]  # fmt: skip
-    kept = {k: v for k, v in state.items() if k not in dropped}
-    report = load_checkpoint(model, kept, source=source, verbose=False)
-    report["dropped_head"] = dropped
-    if verbose:
-        print(f"init_from {path}:\n{format_report(report)}")
-        if dropped:
-            print(f"  dropped (label count differs, left as initialised): {', '.join(dropped)}")
-    return report
-
-
-def build_model(
-    cfg: dict, class_names: Sequence[str] | None = None, load_weights: bool = True, verbose: bool = True
-) -> GKGNet:
-    """The model of a config: ``create_model(model.name, **kwargs)``, then
-    ``model.pretrained`` (must fit) and ``model.init_from`` (head may differ)
-    when ``load_weights``.
-
-    Args:
-        cfg: a loaded config.
-        class_names: the data set's labels (fix num_classes); None uses
-            model.num_classes.
-        load_weights: False to skip pretrained / init_from (the caller loads
-            a trained checkpoint instead).
-        verbose: print what the weights loading used and skipped.
-    Raises:
-        ValueError: a label-count mismatch or a checkpoint that does not fit.
-        FileNotFoundError: a missing weights file.
-    """
-    section = cfg["model"]
-    model = create_model(section["name"], **model_kwargs(cfg, class_names))
-    if load_weights and section["pretrained"]:
-        if verbose:
-            print(f"pretrained {section['pretrained']}:")
-        load_checkpoint(model, section["pretrained"], verbose=verbose)
-    if load_weights and section["init_from"]:
-        init_from_checkpoint(model, section["init_from"], verbose=verbose)
-    return model

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import gkg_pyg
-from gkg_pyg.checkpoint import detect_source
+from gkg_pyg.models.gkgnet import detect_layout
 
 
 def small_model(num_classes=5, img_size=96, seed=0, **kw):
@@ -65,7 +65,7 @@ def pyramid_vig_state(model, pos_grid=(56, 56)):
 def test_pyramid_vig_loads_patch_path_and_resizes_position_embedding(capsys):
     src = perturbed(small_model())
     ckpt = pyramid_vig_state(src)
-    assert detect_source(ckpt["state_dict"]) == "pyramid_vig"
+    assert detect_layout(ckpt["state_dict"]) == "pyramid_vig"
     dst = small_model(seed=1)
     before_head = dst.head_patch.weight.clone()
     report = gkg_pyg.load_checkpoint(dst, ckpt)

@@ -6,10 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gkg_pyg.config import (
-    DEFAULTS, ConfigError, build_model, config_diff, init_from_checkpoint, load_config, save_config,
-    validate_config,
-)  # fmt: skip
+from gkg_pyg.builder import build_model, init_from_checkpoint
+from gkg_pyg.config import DEFAULTS, ConfigError, config_diff, load_config, save_config, validate_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

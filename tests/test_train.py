@@ -25,8 +25,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gkg_pyg import engine
-from gkg_pyg.config import build_model, load_config
+from gkg_pyg.builder import build_model
+from gkg_pyg.config import load_config
+from gkg_pyg.training import distributed, loaders, loops, optim, precision, rng, state
 from gkg_pyg.data import build_test_transform, load_rgb, make_synthetic_coco
 from gkg_pyg.loss import GKGNetLoss
 from gkg_pyg.metrics import multilabel_metrics
@@ -203,9 +204,9 @@ def test_predict_json(tiny, capsys):
     assert [r["image"] for r in out] == [str(p) for p in images]
 
     # Reference: the same model built by hand.
-    state = torch.load(ckpt, weights_only=True)
-    model = build_model(load_config(tiny["config"]), state["class_names"], load_weights=False)
-    model.load_state_dict(state["model"])
+    saved = torch.load(ckpt, weights_only=True)
+    model = build_model(load_config(tiny["config"]), saved["class_names"], load_weights=False)
+    model.load_state_dict(saved["model"])
     model.eval()
     torch.save(model.state_dict(), tiny["tmp"] / "weights_only.pth")
 
@@ -215,7 +216,7 @@ def test_predict_json(tiny, capsys):
     for result, scores in zip(out, expected):
         assert len(result["labels"]) == 10  # threshold 0: every label, best first
         got = {d["label"]: d["score"] for d in result["labels"]}
-        for name, s in zip(state["class_names"], scores.tolist()):
+        for name, s in zip(saved["class_names"], scores.tolist()):
             assert got[name] == pytest.approx(s, abs=1e-4)
         listed = [d["score"] for d in result["labels"]]
         assert listed == sorted(listed, reverse=True)
@@ -316,31 +317,31 @@ def _ddp_worker(rank: int, world: int, port: int, config: str, out_dir: str) -> 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     cfg = load_config(config, ["train.epochs=1"])
-    info = engine.init_distributed()
-    train_set, val_set = engine.build_split(cfg, True), engine.build_split(cfg, False)
+    info = distributed.init_distributed()
+    train_set, val_set = loaders.build_split(cfg, True), loaders.build_split(cfg, False)
     torch.manual_seed(100 + rank)  # different initial weights: DDP must broadcast rank 0's
     model = torch.nn.parallel.DistributedDataParallel(build_model(cfg, train_set.class_names))
-    loader = engine.train_loader(cfg, train_set, info)
-    engine.start_epoch(loader, cfg["seed"], 0, rank)
-    optimizer = engine.build_optimizer(cfg, model)
-    schedule = engine.build_schedule(cfg, optimizer, len(loader))
-    precision = engine.build_precision("fp16", info.device)  # float32 on the CPU
-    stats = engine.train_one_epoch(model, loader, GKGNetLoss(), optimizer, schedule, precision, info, 5.0,
+    loader = loaders.train_loader(cfg, train_set, info)
+    loaders.start_epoch(loader, cfg["seed"], 0, rank)
+    optimizer = optim.build_optimizer(cfg, model)
+    schedule = optim.build_schedule(cfg, optimizer, len(loader))
+    amp = precision.build_precision("fp16", info.device)  # float32 on the CPU
+    stats = loops.train_one_epoch(model, loader, GKGNetLoss(), optimizer, schedule, amp, info, 5.0,
                                    progress=False)  # fmt: skip
-    result = engine.evaluate(model, engine.eval_loader(cfg, val_set, info), info, progress=False)
-    torch.save({"state": engine.unwrap(model).state_dict(), "eval": result, "stats": stats,
+    result = loops.evaluate(model, loaders.eval_loader(cfg, val_set, info), info, progress=False)
+    torch.save({"state": distributed.unwrap(model).state_dict(), "eval": result, "stats": stats,
                 "shard": list(iter(loader.sampler))}, Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
-    engine.cleanup_distributed()
+    distributed.cleanup_distributed()
 
 
 def single_process_eval(config, state_dict):
     """A one-process evaluation of ``state_dict`` on the config's val split."""
     cfg = load_config(config)
-    val_set = engine.build_split(cfg, False)
+    val_set = loaders.build_split(cfg, False)
     model = build_model(cfg, val_set.class_names, load_weights=False)
     model.load_state_dict(state_dict)
-    single = engine.DistInfo(0, 1, 0, torch.device("cpu"))
-    return engine.evaluate(model, engine.eval_loader(cfg, val_set, single), single, progress=False), val_set
+    single = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    return loops.evaluate(model, loaders.eval_loader(cfg, val_set, single), single, progress=False), val_set
 
 
 def test_ddp_two_cpu_processes(tiny, tmp_path):
@@ -375,12 +376,12 @@ def test_torchrun_train_script(tiny, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("run folder") == 1  # rank 0 alone reports
     assert "2 process(es)" in proc.stdout
-    state = torch.load(tmp_path / "run" / "checkpoint_last.pth", weights_only=True)
-    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    saved = torch.load(tmp_path / "run" / "checkpoint_last.pth", weights_only=True)
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["model"]["num_images"] == 11
     # The gathered evaluation equals a one-process evaluation of the weights.
-    ref, _ = single_process_eval(tiny["config"], state["model"])
+    ref, _ = single_process_eval(tiny["config"], saved["model"])
     assert metrics["model"]["mAP"] == pytest.approx(multilabel_metrics(ref["scores"], ref["targets"])["mAP"])
 
 
@@ -392,7 +393,7 @@ def test_lr_schedule_by_hand():
     opt = torch.optim.SGD([p], lr=2.0)
     # 4 iterations per epoch, warm-up 1.5 epochs (6 iterations) from 0.1 x lr,
     # step at epochs 2 and 3.
-    sched = engine.LRSchedule(opt, 4, 5, "step", 1.5, 0.1, [2, 3], 0.1)
+    sched = optim.LRSchedule(opt, 4, 5, "step", 1.5, 0.1, [2, 3], 0.1)
     lrs = []
     for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])
@@ -401,18 +402,18 @@ def test_lr_schedule_by_hand():
     expected = warm + [2.0] * 2 + [0.2] * 4 + [0.02] * 8
     assert lrs == pytest.approx(expected)
 
-    cos = engine.LRSchedule(torch.optim.SGD([p], lr=1.0), 10, 2, "cosine", 0, 1.0, min_lr_ratio=0.1)
+    cos = optim.LRSchedule(torch.optim.SGD([p], lr=1.0), 10, 2, "cosine", 0, 1.0, min_lr_ratio=0.1)
     assert cos.factor(0) == pytest.approx(1.0)
     assert cos.factor(10) == pytest.approx(0.55)
     assert cos.factor(20) == pytest.approx(0.1)
-    restored = engine.LRSchedule(opt, 4, 5, "step", 1.5, 0.1, [2, 3], 0.1)
+    restored = optim.LRSchedule(opt, 4, 5, "step", 1.5, 0.1, [2, 3], 0.1)
     restored.load_state_dict(sched.state_dict())
     assert opt.param_groups[0]["lr"] == pytest.approx(expected[-1])
 
 
 def test_param_groups_no_decay():
     model = build_model(load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"]), ["a", "b"])
-    decay, no_decay = engine.param_groups(model, 0.05)
+    decay, no_decay = optim.param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     plain = {names[id(p)] for p in no_decay["params"]}
@@ -424,18 +425,18 @@ def test_param_groups_no_decay():
 
 def test_save_atomic_and_rng_roundtrip(tmp_path):
     torch.manual_seed(1)
-    state = {"rng": [engine.rng_state()]}
+    saved = {"rng": [rng.rng_state()]}
     expected = (torch.rand(3), np.random.rand(2).tolist(), random.random())
-    engine.save_atomic(state, tmp_path / "ck.pth")
-    engine.save_atomic(state, tmp_path / "ck.pth")  # replacing works
+    state.save_atomic(saved, tmp_path / "ck.pth")
+    state.save_atomic(saved, tmp_path / "ck.pth")  # replacing works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
     loaded = torch.load(tmp_path / "ck.pth", weights_only=True)  # no pickled numpy objects
-    engine.set_rng_state(loaded["rng"][0])
+    rng.set_rng_state(loaded["rng"][0])
     again = (torch.rand(3), np.random.rand(2).tolist(), random.random())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
-    engine.link_atomic(tmp_path / "ck.pth", tmp_path / "best.pth")
-    engine.save_atomic({"other": 1}, tmp_path / "ck.pth")
+    state.link_atomic(tmp_path / "ck.pth", tmp_path / "best.pth")
+    state.save_atomic({"other": 1}, tmp_path / "ck.pth")
     assert "rng" in torch.load(tmp_path / "best.pth", weights_only=True)  # the link kept the old content
 
 
@@ -447,7 +448,7 @@ def test_sync_batchnorm_conversion_keeps_outputs():
     model.eval()
     expected = model(x)
     keys = list(model.state_dict())
-    converted = engine.convert_sync_batchnorm(model)
+    converted = distributed.convert_sync_batchnorm(model)
     kinds = {type(m).__name__ for m in converted.modules()}
     assert "NodeSyncBatchNorm" in kinds and "SyncBatchNorm" in kinds
     assert "NodeBatchNorm" not in kinds and "BatchNorm2d" not in kinds
@@ -463,16 +464,16 @@ def test_loss_scaler_path_equals_plain_float32():
     gen = torch.Generator().manual_seed(0)
     batches = [{"image": torch.randn(4, 3, 33, 33, generator=gen),
                 "target": (torch.rand(4, 5, generator=gen) > 0.5).float(), "num_skipped": 0} for _ in range(3)]
-    info = engine.DistInfo(0, 1, 0, torch.device("cpu"))
+    info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
     states = []
     for scaled in (False, True):
         torch.manual_seed(0)
         model = build_model(cfg, list("abcde"))
-        optimizer = engine.build_optimizer(cfg, model)
-        schedule = engine.LRSchedule(optimizer, 3, 1)
+        optimizer = optim.build_optimizer(cfg, model)
+        schedule = optim.LRSchedule(optimizer, 3, 1)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaled)
-        precision = engine.Precision(None, scaler, "cpu")
-        stats = engine.train_one_epoch(model, batches, GKGNetLoss(), optimizer, schedule, precision, info,
+        amp = precision.Precision(None, scaler, "cpu")
+        stats = loops.train_one_epoch(model, batches, GKGNetLoss(), optimizer, schedule, amp, info,
                                        clip_grad=0.5, progress=False)  # fmt: skip
         assert stats["images"] == 12 and schedule.step_count == 3
         states.append(model.state_dict())

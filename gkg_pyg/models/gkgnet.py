@@ -24,7 +24,8 @@ from ..graph import build_stage_graph
 from ..knn import group_knn
 from .registry import create_model, list_models, register_model
 
-__all__ = ["GKGNet", "create_model", "list_models", "min_input_size", "relative_position_table"]
+__all__ = ["GKGNet", "create_model", "list_models", "min_input_size", "relative_position_table",
+           "checkpoint_filter_fn", "export_authors_checkpoint"]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -372,6 +373,33 @@ class GKGNet(nn.Module):
             if isinstance(module, (Stage, CrossLevelModule)):
                 module.knn_backend = backend
 
+    def no_weight_decay(self) -> set:
+        """Names of the parameters besides norms and biases that are not
+        weight-decayed (timm's convention; read by the optimiser's parameter groups)."""
+        return {"pos_embed", "label_embed.weight"} if self.cross_level else {"pos_embed"}
+
+    def reset_classifier(self, num_classes: int, class_names: Optional[Sequence[str]] = None) -> None:
+        """New, freshly initialised label-dependent parts for ``num_classes``
+        labels: the label embedding and both heads (timm's ``reset_classifier``;
+        e.g. to fine-tune a COCO model on VOC)."""
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        like = self.head_patch.weight
+        self.num_classes, self.class_names = num_classes, list(class_names) if class_names else None
+        if self.cross_level:
+            self.label_embed = nn.Embedding(num_classes, self.label_embed.embedding_dim)
+            self.head_label = nn.Linear(self.head_label.in_features, num_classes)
+        self.head_patch = nn.Linear(self.head_patch.in_features, num_classes)
+        for name in ("label_embed", "head_label", "head_patch"):
+            if hasattr(self, name):
+                getattr(self, name).to(device=like.device, dtype=like.dtype)
+
+    def filter_checkpoint(self, state_dict: Dict[str, Tensor], source: str = "auto") -> dict:
+        """A checkpoint's tensors in this model's names (:func:`checkpoint_filter_fn`)."""
+        return checkpoint_filter_fn(state_dict, self, source)
+
     def _check_input(self, images: Tensor) -> List[Tuple[int, int]]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (batch, 3, height, width), got {tuple(images.shape)}")
@@ -419,3 +447,137 @@ class GKGNet(nn.Module):
 # ---------------------------------------------------------------------------
 for _variant in VARIANTS:
     register_model(f"gkgnet_{_variant}", partial(GKGNet, _variant), pretrained_cfgs[f"gkgnet_{_variant}"])
+
+
+# ---------------------------------------------------------------------------
+# Foreign checkpoints (timm style: the key maps and the filter live next to the
+# model they describe; gkg_pyg.checkpoint reads files and loads generically)
+# ---------------------------------------------------------------------------
+LAYOUTS = ("gkg_pyg", "gkgnet_mmcls", "pyramid_vig")
+_LABEL_PATH = ("backbone.label_lt", "backbone.gcn_label", "backbone.ffn_label")
+
+
+def authors_key_map(model: GKGNet) -> Dict[str, Tuple[str, bool]]:
+    """Our key -> (the authors' mmcls key, stored as a 1x1 conv weight).
+
+    Our modules mirror theirs, so each key maps by renaming its module
+    prefix; their linear maps inside blocks are 1x1 convolutions."""
+    rules = [("stem.", "backbone.stem."), ("pos_embed", "backbone.pos_embed"),
+             ("label_embed.", "backbone.label_lt."), ("head_label.", "head.fc1."), ("head_patch.", "head.fc2.")]
+    j = 0  # index into the authors' flat sequence of blocks and downsamplings
+    for s, stage in enumerate(model.stages):
+        if stage.downsample is not None:
+            rules.append((f"stages.{s}.downsample.", f"backbone.backbone.{j}.conv."))
+            j += 1
+        for b in range(len(stage.blocks)):
+            rules += [(f"stages.{s}.blocks.{b}.grapher.", f"backbone.backbone.{j}.0."),
+                      (f"stages.{s}.blocks.{b}.ffn.", f"backbone.backbone.{j}.1.")]
+            j += 1
+    rules += [("label_modules.", "backbone.gcn_label."), ("label_projs.", "backbone.ffn_label.")]
+    out = {}
+    for key, tensor in model.state_dict().items():
+        ours, theirs = next((o, t) for o, t in rules if key.startswith(o))
+        rest = key[len(ours):]
+        if ours == "label_projs.":  # their label maps sit in a Sequential: ffn_label.{s}.0.*
+            stage, _, rest = rest.partition(".")
+            rest = f"{stage}.0.{rest}"
+        theirs = (theirs + rest).replace(".graph_conv.nn.", ".graph_conv.gconv.nn.")
+        conv = tensor.dim() == 2 and theirs.startswith(("backbone.backbone.", "backbone.gcn_label."))
+        out[key] = (theirs, conv)
+    return out
+
+
+def relative_pos_keys(model: GKGNet) -> Dict[str, Tensor]:
+    """The authors' stored, negated position tables ``(1, n, n_src)`` per block."""
+    out, j = {}, 0
+    for stage in model.stages:
+        j += stage.downsample is not None
+        for _ in stage.blocks:
+            out[f"backbone.backbone.{j}.0.relative_pos"] = -stage.construction_table().float().unsqueeze(0)
+            j += 1
+    return out
+
+
+def detect_layout(state_dict: Dict[str, Tensor]) -> str:
+    """``"gkgnet_mmcls"``, ``"gkg_pyg"`` or ``"pyramid_vig"``, from the keys."""
+    keys = list(state_dict)
+    if any(k.startswith(("backbone.label_lt", "backbone.backbone.", "head.fc")) for k in keys):
+        return "gkgnet_mmcls"
+    if any(k.startswith("stages.") for k in keys):
+        return "gkg_pyg"
+    if "stem.convs.0.weight" in state_dict and any(k.startswith("backbone.") for k in keys):
+        return "pyramid_vig"
+    raise ValueError("cannot tell the checkpoint layout from its keys (first keys: "
+                     f"{keys[:5]}); pass source='gkg_pyg', 'gkgnet_mmcls' or 'pyramid_vig'")
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: GKGNet, source: str = "auto") -> dict:
+    """Turn a checkpoint of any supported layout into this model's names.
+
+    Layouts (``source``; ``"auto"`` detects it from the keys):
+
+    * ``"gkg_pyg"``: this library's own state dict;
+    * ``"gkgnet_mmcls"``: the authors' GKGNet checkpoints (mmcls ``ImageClassifier``):
+      ``backbone.stem.*``, ``backbone.pos_embed``, ``backbone.backbone.{j}.*``,
+      ``backbone.label_lt``, ``backbone.gcn_label.*``, ``backbone.ffn_label.*``, ``head.fc{1,2}.*``;
+    * ``"pyramid_vig"``: Pyramid ViG ImageNet checkpoints (``pvig_*.pth.tar``): the patch
+      path only, without the ``backbone.`` prefix; the ImageNet head (``prediction.*``) is
+      not used, and the label path and the heads are absent.
+
+    Foreign 1x1 convolution weights ``(out, in, 1, 1)`` become linear weights
+    ``(out, in)``; the relative-position tables are recomputed, never read; an
+    absolute position embedding of another grid is resized bicubically.
+
+    Returns ``{"source", "state_dict" (ours -> tensor), "names" (ours -> their
+    key), "skipped" (their keys deliberately not used), "absent" (our keys the
+    layout cannot hold), "resized", "num_classes" (of the checkpoint, or None)}``.
+    Keys of the checkpoint that are neither used nor skipped are unexpected.
+    """
+    if source not in ("auto",) + LAYOUTS:
+        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {('auto',) + LAYOUTS}")
+    if source == "auto":
+        source = detect_layout(state_dict)
+    own = model.state_dict()
+    if source == "gkg_pyg":
+        mapping = {k: (k, False) for k in own}
+    else:
+        mapping = authors_key_map(model)
+    absent, skipped = [], []
+    if source == "pyramid_vig":
+        absent = [ours for ours, (theirs, _) in mapping.items()
+                  if not theirs.startswith("backbone.") or theirs.startswith(_LABEL_PATH)]
+        mapping = {ours: (theirs[len("backbone."):], conv) for ours, (theirs, conv) in mapping.items()
+                   if ours not in absent}
+        skipped = [k for k in state_dict if k.startswith("prediction.")]
+    if source != "gkg_pyg":
+        skipped += [k for k in state_dict if k.endswith(".relative_pos")]
+    converted, names, resized = {}, {}, []
+    for ours, (theirs, _) in mapping.items():
+        if theirs not in state_dict:
+            continue
+        tensor, target = state_dict[theirs], own[ours]
+        if tensor.dim() == 4 and target.dim() == 2 and tensor.shape[2:] == (1, 1):
+            tensor = tensor.flatten(1)
+        if ours == "pos_embed" and tensor.dim() == 4 and tensor.shape[:2] == target.shape[:2] \
+                and tensor.shape != target.shape:
+            tensor = F.interpolate(tensor.float(), size=target.shape[2:], mode="bicubic", align_corners=False)
+            resized.append(f"{theirs} {tuple(state_dict[theirs].shape)} -> {tuple(target.shape)}")
+        converted[ours], names[ours] = tensor, theirs
+    head = converted.get("head_patch.weight")
+    return dict(source=source, state_dict=converted, names=names, skipped=skipped, absent=absent,
+                resized=resized, num_classes=None if head is None else int(head.shape[0]))
+
+
+def export_authors_checkpoint(model: GKGNet, path=None) -> dict:
+    """The model's weights in the authors' mmcls layout, ``{"state_dict": ...}``
+    (1x1 conv weights 4-D, position tables included), saved to ``path`` if given."""
+    own = model.state_dict()
+    state = {}
+    for ours, (theirs, conv) in authors_key_map(model).items():
+        tensor = own[ours]
+        state[theirs] = tensor[:, :, None, None] if conv else tensor
+    state.update(relative_pos_keys(model))
+    ckpt = {"state_dict": state}
+    if path is not None:
+        torch.save(ckpt, path)
+    return ckpt

@@ -1,0 +1,108 @@
+"""Turn a config into a model: the one place where that happens.
+
+``build_model(cfg)``: the ``model`` section's ``name`` and keyword arguments
+go to :func:`gkg_pyg.create_model`; then ``model.pretrained`` (weights that
+must fit: strict loading, where a Pyramid ViG ImageNet checkpoint fills the
+patch path) and ``model.init_from`` (a model trained on other labels: loaded
+strictly at its own label count, then the classifier is reset to ours with
+``model.reset_classifier``) are loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from .checkpoint import convert_checkpoint, format_report, load_checkpoint, read_checkpoint
+from .models import create_model
+
+# Keys of the model section that are not create_model arguments.
+WEIGHT_KEYS = ("name", "pretrained", "init_from")
+
+
+def model_kwargs(cfg: dict, class_names: Sequence[str] | None = None) -> dict:
+    """create_model keyword arguments of a config's model section.
+
+    With ``class_names`` the label count comes from them (and must equal
+    model.num_classes when that is set); without, model.num_classes must
+    be set.
+    """
+    section = cfg["model"]
+    kwargs = {k: v for k, v in section.items() if k not in WEIGHT_KEYS and k != "num_classes"}
+    num_classes = section["num_classes"]
+    if class_names is not None:
+        if num_classes is not None and num_classes != len(class_names):
+            raise ValueError(f"model.num_classes is {num_classes} but the data set has {len(class_names)} labels")
+        kwargs["num_classes"] = len(class_names)
+        kwargs["class_names"] = list(class_names)
+    elif num_classes is None:
+        raise ValueError("model.num_classes is not set and no class names were given")
+    else:
+        kwargs["num_classes"] = num_classes
+    return kwargs
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path, verbose: bool = True) -> dict:
+    """Load a checkpoint trained on another label set (fine-tuning, e.g. COCO
+    -> VOC): the model's classifier (label embedding and heads) is reset to
+    the checkpoint's label count, everything is loaded strictly, then the
+    classifier is reset to the model's labels (freshly initialised).
+
+    Returns load_checkpoint's report plus ``"dropped_head"``: the model keys
+    whose checkpoint tensors were left out because the label count differs
+    (they are also listed as ``"missing"``).
+    """
+    state, _ = read_checkpoint(path)  # read once, used twice
+    filtered = convert_checkpoint(model, state)
+    theirs, ours, names = filtered["num_classes"], model.num_classes, model.class_names
+    dropped = []
+    if theirs is not None and theirs != ours:
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        dropped = [k for k, v in filtered["state_dict"].items() if k in own and tuple(v.shape) != own[k]]
+        model.reset_classifier(theirs)
+    try:
+        report = load_checkpoint(model, state, source=filtered["source"], verbose=False)
+    finally:  # the model's own labels again, also when the checkpoint did not fit
+        if dropped:
+            model.reset_classifier(ours, names)
+    if dropped:
+        report["used"] = [filtered["names"][k] for k in filtered["state_dict"] if k not in dropped]
+        report["skipped"] = report["skipped"] + [filtered["names"][k] for k in dropped]
+        report["missing"] = dropped
+    report["dropped_head"] = dropped
+    if verbose:
+        print(f"init_from {path}:\n{format_report(report)}")
+        if report["dropped_head"]:
+            print(f"  reset the classifier from {theirs} to {ours} labels: {', '.join(report['dropped_head'])}")
+    return report
+
+
+def build_model(
+    cfg: dict, class_names: Sequence[str] | None = None, load_weights: bool = True, verbose: bool = True
+) -> nn.Module:
+    """The model of a config: ``create_model(model.name, **kwargs)``, then
+    ``model.pretrained`` (must fit) and ``model.init_from`` (head may differ)
+    when ``load_weights``.
+
+    Args:
+        cfg: a loaded config (``gkg_pyg.config.load_config``).
+        class_names: the data set's labels (fix num_classes); None uses
+            model.num_classes.
+        load_weights: False to skip pretrained / init_from (the caller loads
+            a trained checkpoint instead).
+        verbose: print what the weights loading used and skipped.
+    Raises:
+        ValueError: a label-count mismatch or a checkpoint that does not fit.
+        FileNotFoundError: a missing weights file.
+    """
+    section = cfg["model"]
+    model = create_model(section["name"], **model_kwargs(cfg, class_names))
+    if load_weights and section["pretrained"]:
+        if verbose:
+            print(f"pretrained {section['pretrained']}:")
+        load_checkpoint(model, section["pretrained"], verbose=verbose)
+    if load_weights and section["init_from"]:
+        init_from_checkpoint(model, section["init_from"], verbose=verbose)
+    return model
