@@ -1,0 +1,147 @@
+"""Single-label classification: loss, Mixup/CutMix and metrics.
+
+* :class:`SingleLabelLoss`: cross-entropy with label smoothing for class
+  indices, and the soft-target cross-entropy for the mixed targets that
+  Mixup/CutMix produce (which already carry the smoothing).
+* :class:`MixupCutmix`: timm's ``Mixup`` (batch mode), also for odd batches.
+* :func:`single_label_metrics`: top-1 and top-5 accuracy, mean per-class
+  accuracy, per-class accuracy and the confusion matrix;
+  :func:`write_confusion_matrix` writes the matrix as CSV.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MixupCutmix", "SingleLabelLoss", "confusion_matrix", "single_label_metrics", "topk_accuracy",
+           "write_confusion_matrix"]
+
+
+class SingleLabelLoss(nn.Module):
+    """Cross-entropy for ``(B, C)`` logits.
+
+    ``target`` is either ``(B,)`` class indices, taken with label smoothing
+    ``eps`` (the target is ``(1 - eps)`` on the class plus ``eps / C`` on
+    every class, as ``torch.nn.CrossEntropyLoss(label_smoothing=eps)``), or
+    ``(B, C)`` probabilities (Mixup/CutMix output, smoothing already applied),
+    for which the loss is ``-sum_c t_c log softmax(z)_c`` averaged over the batch.
+    """
+
+    def __init__(self, label_smoothing: float = 0.1):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if target.dim() == 1:
+            return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        if target.shape != logits.shape:
+            raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, "
+                             f"got {tuple(target.shape)}")
+        return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}"
+
+
+class MixupCutmix:
+    """timm's ``Mixup`` in batch mode: with probability ``prob`` a batch is
+    mixed, by CutMix with probability ``switch_prob`` when both are on, else
+    by Mixup; the targets become smoothed, mixed probabilities ``(B, C)``.
+
+    timm mixes a batch with its reversal and so needs an even batch; of an
+    odd batch the first ``B - 1`` images are mixed and the last one keeps its
+    image and gets the smoothed one-hot target.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
+                 switch_prob: float = 0.5, label_smoothing: float = 0.1):
+        from timm.data import Mixup
+
+        if mixup_alpha < 0 or cutmix_alpha < 0 or not (mixup_alpha or cutmix_alpha):
+            raise ValueError(f"need mixup_alpha >= 0, cutmix_alpha >= 0 and one of them positive, got "
+                             f"{mixup_alpha}, {cutmix_alpha}")
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
+                           mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+
+    def smoothed(self, target: Tensor) -> Tensor:
+        off = self.label_smoothing / self.num_classes
+        return F.one_hot(target, self.num_classes).float() * (1.0 - self.label_smoothing) + off
+
+    def __call__(self, images: Tensor, target: Tensor):
+        """``(B, 3, H, W)`` images and ``(B,)`` classes -> mixed images, ``(B, C)`` targets."""
+        if len(images) < 2:
+            return images, self.smoothed(target)
+        even = len(images) - len(images) % 2
+        mixed, soft = self.mixup(images[:even].clone(), target[:even])
+        if even == len(images):
+            return mixed, soft
+        return torch.cat([mixed, images[even:]]), torch.cat([soft, self.smoothed(target[even:]).to(soft)])
+
+    def __repr__(self) -> str:
+        m = self.mixup
+        return (f"MixupCutmix(mixup_alpha={m.mixup_alpha}, cutmix_alpha={m.cutmix_alpha}, prob={m.mix_prob}, "
+                f"switch_prob={m.switch_prob}, label_smoothing={self.label_smoothing})")
+
+
+def topk_accuracy(scores: Tensor, target: Tensor, k: int) -> float:
+    """Share of rows whose class is among their ``k`` highest scores (ties by index order),
+    in percent; ``k`` larger than the class count counts every row."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return 100.0 * (top == target[:, None]).any(dim=1).float().mean().item()
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """``(C, C)`` counts, row = true class, column = predicted class."""
+    index = target.long() * num_classes + pred.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def single_label_metrics(scores: Tensor, target: Tensor, class_names: Optional[Sequence[str]] = None) -> dict:
+    """Metrics of ``(N, C)`` scores (logits or probabilities) against ``(N,)`` classes.
+
+    Returns ``{"top1", "top5", "mean_class_accuracy", "per_class_accuracy",
+    "confusion", "num_images"}``: accuracies in percent (top-5 is top-C when
+    there are fewer than 5 classes), the mean over the classes present in
+    ``target`` of their accuracies, per-class accuracies (NaN for an absent
+    class) and the ``(C, C)`` confusion matrix (rows true, columns predicted).
+    """
+    if scores.dim() != 2 or target.dim() != 1 or len(scores) != len(target):
+        raise ValueError(f"expected scores (N, C) and target (N,), got {tuple(scores.shape)} and "
+                         f"{tuple(target.shape)}")
+    if len(target) == 0:
+        raise ValueError("no images to evaluate")
+    num_classes = scores.shape[1]
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    if target.min() < 0 or target.max() >= num_classes:
+        raise ValueError(f"targets must be class indices in [0, {num_classes}), got {int(target.min())}.."
+                         f"{int(target.max())}")
+    scores, target = scores.float().cpu(), target.long().cpu()
+    confusion = confusion_matrix(scores.argmax(1), target, num_classes)
+    support = confusion.sum(1)
+    per_class = torch.where(support > 0, confusion.diagonal() / support.clamp_min(1), torch.nan) * 100.0
+    return dict(top1=topk_accuracy(scores, target, 1), top5=topk_accuracy(scores, target, 5),
+                mean_class_accuracy=per_class[support > 0].mean().item(), per_class_accuracy=per_class.tolist(),
+                confusion=confusion, num_images=len(target))
+
+
+def write_confusion_matrix(path: Union[str, os.PathLike], confusion: Tensor,
+                           class_names: Optional[Sequence[str]] = None) -> None:
+    """CSV: a header ``true \\ predicted, <names>``, then one row per true class."""
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(confusion))]
+    if confusion.shape != (len(names), len(names)):
+        raise ValueError(f"confusion matrix {tuple(confusion.shape)} for {len(names)} class names")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted"] + names)
+        for name, row in zip(names, confusion.tolist()):
+            writer.writerow([name] + row)
