@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
+from torch_geometric.typing import SparseTensor
+from torch_geometric.utils import is_sparse, to_edge_index
 
 from .knn import group_knn
 
@@ -80,6 +82,23 @@ def _regular_max(x_src: Tensor, neighbors: Tensor) -> Tensor:
     return x_src.gather(0, rows.view(n_dst, c))
 
 
+def _check_edge_range(edge_index: Tensor, n_src: int, n_dst: int) -> None:
+    """Raise a ``ValueError`` naming the first out-of-range index of a ``(2, E)``
+    or ``(G, 2, E)`` ``edge_index`` in the caller's own numbering.  The happy path
+    reads one small ``(..., 2, 2)`` tensor of minima and maxima back to the host."""
+    if edge_index.numel() == 0:
+        return
+    bounds = torch.stack([edge_index.amin(dim=-1), edge_index.amax(dim=-1)], dim=-1).view(-1, 2, 2).tolist()
+    for g, rows in enumerate(bounds):
+        for row, (name, n) in enumerate((("source", n_src), ("destination", n_dst))):
+            if rows[row][0] < 0 or rows[row][1] >= n:
+                index = edge_index[row] if edge_index.dim() == 2 else edge_index[g, row]
+                value = int(index[(index < 0) | (index >= n)][0])
+                where = "edge_index" if edge_index.dim() == 2 else f"edge_index[g={g}]"
+                raise ValueError(f"{where} {name} index {value} out of range for {n} {name} nodes "
+                                 f"(valid: 0 to {n - 1})")
+
+
 def _norm(name: Optional[str], channels: int) -> nn.Module:
     if name == "batch":
         return nn.BatchNorm1d(channels)
@@ -126,11 +145,18 @@ class GroupMaxRelConv(MessagePassing):
           :math:`((|\mathcal{V}_s|, C), (|\mathcal{V}_t|, C))` if bipartite;
           edge indices :math:`(G, 2, |\mathcal{E}|)` (one edge set per group,
           as returned by :func:`gkg_pyg.group_knn`) or :math:`(2, |\mathcal{E}|)`
-          (shared by all groups); or, instead of edge indices, a regular
+          (shared by all groups), or one sparse adjacency ``adj_t``
+          :math:`(|\mathcal{V}_t|, |\mathcal{V}_s|)` (``torch.sparse`` or
+          ``SparseTensor``, shared by all groups); or, instead of edge indices, a regular
           neighbour table ``neighbors`` :math:`(G, |\mathcal{V}_t|, k)` of source
           indices (the fast path: a gather and a max over the :math:`k`
           neighbours, whose backward is one index scatter)
         - **output:** node features :math:`(|\mathcal{V}_t|, C_{out})`
+
+    Edge indices are checked in the caller's numbering (an out-of-range index
+    is a ``ValueError`` naming it, its group and the node count); that check
+    reads two numbers per group back to the host and is skipped under
+    ``torch.compile``.  The ``neighbors`` table is checked by shape only.
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 2, conv_groups: int = 4,
@@ -151,7 +177,7 @@ class GroupMaxRelConv(MessagePassing):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def forward(self, x: Union[Tensor, PairTensor], edge_index: Optional[Tensor] = None, *,
+    def forward(self, x: Union[Tensor, PairTensor], edge_index: Union[Tensor, SparseTensor, None] = None, *,
                 neighbors: Optional[Tensor] = None) -> Tensor:
         """Aggregate over ``edge_index`` (any PyG graph) or over a regular
         ``neighbors`` table ``(G, N_dst, k)`` of source indices (exactly ``k``
@@ -170,18 +196,34 @@ class GroupMaxRelConv(MessagePassing):
                                  f"got {tuple(neighbors.shape)}")
             rel = _regular_max(x_src, neighbors) - x_dst
         else:
-            rel = self._general_max_rel(x_src, x_dst, edge_index)
+            rel = self._general_max_rel(x_src, x_dst, self._group_edges(edge_index, x_src.shape[0], x_dst.shape[0]))
         n_dst = x_dst.shape[0]
         interleaved = torch.stack([x_dst, rel], dim=-1).view(n_dst, 2 * c)
         return self.nn(interleaved)
 
+    def _group_edges(self, edge_index: Union[Tensor, SparseTensor], n_src: int, n_dst: int) -> Tensor:
+        """The caller's edges as ``(G, 2, E)``, checked in the caller's shape and
+        numbering: a ``(2, E)`` ``edge_index`` or a sparse ``adj_t`` is shared by all groups."""
+        g = self.groups
+        if is_sparse(edge_index):  # adj_t: rows are destinations, columns sources (PyG's convention)
+            size = tuple(edge_index.sizes()) if isinstance(edge_index, SparseTensor) else tuple(edge_index.shape)
+            if size != (n_dst, n_src):
+                raise ValueError(f"adj_t must be (N_dst, N_src); got an adjacency of size {size} for {n_dst} "
+                                 f"destination and {n_src} source nodes")
+            (dst, src), _ = to_edge_index(edge_index)
+            edge_index = torch.stack([src, dst])
+        if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+            raise ValueError(f"edge_index must hold integer indices, got {edge_index.dtype}")
+        shape = tuple(edge_index.shape)
+        if edge_index.dim() not in (2, 3) or shape[-2] != 2 or (edge_index.dim() == 3 and shape[0] != g):
+            raise ValueError(f"edge_index must be ({g}, 2, E) or (2, E), got {shape}")
+        if not torch.compiler.is_compiling():
+            _check_edge_range(edge_index, n_src, n_dst)
+        return edge_index.unsqueeze(0).expand(g, -1, -1) if edge_index.dim() == 2 else edge_index
+
     def _general_max_rel(self, x_src: Tensor, x_dst: Tensor, edge_index: Tensor) -> Tensor:
-        """``max_j x_j - x_i`` per group over arbitrary edges (0 without neighbours), ``(N_dst, C)``."""
+        """``max_j x_j - x_i`` per group over ``(G, 2, E)`` edges (0 without neighbours), ``(N_dst, C)``."""
         g, c = self.groups, self.in_channels
-        if edge_index.dim() == 2:
-            edge_index = edge_index.unsqueeze(0).expand(g, -1, -1)
-        if edge_index.dim() != 3 or edge_index.shape[:2] != (g, 2):
-            raise ValueError(f"edge_index must be ({g}, 2, E) or (2, E), got {tuple(edge_index.shape)}")
         # Group g of node n becomes sub-node n * G + g, so one max aggregation
         # over sub-nodes is the per-group aggregation over per-group edges.
         group_id = torch.arange(g, device=edge_index.device).view(g, 1)
@@ -214,9 +256,11 @@ class DynamicGroupMaxRelConv(GroupMaxRelConv):
         backend (str): kNN backend of :func:`gkg_pyg.group_knn`.
 
     Shapes:
-        - **input:** node features :math:`(|\mathcal{V}|, C)`, optional batch
-          vector :math:`(|\mathcal{V}|)`
-        - **output:** node features :math:`(|\mathcal{V}|, C_{out})`
+        - **input:** node features :math:`(|\mathcal{V}|, C)` or
+          :math:`((|\mathcal{V}_s|, C), (|\mathcal{V}_t|, C))` if bipartite,
+          optional batch vector :math:`(|\mathcal{V}|)` or
+          :math:`((|\mathcal{V}_s|), (|\mathcal{V}_t|))` if bipartite
+        - **output:** node features :math:`(|\mathcal{V}_t|, C_{out})`
     """
 
     def __init__(self, in_channels: int, out_channels: int, k: int, groups: int = 2, dilation: int = 1,
@@ -224,11 +268,14 @@ class DynamicGroupMaxRelConv(GroupMaxRelConv):
         super().__init__(in_channels, out_channels, groups=groups, conv_groups=conv_groups, **kwargs)
         self.k, self.dilation, self.backend = k, dilation, backend
 
-    def forward(self, x: Tensor, batch: Optional[Tensor] = None) -> Tensor:
-        edge_index = group_knn(x, x, self.k, self.groups, dilation=self.dilation, batch_src=batch,
-                               batch_dst=batch, backend=self.backend)
+    def forward(self, x: Union[Tensor, PairTensor],
+                batch: Union[Tensor, Tuple[Optional[Tensor], Optional[Tensor]], None] = None) -> Tensor:
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        batch_src, batch_dst = (batch, batch) if batch is None or isinstance(batch, Tensor) else batch
+        edge_index = group_knn(x_src, x_dst, self.k, self.groups, dilation=self.dilation, batch_src=batch_src,
+                               batch_dst=batch_dst, backend=self.backend)
         # group_knn's edges are regular: k per destination, ordered by destination.
-        return super().forward(x, neighbors=edge_index[:, 0].view(self.groups, x.shape[0], self.k))
+        return super().forward(x, neighbors=edge_index[:, 0].view(self.groups, x_dst.shape[0], self.k))
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, k={self.k}, "
