@@ -1,14 +1,30 @@
-"""Evaluate a checkpoint on the evaluation split of a config.
+"""Evaluate a checkpoint on the evaluation split of a config, and choose
+per-class decision thresholds.
 
     python experiments/evaluate.py experiments/configs/coco_576.yaml --checkpoint runs/coco_576/checkpoint_best.pth
     # the authors' released weights:
     python experiments/evaluate.py experiments/configs/coco_576.yaml --checkpoint gkgnet_coco_576.pth
+    # choose F1-optimal thresholds on the validation split and store them in the checkpoint:
+    python experiments/evaluate.py CONFIG.yaml --checkpoint runs/NAME/checkpoint_best.pth --choose-thresholds
 
 Any layout gkg_pyg.load_checkpoint reads works (our training checkpoints,
 the authors' mmcls checkpoints). Prints the metrics table (and the EMA
 weights' table when the checkpoint has them) and writes metrics.json and
 per_class_ap.csv (per_class_ap_ema.csv) into --output (default: an
 ``eval`` folder beside the checkpoint). Runs under torchrun too.
+
+Thresholds (``gkg_pyg.thresholds``). With --choose-thresholds the
+threshold of each class that maximises its F1 on this split, and the one
+global threshold that maximises OF1, are chosen for each set of weights,
+the metrics are printed at 0.5 (eval.threshold), at the per-class and at
+the global thresholds, and the thresholds are stored in the checkpoint
+(an entry ``thresholds``, rewritten atomically; --thresholds-output PATH
+writes a copy with them instead, --no-store leaves every checkpoint
+alone) and written to thresholds.json. Metrics at thresholds chosen on
+the split they are measured on are optimistic: choose them on a
+validation split, then evaluate another split (--set data.val_split=...):
+thresholds already stored in the checkpoint are always reported beside
+0.5. predict.py uses the stored thresholds.
 """
 
 from __future__ import annotations
@@ -33,6 +49,12 @@ from gkg_pyg.training.precision import build_precision  # noqa: E402
 from gkg_pyg.metrics import (  # noqa: E402
     SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, multilabel_metrics, per_class_ap_csv,
 )  # fmt: skip
+from gkg_pyg.thresholds import (  # noqa: E402
+    choose_thresholds, format_threshold_table, metrics_at_thresholds, read_thresholds, store_thresholds,
+    thresholds_json,
+)  # fmt: skip
+
+THRESHOLD_KEYS = SUMMARY_KEYS[1:] + TOP3_KEYS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +66,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="folder for metrics.json and per_class_ap.csv (default: <checkpoint folder>/eval)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip missing or unreadable images (data.skip_bad_images) and count them")
+    p.add_argument("--choose-thresholds", action="store_true",
+                   help="choose F1-optimal per-class and global thresholds on this split and store them")
+    p.add_argument("--thresholds-output", metavar="PATH",
+                   help="write the checkpoint with the chosen thresholds here instead of updating it in place")
+    p.add_argument("--no-store", action="store_true", help="choose thresholds but leave every checkpoint file alone")
     return p.parse_args(argv)
+
+
+def threshold_columns(res: dict, threshold: float, record: dict | None) -> dict:
+    """Metrics at the single threshold and, with a record, at its per-class and global thresholds."""
+    columns = {f"{threshold:g}": metrics_at_thresholds(res["scores"], res["targets"], threshold)}
+    if record is not None:
+        columns["per-class"] = metrics_at_thresholds(res["scores"], res["targets"], record["per_class"])
+        columns[f"global {record['global']:.3f}"] = metrics_at_thresholds(res["scores"], res["targets"],
+                                                                           record["global"])  # fmt: skip
+    return columns
 
 
 def main(argv=None) -> int:
@@ -57,7 +94,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg["train"]["num_threads"])
 
     dataset = build_split(cfg, train=False)
-    missing = check_images(dataset, "evaluation", cfg["data"]["skip_bad_images"])
+    missing = check_images(dataset, "evaluation", cfg, info.is_main)
     model = build_model(cfg, dataset.class_names, load_weights=False)
     _, checkpoint = read_checkpoint(args.checkpoint)
     load_checkpoint(model, checkpoint, verbose=info.is_main)
@@ -71,6 +108,8 @@ def main(argv=None) -> int:
     precision = build_precision(cfg["train"]["amp"], info.device)
     out_dir = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / "eval"
     out = {"checkpoint": str(args.checkpoint)}
+    chosen = {}
+    split = f"{cfg['data']['val_split']} split of {args.config}"
     for name, net in models.items():
         res = evaluate(net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"])
         metrics = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"], res["areas"],
@@ -78,16 +117,37 @@ def main(argv=None) -> int:
         keys = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS
         out[name] = {k: (None if math.isnan(metrics[k]) else metrics[k]) for k in keys if k in metrics}
         out[name].update(num_images=len(res["targets"]), num_skipped=res["num_skipped"])
+        stored = read_thresholds(checkpoint, name, dataset.class_names)
+        if args.choose_thresholds:
+            chosen[name] = choose_thresholds(res["scores"], res["targets"], dataset.class_names, chosen_on=split)
+        record = chosen.get(name, stored)
+        columns = threshold_columns(res, cfg["eval"]["threshold"], record)
+        if record is not None:
+            out[name]["at_thresholds"] = {"chosen_on": record.get("chosen_on"), **{
+                rule: dict(values) for rule, values in list(columns.items())[1:]}}  # fmt: skip
         if info.is_main:
             print(f"\n{name} ({args.checkpoint}, {len(res['targets'])} images):")
             print(format_metrics_table(metrics))
             suffix = "" if name == "model" else f"_{name}"
             per_class_ap_csv(metrics, dataset.class_names, out_dir / f"per_class_ap{suffix}.csv")
+            if record is not None:
+                how = ("chosen now on this split: optimistic here" if name in chosen
+                       else f"stored in the checkpoint, chosen on {record.get('chosen_on') or 'another split'}")
+                print(f"\n{name} at thresholds ({how}):")
+                print(format_threshold_table(columns, THRESHOLD_KEYS))
             if res["num_skipped"] or missing:
-                print(f"skipped {res['num_skipped']} unreadable images ({missing} missing files)")
+                print(f"skipped {res['num_skipped']} unreadable images ({missing} left out by the image check)")
     if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(out, indent=2))
         print(f"\nsaved {out_dir / 'metrics.json'}")
+        if chosen:
+            (out_dir / "thresholds.json").write_text(json.dumps({n: thresholds_json(r) for n, r in chosen.items()},
+                                                                indent=2))  # fmt: skip
+            print(f"saved {out_dir / 'thresholds.json'}")
+            if not args.no_store:
+                written = store_thresholds(args.checkpoint, chosen, args.thresholds_output)
+                print(f"stored the thresholds of {', '.join(chosen)} in {written} (used by predict.py)")
     cleanup_distributed()
     return 0
 

@@ -1,50 +1,83 @@
 """Predict the labels of images with a trained checkpoint.
 
-    python experiments/predict.py --checkpoint runs/demo/checkpoint_best.pth img1.jpg img2.jpg
-    python experiments/predict.py --checkpoint runs/demo/checkpoint_best.pth --topk 3 --json img.jpg
+    python experiments/predict.py --checkpoint runs/demo/checkpoint_best.pth photos/ "more/**/*.png" one.jpg
+    python experiments/predict.py --checkpoint CKPT photos/ --output predictions.csv --topk 5
+    python experiments/predict.py --checkpoint CKPT img.jpg --json --threshold 0.3
 
-The model config and the class names come from the training checkpoint;
---config is needed only for weights that lack them (e.g. the authors'
-checkpoints: the class names then come from the config's data set).
-Prints the labels whose score is >= --threshold (default 0.5), or the
---topk best labels, with their scores; --json prints
-``[{"image": path, "labels": [{"label": name, "score": s}, ...]}, ...]``.
+Sources are image files, folders (searched recursively for image files)
+and glob patterns (quote them; ``**`` spans folders). Images are read in
+batches by --workers loader processes, with a progress bar on stderr.
+
+Everything else comes from the checkpoint: the model (its config), the
+class names, the preprocessing (input size, normalisation: the checkpoint's
+``preprocess`` entry, else its config's model.img_size with the package's
+normalisation) and the decision thresholds that ``evaluate.py
+--choose-thresholds`` stored (per class; --threshold global or a number
+overrides them; without stored thresholds 0.5). --config is needed only
+for weights without a config (e.g. the authors' checkpoints).
+
+Output, one record per image (in the order found): ``image``, ``labels``
+(the labels whose score reaches their threshold, best first), ``top`` (the
+--topk best labels with their scores) and ``error`` (why an image could not
+be read; such images are reported on stderr, skipped, and get no labels).
+--output FILE.csv writes columns image, labels (joined by
+--label-delimiter, default "|"), error, top1, score1, ... topK, scoreK;
+--output FILE.json (or --json on stdout) writes a list of records; without
+either, one line per image is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gkg_pyg.checkpoint import read_checkpoint, load_checkpoint  # noqa: E402
 from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from gkg_pyg.config import load_config, validate_config  # noqa: E402
-from gkg_pyg.data import build_test_transform, load_rgb  # noqa: E402
-from gkg_pyg.training.loaders import build_split  # noqa: E402
+from gkg_pyg.data import class_names_from_config, find_images, load_rgb, preprocess_info  # noqa: E402
+from gkg_pyg.data import transform_from_preprocess  # noqa: E402
+from gkg_pyg.thresholds import read_thresholds  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("sources", nargs="+", metavar="IMAGE", help="image files, folders (recursive), glob patterns")
     p.add_argument("--checkpoint", required=True, help="trained weights")
     p.add_argument("--config", help="YAML config (default: the one saved in the checkpoint)")
-    choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--threshold", type=float, default=0.5, help="print labels with score >= this")
-    choice.add_argument("--topk", type=int, help="print the k best labels instead")
+    p.add_argument("--threshold", default="per-class",
+                   help="'per-class' (the thresholds stored by evaluate.py --choose-thresholds, else 0.5), "
+                        "'global' (the stored global one) or a number")
+    p.add_argument("--topk", type=int, default=5, help="report the k best labels with their scores (default 5)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--output", help="write FILE.csv or FILE.json (default: print)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    p.add_argument("--label-delimiter", default="|", help="joins the labels in the CSV output (default |)")
     p.add_argument("--batch-size", type=int, default=16)
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in this process)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.topk < 1:
+        p.error(f"--topk must be >= 1, got {args.topk}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
+        p.error(f"--output must end in .csv or .json, got {args.output}")
+    return args
 
 
 def load_model(args: argparse.Namespace):
-    """The model with its weights, its class names and its input size."""
+    """(model with its weights, class names, preprocess record, checkpoint dict)."""
     _, checkpoint = read_checkpoint(args.checkpoint)
     if args.config:
         cfg = load_config(args.config)
@@ -52,47 +85,132 @@ def load_model(args: argparse.Namespace):
         cfg = validate_config(checkpoint["config"])
     else:
         raise ValueError(f"{args.checkpoint} holds no config (not a gkg-pyg training checkpoint): pass --config")
-    class_names = checkpoint.get("class_names") or build_split(cfg, train=False).class_names
-    model = build_model(cfg, class_names, load_weights=False)
+    class_names = checkpoint.get("class_names") or class_names_from_config(cfg["data"])
+    model = build_model(cfg, class_names, load_weights=False, verbose=False)
+    weights = checkpoint
     if args.ema:
         if not isinstance(checkpoint.get("ema"), dict):
             raise ValueError(f"--ema: {args.checkpoint} holds no EMA weights")
-        checkpoint = checkpoint["ema"]
-    load_checkpoint(model, checkpoint, verbose=False)
-    return model.eval(), list(class_names), cfg["model"]["img_size"]
+        weights = checkpoint["ema"]
+    load_checkpoint(model, weights, verbose=False)
+    preprocess = checkpoint.get("preprocess") or preprocess_info(cfg["model"]["img_size"])
+    return model.eval(), list(class_names), preprocess, checkpoint
 
 
-def select(scores: torch.Tensor, class_names: list[str], threshold: float, topk: int | None) -> list[dict]:
-    """Labels of one image's (L,) scores: the top k, or all >= threshold, best first."""
-    order = torch.argsort(scores, descending=True).tolist()
-    if topk is not None:
-        order = order[:topk]
-    else:
-        order = [i for i in order if scores[i] >= threshold]
-    return [{"label": class_names[i], "score": round(float(scores[i]), 4)} for i in order]
+def decision_thresholds(args, checkpoint: dict, class_names: list[str]) -> tuple[torch.Tensor, str]:
+    """(L,) thresholds and a note on where they come from."""
+    record = read_thresholds(checkpoint, "ema" if args.ema else "model", class_names)
+    if args.threshold == "per-class":
+        if record is None:
+            return torch.full((len(class_names),), 0.5, dtype=torch.float64), "0.5 (no thresholds stored)"
+        return torch.as_tensor(record["per_class"], dtype=torch.float64), "per-class (stored)"
+    if args.threshold == "global":
+        if record is None:
+            raise ValueError(f"--threshold global: {args.checkpoint} holds no thresholds "
+                             f"(choose them with evaluate.py --choose-thresholds)")  # fmt: skip
+        return torch.full((len(class_names),), float(record["global"]), dtype=torch.float64), "global (stored)"
+    try:
+        value = float(args.threshold)
+    except ValueError:
+        raise ValueError(f"--threshold must be 'per-class', 'global' or a number, got {args.threshold!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"--threshold must be finite, got {value}")
+    return torch.full((len(class_names),), value, dtype=torch.float64), f"{value:g}"
+
+
+class ImageFiles(Dataset):
+    """(tensor or None, path, error or None) per file: unreadable files do not stop the others."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            return self.transform(load_rgb(path)), path, None
+        except OSError as err:  # FileNotFoundError, UnreadableImageError
+            return None, path, str(err)
+
+
+def keep_all(batch):
+    return batch
+
+
+def predict(model, dataset: ImageFiles, thresholds, class_names, args) -> list[dict]:
+    """One record per file, in the dataset's order."""
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=keep_all)
+    records = []
+    bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr)
+    device = torch.device(args.device)
+    model.to(device)
+    k = min(args.topk, len(class_names))
+    for batch in loader:
+        good = [(x, p) for x, p, e in batch if e is None]
+        scores = {}
+        if good:
+            with torch.no_grad():
+                s = torch.sigmoid(model(torch.stack([x for x, _ in good]).to(device)).float()).cpu()
+            scores = {p: row for (_, p), row in zip(good, s)}
+        for _, path, error in batch:
+            if error is not None:
+                print(f"skipped: {error}", file=sys.stderr)
+                records.append({"image": path, "labels": [], "top": [], "error": error})
+                continue
+            row = scores[path]
+            order = torch.argsort(row, descending=True).tolist()
+            labels = [{"label": class_names[i], "score": round(float(row[i]), 4)}
+                      for i in order if row[i].double() >= thresholds[i]]  # fmt: skip
+            top = [{"label": class_names[i], "score": round(float(row[i]), 4)} for i in order[:k]]
+            records.append({"image": path, "labels": labels, "top": top, "error": None})
+        bar.update(len(batch))
+    bar.close()
+    return records
+
+
+def write_csv(records: list[dict], path: Path, topk: int, delimiter: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        top_columns = [c for i in range(1, topk + 1) for c in (f"top{i}", f"score{i}")]
+        writer.writerow(["image", "labels", "error", *top_columns])
+        for r in records:
+            top = [c for t in r["top"] for c in (t["label"], f"{t['score']:.4f}")]
+            top += [""] * (2 * topk - len(top))
+            writer.writerow([r["image"], delimiter.join(x["label"] for x in r["labels"]), r["error"] or ""] + top)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.topk is not None and args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    model, class_names, img_size = load_model(args)
-    transform = build_test_transform(img_size)
-    results = []
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        batch = torch.stack([transform(load_rgb(p)) for p in paths])
-        with torch.no_grad():
-            scores = torch.sigmoid(model(batch))
-        for path, s in zip(paths, scores):
-            results.append({"image": path, "labels": select(s, class_names, args.threshold, args.topk)})
-    if args.json:
-        print(json.dumps(results, indent=2))
+    paths = find_images(args.sources)
+    if not paths:
+        raise ValueError(f"no image files found in {args.sources}")
+    model, class_names, preprocess, checkpoint = load_model(args)
+    thresholds, rule = decision_thresholds(args, checkpoint, class_names)
+    records = predict(model, ImageFiles(paths, transform_from_preprocess(preprocess)), thresholds, class_names, args)
+    failed = sum(r["error"] is not None for r in records)
+    if args.output:
+        out = Path(args.output)
+        if out.suffix.lower() == ".csv":
+            write_csv(records, out, min(args.topk, len(class_names)), args.label_delimiter)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(records, indent=2))
+        print(f"wrote {len(records)} predictions to {out} (threshold: {rule})", file=sys.stderr)
+    elif args.json:
+        print(json.dumps(records, indent=2))
     else:
-        for r in results:
-            shown = ", ".join(f"{x['label']} {x['score']:.3f}" for x in r["labels"]) or "(no label >= threshold)"
+        for r in records:
+            if r["error"] is not None:
+                print(f"{r['image']}: ERROR {r['error']}")
+                continue
+            shown = ", ".join(f"{x['label']} {x['score']:.3f}" for x in r["labels"]) or "(no label above threshold)"
             print(f"{r['image']}: {shown}")
-    return 0
+    if failed:
+        print(f"{failed} of {len(records)} images could not be read (listed above)", file=sys.stderr)
+    return 1 if failed == len(records) else 0
 
 
 if __name__ == "__main__":

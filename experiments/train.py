@@ -116,10 +116,10 @@ def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
             f"the training and evaluation splits have different labels: {len(train_set.class_names)} "
             f"({train_set.class_names[:5]}...) vs {len(val_set.class_names)} ({val_set.class_names[:5]}...)"
         )
-    skip = cfg["data"]["skip_bad_images"]
+    # Every image is checked (data.check_images) before anything is written.
     missing = {
-        "train": check_images(train_set, "training", skip),
-        "val": check_images(val_set, "evaluation", skip),
+        "train": check_images(train_set, "training", cfg, info.is_main),
+        "val": check_images(val_set, "evaluation", cfg, info.is_main),
     }
 
     # Identical initial weights on every rank; afterwards each rank draws
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     cfg, run_dir, train_set, val_set = run["cfg"], run["run_dir"], run["train_set"], run["val_set"]
     tcfg, main_rank = cfg["train"], info.is_main
     if main_rank and any(run["missing"].values()):
-        print(f"skipping missing images: {run['missing']['train']} training, {run['missing']['val']} evaluation")
+        print(f"left out missing or unreadable images (data.skip_bad_images): {run['missing']['train']} training, "
+              f"{run['missing']['val']} evaluation")  # fmt: skip
 
     # Model, optimiser, schedule, precision, EMA.
     model = run["model"].to(info.device)

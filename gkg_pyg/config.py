@@ -50,12 +50,34 @@ DEFAULTS: dict[str, Any] = {
         "init_from": None,
     },
     "data": {
-        "name": "coco",  # coco | voc2007 | synthetic
+        "name": "coco",  # coco | voc2007 | synthetic | csv (data/README.md)
         "root": "data/coco",
-        "train_split": "train",
+        "train_split": "train",  # coco: train, train2014, train2017, ... (found under root)
         "val_split": "val",
+        # coco: an explicit instances JSON and image folder per role (relative
+        # to root; both or neither; null: found under root from the split).
+        # csv: image_dir is the folder the CSV's image paths are relative to (null: root).
+        "ann_file": {"train": None, "val": None},
+        "image_dir": {"train": None, "val": None},
+        # csv: one row per image (data/README.md); train / val are CSV files
+        # relative to root; classes: a list or a text file, null: from the training CSV.
+        "csv": {
+            "train": None,
+            "val": None,
+            "format": "names",  # names (a labels column) | columns (one 0/1 column per class)
+            "classes": None,
+            "image_column": "image",
+            "labels_column": "labels",
+            "delimiter": ",",  # between columns ("\t" for TSV)
+            "label_delimiter": " ",  # between names in the labels column (blank: any whitespace)
+        },
+        # coco / csv: images without any label: drop | keep (all-negative) | error.
+        "empty_labels": "drop",
+        # Before anything is written, every image is checked: exists (the file
+        # is there) | header (PIL identifies it) | decode (it decodes completely).
+        "check_images": "decode",
         "num_workers": 4,
-        "skip_bad_images": False,
+        "skip_bad_images": False,  # leave bad images out (counted) instead of stopping
         "class_balanced_threshold": 0.01,  # None: no oversampling
         # Only for name: synthetic (generated under root when missing).
         "synthetic": {"num_train": 2000, "num_val": 500, "image_size": 256, "seed": 0},
@@ -124,7 +146,10 @@ NULLABLE = {
     "train.clip_grad", "train.num_threads", "train.stop_after_epochs",
 }  # fmt: skip
 CHOICES = {
-    "data.name": ("coco", "voc2007", "synthetic"),
+    "data.name": ("coco", "voc2007", "synthetic", "csv"),
+    "data.empty_labels": ("drop", "keep", "error"),
+    "data.check_images": ("exists", "header", "decode"),
+    "data.csv.format": ("names", "columns"),
     "train.amp": ("fp16", "bf16", "none"),
     "schedule.name": ("step", "cosine"),
     "model.knn_backend": ("auto", "dense", "torch_cluster"),

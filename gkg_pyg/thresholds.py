@@ -42,7 +42,8 @@ import torch
 from .metrics import TOP_K, _as_float64, _check_scores_targets, _precision_recall, _top_k_mask
 
 __all__ = [
-    "best_f1_threshold", "choose_thresholds", "metrics_at_thresholds", "read_thresholds", "store_thresholds",
+    "best_f1_threshold", "choose_thresholds", "format_threshold_table", "metrics_at_thresholds", "read_thresholds",
+    "store_thresholds", "thresholds_json",
 ]  # fmt: skip
 
 
@@ -194,3 +195,28 @@ def read_thresholds(checkpoint: Mapping, weights: str = "model", class_names: Se
     if class_names is not None and per_class.numel() != len(class_names):
         raise ValueError(f"{per_class.numel()} stored thresholds for {len(class_names)} classes")
     return record
+
+
+def format_threshold_table(columns: Mapping[str, Mapping[str, float]], keys: Sequence[str] | None = None) -> str:
+    """Plain-text table: one row per metric, one column per threshold rule
+    (e.g. {"0.5": metrics, "per-class": metrics, "global": metrics})."""
+    keys = list(keys or next(iter(columns.values())).keys())
+    rows = [["metric", *columns]] + [[k, *(f"{m[k]:.2f}" for m in columns.values())] for k in keys]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def thresholds_json(record: Mapping) -> dict:
+    """A stored record as plain JSON (per class by name when names are known)."""
+    names = record.get("class_names") or [str(i) for i in range(len(record["per_class"]))]
+    f1 = torch.as_tensor(record.get("f1_per_class", torch.full((len(names),), math.nan))).tolist()
+    return {
+        "global": record["global"],
+        "global_f1": record.get("global_f1"),
+        "num_images": record.get("num_images"),
+        "chosen_on": record.get("chosen_on"),
+        "per_class": {n: {"threshold": float(t), "f1": None if math.isnan(f) else f}
+                      for n, t, f in zip(names, torch.as_tensor(record["per_class"]).tolist(), f1)},
+    }  # fmt: skip

@@ -186,13 +186,31 @@ def build_train_transform(
     return T.Compose(steps)
 
 
-def build_test_transform(img_size: int) -> T.Compose:
-    """Bicubic resize to (img_size, img_size), ToTensor, normalise."""
+def build_test_transform(img_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> T.Compose:
+    """Bicubic resize to (img_size, img_size), ToTensor, normalise (mean and
+    std on the 0-1 scale)."""
     _check_size(img_size)
     return T.Compose(
         [
             T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC),
             T.ToTensor(),
-            T.Normalize(MEAN, STD),
+            T.Normalize(tuple(mean), tuple(std)),
         ]
     )
+
+
+def preprocess_info(img_size: int) -> dict:
+    """What ``build_test_transform(img_size)`` does, as stored in checkpoints
+    (entry ``preprocess``) so that predict.py and exported models need
+    nothing else: decode to 8-bit RGB (``gkg_pyg.data.load_rgb``), resize to
+    (img_size, img_size) bicubically, scale to 0-1, subtract ``mean``, divide
+    by ``std`` (both on the 0-1 scale, RGB order)."""
+    _check_size(img_size)
+    return {"img_size": int(img_size), "resize": "bicubic", "mean": list(MEAN), "std": list(STD)}
+
+
+def transform_from_preprocess(info: dict) -> T.Compose:
+    """The test transform a ``preprocess_info`` record describes."""
+    if info.get("resize", "bicubic") != "bicubic":
+        raise ValueError(f"unsupported resize {info['resize']!r} in the checkpoint's preprocess entry")
+    return build_test_transform(int(info["img_size"]), info["mean"], info["std"])

@@ -1,14 +1,14 @@
-"""Data sets, samplers and loaders from a config; a check that every image
-file exists before anything starts."""
+"""Data sets, samplers and loaders from a config; the up-front check of
+every image before anything starts."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from ..data import build_dataset, build_test_transform, build_train_transform, collate, repeat_factor_indices
+from ..data import (
+    build_test_transform, build_train_transform, check_dataset, collate, dataset_from_config, repeat_factor_indices,
+)  # fmt: skip
 from ..data.coco import ImageLabelDataset
 from .distributed import DistInfo
 from .rng import derived_seed
@@ -18,30 +18,23 @@ def build_split(cfg: dict, train: bool) -> ImageLabelDataset:
     """The training (``data.train_split``, training transform) or evaluation
     (``data.val_split``, test transform) data set of a config. A synthetic
     data set is generated under data.root first if it is missing or was
-    generated with other parameters."""
+    generated with other parameters (``gkg_pyg.data.dataset_from_config``)."""
     data, size = cfg["data"], cfg["model"]["img_size"]
     transform = build_train_transform(size, **data["augment"]) if train else build_test_transform(size)
-    split = data["train_split"] if train else data["val_split"]
-    synthetic = data["synthetic"] if data["name"] == "synthetic" else None
-    return build_dataset(data["name"], data["root"], split, transform, data["skip_bad_images"], synthetic)
+    return dataset_from_config(data, "train" if train else "val", transform)
 
 
-def missing_images(dataset: ImageLabelDataset) -> list[str]:
-    """Image files of the data set that do not exist."""
-    return [p for p in dataset.paths if not os.path.isfile(p)]
-
-
-def check_images(dataset: ImageLabelDataset, what: str, skip: bool) -> int:
-    """Fail early when image files are missing, unless skipping bad images
-    (then the loader skips them). Returns the number missing."""
-    missing = missing_images(dataset)
-    if missing and not skip:
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise FileNotFoundError(
-            f"{len(missing)} of the {len(dataset)} {what} images are missing ({shown}); "
-            f"fix the data set or pass --skip-bad-images (data.skip_bad_images=true) to skip them"
-        )
-    return len(missing)
+def check_images(dataset: ImageLabelDataset, what: str, cfg: dict, progress: bool = True) -> int:
+    """Check every image of the data set at data.check_images (exists /
+    header / decode; ``gkg_pyg.data.check_dataset``, data.num_workers
+    threads, a progress bar). Bad images stop the run with their paths, or
+    with data.skip_bad_images are left out of the data set. Returns the
+    number left out."""
+    data = cfg["data"]
+    progress = progress and cfg["output"]["progress"]
+    report = check_dataset(dataset, data["check_images"], data["skip_bad_images"], what,
+                           workers=max(1, data["num_workers"]), progress=progress)  # fmt: skip
+    return len(report.bad)
 
 
 def train_loader(cfg: dict, dataset: ImageLabelDataset, info: DistInfo) -> DataLoader:
