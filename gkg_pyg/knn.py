@@ -295,15 +295,18 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
     n_dst = dst.shape[2]
     out = torch.empty(groups, num_graphs, n_dst, needed, dtype=torch.long, device=dst.device)
     s_sq = (src * src).sum(-1).unsqueeze(-2)  # (groups, graphs, 1, n_src)
+    # Blocks of `per` graphs x `rows` destinations.  Whenever per > 1 one block
+    # holds all destinations, so the row blocks are the same for every graph
+    # chunk and each block of the bias is made (or multiplied out) once.
     per = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * n_dst * n_src))
-    for b0 in range(0, num_graphs, per):
-        s, d = src[:, b0:b0 + per], dst[:, b0:b0 + per]
-        rows = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * s.shape[1] * n_src))
-        for r0 in range(0, n_dst, rows):
-            dd = d[:, :, r0:r0 + rows]
+    rows = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * per * n_src))
+    for r0 in range(0, n_dst, rows):
+        bias = None if position_bias is None else _bias_rows(position_bias, r0, r0 + rows).to(src.dtype)
+        for b0 in range(0, num_graphs, per):
+            s, dd = src[:, b0:b0 + per], dst[:, b0:b0 + per, r0:r0 + rows]
             dist = (dd * dd).sum(-1, keepdim=True) - 2 * dd @ s.transpose(-1, -2) + s_sq[:, b0:b0 + per]
-            if position_bias is not None:
-                dist = dist - _bias_rows(position_bias, r0, r0 + rows).to(dist.dtype)
+            if bias is not None:
+                dist = dist - bias
             out[:, b0:b0 + per, r0:r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
     return out
 
