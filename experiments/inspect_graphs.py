@@ -1,6 +1,6 @@
 """Draw the graphs GKGNet builds for one image (paper Fig. 5, 6, A1-A4).
 
-    python experiments/inspect_graphs.py --config C [--checkpoint P] --image IMG \
+    python experiments/inspect_graphs.py --config C [--checkpoint P] [--set KEY=VALUE] --image IMG \
         [--label NAME ...] [--stage N] [--patch ROW COL] --out DIR [--html] \
         [--dataset DIR [--max-images N]] [--format png|svg]
 
@@ -20,7 +20,8 @@ Writes to DIR:
 The config is a training config (``experiments/configs/*.yaml``); its
 model is built by ``gkg_pyg.config.build_model``.  Without ``--checkpoint``
 the model keeps random weights (seeded by ``--seed``) and every figure says
-so.  Class names come from the checkpoint's ``class_names``, else ``label_i``.
+so.  Class names come from the checkpoint's ``class_names``, else from the
+config's data set when model.num_classes is not set, else ``label_i``.
 """
 from __future__ import annotations
 
@@ -41,20 +42,30 @@ from gkg_pyg import inspect as gi  # noqa: E402
 from gkg_pyg.checkpoint import read_checkpoint  # noqa: E402
 from gkg_pyg.builder import build_model  # noqa: E402
 from gkg_pyg.config import load_config  # noqa: E402
+from gkg_pyg.data import IMAGE_SUFFIXES, class_names_from_config  # noqa: E402
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
+def load_model(config: str, checkpoint: Optional[str], seed: int = 0, device: str = "cpu",
+               overrides: Sequence[str] = ()) -> Tuple[torch.nn.Module, Optional[List[str]], str]:
+    """The model of ``config`` (through ``gkg_pyg.builder.build_model``), its
+    class names (None: ``label_i``) and the figure note.
 
-def load_model(config: str, checkpoint: Optional[str], seed: int = 0,
-               device: str = "cpu") -> Tuple[torch.nn.Module, Optional[List[str]], str]:
-    """The model of ``config`` (through ``gkg_pyg.config.build_model``), the
-    checkpoint's class names (None without) and the figure note."""
+    The names come from the checkpoint; without them, and without
+    model.num_classes, from the config's data set (read cheaply:
+    ``gkg_pyg.data.class_names_from_config``, e.g. the synthetic data set's
+    ten names without generating it)."""
     torch.manual_seed(seed)
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
     names, note, ckpt = None, gi.RANDOM_WEIGHTS_NOTE, None
     if checkpoint:
         _, ckpt = read_checkpoint(checkpoint)
         names, note = ckpt.get("class_names"), ""
+    if names is None and cfg["model"]["num_classes"] is None:
+        try:
+            names = class_names_from_config(cfg["data"])
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model.num_classes is not set and the class names cannot be read from the config's "
+                             f"data set ({err}); pass --checkpoint, or --set model.num_classes=N") from err
     model = build_model(cfg, names, load_weights=False, verbose=False)
     if ckpt is not None:
         gkg_pyg.load_checkpoint(model, ckpt)
@@ -89,6 +100,8 @@ def dataset_images(folder: str, max_images: int) -> List[Path]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config with a 'model:' section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set model.num_classes=20")
     p.add_argument("--checkpoint", help="weights (gkg-pyg or the authors' layout); none: random weights")
     p.add_argument("--image", required=True, help="the image to inspect")
     p.add_argument("--label", nargs="+", help="label names (or indices); default the 3 highest scores")
@@ -113,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, ckpt_names, note = load_model(args.config, args.checkpoint, args.seed, args.device)
+    model, ckpt_names, note = load_model(args.config, args.checkpoint, args.seed, args.device, args.overrides)
     if note:
         print(f"note: {note}")
     captured = gi.capture_graphs(model, args.image, class_names=ckpt_names, note=note)

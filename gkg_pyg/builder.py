@@ -19,7 +19,9 @@ from .checkpoint import convert_checkpoint, format_report, load_checkpoint, read
 from .models import create_model
 
 # Keys of the model section that are not create_model arguments.
-WEIGHT_KEYS = ("name", "pretrained", "init_from")
+WEIGHT_KEYS = ("name", "pretrained", "init_from", "init_classifier")
+# model.init_classifier: what init_from does with the checkpoint's label-specific parts.
+INIT_CLASSIFIER = ("auto", "reset", "keep")
 
 
 def model_kwargs(cfg: dict, class_names: Sequence[str] | None = None) -> dict:
@@ -44,24 +46,39 @@ def model_kwargs(cfg: dict, class_names: Sequence[str] | None = None) -> dict:
     return kwargs
 
 
-def init_from_checkpoint(model: nn.Module, path: str | Path, verbose: bool = True) -> dict:
+def init_from_checkpoint(model: nn.Module, path: str | Path, verbose: bool = True, classifier: str = "auto") -> dict:
     """Load a checkpoint trained on another label set (fine-tuning, e.g. COCO
     -> VOC): the model's classifier (label embedding and heads) is reset to
     the checkpoint's label count, everything is loaded strictly, then the
     classifier is reset to the model's labels (freshly initialised).
 
+    ``classifier`` (config key model.init_classifier) says when that reset
+    happens: "auto" when the label count differs or the checkpoint names
+    its classes (``class_names``, as our training checkpoints do) and they
+    are not the model's, i.e. a new label set even of the same size;
+    "reset" always (fine-tuning to a new label set from a checkpoint that
+    does not name its classes); "keep" never (the classifier must fit).
+
     Returns load_checkpoint's report plus ``"dropped_head"``: the model keys
-    whose checkpoint tensors were left out because the label count differs
-    (they are also listed as ``"missing"``).
+    whose checkpoint tensors were left out (the reset classifier; they are
+    also listed as ``"missing"``).
     """
-    state, _ = read_checkpoint(path)  # read once, used twice
+    if classifier not in INIT_CLASSIFIER:
+        raise ValueError(f"model.init_classifier must be one of {INIT_CLASSIFIER}, got {classifier!r}")
+    state, outer = read_checkpoint(path)  # read once, used twice
     filtered = convert_checkpoint(model, state)
     theirs, ours, names = filtered["num_classes"], model.num_classes, model.class_names
+    their_names = outer.get("class_names")
+    other_labels = theirs != ours or (their_names is not None and names is not None and list(their_names) != names)
+    if classifier == "keep" and theirs is not None and theirs != ours:
+        raise ValueError(f"model.init_classifier=keep but {path} has {theirs} labels and the model {ours}")
+    reset = theirs is not None and (classifier == "reset" or (classifier == "auto" and other_labels))
     dropped = []
-    if theirs is not None and theirs != ours:
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        dropped = [k for k, v in filtered["state_dict"].items() if k in own and tuple(v.shape) != own[k]]
+    if reset:
+        before = model.state_dict()  # holds the old tensors, so their memory cannot be reused below
         model.reset_classifier(theirs)
+        # The parts reset_classifier renewed are the classifier, whatever the model family.
+        dropped = [k for k, v in model.state_dict().items() if k not in before or before[k].data_ptr() != v.data_ptr()]
     try:
         report = load_checkpoint(model, state, source=filtered["source"], verbose=False)
     finally:  # the model's own labels again, also when the checkpoint did not fit
@@ -75,7 +92,8 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, verbose: bool = Tru
     if verbose:
         print(f"init_from {path}:\n{format_report(report)}")
         if report["dropped_head"]:
-            print(f"  reset the classifier from {theirs} to {ours} labels: {', '.join(report['dropped_head'])}")
+            print(f"  reset the classifier ({theirs} -> {ours} labels, init_classifier={classifier}): "
+                  f"{', '.join(report['dropped_head'])}")
     return report
 
 
@@ -104,5 +122,5 @@ def build_model(
             print(f"pretrained {section['pretrained']}:")
         load_checkpoint(model, section["pretrained"], verbose=verbose)
     if load_weights and section["init_from"]:
-        init_from_checkpoint(model, section["init_from"], verbose=verbose)
+        init_from_checkpoint(model, section["init_from"], verbose=verbose, classifier=section["init_classifier"])
     return model

@@ -48,6 +48,11 @@ DEFAULTS: dict[str, Any] = {
         # everything must fit except the label table and the heads, which
         # are skipped when their shapes differ.
         "init_from": None,
+        # What init_from does with the checkpoint's label embedding and heads:
+        # auto (a fresh classifier when the label count or the checkpoint's
+        # class names differ from the data set's) | reset (always: a new label
+        # set) | keep (they must fit).
+        "init_classifier": "auto",
     },
     "data": {
         "name": "coco",  # coco | voc2007 | synthetic | csv (data/README.md)
@@ -153,6 +158,7 @@ CHOICES = {
     "train.amp": ("fp16", "bf16", "none"),
     "schedule.name": ("step", "cosine"),
     "model.knn_backend": ("auto", "dense", "torch_cluster"),
+    "model.init_classifier": ("auto", "reset", "keep"),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from gkg_pyg.data import (
-    BadImagesError, CocoDataset, CsvDataset, build_test_transform, check_dataset, coco_split_files,
+    MEAN, STD, BadImagesError, CocoDataset, CsvDataset, build_test_transform, check_dataset, coco_split_files,
     collate, csv_class_names, dataset_from_config, find_bad_images, read_class_list,
 )  # fmt: skip
 
@@ -331,3 +331,99 @@ def test_unreadable_image_mid_epoch_names_path_or_is_counted(tmp_path):
     with pytest.warns(UserWarning, match="b.jpg"):
         batch = collate([ds[i] for i in range(3)])
     assert batch["num_skipped"] == 1 and batch["image"].shape[0] == 2
+
+
+# --------------------------------------------------- training on each format
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = """\
+name: {name}
+seed: 0
+model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.0}}
+data:
+  root: {root}
+  num_workers: 0
+  class_balanced_threshold: null
+  augment: {{cropmix_prob: 0.0, color_jitter: 0.0, trivial_augment: false, random_erasing: 0.0}}
+{data}
+train: {{epochs: 1, batch_size: 4, amp: none, num_threads: 1}}
+schedule: {{name: cosine, warmup_epochs: 0}}
+eval: {{batch_size: 4}}
+output: {{dir: {runs}, progress: false}}
+"""
+
+
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return load_script(name).main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def noise_image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def build_format(kind: str, root: Path) -> str:
+    """Write a 4 + 2 image data set of ``kind`` under root; return the config's data lines."""
+    labels = {"train": [["cat"], ["dog", "cat"], ["bird"], ["dog"]], "val": [["cat", "bird"], ["dog"]]}
+    if kind.startswith("coco"):
+        cats = [{"id": 5, "name": "dog"}, {"id": 2, "name": "cat"}, {"id": 9, "name": "bird"}]
+        ids = {c["name"]: c["id"] for c in cats}
+        for role in ("train", "val"):
+            name = f"{role}2017" if kind == "coco2017" else role
+            folder = root / name if kind == "coco2017" else root / "pictures" / role
+            images, anns = [], []
+            for i, names in enumerate(labels[role]):
+                noise_image(folder / f"{i}.jpg", i + 100 * (role == "val"))
+                images.append((i + 1, f"{i}.jpg"))
+                anns += [(i + 1, ids[n], 100.0) for n in names]
+            ann = root / "annotations" / (f"instances_{name}.json" if kind == "coco2017" else f"my_{role}.json")
+            ann.parent.mkdir(parents=True, exist_ok=True)
+            ann.write_text(json.dumps(coco_json(images, anns, cats)))
+        if kind == "coco2017":
+            return "  name: coco"
+        return ("  name: coco\n  ann_file: {train: annotations/my_train.json, val: annotations/my_val.json}\n"
+                "  image_dir: {train: pictures/train, val: pictures/val}")
+    classes = ["bird", "cat", "dog"]
+    for role in ("train", "val"):
+        rows = []
+        for i, names in enumerate(labels[role]):
+            noise_image(root / "imgs" / role / f"{i}.png", i + 100 * (role == "val"))
+            if kind == "csv_names":
+                rows.append(f"imgs/{role}/{i}.png,{'|'.join(names)}")
+            else:
+                rows.append(f"imgs/{role}/{i}.png," + ",".join("1" if c in names else "0" for c in classes))
+        header = "image,labels" if kind == "csv_names" else "image," + ",".join(classes)
+        (root / f"{role}.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    fmt = "names" if kind == "csv_names" else "columns"
+    return f"  name: csv\n  csv: {{train: train.csv, val: val.csv, format: {fmt}, label_delimiter: '|'}}"
+
+
+@pytest.mark.parametrize("kind", ["coco2017", "coco_files", "csv_names", "csv_columns"])
+def test_train_one_step_on_each_format(tmp_path, kind):
+    root = tmp_path / "data"
+    config = tmp_path / f"{kind}.yaml"
+    config.write_text(TINY_MODEL.format(name=kind, root=root, runs=tmp_path / "runs", data=build_format(kind, root)))
+    assert run_script("train", config) == 0
+    run = tmp_path / "runs" / kind
+    state = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    # COCO: category-id order (cat 2, dog 5, bird 9); CSV: sorted names / header order.
+    expected = ["cat", "dog", "bird"] if kind.startswith("coco") else ["bird", "cat", "dog"]
+    assert state["class_names"] == expected
+    assert state["step"] == 1 and state["epoch"] == 1  # 4 images, batch 4: one optimiser step
+    assert state["preprocess"] == {"img_size": 33, "resize": "bicubic", "mean": list(MEAN), "std": list(STD)}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model"]["num_images"] == 2 and metrics["model"]["num_skipped"] == 0

@@ -414,6 +414,23 @@ def test_cli_random_weights(synthetic, tmp_path):
         cli.load_model(str(tmp_path / "bad.yaml"), None)
 
 
+def test_cli_config_without_num_classes_or_checkpoint(synthetic, tmp_path):
+    """The README's demo command without --checkpoint: the class names come from
+    the config's data set (the synthetic one's fixed list, nothing generated)."""
+    cli = load_cli()
+    image = sorted((synthetic / "val2014").glob("*.jpg"))[0]
+    demo = ROOT / "experiments" / "configs" / "demo.yaml"
+    summary = cli.main(["--config", str(demo), "--image", str(image), "--stage", "2", "--label", "circle",
+                        "--out", str(tmp_path / "out")])  # fmt: skip
+    assert summary["note"] == gi.RANDOM_WEIGHTS_NOTE and list(summary["scores"]) == list(SYNTHETIC_CLASSES)
+    assert (tmp_path / "out" / "label_circle_stage2.png").is_file()
+    # A data set that cannot be read: the error says what to pass instead.
+    with pytest.raises(ValueError, match=r"num_classes is not set.*--set model.num_classes=N"):
+        cli.load_model(str(demo), None, overrides=["data.name=coco", f"data.root={tmp_path / 'nothing'}"])
+    model, names, _ = cli.load_model(str(demo), None, overrides=["data.name=coco", "model.num_classes=4"])
+    assert names is None and model.num_classes == 4
+
+
 # ---------------------------------------------------------------------------
 # Notebook
 # ---------------------------------------------------------------------------

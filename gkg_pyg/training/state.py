@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import torch_load_weights
+from ..data import preprocess_info
 from .distributed import DistInfo, unwrap
 from .optim import LRSchedule
 from .precision import Precision
@@ -65,7 +66,8 @@ def training_state(
     ema, epoch: int, best_map: float, cfg: dict, class_names: Sequence[str], rng_states: list[dict],
 ) -> dict:  # fmt: skip
     """Everything a resumed run needs; loadable with weights_only=True.
-    ``epoch`` counts the completed epochs."""
+    ``epoch`` counts the completed epochs. ``preprocess`` (input size,
+    normalisation) lets predict.py and export.py work from the checkpoint alone."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -78,6 +80,7 @@ def training_state(
         "config": cfg,
         "class_names": list(class_names),
         "rng": rng_states,
+        "preprocess": preprocess_info(cfg["model"]["img_size"]),
     }
 
 
