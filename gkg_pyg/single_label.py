@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MixupCutmix", "SingleLabelLoss", "confusion_matrix", "single_label_metrics", "topk_accuracy",
+__all__ = ["MixupCutmix", "SingleLabelLoss", "confusion_matrix", "format_single_label_table",
+           "majority_baseline_scores", "mixup_from_config", "single_label_metrics", "single_label_report",
+           "topk_accuracy",
            "write_confusion_matrix"]
 
 
@@ -145,3 +147,71 @@ def write_confusion_matrix(path: Union[str, os.PathLike], confusion: Tensor,
         writer.writerow(["true \\ predicted"] + names)
         for name, row in zip(names, confusion.tolist()):
             writer.writerow([name] + row)
+
+
+SUMMARY_KEYS = ("top1", "top5", "mean_class_accuracy")
+
+
+def majority_baseline_scores(train_labels: Tensor, num_images: int, num_classes: int) -> Tensor:
+    """``(num_images, C)`` scores that rank the classes by their training frequency
+    (top-1 = always the most frequent training class): the floor any model must beat."""
+    freq = torch.bincount(train_labels.long(), minlength=num_classes).float()
+    return freq.expand(num_images, num_classes)
+
+
+def format_single_label_table(metrics: dict, baseline: Optional[dict] = None) -> str:
+    """``metric | model | baseline`` rows of the summary metrics (percent)."""
+    lines = ["| metric | model |" + (" majority-class baseline |" if baseline else ""),
+             "|---|---|" + ("---|" if baseline else "")]
+    for key in SUMMARY_KEYS:
+        row = f"| {key} | {metrics[key]:.2f} |"
+        lines.append(row + (f" {baseline[key]:.2f} |" if baseline else ""))
+    return "\n".join(lines)
+
+
+def single_label_report(run_dir: Union[str, os.PathLike], class_names: Sequence[str], train_labels: Optional[Tensor],
+                        results: dict, write: bool = True) -> dict:
+    """The final report of a single-label run: for every evaluated model in
+    ``results`` (``{"model": evaluate(...), "ema": ...}`` with softmax
+    ``scores`` (N, C), ``targets`` (N,), ``num_skipped``) the metrics next to
+    the majority-class baseline (when ``train_labels`` are given), printed;
+    with ``write``, ``metrics.json`` and ``confusion_matrix.csv``
+    (``confusion_matrix_ema.csv``) in ``run_dir``. Returns the JSON content."""
+    import json
+    import math
+    from pathlib import Path
+
+    def scalars(m: dict) -> dict:
+        return {k: (None if math.isnan(m[k]) else m[k]) for k in SUMMARY_KEYS}
+
+    first = next(iter(results.values()))
+    base, out = None, {}
+    if train_labels is not None:
+        base = single_label_metrics(majority_baseline_scores(train_labels, len(first["targets"]), len(class_names)),
+                                    first["targets"], class_names)
+        out["baseline"] = scalars(base)
+    for name, res in results.items():
+        metrics = single_label_metrics(res["scores"], res["targets"], class_names)
+        out[name] = dict(scalars(metrics), num_images=metrics["num_images"], num_skipped=res.get("num_skipped", 0))
+        if write:
+            against = " vs the majority-class baseline" if base is not None else ""
+            print(f"\n{name}{against} ({metrics['num_images']} images):")
+            print(format_single_label_table(metrics, base))
+            suffix = "" if name == "model" else f"_{name}"
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            write_confusion_matrix(Path(run_dir) / f"confusion_matrix{suffix}.csv", metrics["confusion"], class_names)
+    if write:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "metrics.json").write_text(json.dumps(out, indent=2))
+        print(f"\nsaved {Path(run_dir) / 'metrics.json'} and {Path(run_dir) / 'confusion_matrix.csv'}")
+    return out
+
+
+def mixup_from_config(cfg: dict, num_classes: int) -> Optional[MixupCutmix]:
+    """The ``single_label`` section's Mixup/CutMix (smoothing from ``loss.label_smoothing``),
+    or None when both alphas are 0."""
+    s = cfg["single_label"]
+    if not (s["mixup_alpha"] or s["cutmix_alpha"]):
+        return None
+    return MixupCutmix(num_classes, s["mixup_alpha"], s["cutmix_alpha"], s["mix_prob"], s["switch_prob"],
+                       cfg["loss"]["label_smoothing"])

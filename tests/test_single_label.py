@@ -118,6 +118,9 @@ def test_bad_image_is_skipped_or_reported(tmp_path):
     with pytest.warns(UserWarning, match="bad.png"):
         batch = collate_single_label([ds[0], ds[1]])
     assert batch["num_skipped"] == 1 and batch["image"].shape == (1, 3, 4, 4) and batch["target"].tolist() == [0]
+    bad = str(tmp_path / "train" / "a" / "bad.png")
+    assert ds.exclude([bad, "not/there.png"]) == 1  # what the up-front image check does with --skip-bad-images
+    assert len(ds) == 1 and ds.excluded == [bad] and ds[0]["path"].endswith("good.png")
 
 
 def test_synthetic_shapes_is_deterministic_and_balanced(tmp_path):

@@ -38,8 +38,9 @@ from torch.utils.data import Dataset
 
 from .images import IMAGE_SUFFIXES, load_rgb
 
-__all__ = ["CIFARDataset", "ImageFolderDataset", "SYNTHETIC_SHAPES", "SingleLabelDataset", "collate_single_label",
-           "ensure_synthetic_shapes", "make_synthetic_shapes"]
+__all__ = ["CIFARDataset", "ImageFolderDataset", "SINGLE_LABEL_DATASETS", "SYNTHETIC_SHAPES", "SingleLabelDataset",
+           "collate_single_label", "ensure_synthetic_shapes", "make_synthetic_shapes", "single_label_dataset",
+           "single_label_split", "single_label_transform"]
 
 
 class SingleLabelDataset(Dataset):
@@ -55,14 +56,28 @@ class SingleLabelDataset(Dataset):
             raise ValueError(f"{len(labels)} labels for {count} images")
         if count == 0:
             raise ValueError(f"no images in {source or 'the data set'}")
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if self.labels.min() < 0 or self.labels.max() >= len(class_names):
             raise ValueError(f"labels of {source or 'the data set'} must lie in [0, {len(class_names)}), got "
                              f"{int(self.labels.min())}..{int(self.labels.max())}")
         self.class_names = list(class_names)
-        self.paths = list(paths) if paths is not None else None
+        # In-memory data sets have no files: an empty path list (nothing to check up front).
+        self.paths = list(paths) if paths is not None else []
         self.pixels = pixels
         self.transform, self.skip_bad_images, self.source = transform, skip_bad_images, source
+        self.excluded: List[str] = []
+
+    def exclude(self, paths: Sequence[str]) -> int:
+        """Remove the images with these paths (found unreadable by the up-front
+        check); returns how many were removed. ``excluded`` lists them all."""
+        bad = set(paths)
+        keep = [i for i, p in enumerate(self.paths) if p not in bad]
+        removed = len(self.paths) - len(keep)
+        if removed:
+            self.excluded += [p for p in self.paths if p in bad]
+            self.paths = [self.paths[i] for i in keep]
+            self.labels = self.labels[torch.tensor(keep, dtype=torch.long)]
+        return removed
 
     @property
     def num_classes(self) -> int:
@@ -72,7 +87,7 @@ class SingleLabelDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> Optional[dict]:
-        if self.paths is not None:
+        if self.pixels is None:
             path = self.paths[index]
             try:
                 image = load_rgb(path)
@@ -206,6 +221,70 @@ def collate_single_label(batch: Sequence[Optional[dict]]) -> dict:
             "target": torch.stack([s["target"] for s in kept]) if kept else None,
             "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
             "path": [s["path"] for s in kept], "num_skipped": len(batch) - len(kept)}
+
+
+# ---------------------------------------------------------------------------
+# From a config (``task: single_label``)
+# ---------------------------------------------------------------------------
+SINGLE_LABEL_DATASETS = ("image_folder", "cifar10", "cifar100", "synthetic_shapes")
+
+
+def single_label_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float],
+                           options: dict) -> Callable:
+    """timm's ImageNet transforms (what Pyramid ViG's recipe uses), bicubic.
+
+    Training: RandomResizedCrop(``crop_scale``, ``crop_ratio``; ``[1, 1]`` and
+    ``[1, 1]`` is a plain resize of a square image, e.g. CIFAR to 224),
+    horizontal flip (``hflip``), ``auto_augment`` (a timm string such as
+    ``"rand-m9-mstd0.5-inc1"``; timm then leaves colour jitter out) or
+    ``color_jitter``, normalisation, random erasing (``random_erasing``,
+    per-pixel noise). Evaluation: resize to ``img_size / eval_crop_pct``,
+    centre crop ``img_size``, normalisation. ``mean``/``std`` on the 0-1 scale.
+    """
+    from timm.data import create_transform
+
+    if not train:
+        return create_transform(img_size, is_training=False, interpolation="bicubic", mean=tuple(mean),
+                                std=tuple(std), crop_pct=options["eval_crop_pct"])
+    return create_transform(
+        img_size, is_training=True, scale=tuple(options["crop_scale"]), ratio=tuple(options["crop_ratio"]),
+        hflip=options["hflip"], vflip=0.0, color_jitter=options["color_jitter"], auto_augment=options["auto_augment"],
+        interpolation="bicubic", mean=tuple(mean), std=tuple(std), re_prob=options["random_erasing"],
+        re_mode="pixel")
+
+
+def single_label_dataset(data: dict, role: str, transform: Optional[Callable] = None) -> SingleLabelDataset:
+    """The ``role`` ("train" or "val") data set of a config's ``data`` section
+    for ``data.name`` in :data:`SINGLE_LABEL_DATASETS` (``synthetic_shapes`` is
+    generated under ``data.root`` from ``data.synthetic`` when missing or
+    different). An image folder's evaluation split takes the training
+    split's class list, so that both number the classes alike."""
+    if role not in ("train", "val"):
+        raise ValueError(f"role must be 'train' or 'val', got {role!r}")
+    name, root, split = data["name"], Path(data["root"]), data[f"{role}_split"]
+    if name not in SINGLE_LABEL_DATASETS:
+        raise ValueError(f"unknown single-label data set {name!r}; expected one of {SINGLE_LABEL_DATASETS}")
+    if name in ("cifar10", "cifar100"):
+        return CIFARDataset(root, split, name, transform)
+    if name == "synthetic_shapes":
+        ensure_synthetic_shapes(root, **data["synthetic"], progress=True)
+    classes = None
+    train_folder = root / data["train_split"]
+    if role == "val" and train_folder.is_dir():
+        classes = sorted(p.name for p in train_folder.iterdir() if p.is_dir()) or None
+    return ImageFolderDataset(root, split, transform, data["skip_bad_images"], class_names=classes)
+
+
+def single_label_split(cfg: dict, train: bool) -> SingleLabelDataset:
+    """The training or evaluation data set of a ``task: single_label`` config,
+    with :func:`single_label_transform` (``single_label`` section) normalised
+    with the model's ``pretrained_cfg`` mean and std (Pyramid ViG: 0.5, 0.5)."""
+    from ..models.registry import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(cfg["model"]["name"])
+    mean, std = [m / 255.0 for m in pcfg["mean"]], [s / 255.0 for s in pcfg["std"]]
+    transform = single_label_transform(cfg["model"]["img_size"], train, mean, std, cfg["single_label"])
+    return single_label_dataset(cfg["data"], "train" if train else "val", transform)
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "get_pretrained_cfg", "list_models", "register_model"]
 
 _MODELS: Dict[str, Tuple[Callable[..., nn.Module], dict]] = {}
 
@@ -24,6 +24,13 @@ def register_model(name: str, builder: Callable[..., nn.Module], pretrained_cfg:
     if name in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
     _MODELS[name] = (builder, dict(pretrained_cfg or {}))
+
+
+def get_pretrained_cfg(name: str) -> dict:
+    """A copy of the ``pretrained_cfg`` of a registered model (weights, input size, mean/std), without building it."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+    return dict(_MODELS[name][1])
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:
