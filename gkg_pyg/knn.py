@@ -304,9 +304,12 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
         bias = None if position_bias is None else _bias_rows(position_bias, r0, r0 + rows).to(src.dtype)
         for b0 in range(0, num_graphs, per):
             s, dd = src[:, b0:b0 + per], dst[:, b0:b0 + per, r0:r0 + rows]
-            dist = (dd * dd).sum(-1, keepdim=True) - 2 * dd @ s.transpose(-1, -2) + s_sq[:, b0:b0 + per]
+            # |a|^2 - 2 a.b + |b|^2 - B in place, in one buffer (bit-identical to the out-of-place
+            # expression: -2x is exact and a + (-2x) equals a - 2x).
+            dist = torch.matmul(dd, s.transpose(-1, -2)).mul_(-2)
+            dist.add_((dd * dd).sum(-1, keepdim=True)).add_(s_sq[:, b0:b0 + per])
             if bias is not None:
-                dist = dist - bias
+                dist.sub_(bias)
             out[:, b0:b0 + per, r0:r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
     return out
 
