@@ -34,7 +34,7 @@ from gkg_pyg.training.distributed import (  # noqa: E402
 )  # fmt: skip
 from gkg_pyg.training.ema import build_ema  # noqa: E402
 from gkg_pyg.training.loaders import build_split, check_images, eval_loader, start_epoch, train_loader  # noqa: E402
-from gkg_pyg.training.loops import evaluate, train_one_epoch  # noqa: E402
+from gkg_pyg.training.loops import evaluate, steps_per_epoch, train_one_epoch  # noqa: E402
 from gkg_pyg.training.optim import build_optimizer, build_schedule  # noqa: E402
 from gkg_pyg.training.precision import build_precision  # noqa: E402
 from gkg_pyg.training.rng import derived_seed, seed_everything  # noqa: E402
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     train_batches = train_loader(cfg, train_set, info)
     val_batches = eval_loader(cfg, val_set, info)
     optimizer = build_optimizer(cfg, model)
-    schedule = build_schedule(cfg, optimizer, len(train_batches))
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch(len(train_batches), tcfg["accumulate"]))
     precision = build_precision(tcfg["amp"], info.device)
     if info.distributed:
         ids = [info.local_rank] if info.device.type == "cuda" else None
@@ -208,19 +208,21 @@ def main(argv=None) -> int:
         # Keep the log lines of the epochs the checkpoint holds (a killed run
         # may have logged an epoch whose checkpoint it did not write).
         lines = log_path.read_text().splitlines() if (first_epoch and log_path.exists()) else []
-        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= first_epoch))
+        log_path.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= first_epoch))
         writer = tensorboard_writer(cfg, run_dir)
         print(f"run folder {run_dir}: {len(train_set)} training images ({len(train_batches.dataset)} per epoch "
               f"with repeats), {len(val_set)} evaluation images, {len(train_set.class_names)} labels, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-              f"{info.world_size} process(es) on {info.device.type}")  # fmt: skip
+              f"{info.world_size} process(es) on {info.device.type}, total batch "
+              f"{tcfg['batch_size'] * tcfg['accumulate'] * info.world_size} (batch_size {tcfg['batch_size']} x "
+              f"accumulate {tcfg['accumulate']} x {info.world_size} process(es))")  # fmt: skip
 
     epochs, results = tcfg["epochs"], None
     for epoch in range(first_epoch, epochs):
         start_epoch(train_batches, cfg["seed"], epoch, info.rank)
         stats = train_one_epoch(
             model, train_batches, criterion, optimizer, schedule, precision, info, tcfg["clip_grad"], ema,
-            desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["output"]["progress"],
+            tcfg["accumulate"], desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["output"]["progress"],
         )  # fmt: skip
         record = {"epoch": epoch + 1, "step": schedule.step_count, **stats}
         results = None

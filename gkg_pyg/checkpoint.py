@@ -171,7 +171,9 @@ def _by_module(keys) -> str:
     groups: dict = {}
     for key in keys:
         groups.setdefault(key.split(".")[0], []).append(key)
-    return ", ".join(members[0] if len(members) == 1 else f"{top}.* ({len(members)})" for top, members in groups.items())
+    return ", ".join(
+        members[0] if len(members) == 1 else f"{top}.* ({len(members)})" for top, members in groups.items()
+    )
 
 
 def _few(keys, show: int = 6) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -101,7 +102,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "epochs": 80,
-        "batch_size": 16,  # per process (GPU)
+        "batch_size": 16,  # per process (GPU) and forward pass
+        # Batches per optimizer step (gradient accumulation): the total batch is
+        # batch_size x accumulate x processes; the paper's is 128 (8 GPUs x 16).
+        "accumulate": 1,
         "amp": "fp16",  # fp16 | bf16 | none; CUDA only, the CPU always runs float32
         "clip_grad": 5.0,  # max L2 norm of all gradients; None: no clipping
         "sync_bn": True,  # SyncBatchNorm when distributed on GPUs
@@ -116,6 +120,9 @@ DEFAULTS: dict[str, Any] = {
         "betas": [0.9, 0.999],
         "weight_decay": 0.05,
         "eps": 1.0e-8,
+        # true: what the authors ran (only norms and biases undecayed); false: the
+        # model's no_weight_decay() parameters (position and label embeddings) too.
+        "decay_embeddings": True,
     },
     "schedule": {
         "name": "step",  # step | cosine; stepped every iteration
@@ -311,10 +318,13 @@ def _require(ok: bool, message: str) -> None:
 def check_values(cfg: dict) -> None:
     """Range checks the types alone do not cover (a ConfigError names the key)."""
     m, d, t, o, s, e = (cfg[k] for k in ("model", "data", "train", "optim", "schedule", "eval"))
+    for key in ("k", "groups", "num_gcn"):
+        _require(m[key] >= 1, f"model.{key} must be >= 1, got {m[key]}")
     _require(m["img_size"] >= min_input_size(m["k"]),
              f"model.img_size {m['img_size']} is below the smallest input for k={m['k']}, "
              f"{min_input_size(m['k'])}")
     for key, value in (("train.epochs", t["epochs"]), ("train.batch_size", t["batch_size"]),
+                       ("train.accumulate", t["accumulate"]),
                        ("eval.batch_size", e["batch_size"]), ("eval.interval", e["interval"])):
         _require(value >= 1, f"{key} must be >= 1, got {value}")
     _require(d["num_workers"] >= 0, f"data.num_workers must be >= 0, got {d['num_workers']}")
@@ -333,6 +343,44 @@ def check_values(cfg: dict) -> None:
     _require(0 < t["ema_decay"] < 1, f"train.ema_decay must be in (0, 1), got {t['ema_decay']}")
     for key in ("clip_grad", "num_threads", "stop_after_epochs"):
         _require(t[key] is None or t[key] > 0, f"train.{key} must be > 0 or null, got {t[key]}")
+    # Values that pass the type check but cannot work.
+    for key, value in _flat_items(cfg):
+        finite = not isinstance(value, float) or math.isfinite(value)
+        _require(finite, f"{key} must be a finite number, got {value}")
+    _require(o["eps"] > 0, f"optim.eps must be > 0, got {o['eps']}")
+    _require(0 < e["threshold"] < 1, f"eval.threshold must be in (0, 1), got {e['threshold']}")
+    _require(threshold is None or threshold <= 1, f"data.class_balanced_threshold must be <= 1, got {threshold}")
+    _require(m["num_classes"] is None or m["num_classes"] >= 1,
+             f"model.num_classes must be >= 1, got {m['num_classes']}")
+    _require(0 <= m["drop_path"] < 1, f"model.drop_path must be in [0, 1), got {m['drop_path']}")
+    loss = cfg["loss"]
+    _require(0 <= loss["label_smoothing"] < 0.5,
+             f"loss.label_smoothing must be in [0, 0.5), got {loss['label_smoothing']}")
+    for key in ("bce_weight", "asl_weight", "gamma_pos", "gamma_neg"):
+        _require(loss[key] >= 0, f"loss.{key} must be >= 0, got {loss[key]}")
+    _require(loss["bce_weight"] + loss["asl_weight"] > 0, "loss.bce_weight and loss.asl_weight may not both be 0")
+    _require(0 <= loss["clip"] < 1, f"loss.clip must be in [0, 1), got {loss['clip']}")
+    _require(loss["eps"] > 0, f"loss.eps must be > 0, got {loss['eps']}")
+    aug = d["augment"]
+    for key in ("cropmix_prob", "hflip", "random_erasing", "cropmix_mix_ratio"):
+        _require(0 <= aug[key] <= 1, f"data.augment.{key} must be in [0, 1], got {aug[key]}")
+    _require(0 < aug["cropmix_min_scale"] <= 1,
+             f"data.augment.cropmix_min_scale must be in (0, 1], got {aug['cropmix_min_scale']}")
+    _require(aug["color_jitter"] >= 0, f"data.augment.color_jitter must be >= 0, got {aug['color_jitter']}")
+    _require(all(isinstance(n, int) and n >= 1 for n in aug["cropmix_crops"]),
+             f"data.augment.cropmix_crops must be positive integers, got {aug['cropmix_crops']}")
+    syn = d["synthetic"]
+    for key in ("num_train", "num_val", "image_size"):
+        _require(syn[key] >= 1, f"data.synthetic.{key} must be >= 1, got {syn[key]}")
+
+
+def _flat_items(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:

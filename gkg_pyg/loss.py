@@ -20,9 +20,7 @@ def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, L), got shape {tuple(logits.shape)}")
     if targets.shape != logits.shape:
-        raise ValueError(
-            f"targets shape {tuple(targets.shape)} differs from logits shape {tuple(logits.shape)}"
-        )
+        raise ValueError(f"targets shape {tuple(targets.shape)} differs from logits shape {tuple(logits.shape)}")
     if ((targets != 0) & (targets != 1) & (targets != -1)).any():
         bad = torch.unique(targets[(targets != 0) & (targets != 1) & (targets != -1)])[:5]
         raise ValueError(f"targets must only hold 1, 0 or -1; found {bad.tolist()}")
@@ -132,9 +130,7 @@ class GKGNetLoss(nn.Module):
         # Autocast off: keep the logs and sigmoids in float32 even inside bf16/fp16 regions.
         with torch.autocast(device_type=logits.device.type, enabled=False):
             bce = smoothed_bce_loss(logits, targets, self.label_smoothing)
-            asl = asymmetric_loss(
-                logits, targets, self.gamma_pos, self.gamma_neg, self.clip, self.eps
-            )
+            asl = asymmetric_loss(logits, targets, self.gamma_pos, self.gamma_neg, self.clip, self.eps)
         return {"bce": self.bce_weight * bce, "asl": self.asl_weight * asl}
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 # COCO object-size boundaries, in pixels of the original image.
-SMALL_AREA_MAX = 32 ** 2
-LARGE_AREA_MIN = 96 ** 2
+SMALL_AREA_MAX = 32**2
+LARGE_AREA_MIN = 96**2
 TOP_K = 3
 
 SUMMARY_KEYS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
@@ -49,9 +49,7 @@ def _check_scores_targets(scores: np.ndarray, targets: np.ndarray) -> None:
     if scores.ndim != 2:
         raise ValueError(f"scores must be 2-D (N, L), got shape {scores.shape}")
     if scores.shape != targets.shape:
-        raise ValueError(
-            f"scores shape {scores.shape} differs from targets shape {targets.shape}"
-        )
+        raise ValueError(f"scores shape {scores.shape} differs from targets shape {targets.shape}")
     if scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"need at least one image and one class, got shape {scores.shape}")
     if not np.isfinite(scores).all():

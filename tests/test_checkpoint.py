@@ -1,4 +1,5 @@
 """Checkpoint loading in the three layouts, export and refusal of misfits."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,9 +54,12 @@ def test_own_layout_under_model_key_with_ddp_prefix():
 def pyramid_vig_state(model, pos_grid=(56, 56)):
     """An ImageNet Pyramid ViG checkpoint in its own layout, made from ``model``."""
     authors = gkg_pyg.export_authors_checkpoint(model)["state_dict"]
-    state = {k[len("backbone."):]: v for k, v in authors.items()
-             if k.startswith("backbone.") and not k.startswith(("backbone.label_lt", "backbone.gcn_label",
-                                                                 "backbone.ffn_label"))}
+    state = {
+        k[len("backbone.") :]: v
+        for k, v in authors.items()
+        if k.startswith("backbone.")
+        and not k.startswith(("backbone.label_lt", "backbone.gcn_label", "backbone.ffn_label"))
+    }
     state["pos_embed"] = torch.randn(1, state["pos_embed"].shape[1], *pos_grid)
     state["prediction.0.weight"] = torch.randn(1024, 384, 1, 1)
     state["prediction.4.weight"] = torch.randn(1000, 1024, 1, 1)

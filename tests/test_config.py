@@ -78,6 +78,39 @@ def test_type_and_range_errors(tmp_path):
         load_config(None, ["train.epochs"])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("optim.lr=.nan", "optim.lr must be > 0, got nan"),
+        ("optim.lr=-1e-4", "optim.lr must be > 0"),
+        ("optim.weight_decay=.inf", "optim.weight_decay must be a finite number"),
+        ("optim.eps=0", "optim.eps must be > 0"),
+        ("eval.threshold=0", r"eval.threshold must be in \(0, 1\), got 0"),
+        ("eval.threshold=1", r"eval.threshold must be in \(0, 1\)"),
+        ("eval.threshold=1.5", r"eval.threshold must be in \(0, 1\)"),
+        ("data.class_balanced_threshold=2", "data.class_balanced_threshold must be <= 1"),
+        ("train.accumulate=0", "train.accumulate must be >= 1"),
+        ("train.clip_grad=.inf", "train.clip_grad must be a finite number"),
+        ("model.k=0", "model.k must be >= 1"),
+        ("model.drop_path=1.0", r"model.drop_path must be in \[0, 1\)"),
+        ("model.num_classes=0", "model.num_classes must be >= 1"),
+        ("loss.label_smoothing=0.5", "loss.label_smoothing must be in"),
+        ("loss.eps=0", "loss.eps must be > 0"),
+        ("loss.gamma_neg=-1", "loss.gamma_neg must be >= 0"),
+        ("data.augment.hflip=1.5", "data.augment.hflip must be in"),
+        ("data.augment.cropmix_min_scale=0", "data.augment.cropmix_min_scale must be in"),
+        ("data.synthetic.num_val=0", "data.synthetic.num_val must be >= 1"),
+        ("schedule.warmup_epochs=.inf", "schedule.warmup_epochs must be a finite number"),
+    ],
+)
+def test_values_that_cannot_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    with pytest.raises(ConfigError, match="may not both be 0"):
+        load_config(None, ["loss.bce_weight=0", "loss.asl_weight=0"])
+
+
 def test_overrides_are_yaml_values():
     cfg = load_config(None, [
         "train.epochs=3", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "model.pretrained=null",
@@ -139,10 +172,12 @@ def test_shipped_configs_load():
     recipe = cfgs["coco_576"]
     assert recipe["model"]["name"] == "gkgnet_s" and recipe["model"]["img_size"] == 576
     assert recipe["model"]["drop_path"] == 0.1 and recipe["model"]["pretrained"].startswith("data/pretrained/")
-    assert recipe["optim"] == {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "eps": 1e-8}
+    assert recipe["optim"] == {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "eps": 1e-8,
+                               "decay_embeddings": True}  # fmt: skip
     assert recipe["schedule"]["milestones"] == [10, 50] and recipe["schedule"]["warmup_epochs"] == 5
     assert recipe["schedule"]["warmup_ratio"] == 1e-3 and recipe["schedule"]["name"] == "step"
     assert recipe["train"]["epochs"] == 80 and recipe["train"]["batch_size"] == 16
+    assert recipe["train"]["accumulate"] == 1  # x 8 GPUs: the paper's total batch of 128
     assert recipe["train"]["amp"] == "fp16" and recipe["train"]["clip_grad"] == 5.0
     assert recipe["data"]["class_balanced_threshold"] == 0.01
     assert cfgs["coco_448"]["model"]["img_size"] == 448 and cfgs["coco_224"]["model"]["img_size"] == 224
@@ -152,8 +187,13 @@ def test_shipped_configs_load():
     assert voc["data"]["name"] == "voc2007" and voc["schedule"]["milestones"] == [5, 50]
     assert voc["model"]["init_from"] and voc["model"]["pretrained"] is None
 
-    for stem, key, value in [("ablation_g1", "groups", 1), ("ablation_no_cross", "cross_level", False),
-                             ("ablation_k3", "k", 3), ("ablation_k6", "k", 6), ("ablation_k12", "k", 12)]:
+    for stem, key, value in [
+        ("ablation_g1", "groups", 1),
+        ("ablation_no_cross", "cross_level", False),
+        ("ablation_k3", "k", 3),
+        ("ablation_k6", "k", 6),
+        ("ablation_k12", "k", 12),
+    ]:
         assert config_diff(cfgs[stem], cfgs["coco_448"]) == sorted([f"model.{key}", "name"])
         assert cfgs[stem]["model"][key] == value
         assert len((CONFIGS / f"{stem}.yaml").read_text().strip().splitlines()) <= 3

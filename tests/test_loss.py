@@ -46,9 +46,7 @@ def test_bce_part_matches_torch():
     torch.testing.assert_close(smoothed_bce_loss(logits, targets).double(), by_hand, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "gamma_pos,gamma_neg,clip", [(0.0, 2.0, 0.05), (1.0, 4.0, 0.05), (0.5, 3.0, 0.0)]
-)
+@pytest.mark.parametrize("gamma_pos,gamma_neg,clip", [(0.0, 2.0, 0.05), (1.0, 4.0, 0.05), (0.5, 3.0, 0.0)])
 def test_asl_part_matches_loop(gamma_pos, gamma_neg, clip):
     logits, targets = random_batch(1)
     expected = asl_loop(logits, targets, gamma_pos, gamma_neg, clip, 1e-8)
@@ -75,9 +73,7 @@ def test_asl_without_focusing_and_clip_is_bce():
 def test_default_total_is_bce_plus_ten_asl():
     logits, targets = random_batch(3)
     loss_fn = GKGNetLoss()
-    expected = smoothed_bce_loss(logits, targets, 0.1) + 10.0 * asymmetric_loss(
-        logits, targets, 0.0, 2.0, 0.05, 1e-8
-    )
+    expected = smoothed_bce_loss(logits, targets, 0.1) + 10.0 * asymmetric_loss(logits, targets, 0.0, 2.0, 0.05, 1e-8)
     torch.testing.assert_close(loss_fn(logits, targets), expected)
     parts = loss_fn.parts(logits, targets)
     torch.testing.assert_close(parts["bce"] + parts["asl"], expected)
@@ -94,9 +90,7 @@ def test_ignored_targets_are_positives():
 def test_focusing_weight_keeps_gradient():
     logits, targets = random_batch(5)
     logits = logits.double().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x: asymmetric_loss(x, targets, 1.0, 4.0, 0.05, 1e-8), (logits,)
-    )
+    assert torch.autograd.gradcheck(lambda x: asymmetric_loss(x, targets, 1.0, 4.0, 0.05, 1e-8), (logits,))
 
 
 @pytest.mark.parametrize("value", [50.0, -50.0])

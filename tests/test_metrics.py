@@ -2,7 +2,6 @@
 
 import csv
 import math
-import time
 
 import numpy as np
 import pytest
@@ -232,12 +231,16 @@ def test_table_and_csv(tmp_path):
         per_class_ap_csv(m, ["cat"], path)
 
 
-def test_fast_on_coco_sized_input():
+def test_coco_sized_input_matches_sklearn():
+    """A COCO-sized evaluation (40k images, 80 classes) gives scikit-learn's APs;
+    its speed is measured by experiments/benchmark_metrics.py, not asserted here."""
     rng = np.random.default_rng(8)
     scores = rng.random((40_000, 80))
     targets = (rng.random((40_000, 80)) < 0.04).astype(float)
+    scores = scores + 0.2 * targets
     areas = np.where(targets == 1, rng.uniform(1, 200**2, targets.shape), 0.0)
-    start = time.perf_counter()
-    multilabel_metrics(scores, targets, areas=areas)
-    # "well under a second" on a normal machine; loose bound for a busy 2-core CI box.
-    assert time.perf_counter() - start < 3.0
+    m = multilabel_metrics(scores, targets, areas=areas)
+    some = [0, 17, 79]
+    expected = [average_precision_score(targets[:, c], scores[:, c]) for c in some]
+    np.testing.assert_allclose(m["AP_per_class"][some] / 100, expected, rtol=1e-9)
+    assert all(key in m for key in ("mAP_small", "mAP_medium", "mAP_large", "OF1_top3"))

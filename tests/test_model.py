@@ -83,7 +83,18 @@ def test_captured_graphs_equal_reference_neighbours():
 
 
 def test_float32_neighbour_choices_mostly_identical():
-    ours, ref = paired_models(dtype=torch.float32)
+    """Rounding differences between two implementations flip near-tied neighbours only.
+
+    Measured at PyTorch's default weight scale: at the authors' kaiming initialisation an untrained
+    GKGNet is chaotic (a float32 and a float64 pass of the same implementation already pick different
+    cross-level neighbours for most labels from stage 3 on), which says nothing about the implementations."""
+    torch.manual_seed(0)
+    ours = randomize(gkg_pyg.create_model("gkgnet_ti", num_classes=20, img_size=192))
+    for m in ours.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, gkg_pyg.conv.GroupedLinear)):
+            m.reset_parameters()  # PyTorch's default scale: perturbations shrink through the layers
+    ref = ReferenceGKGNet("ti", num_classes=20, img_size=192)
+    ref.load_state_dict(gkg_pyg.export_authors_checkpoint(ours)["state_dict"], strict=True)
     ours.eval(), ref.eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -99,13 +110,22 @@ def test_float32_neighbour_choices_mostly_identical():
 
 
 def test_bfloat16_and_float32_forward():
+    """bfloat16 (8 mantissa bits) follows the float32 output: measured 0.5-1.3% of the largest logit.
+    At PyTorch's default weight scale, as in the float32 test above: an untrained GKGNet at the authors'
+    initialisation is chaotic in evaluation mode (logits ~1e7 that even float32 cannot pin down)."""
+    torch.manual_seed(0)
     model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96).eval()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, gkg_pyg.conv.GroupedLinear)):
+            m.reset_parameters()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         out32 = model(x)
         out16 = model.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
     assert out32.shape == out16.shape == (2, 5)
+    error = (out16.float() - out32).abs().max() / out32.abs().max()
+    assert error < 0.03, f"bfloat16 differs from float32 by {error:.2%} of the largest logit"
 
 
 def test_input_size_limits():

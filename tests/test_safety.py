@@ -102,7 +102,8 @@ def test_planted_file_is_refused_everywhere(tiny, capsys):
             "gkgnet_ti", pretrained=str(path), num_classes=len(names), img_size=33, k=3),
         "build_model(model.pretrained)": lambda: build_model(
             load_config(tiny["config"], [f"model.pretrained={path}"]), names),
-        "build_model(model.init_from)": lambda: build_model(load_config(tiny["config"], [f"model.init_from={path}"]), names),
+        "build_model(model.init_from)": lambda: build_model(
+            load_config(tiny["config"], [f"model.init_from={path}"]), names),
         "load_training_checkpoint": lambda: load_training_checkpoint(path),
         "train.py --resume": lambda: load_script("train").main(
             [str(tiny["config"]), "--output", str(tmp / "resume_run"), "--resume", str(path),

@@ -172,14 +172,15 @@ def test_resume_after_kill_is_exact(tiny):
     assert a["best_map"] == b["best_map"]
     # Same log apart from timings, epoch 1 kept once.
     timing = ("seconds", "images_per_s")
-    log_a = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in
-             (tiny["run_a"] / "log.jsonl").read_text().splitlines()]  # fmt: skip
-    log_b = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in
-             (tiny["run_b"] / "log.jsonl").read_text().splitlines()]  # fmt: skip
+    log_a = [{k: v for k, v in json.loads(line).items() if k not in timing}
+             for line in (tiny["run_a"] / "log.jsonl").read_text().splitlines()]  # fmt: skip
+    log_b = [{k: v for k, v in json.loads(line).items() if k not in timing}
+             for line in (tiny["run_b"] / "log.jsonl").read_text().splitlines()]  # fmt: skip
     assert log_a == log_b
-    assert json.loads((tiny["run_a"] / "metrics.json").read_text())["model"] == json.loads(
-        (tiny["run_b"] / "metrics.json").read_text()
-    )["model"]
+    assert (
+        json.loads((tiny["run_a"] / "metrics.json").read_text())["model"]
+        == json.loads((tiny["run_b"] / "metrics.json").read_text())["model"]
+    )
 
 
 def test_evaluate_script_matches_training(tiny, tmp_path):
@@ -412,14 +413,25 @@ def test_lr_schedule_by_hand():
 
 def test_param_groups_no_decay():
     model = build_model(load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"]), ["a", "b"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    embeddings = {"pos_embed", "label_embed.weight"}
+    assert model.no_weight_decay() == embeddings
+    # The authors' run: only norms and biases undecayed (their custom_keys match nothing in GKGNet).
     decay, no_decay = optim.param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    names = {id(p): n for n, p in model.named_parameters()}
     plain = {names[id(p)] for p in no_decay["params"]}
-    assert {"pos_embed", "label_embed.weight", "stem.convs.1.weight", "head_label.bias"} <= plain
-    assert all(names[id(p)].endswith(("bias", "weight")) for p in no_decay["params"] if p.ndim == 1)
-    assert all(p.ndim >= 2 and names[id(p)] not in ("pos_embed", "label_embed.weight") for p in decay["params"])
+    assert {"stem.convs.1.weight", "head_label.bias"} <= plain and not embeddings & plain
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    assert all(names[id(p)].endswith(("bias", "weight")) for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # The option: also exempt the model's no_weight_decay() names.
+    decay, no_decay = optim.param_groups(model, 0.05, decay_embeddings=False)
+    assert {names[id(p)] for p in no_decay["params"]} == plain | embeddings
+    assert all(p.ndim >= 2 and names[id(p)] not in embeddings for p in decay["params"])
+    cfg = load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3",
+                             "optim.decay_embeddings=false"])  # fmt: skip
+    groups = optim.build_optimizer(cfg, model).param_groups
+    assert {names[id(p)] for p in groups[1]["params"]} == plain | embeddings
 
 
 def test_save_atomic_and_rng_roundtrip(tmp_path):
@@ -461,8 +473,14 @@ def test_loss_scaler_path_equals_plain_float32():
     result equals training without one (a power-of-two scale is exact)."""
     cfg = load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"])
     gen = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.randn(4, 3, 33, 33, generator=gen),
-                "target": (torch.rand(4, 5, generator=gen) > 0.5).float(), "num_skipped": 0} for _ in range(3)]
+    batches = [
+        {
+            "image": torch.randn(4, 3, 33, 33, generator=gen),
+            "target": (torch.rand(4, 5, generator=gen) > 0.5).float(),
+            "num_skipped": 0,
+        }
+        for _ in range(3)
+    ]
     info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
     states = []
     for scaled in (False, True):

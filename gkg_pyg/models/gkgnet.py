@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ..conv import GroupMaxRelConv
+from ..conv import GroupedLinear, GroupMaxRelConv
 from ..graph import build_stage_graph
 from ..knn import group_knn
 from .registry import create_model, list_models, register_model
@@ -363,6 +363,7 @@ class GKGNet(nn.Module):
             # Per-label linear head on the label nodes: logit_l = w_l . x_l + b_l.
             self.head_label = nn.Linear(chans[3], num_classes)
         self.head_patch = nn.Linear(chans[3], num_classes)
+        self.init_weights()
 
     @property
     def knn_backend(self) -> str:
@@ -372,6 +373,37 @@ class GKGNet(nn.Module):
         for module in self.modules():
             if isinstance(module, (Stage, CrossLevelModule)):
                 module.knn_backend = backend
+
+    def init_weights(self) -> None:
+        """The authors' initialisation (mmcls ``GKGNet.model_init`` and ``LabelQueryHead``).
+
+        Every layer that is an ``nn.Conv2d`` in their code, i.e. the stem and
+        downsampling convolutions and every 1x1 convolution of the Graphers,
+        FFNs and graph convolutions in the patch path and in the label path
+        (linear maps here), gets ``kaiming_normal_`` (fan-in, gain sqrt 2) and
+        a zero bias. Their label projections are ``nn.Linear`` and keep
+        PyTorch's default; the label embedding is N(0, 1) (``nn.Embedding``'s
+        default); both heads are N(0, 0.01) with zero bias (``_init_classifier``).
+        """
+        conv_like = (nn.Conv2d, nn.Linear, GroupedLinear)
+        paths = [self.stem, self.stages] + ([self.label_modules] if self.cross_level else [])
+        for path in paths:
+            for module in path.modules():
+                if isinstance(module, conv_like):
+                    nn.init.kaiming_normal_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        self._init_classifier()
+
+    def _init_classifier(self) -> None:
+        """Label embedding N(0, 1); heads N(0, 0.01) with zero bias (mmcls ``Normal(std=0.01)``)."""
+        heads = [self.head_patch]
+        if self.cross_level:
+            nn.init.normal_(self.label_embed.weight)
+            heads.append(self.head_label)
+        for head in heads:
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
 
     def no_weight_decay(self) -> set:
         """Names of the parameters besides norms and biases that are not
@@ -392,6 +424,7 @@ class GKGNet(nn.Module):
             self.label_embed = nn.Embedding(num_classes, self.label_embed.embedding_dim)
             self.head_label = nn.Linear(self.head_label.in_features, num_classes)
         self.head_patch = nn.Linear(self.head_patch.in_features, num_classes)
+        self._init_classifier()
         for name in ("label_embed", "head_label", "head_patch"):
             if hasattr(self, name):
                 getattr(self, name).to(device=like.device, dtype=like.dtype)

@@ -111,6 +111,15 @@ def all_reduce_sum(value: float, info: DistInfo) -> float:
     return float(t.item())
 
 
+def all_reduce_min(value: float, info: DistInfo) -> float:
+    """The smallest value over all ranks."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -9,18 +9,28 @@ from typing import Sequence
 import torch
 from torch import nn
 
-# Parameters without weight decay besides norms and biases (all 1-D).
-NO_DECAY_NAMES = ("pos_embed", "label_embed.weight")
+from .distributed import unwrap
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: with weight decay, and without it for norms and
-    biases (every 1-D parameter), the position embedding and the label table."""
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+    """Two AdamW groups: with weight decay, and without it.
+
+    Norms and biases (every 1-D parameter) are never decayed, as in the
+    authors' config (``norm_decay_mult=0``, ``bias_decay_mult=0``). Their
+    ``custom_keys`` name Swin parameters (``absolute_pos_embed``,
+    ``relative_position_bias_table``) that match nothing in GKGNet, so the run
+    behind the paper decayed the position and the label embeddings:
+    ``decay_embeddings=True`` (the default) does the same. False also exempts
+    the parameters the model names in ``no_weight_decay()`` (timm's
+    convention; GKGNet: ``pos_embed`` and ``label_embed.weight``).
+    """
+    model = unwrap(model)
+    exempt = set() if decay_embeddings or not hasattr(model, "no_weight_decay") else set(model.no_weight_decay())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in NO_DECAY_NAMES:
+        if p.ndim <= 1 or name in exempt:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -30,11 +40,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.AdamW:
+def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg["optim"]
-    return torch.optim.AdamW(
-        param_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"]
-    )
+    groups = param_groups(model, o["weight_decay"], o["decay_embeddings"])
+    if o.get("name") == "sgd":  # the same parameter groups, each with its own weight decay
+        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"])
+    return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
 
 
 class LRSchedule:
