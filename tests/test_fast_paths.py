@@ -1,12 +1,14 @@
 """The regular fast paths against the general ones: GroupMaxRelConv's
 neighbour-table path against its PyG edge_index path (outputs and gradients,
-float64)."""
+float64), the factored position term against the dense table, and a model
+step that reads nothing back to the host."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from gkg_pyg import GroupMaxRelConv, group_knn
+from gkg_pyg.models.gkgnet import Stage, relative_position_factors, relative_position_table, stage_grids
 
 
 def conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out):
@@ -106,3 +108,57 @@ def test_regular_path_on_group_knn_table_matches_group_knn_edges_dilated():
     edges = group_knn(x, x, 3, 2, dilation=2, batch_src=batch, batch_dst=batch)
     with torch.no_grad():
         torch.testing.assert_close(dyn(x, batch), GroupMaxRelConv.forward(dyn, x, edges), rtol=0, atol=0)
+# ---------------------------------------------------------------------------
+# Factored position term
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [224, 96])
+def test_position_factors_reproduce_the_dense_table(size):
+    """U @ V.T equals the dense table up to its float32 rounding (the table is
+    rounded before the authors resample it; no rank-C form keeps that bit for bit)."""
+    for grid, channels, pool in zip(stage_grids(size, size), (80, 160, 400, 640), (4, 2, 1, 1)):
+        u, v = relative_position_factors(grid, channels, pool)
+        n, n_src = grid[0] * grid[1], (grid[0] // pool) * (grid[1] // pool)
+        assert u.shape == (n, channels) and v.shape == (n_src, channels) and u.dtype == torch.float64
+        table = relative_position_table(grid, channels, pool).double()
+        assert (u @ v.t() - table).abs().max() < 2e-7
+
+
+def test_position_factors_at_a_runtime_grid_follow_the_resampled_table():
+    stage = Stage(80, 80, (14, 14), 2, [1], [0.0], 9, 2, "dense", downsample=False).double()
+    for grid in [(14, 14), (20, 18), (9, 11)]:
+        u, v = stage.position_factors(grid)
+        torch.testing.assert_close(u @ v.t(), stage.position_bias(grid), rtol=0, atol=2e-7)
+
+
+# ---------------------------------------------------------------------------
+# No host synchronisation in the model's forward and backward pass
+# ---------------------------------------------------------------------------
+SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__")
+
+
+@pytest.mark.parametrize("cross_level", [True, False])
+def test_model_step_reads_no_tensor_back_to_the_host(monkeypatch, cross_level):
+    """Every Tensor method that copies a value to the host raises during a
+    training step (forward and backward) and an eval forward, so the model's
+    hot path cannot wait on the device (on a GPU each would be a sync)."""
+    import gkg_pyg
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96, cross_level=cross_level)
+    images = torch.randn(2, 3, 96, 96)
+    model(images)  # builds the position tables (once, outside the hot path)
+
+    def forbidden(name):
+        def raise_(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called in the model's hot path")
+        return raise_
+
+    for name in SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    model.train()(images).sum().backward()
+    with torch.no_grad():
+        model.eval()(images)
+    monkeypatch.undo()
+    with pytest.raises(AssertionError):  # the guard itself works
+        for name in SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+        bool(torch.ones(1))

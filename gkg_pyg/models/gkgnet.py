@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..conv import GroupedLinear, GroupMaxRelConv
 from ..graph import build_stage_graph
-from ..knn import group_knn
+from ..knn import PositionBias, batched_group_knn, resolve_backend
 from .registry import create_model, list_models, register_model
 
 __all__ = ["GKGNet", "create_model", "list_models", "min_input_size", "relative_position_table",
@@ -136,6 +136,36 @@ def relative_position_table(grid: Tuple[int, int], channels: int, pool: int, row
     return out
 
 
+def relative_position_factors(grid: Tuple[int, int], channels: int, pool: int) -> Tuple[Tensor, Tensor]:
+    """``(U, V)`` float64, ``(n, C)`` and ``(n_src, C)``, with ``U @ V.T`` the
+    position term of :func:`relative_position_table` before its float32 rounding.
+
+    ``T = (2/C) P P^T`` of the sine-cosine embedding ``P`` (``n x C``) has rank at
+    most ``C``, and bicubic resampling over the source index is a linear map
+    ``R``, so the resampled table is ``U V^T`` with ``U = (2/C) P`` and
+    ``V = R P``: ``C`` coordinates per node instead of ``n_src``.  The table
+    itself is rounded to float32 before it is resampled (the authors' order),
+    which no rank-``C`` form reproduces bit for bit: the two differ by about
+    1e-7 (tests/test_fast_paths.py).
+    """
+    if channels % 4:
+        raise ValueError(f"the relative-position table needs channels divisible by 4, got {channels}")
+    h, w = grid
+    n, n_src = h * w, (h // pool) * (w // pool)
+    omega = 1.0 / 10000 ** (torch.arange(channels // 4, dtype=torch.float64) / (channels // 4))
+    rows = (torch.arange(n) // w).double()[:, None] * omega
+    cols = (torch.arange(n) % w).double()[:, None] * omega
+    p = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)  # cos(a - b) = sin a sin b + cos a cos b
+    v = p if n_src == n else _resample_rows(p, n_src)
+    return p * (2.0 / channels), v
+
+
+def _resample_rows(x: Tensor, rows: int) -> Tensor:
+    """Bicubic resampling (``align_corners=False``) of ``x``'s rows to ``rows``,
+    the one-axis part of a 2-D bicubic ``F.interpolate`` over a row index."""
+    return F.interpolate(x.t()[None, None], size=(x.shape[1], rows), mode="bicubic", align_corners=False)[0, 0].t()
+
+
 # ---------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------
@@ -166,8 +196,15 @@ class FFN(nn.Module):
 
 
 class GroupGraphBlock(nn.Module):
-    """The Grapher of a patch block or a cross-level module:
-    ``x + droppath(BN(W2 GroupMaxRelConv(BN(W1 x_dst), sources)))``."""
+    """The Grapher of a patch block or a cross-level module (paper Fig. 2),
+    whose steps :class:`Stage` and :class:`CrossLevelModule` call one by one:
+
+    1. project: ``y = BN(W1 x_dst)`` (``fc1``);
+    2. pick the sources (pooled ``y`` or another node set) and build the group
+       kNN graph from the sources to ``y`` (:func:`gkg_pyg.batched_group_knn`);
+    3. aggregate: ``m = GroupMaxRelConv(sources -> y)``, ``2C`` channels (``graph_conv``);
+    4. update: ``x_dst + droppath(BN(W2 m))`` (``fc2``).
+    """
 
     def __init__(self, channels: int, groups: int, drop_path: float = 0.0):
         super().__init__()
@@ -176,28 +213,45 @@ class GroupGraphBlock(nn.Module):
         self.fc2 = linear_bn(2 * channels, channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, sources, knn) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``x``: ``(B, N_dst, C)`` destinations; ``sources(y)`` returns the
-        ``(B, N_src, C)`` sources given ``y = BN(W1 x)``; ``knn(src, y)`` the
-        edges.  Returns the new ``x``, the edges, ``y`` and the sources."""
-        b, n, c = x.shape
-        y = self.fc1(x)
-        src = sources(y)
-        edges = knn(src, y)
-        m = self.graph_conv((src.reshape(-1, c), y.reshape(-1, c)), edges).view(b, n, 2 * c)
-        return x + self.drop_path(self.fc2(m)), edges, y, src
+    def aggregate(self, sources: Tensor, y: Tensor, neighbors: Tensor) -> Tensor:
+        """``(B, N_src, C)`` sources -> ``(B, N, 2C)`` at the ``(B, N, C)``
+        destinations ``y``, over the per-image neighbour table ``(G, B, N, k)``."""
+        b, n, c = y.shape
+        table = _flat_neighbors(neighbors, sources.shape[1])
+        return self.graph_conv((sources.reshape(-1, c), y.reshape(-1, c)), neighbors=table).view(b, n, 2 * c)
+
+    def update(self, x: Tensor, m: Tensor) -> Tensor:
+        return x + self.drop_path(self.fc2(m))
 
 
-def _batched_knn(src: Tensor, dst: Tensor, k: int, groups: int, dilation: int = 1,
-                 position_bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    """group_knn between ``(B, N_src, C)`` and ``(B, N_dst, C)`` image by image."""
-    b, n_src, c = src.shape
-    n_dst = dst.shape[1]
-    batch_src = torch.arange(b, device=src.device).repeat_interleave(n_src)
-    batch_dst = torch.arange(b, device=src.device).repeat_interleave(n_dst)
-    return group_knn(src.reshape(-1, c), dst.reshape(-1, c), k, groups, dilation=dilation,
-                     batch_src=batch_src, batch_dst=batch_dst, position_bias=position_bias,
-                     backend=backend)
+def _flat_neighbors(neighbors: Tensor, n_src: int) -> Tensor:
+    """``(G, B, N, k)`` source indices within each image -> ``(G, B * N, k)``
+    indices into the sources of all images flattened to ``(B * N_src, C)``."""
+    g, b, n, k = neighbors.shape
+    offsets = torch.arange(b, device=neighbors.device).view(1, b, 1, 1) * n_src
+    return (neighbors + offsets).view(g, b * n, k)
+
+
+def _edge_index(neighbors: Tensor, n_src: int) -> Tensor:
+    """A per-image neighbour table ``(G, B, N, k)`` as :func:`gkg_pyg.group_knn`'s
+    ``(G, 2, B * N * k)`` edges over the flattened node sets."""
+    table = _flat_neighbors(neighbors, n_src)
+    g, n, k = table.shape
+    dst = torch.arange(n, device=table.device).repeat_interleave(k).expand(g, -1)
+    return torch.stack([table.reshape(g, -1), dst], dim=1)
+
+
+class PatchGraph(NamedTuple):
+    """What the last patch block of a stage compared and chose (for :mod:`gkg_pyg.graph`)."""
+    neighbors: Tensor  # (G, B, N, k) source indices within each image
+    knn_x: Tensor  # (B, N, C) the destinations y = BN(W1 x)
+    sources: Tensor  # (B, N_src, C) pooled y
+
+
+class LabelGraph(NamedTuple):
+    """What a cross-level module compared and chose."""
+    neighbors: Tensor  # (G, B, L, k) patch indices within each image
+    knn_x: Tensor  # (B, L, C) the label destinations z = BN(W1 labels)
 
 
 def _to_image(x: Tensor, grid: Tuple[int, int]) -> Tensor:
@@ -227,6 +281,7 @@ class Stage(nn.Module):
         self.channels = channels
         self.register_buffer("relative_pos", None, persistent=False)
         self._bias_cache: Dict[tuple, Tensor] = {}
+        self._factor_cache: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
     def construction_table(self) -> Tensor:
         """The ``(n, n_src)`` position term at the construction grid."""
@@ -250,28 +305,57 @@ class Stage(nn.Module):
                                                   mode="bicubic", align_corners=False)[0, 0]
         return self._bias_cache[key]
 
-    def _pool(self, grid):
-        if self.pool == 1:
-            return lambda y: y
-        return lambda y: _to_nodes(F.avg_pool2d(_to_image(y, grid), self.pool, self.pool))
+    def position_factors(self, grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+        """``(U, V)``, ``(N, C)`` and ``(N_src, C)`` float64, with ``U @ V.T`` the
+        position term at a runtime grid before float32 rounding
+        (:func:`relative_position_factors`, resampled like :meth:`position_bias`)."""
+        grid = tuple(grid)
+        device = self.blocks[0]["grapher"].fc1[0].weight.device
+        key = (grid, device)
+        if key not in self._factor_cache:
+            self._factor_cache.clear()
+            u, v = relative_position_factors(self.grid, self.channels, self.pool)
+            if grid != self.grid:  # bicubic resampling is separable: resample the factor rows
+                n_src = (grid[0] // self.pool) * (grid[1] // self.pool)
+                u, v = _resample_rows(u, grid[0] * grid[1]), _resample_rows(v, n_src)
+            self._factor_cache[key] = (u.to(device), v.to(device))
+        return self._factor_cache[key]
 
-    def forward(self, x: Tensor, in_grid: Tuple[int, int], grid: Tuple[int, int]):
-        """``x``: ``(B, N_in, C_in)`` on ``in_grid`` -> ``(B, N, C)`` on ``grid``,
-        the last block's patch-level edges, its ``y`` and its sources."""
+    def knn_position_bias(self, grid: Tuple[int, int], backend: str, dtype: torch.dtype) -> PositionBias:
+        """The position term for ``backend``: the exact dense table for the
+        dense kNN, factors (``r = C`` extra coordinates) for torch-cluster."""
+        if backend == "torch_cluster":
+            u, v = self.position_factors(grid)
+            return u.to(dtype), v.to(dtype)
+        return self.position_bias(grid).to(dtype)
+
+    def pool_sources(self, y: Tensor, grid: Tuple[int, int]) -> Tensor:
+        """The kNN sources: ``y`` averaged over ``pool x pool`` patches, ``(B, N_src, C)``."""
+        if self.pool == 1:
+            return y
+        return _to_nodes(F.avg_pool2d(_to_image(y, grid), self.pool, self.pool))
+
+    def forward(self, x: Tensor, in_grid: Tuple[int, int], grid: Tuple[int, int], return_graph: bool = False):
+        """``x``: ``(B, N_in, C_in)`` on ``in_grid`` -> ``(B, N, C)`` on ``grid``;
+        with ``return_graph`` also the last block's :class:`PatchGraph`."""
         if self.downsample is not None:
             x = _to_nodes(self.downsample(_to_image(x, in_grid)))
-        bias = self.position_bias(grid).to(x.dtype)
-        n_src = bias.shape[1]
-        edges = y = src = None
+        n_src = (grid[0] // self.pool) * (grid[1] // self.pool)
+        graph = None
         for block, dilation in zip(self.blocks, self.dilations):
+            grapher = block["grapher"]
+            y = grapher.fc1(x)  # 1. project
+            src = self.pool_sources(y, grid)  # 2. sources: pooled y
             dilation = max(1, min(dilation, n_src // self.k))  # small inputs: cap to the sources there are
-
-            def knn(s, d, dilation=dilation):
-                return _batched_knn(s, d, self.k, self.groups, dilation, bias, self.knn_backend)
-
-            x, edges, y, src = block["grapher"](x, self._pool(grid), knn)
+            backend = resolve_backend(self.knn_backend, x.device, self.k * dilation)
+            bias = self.knn_position_bias(grid, backend, y.dtype)
+            neighbors = batched_group_knn(src, y, self.k, self.groups, dilation=dilation, position_bias=bias,
+                                          backend=backend)  # 2. group kNN graph, per image
+            x = grapher.update(x, grapher.aggregate(src, y, neighbors))  # 3. aggregate, 4. update
             x = block["ffn"](x)
-        return x, edges, y, src
+            if return_graph:
+                graph = PatchGraph(neighbors, y, src)
+        return (x, graph) if return_graph else x
 
 
 class CrossLevelModule(GroupGraphBlock):
@@ -284,13 +368,13 @@ class CrossLevelModule(GroupGraphBlock):
         self.ffn = FFN(channels, drop_path)
         self.k, self.groups, self.knn_backend = k, groups, knn_backend
 
-    def forward(self, labels: Tensor, patches: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``labels`` ``(B, L, C)``, ``patches`` ``(B, N, C)`` -> new labels,
-        edges (patch -> label) and the label features that chose them."""
-        labels, edges, z, _ = super().forward(
-            labels, lambda z: patches, lambda src, z: _batched_knn(src, z, self.k, self.groups,
-                                                                   backend=self.knn_backend))
-        return self.ffn(labels), edges, z
+    def forward(self, labels: Tensor, patches: Tensor, return_graph: bool = False):
+        """``labels`` ``(B, L, C)``, ``patches`` ``(B, N, C)`` -> new labels;
+        with ``return_graph`` also the :class:`LabelGraph`."""
+        z = self.fc1(labels)  # 1. project the label nodes
+        neighbors = batched_group_knn(patches, z, self.k, self.groups, backend=self.knn_backend)  # 2. kNN
+        labels = self.ffn(self.update(labels, self.aggregate(patches, z, neighbors)))  # 3. aggregate, 4. update
+        return (labels, LabelGraph(neighbors, z)) if return_graph else labels
 
 
 class GKGNet(nn.Module):
@@ -455,24 +539,31 @@ class GKGNet(nn.Module):
             labels = self.label_embed(torch.arange(self.num_classes, device=x.device)).expand(x.shape[0], -1, -1)
         graphs = []
         for i, stage in enumerate(self.stages):
-            x, patch_edges, y, src = stage(x, grids[max(i - 1, 0)], grids[i])
-            label_edges = z = None
+            x, patch_graph = stage(x, grids[max(i - 1, 0)], grids[i], return_graph=True)
+            label_graph = None
             if self.cross_level:
                 for module in self.label_modules[i]:
-                    labels, label_edges, z = module(labels, x)
+                    labels, label_graph = module(labels, x, return_graph=True)
                 if i < 3:
                     labels = self.label_projs[i](labels)
             if return_graphs:
-                graphs.append(build_stage_graph(
-                    patch_x=x.detach().reshape(-1, x.shape[-1]), grid=grids[i], image_size=tuple(images.shape[2:]),
-                    patch_knn_x=y.detach().reshape(-1, y.shape[-1]),
-                    source_x=src.detach().reshape(-1, src.shape[-1]), pool=stage.pool, patch_edges=patch_edges,
-                    label_x=None if z is None else z.detach().reshape(-1, z.shape[-1]),
-                    label_edges=label_edges, label_names=self.class_names))
+                graphs.append(self._stage_graph(i, stage, x, patch_graph, label_graph, grids[i], images.shape[2:]))
         logits = self.head_patch(x.mean(dim=1))
         if self.cross_level:
             logits = logits + (labels * self.head_label.weight).sum(-1) + self.head_label.bias
         return (logits, graphs) if return_graphs else logits
+
+    def _stage_graph(self, i: int, stage: Stage, x: Tensor, patch: PatchGraph, label: Optional[LabelGraph],
+                     grid: Tuple[int, int], image_size):
+        """One stage's :class:`~torch_geometric.data.HeteroData` for ``return_graphs``."""
+        flat = lambda t: t.detach().reshape(-1, t.shape[-1])  # noqa: E731
+        return build_stage_graph(
+            patch_x=flat(x), grid=grid, image_size=tuple(image_size), patch_knn_x=flat(patch.knn_x),
+            source_x=flat(patch.sources), pool=stage.pool,
+            patch_edges=_edge_index(patch.neighbors, patch.sources.shape[1]),
+            label_x=None if label is None else flat(label.knn_x),
+            label_edges=None if label is None else _edge_index(label.neighbors, x.shape[1]),
+            label_names=self.class_names)
 
 
 # ---------------------------------------------------------------------------
