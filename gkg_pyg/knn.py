@@ -34,6 +34,7 @@ candidates from the small features (see :func:`_cluster_knn`).
 (README, Benchmark); on CUDA torch-cluster when installed (the design's
 choice for GPU edge sets; not yet measured against the dense backend there).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -85,17 +86,24 @@ def resolve_backend(backend: str, device: torch.device, needed: Optional[int] = 
     too_many = device.type == "cuda" and needed is not None and needed > CLUSTER_CUDA_MAX_K
     if backend == "torch_cluster":
         if torch_cluster is None:
-            raise ImportError("kNN backend 'torch_cluster' needs the torch-cluster package, which is not "
-                              f"installed: {INSTALL_HINT}; or use backend='auto' or 'dense'")
+            raise ImportError(
+                "kNN backend 'torch_cluster' needs the torch-cluster package, which is not "
+                f"installed: {INSTALL_HINT}; or use backend='auto' or 'dense'"
+            )
         if too_many:
-            raise ValueError(f"torch-cluster's CUDA kNN keeps at most {CLUSTER_CUDA_MAX_K} neighbours, but "
-                             f"k * dilation = {needed}; use backend='dense'")
+            raise ValueError(
+                f"torch-cluster's CUDA kNN keeps at most {CLUSTER_CUDA_MAX_K} neighbours, but "
+                f"k * dilation = {needed}; use backend='dense'"
+            )
         return "torch_cluster"
     if backend == "dense" or device.type != "cuda" or too_many:
         return "dense"
     if torch_cluster is None:
         if not _warned_no_cluster:
-            warnings.warn(f"torch-cluster is not installed: group_knn uses the dense backend on CUDA ({INSTALL_HINT})")
+            warnings.warn(
+                f"torch-cluster is not installed: group_knn uses the dense backend on CUDA ({INSTALL_HINT})",
+                stacklevel=3,
+            )
             _warned_no_cluster = True
         return "dense"
     return "torch_cluster"
@@ -108,8 +116,10 @@ def _bias_shape(position_bias: PositionBias) -> Tuple[int, int]:
         return tuple(position_bias.shape)
     u, v = position_bias
     if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
-        raise ValueError("a factored position_bias (U, V) needs U: (n_dst, r) and V: (n_src, r), "
-                         f"got {tuple(u.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            "a factored position_bias (U, V) needs U: (n_dst, r) and V: (n_src, r), "
+            f"got {tuple(u.shape)} and {tuple(v.shape)}"
+        )
     return u.shape[0], v.shape[0]
 
 
@@ -128,8 +138,16 @@ def _check_arguments(channels: int, k: int, groups: int, dilation: int) -> None:
         raise ValueError(f"k and dilation must be positive, got k={k}, dilation={dilation}")
 
 
-def batched_group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: int = 1,
-                      position_bias: Optional[PositionBias] = None, backend: str = "auto") -> Tensor:
+def batched_group_knn(
+    x_src: Tensor,
+    x_dst: Tensor,
+    k: int,
+    groups: int,
+    *,
+    dilation: int = 1,
+    position_bias: Optional[PositionBias] = None,
+    backend: str = "auto",
+) -> Tensor:
     r"""Group kNN of :func:`group_knn` for ``B`` equal-sized graphs held as dense tensors.
 
     The same neighbours as :func:`group_knn` on the flattened nodes (the same
@@ -151,27 +169,42 @@ def batched_group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dila
         destination the chosen sources as indices within the graph
         (``0 .. N_src - 1``), nearest first.  Carries no gradient.
     """
-    if x_src.dim() != 3 or x_dst.dim() != 3 or x_src.shape[0] != x_dst.shape[0] \
-            or x_src.shape[2] != x_dst.shape[2]:
-        raise ValueError("batched_group_knn needs x_src (B, N_src, C) and x_dst (B, N_dst, C), got "
-                         f"{tuple(x_src.shape)} and {tuple(x_dst.shape)}")
+    if x_src.dim() != 3 or x_dst.dim() != 3 or x_src.shape[0] != x_dst.shape[0] or x_src.shape[2] != x_dst.shape[2]:
+        raise ValueError(
+            "batched_group_knn needs x_src (B, N_src, C) and x_dst (B, N_dst, C), got "
+            f"{tuple(x_src.shape)} and {tuple(x_dst.shape)}"
+        )
     _check_arguments(x_src.shape[2], k, groups, dilation)
     n_src, n_dst, needed = x_src.shape[1], x_dst.shape[1], k * dilation
     if n_src < needed and n_dst > 0:
-        raise ValueError(f"k * dilation = {k} * {dilation} = {needed} neighbours requested, but the graphs "
-                         f"have only {n_src} source nodes")
+        raise ValueError(
+            f"k * dilation = {k} * {dilation} = {needed} neighbours requested, but the graphs "
+            f"have only {n_src} source nodes"
+        )
     if position_bias is not None and _bias_shape(position_bias) != (n_dst, n_src):
-        raise ValueError(f"position_bias is {_bias_shape(position_bias)} but the graphs have {n_dst} "
-                         f"destinations and {n_src} sources")
+        raise ValueError(
+            f"position_bias is {_bias_shape(position_bias)} but the graphs have {n_dst} "
+            f"destinations and {n_src} sources"
+        )
     backend = resolve_backend(backend, x_dst.device, needed)
     with torch.no_grad():
-        table = _knn_table(x_src.detach(), x_dst.detach(), needed, groups, position_bias, backend)
+        src, dst = _normalized_groups(x_src.detach(), groups), _normalized_groups(x_dst.detach(), groups)
+        table = _knn_table(src, dst, needed, position_bias, backend)
     return table[..., ::dilation].contiguous() if dilation > 1 else table
 
 
-def group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: int = 1,
-              batch_src: Optional[Tensor] = None, batch_dst: Optional[Tensor] = None,
-              position_bias: Optional[PositionBias] = None, backend: str = "auto") -> Tensor:
+def group_knn(
+    x_src: Tensor,
+    x_dst: Tensor,
+    k: int,
+    groups: int,
+    *,
+    dilation: int = 1,
+    batch_src: Optional[Tensor] = None,
+    batch_dst: Optional[Tensor] = None,
+    position_bias: Optional[PositionBias] = None,
+    backend: str = "auto",
+) -> Tensor:
     r"""Per-group (dilated) k-nearest-neighbour graphs between two node sets.
 
     For group :math:`g` with sub-vectors :math:`\hat{x}_{i,g}` (L2-normalised),
@@ -206,8 +239,9 @@ def group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: in
     :func:`batched_group_knn`; graphs of different sizes one at a time.
     """
     if x_src.dim() != 2 or x_dst.dim() != 2:
-        raise ValueError(f"x_src and x_dst must be (num_nodes, channels), got {tuple(x_src.shape)} "
-                         f"and {tuple(x_dst.shape)}")
+        raise ValueError(
+            f"x_src and x_dst must be (num_nodes, channels), got {tuple(x_src.shape)} and {tuple(x_dst.shape)}"
+        )
     channels = x_src.shape[1]
     if x_dst.shape[1] != channels:
         raise ValueError(f"x_src has {channels} channels but x_dst has {x_dst.shape[1]}")
@@ -220,23 +254,33 @@ def group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: in
     needed = k * dilation
     for g, (n_src, n_dst) in enumerate(zip(sizes_src, sizes_dst)):
         if n_src < needed and n_dst > 0:
-            raise ValueError(f"k * dilation = {k} * {dilation} = {needed} neighbours requested, but graph {g} "
-                             f"has only {n_src} source nodes")
+            raise ValueError(
+                f"k * dilation = {k} * {dilation} = {needed} neighbours requested, but graph {g} "
+                f"has only {n_src} source nodes"
+            )
     if position_bias is not None:
         n_dst, n_src = _bias_shape(position_bias)
         if any(s != n_src for s in sizes_src) or any(d != n_dst for d in sizes_dst):
-            raise ValueError(f"position_bias is ({n_dst}, {n_src}) but the graphs have "
-                             f"{sizes_dst} destinations and {sizes_src} sources")
+            raise ValueError(
+                f"position_bias is ({n_dst}, {n_src}) but the graphs have "
+                f"{sizes_dst} destinations and {sizes_src} sources"
+            )
     if not (_all_finite(x_src) and _all_finite(x_dst)):
         raise ValueError("group_knn got non-finite (NaN or inf) node features")
 
     backend = resolve_backend(backend, x_dst.device, needed)
     with torch.no_grad():
-        x_src, x_dst = x_src.detach(), x_dst.detach()
+        # (groups, 1, N, C / groups): all graphs' nodes, normalised once.
+        src, dst = _normalized_groups(x_src.detach()[None], groups), _normalized_groups(x_dst.detach()[None], groups)
         if len(set(sizes_src)) == 1 and len(set(sizes_dst)) == 1:  # one batched problem
             n_src, n_dst = sizes_src[0], sizes_dst[0]
-            table = _knn_table(x_src.reshape(num_graphs, n_src, channels),
-                               x_dst.reshape(num_graphs, n_dst, channels), needed, groups, position_bias, backend)
+            table = _knn_table(
+                src.reshape(groups, num_graphs, n_src, -1),
+                dst.reshape(groups, num_graphs, n_dst, -1),
+                needed,
+                position_bias,
+                backend,
+            )
             offset = torch.arange(num_graphs, device=table.device).view(1, -1, 1, 1) * n_src
             nbr = (table + offset).view(groups, x_dst.shape[0], needed)
         else:  # graphs of different sizes: one problem per graph
@@ -244,9 +288,14 @@ def group_knn(x_src: Tensor, x_dst: Tensor, k: int, groups: int, *, dilation: in
             off_src = off_dst = 0
             for n_src, n_dst in zip(sizes_src, sizes_dst):
                 if n_dst:
-                    table = _knn_table(x_src[None, off_src:off_src + n_src], x_dst[None, off_dst:off_dst + n_dst],
-                                       needed, groups, position_bias, backend)
-                    nbr[:, off_dst:off_dst + n_dst] = table[:, 0] + off_src
+                    table = _knn_table(
+                        src[:, :, off_src : off_src + n_src],
+                        dst[:, :, off_dst : off_dst + n_dst],
+                        needed,
+                        position_bias,
+                        backend,
+                    )
+                    nbr[:, off_dst : off_dst + n_dst] = table[:, 0] + off_src
                 off_src, off_dst = off_src + n_src, off_dst + n_dst
         nbr = nbr[:, :, ::dilation]  # (groups, N_dst, k): global source indices
         dst = torch.arange(x_dst.shape[0], device=nbr.device).view(1, -1, 1).expand_as(nbr)
@@ -257,8 +306,9 @@ def _graph_sizes(batch: Optional[Tensor], num_nodes: int, name: str) -> List[int
     if batch is None:
         return [num_nodes]
     if batch.dim() != 1 or batch.numel() != num_nodes:
-        raise ValueError(f"{name} must be a vector of length {num_nodes} (one graph id per node), "
-                         f"got shape {tuple(batch.shape)}")
+        raise ValueError(
+            f"{name} must be a vector of length {num_nodes} (one graph id per node), got shape {tuple(batch.shape)}"
+        )
     if num_nodes > 1 and bool((batch[1:] < batch[:-1]).any()):
         raise ValueError(f"{name} must be sorted (nodes of one graph stored contiguously)")
     return torch.bincount(batch.cpu()).tolist() if num_nodes else []
@@ -272,12 +322,11 @@ def _all_finite(x: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Kernels: (B, N_src, C) and (B, N_dst, C) -> (groups, B, N_dst, needed)
-# local source indices, nearest first.  Shapes only, no host synchronisation.
+# Kernels: normalised (groups, B, N_src, c) and (groups, B, N_dst, c) ->
+# (groups, B, N_dst, needed) local source indices, nearest first.  Shapes
+# only, no host synchronisation.
 # ---------------------------------------------------------------------------
-def _knn_table(x_src: Tensor, x_dst: Tensor, needed: int, groups: int, position_bias: Optional[PositionBias],
-               backend: str) -> Tensor:
-    src, dst = _normalized_groups(x_src, groups), _normalized_groups(x_dst, groups)
+def _knn_table(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[PositionBias], backend: str) -> Tensor:
     kernel = _cluster_knn if backend == "torch_cluster" else _dense_knn
     return kernel(src, dst, needed, position_bias)
 
@@ -303,14 +352,14 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
     for r0 in range(0, n_dst, rows):
         bias = None if position_bias is None else _bias_rows(position_bias, r0, r0 + rows).to(src.dtype)
         for b0 in range(0, num_graphs, per):
-            s, dd = src[:, b0:b0 + per], dst[:, b0:b0 + per, r0:r0 + rows]
+            s, dd = src[:, b0 : b0 + per], dst[:, b0 : b0 + per, r0 : r0 + rows]
             # |a|^2 - 2 a.b + |b|^2 - B in place, in one buffer (bit-identical to the out-of-place
             # expression: -2x is exact and a + (-2x) equals a - 2x).
             dist = torch.matmul(dd, s.transpose(-1, -2)).mul_(-2)
-            dist.add_((dd * dd).sum(-1, keepdim=True)).add_(s_sq[:, b0:b0 + per])
+            dist.add_((dd * dd).sum(-1, keepdim=True)).add_(s_sq[:, b0 : b0 + per])
             if bias is not None:
                 dist.sub_(bias)
-            out[:, b0:b0 + per, r0:r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
+            out[:, b0 : b0 + per, r0 : r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
     return out
 
 
@@ -365,17 +414,20 @@ def _cluster_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[
     per_dst, per_src = width * dtype.itemsize + needed * per_edge, width * dtype.itemsize
     per_entry = n_src * per_src + n_dst * per_dst
     count = max(1, CLUSTER_CHUNK_BYTES // max(1, per_entry))
-    rows = n_dst if count > 1 or per_entry <= CLUSTER_CHUNK_BYTES else \
-        max(1, (CLUSTER_CHUNK_BYTES - n_src * per_src) // per_dst)
+    rows = (
+        n_dst
+        if count > 1 or per_entry <= CLUSTER_CHUNK_BYTES
+        else max(1, (CLUSTER_CHUNK_BYTES - n_src * per_src) // per_dst)
+    )
     out = torch.empty(entries, n_dst, needed, dtype=torch.long, device=dst.device)
     for e0 in range(0, entries, count):
-        s = src[e0:e0 + count]
+        s = src[e0 : e0 + count]
         q = s if u is None else _augment_sources(s, v)
         for r0 in range(0, n_dst, rows):
-            d = dst[e0:e0 + count, r0:r0 + rows]
-            p = d if u is None else _augment_destinations(d, u[r0:r0 + rows])
+            d = dst[e0 : e0 + count, r0 : r0 + rows]
+            p = d if u is None else _augment_destinations(d, u[r0 : r0 + rows])
             cand = _cluster_candidates(q, p, needed)  # (count, rows, needed), ascending source index
-            out[e0:e0 + count, r0:r0 + rows] = _rank_candidates(s, d, cand, u, v, r0)
+            out[e0 : e0 + count, r0 : r0 + rows] = _rank_candidates(s, d, cand, u, v, r0)
     return out.view(groups, num_graphs, n_dst, needed)
 
 
@@ -403,19 +455,25 @@ def _cluster_candidates(q: Tensor, p: Tensor, needed: int) -> Tensor:
     count, n_src, width = q.shape
     n = p.shape[1]
     example = torch.arange(count, device=q.device).view(-1, 1)
-    row, col = torch_cluster.knn(q.reshape(-1, width), p.reshape(-1, width), needed,
-                                 example.expand(count, n_src).reshape(-1), example.expand(count, n).reshape(-1),
-                                 batch_size=count)
+    row, col = torch_cluster.knn(
+        q.reshape(-1, width),
+        p.reshape(-1, width),
+        needed,
+        example.expand(count, n_src).reshape(-1),
+        example.expand(count, n).reshape(-1),
+        batch_size=count,
+    )
     if row.numel() != count * n * needed:  # a shape, known on the host: no synchronisation
-        raise RuntimeError(f"torch_cluster.knn returned {row.numel()} neighbours instead of {count * n * needed} "
-                           "(non-finite features?)")
+        raise RuntimeError(
+            f"torch_cluster.knn returned {row.numel()} neighbours instead of {count * n * needed} "
+            "(non-finite features?)"
+        )
     # torch-cluster does not promise an order: group by destination, then by source index.
     col = col[torch.argsort(row)].view(count, n, needed) - example.view(-1, 1, 1) * n_src
     return col.sort(dim=-1).values
 
 
-def _rank_candidates(s: Tensor, d: Tensor, cand: Tensor, u: Optional[Tensor], v: Optional[Tensor],
-                     r0: int) -> Tensor:
+def _rank_candidates(s: Tensor, d: Tensor, cand: Tensor, u: Optional[Tensor], v: Optional[Tensor], r0: int) -> Tensor:
     """Order the candidates ``(E, n, needed)`` of destinations ``d`` ``(E, n, c)``
     by ``|a - b|^2 - B_ij`` (``B`` from ``U`` rows ``r0:`` and ``V``, or the
     dense bias ``U``), stable: equal distances keep the lower source index first."""
@@ -423,7 +481,7 @@ def _rank_candidates(s: Tensor, d: Tensor, cand: Tensor, u: Optional[Tensor], v:
     b = s.gather(1, cand.view(count, n * needed, 1).expand(-1, -1, s.shape[-1])).view(count, n, needed, -1)
     dist = (d * d).sum(-1, keepdim=True) - 2 * (b @ d.unsqueeze(-1)).squeeze(-1) + (b * b).sum(-1)
     if v is not None:  # factored: B_ij = U_i . V_j for the candidates only
-        dist = dist - (v[cand] @ u[r0:r0 + n].unsqueeze(-1)).squeeze(-1)
+        dist = dist - (v[cand] @ u[r0 : r0 + n].unsqueeze(-1)).squeeze(-1)
     elif u is not None:  # dense (n_dst, n_src) bias
-        dist = dist - u[r0:r0 + n].expand(count, -1, -1).gather(2, cand)
+        dist = dist - u[r0 : r0 + n].expand(count, -1, -1).gather(2, cand)
     return cand.gather(-1, dist.sort(dim=-1, stable=True).indices)

@@ -15,6 +15,7 @@
   for a bipartite graph), the convention of :func:`gkg_pyg.stack_group_edges`,
   which rebuilds the ``(G, 2, E)`` tensor.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -64,11 +65,20 @@ class GroupKNNGraph(BaseTransform):
     neighbours within each graph.
     """
 
-    def __init__(self, k: int, groups: int, dilation: int = 1, loop: bool = False, attr: str = "x",
-                 node_type: Optional[Union[str, Tuple[str, str]]] = None, backend: str = "auto"):
+    def __init__(
+        self,
+        k: int,
+        groups: int,
+        dilation: int = 1,
+        loop: bool = False,
+        attr: str = "x",
+        node_type: Optional[Union[str, Tuple[str, str]]] = None,
+        backend: str = "auto",
+    ):
         if k < 1 or groups < 1 or dilation < 1:
-            raise ValueError(f"k, groups and dilation must be positive, got k={k}, groups={groups}, "
-                             f"dilation={dilation}")
+            raise ValueError(
+                f"k, groups and dilation must be positive, got k={k}, groups={groups}, dilation={dilation}"
+            )
         if attr not in ("x", "pos"):
             raise ValueError(f"attr must be 'x' or 'pos', got {attr!r}")
         self.k, self.groups, self.dilation, self.loop = k, groups, dilation, loop
@@ -87,8 +97,10 @@ class GroupKNNGraph(BaseTransform):
     def _hetero_types(self, data: HeteroData) -> Tuple[str, str]:
         if self.node_type is None:
             if len(data.node_types) != 1:
-                raise ValueError(f"GroupKNNGraph on a HeteroData with node types {data.node_types} needs "
-                                 "node_type= (a type, or (src, dst))")
+                raise ValueError(
+                    f"GroupKNNGraph on a HeteroData with node types {data.node_types} needs "
+                    "node_type= (a type, or (src, dst))"
+                )
             return data.node_types[0], data.node_types[0]
         src, dst = (self.node_type, self.node_type) if isinstance(self.node_type, str) else self.node_type
         for t in (src, dst):
@@ -100,8 +112,10 @@ class GroupKNNGraph(BaseTransform):
         x = getattr(store, self.attr, None)
         if not isinstance(x, Tensor) or x.dim() != 2:
             found = "missing" if x is None else f"of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x)
-            raise ValueError(f"GroupKNNGraph(attr={self.attr!r}) needs {where}.{self.attr} as a "
-                             f"(num_nodes, channels) tensor, but it is {found}")
+            raise ValueError(
+                f"GroupKNNGraph(attr={self.attr!r}) needs {where}.{self.attr} as a "
+                f"(num_nodes, channels) tensor, but it is {found}"
+            )
         return x
 
     def _edges(self, src_store, dst_store, src_name: str, dst_name: str, same: bool) -> Tensor:
@@ -109,17 +123,28 @@ class GroupKNNGraph(BaseTransform):
         batch_src, batch_dst = getattr(src_store, "batch", None), getattr(dst_store, "batch", None)
         k, groups, dilation = self.k, self.groups, self.dilation
         if not same or self.loop:
-            return group_knn(x_src, x_dst, k, groups, dilation=dilation, batch_src=batch_src, batch_dst=batch_dst,
-                             backend=self.backend)
+            return group_knn(
+                x_src,
+                x_dst,
+                k,
+                groups,
+                dilation=dilation,
+                batch_src=batch_src,
+                batch_dst=batch_dst,
+                backend=self.backend,
+            )
         # Without self-loops: the k * dilation + 1 nearest, self removed, then every dilation-th.
         needed, n = k * dilation, x_dst.shape[0]
         sizes = [n] if batch_dst is None or n == 0 else torch.bincount(batch_dst.cpu()).tolist()
         small = [(g, s) for g, s in enumerate(sizes) if 0 < s <= needed]
         if small:
-            raise ValueError(f"{self} without self-loops needs more than k * dilation = {needed} nodes per graph, "
-                             f"but graph {small[0][0]} has {small[0][1]}")
-        edges = group_knn(x_src, x_dst, needed + 1, groups, batch_src=batch_src, batch_dst=batch_dst,
-                          backend=self.backend)
+            raise ValueError(
+                f"{self} without self-loops needs more than k * dilation = {needed} nodes per graph, "
+                f"but graph {small[0][0]} has {small[0][1]}"
+            )
+        edges = group_knn(
+            x_src, x_dst, needed + 1, groups, batch_src=batch_src, batch_dst=batch_dst, backend=self.backend
+        )
         table = edges[:, 0].view(groups, n, needed + 1)
         drop = table == torch.arange(n, device=table.device).view(1, n, 1)
         # A node appears at most once in its own list; where ties pushed it out, drop the farthest instead.
@@ -129,5 +154,6 @@ class GroupKNNGraph(BaseTransform):
         return torch.stack([table.reshape(groups, -1), dst.reshape(groups, -1)], dim=1)
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(k={self.k}, groups={self.groups}, dilation={self.dilation}, "
-                f"loop={self.loop})")
+        return (
+            f"{self.__class__.__name__}(k={self.k}, groups={self.groups}, dilation={self.dilation}, loop={self.loop})"
+        )

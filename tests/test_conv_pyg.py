@@ -34,8 +34,7 @@ def reference_conv(conv, x_src, x_dst, edge_index):
 def random_edges(n_src, n_dst, num_edges, groups=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     shape = (num_edges,) if groups is None else (groups, num_edges)
-    return torch.stack([torch.randint(n_src, shape, generator=gen), torch.randint(n_dst, shape, generator=gen)],
-                       dim=-2)
+    return torch.stack([torch.randint(n_src, shape, generator=gen), torch.randint(n_dst, shape, generator=gen)], dim=-2)
 
 
 @pytest.fixture
@@ -46,8 +45,10 @@ def conv():
 
 def test_str_shapes_and_pair_input(conv):
     assert str(conv) == "GroupMaxRelConv(16, 32, groups=2, conv_groups=4)"
-    assert str(DynamicGroupMaxRelConv(16, 32, k=4, groups=2)) == \
-        "DynamicGroupMaxRelConv(16, 32, k=4, groups=2, dilation=1)"
+    assert (
+        str(DynamicGroupMaxRelConv(16, 32, k=4, groups=2))
+        == "DynamicGroupMaxRelConv(16, 32, k=4, groups=2, dilation=1)"
+    )
     x = torch.randn(10, 16, dtype=torch.float64)
     edge_index = random_edges(10, 10, 25)
     out = conv(x, edge_index)
@@ -91,6 +92,7 @@ def test_sparse_adjacency(conv, layout, bipartite):
 @pytest.mark.skipif(not torch_geometric.typing.WITH_TORCH_SPARSE, reason="torch-sparse is not installed")
 def test_sparse_tensor_adjacency(conv):  # pragma: no cover - needs torch-sparse
     from torch_geometric.typing import SparseTensor
+
     x = torch.randn(12, 16, dtype=torch.float64)
     edge_index = torch.unique(random_edges(12, 12, 30, seed=4), dim=1)
     adj = SparseTensor.from_edge_index(edge_index, sparse_sizes=(12, 12))
@@ -185,11 +187,15 @@ class TwoLayers(torch.nn.Module):
 
 def hetero_inputs(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x_dict = {"paper": torch.randn(12, 16, generator=gen, dtype=torch.float64),
-              "author": torch.randn(7, 16, generator=gen, dtype=torch.float64)}
-    edge_index_dict = {("paper", "cites", "paper"): random_edges(12, 12, 30, groups=2, seed=seed),
-                       ("author", "writes", "paper"): random_edges(7, 12, 20, seed=seed + 1),
-                       ("paper", "rev_writes", "author"): random_edges(12, 7, 20, groups=2, seed=seed + 2)}
+    x_dict = {
+        "paper": torch.randn(12, 16, generator=gen, dtype=torch.float64),
+        "author": torch.randn(7, 16, generator=gen, dtype=torch.float64),
+    }
+    edge_index_dict = {
+        ("paper", "cites", "paper"): random_edges(12, 12, 30, groups=2, seed=seed),
+        ("author", "writes", "paper"): random_edges(7, 12, 20, seed=seed + 1),
+        ("paper", "rev_writes", "author"): random_edges(12, 7, 20, groups=2, seed=seed + 2),
+    }
     return x_dict, edge_index_dict
 
 
@@ -207,6 +213,7 @@ def test_to_hetero():
             y = conv(xs[src], ei) if src == dst else conv((xs[src], xs[dst]), ei)
             res[dst] = res[dst] + y if dst in res else y
         return res
+
     expected = layer(model.conv2, layer(model.conv1, x_dict))
     for key in out:
         assert torch.allclose(out[key], expected[key], rtol=0, atol=1e-12)
@@ -223,8 +230,13 @@ def test_inside_hetero_conv():
     expected_paper = conv_c(x_dict["paper"], cites) + conv_w((x_dict["author"], x_dict["paper"]), writes)
     assert torch.allclose(out["paper"], expected_paper, rtol=0, atol=1e-12)
     assert torch.allclose(out["author"], conv_r((x_dict["paper"], x_dict["author"]), rev), rtol=0, atol=1e-12)
-    assert torch.allclose(out["paper"], reference_conv(conv_c, x_dict["paper"], x_dict["paper"], cites)
-                          + reference_conv(conv_w, x_dict["author"], x_dict["paper"], writes), rtol=0, atol=1e-12)
+    assert torch.allclose(
+        out["paper"],
+        reference_conv(conv_c, x_dict["paper"], x_dict["paper"], cites)
+        + reference_conv(conv_w, x_dict["author"], x_dict["paper"], writes),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_dynamic_conv_pairs_and_batches():
@@ -236,8 +248,11 @@ def test_dynamic_conv_pairs_and_batches():
     assert torch.allclose(conv(x1), GroupMaxRelConv.forward(conv, x1, group_knn(x1, x1, 2, 2)), atol=1e-12)
     out12 = conv(x1, batch1)
     assert out12.shape == (8, 32)
-    assert torch.allclose(out12, GroupMaxRelConv.forward(
-        conv, x1, group_knn(x1, x1, 2, 2, batch_src=batch1, batch_dst=batch1)), atol=1e-12)
+    assert torch.allclose(
+        out12,
+        GroupMaxRelConv.forward(conv, x1, group_knn(x1, x1, 2, 2, batch_src=batch1, batch_dst=batch1)),
+        atol=1e-12,
+    )
     out21 = conv((x1, x2))
     assert out21.shape == (4, 32)
     assert torch.allclose(out21, GroupMaxRelConv.forward(conv, (x1, x2), group_knn(x1, x2, 2, 2)), atol=1e-12)

@@ -27,8 +27,7 @@ def graph_ids(sizes):
     return torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
 
 
-def brute_force_knn(x_src, x_dst, k, groups, dilation=1, batch_src=None, batch_dst=None, bias=None,
-                    min_gap=1e-9):
+def brute_force_knn(x_src, x_dst, k, groups, dilation=1, batch_src=None, batch_dst=None, bias=None, min_gap=1e-9):
     """Brute force, one (group, destination) at a time, in float64.
 
     Returns ``(groups, N_dst, k)`` global source indices in rank order and a
@@ -84,8 +83,10 @@ def make_problem(seed, src_sizes, dst_sizes, bias_kind, rank=5):
     if bias_kind == "dense":
         bias = 0.5 * torch.randn(n_dst, n_src, generator=gen, dtype=torch.float64)
     elif bias_kind == "factored":
-        bias = (0.5 * torch.randn(n_dst, rank, generator=gen, dtype=torch.float64),
-                0.5 * torch.randn(n_src, rank, generator=gen, dtype=torch.float64))
+        bias = (
+            0.5 * torch.randn(n_dst, rank, generator=gen, dtype=torch.float64),
+            0.5 * torch.randn(n_src, rank, generator=gen, dtype=torch.float64),
+        )
     else:
         bias = None
     return x_src, x_dst, batch_src, batch_dst, bias
@@ -112,10 +113,20 @@ LAYOUTS = [
 def test_matches_brute_force(backend, layout, groups, dilation):
     src_sizes, dst_sizes, bias_kind = LAYOUTS[layout]
     k = min(4, min(src_sizes) // dilation)
-    x_src, x_dst, batch_src, batch_dst, bias = make_problem(100 * layout + 10 * groups + dilation,
-                                                            src_sizes, dst_sizes, bias_kind)
-    edges = group_knn(x_src, x_dst, k, groups, dilation=dilation, batch_src=batch_src,
-                      batch_dst=batch_dst, position_bias=bias, backend=backend)
+    x_src, x_dst, batch_src, batch_dst, bias = make_problem(
+        100 * layout + 10 * groups + dilation, src_sizes, dst_sizes, bias_kind
+    )
+    edges = group_knn(
+        x_src,
+        x_dst,
+        k,
+        groups,
+        dilation=dilation,
+        batch_src=batch_src,
+        batch_dst=batch_dst,
+        position_bias=bias,
+        backend=backend,
+    )
     expected = reference_group_knn(x_src, x_dst, k, groups, dilation, batch_src, batch_dst, bias)
     got = edges[:, 0].view(groups, x_dst.shape[0], k)
     assert torch.equal(got.sort(dim=-1).values, expected.sort(dim=-1).values), "neighbour sets differ"
@@ -145,8 +156,9 @@ def test_output_format(backend, dilation):
     src_sizes, dst_sizes, groups, k = [11, 7, 16], [5, 9, 4], 4, 3
     x_src, x_dst, batch_src, batch_dst, _ = make_problem(11, src_sizes, dst_sizes, None)
     n_dst = x_dst.shape[0]
-    edges = group_knn(x_src, x_dst, k, groups, dilation=dilation, batch_src=batch_src,
-                      batch_dst=batch_dst, backend=backend)
+    edges = group_knn(
+        x_src, x_dst, k, groups, dilation=dilation, batch_src=batch_src, batch_dst=batch_dst, backend=backend
+    )
     assert edges.dtype == torch.long
     assert edges.shape == (groups, 2, n_dst * k)
     for g in range(groups):
@@ -190,8 +202,9 @@ def test_float32_matches_brute_force(backend, bias_kind):
         bias = bias.float()
     elif bias_kind == "factored":
         bias = (bias[0].float(), bias[1].float())
-    edges = group_knn(x_src, x_dst, 9, 2, dilation=2, batch_src=batch_src, batch_dst=batch_dst,
-                      position_bias=bias, backend=backend)
+    edges = group_knn(
+        x_src, x_dst, 9, 2, dilation=2, batch_src=batch_src, batch_dst=batch_dst, position_bias=bias, backend=backend
+    )
     expected, separated = brute_force_knn(x_src, x_dst, 9, 2, 2, batch_src, batch_dst, bias, min_gap=1e-4)
     assert separated.float().mean() > 0.9
     got = edges[:, 0].view(2, 392, 9)
@@ -235,7 +248,7 @@ def test_error_messages():
 
 
 def test_auto_without_torch_cluster(monkeypatch):
-    """"auto" runs the dense backend on the CPU (no warning: nothing is missed
+    """ "auto" runs the dense backend on the CPU (no warning: nothing is missed
     there) and warns once where it would have used torch-cluster (CUDA)."""
     monkeypatch.setattr(knn_module, "torch_cluster", None)
     monkeypatch.setattr(knn_module, "_warned_no_cluster", False)
@@ -258,11 +271,16 @@ def test_auto_without_torch_cluster(monkeypatch):
 def test_explicit_torch_cluster_without_the_package_raises(monkeypatch):
     monkeypatch.setattr(knn_module, "torch_cluster", None)
     x = torch.randn(10, 8)
-    for call in (lambda: group_knn(x, x, 2, 2, backend="torch_cluster"),
-                 lambda: batched_group_knn(x[None], x[None], 2, 2, backend="torch_cluster"),
-                 lambda: knn_module.resolve_backend("torch_cluster", torch.device("cuda"))):
-        with pytest.raises(ImportError, match=r"needs the torch-cluster package.*pip install "
-                                              r"--no-build-isolation torch-cluster"):
+    for call in (
+        lambda: group_knn(x, x, 2, 2, backend="torch_cluster"),
+        lambda: batched_group_knn(x[None], x[None], 2, 2, backend="torch_cluster"),
+        lambda: knn_module.resolve_backend("torch_cluster", torch.device("cuda")),
+    ):
+        with pytest.raises(
+            ImportError,
+            match=r"needs the torch-cluster package.*pip install "
+            r"--no-build-isolation torch-cluster",
+        ):
             call()
 
 
@@ -279,8 +297,9 @@ def test_cuda_neighbour_limit_of_torch_cluster(monkeypatch):
 
 
 @pytest.mark.parametrize("block", [1, 7, 100, 700])
-@pytest.mark.parametrize("layout", [([10, 10, 10], [6, 6, 6], "dense"), ([9, 14, 6], [3, 7, 5], None),
-                                    ([25], None, "factored")])
+@pytest.mark.parametrize(
+    "layout", [([10, 10, 10], [6, 6, 6], "dense"), ([9, 14, 6], [3, 7, 5], None), ([25], None, "factored")]
+)
 def test_chunked_dense_is_identical(monkeypatch, block, layout):
     src_sizes, dst_sizes, bias_kind = layout
     x_src, x_dst, batch_src, batch_dst, bias = make_problem(17, src_sizes, dst_sizes, bias_kind)
@@ -301,8 +320,7 @@ def local_reference(x_src, x_dst, k, groups, dilation, bias):
     num, n_src, c = x_src.shape
     n_dst = x_dst.shape[1]
     ids_src, ids_dst = graph_ids([n_src] * num), graph_ids([n_dst] * num)
-    out = reference_group_knn(x_src.reshape(-1, c), x_dst.reshape(-1, c), k, groups, dilation, ids_src,
-                              ids_dst, bias)
+    out = reference_group_knn(x_src.reshape(-1, c), x_dst.reshape(-1, c), k, groups, dilation, ids_src, ids_dst, bias)
     return out.view(groups, num, n_dst, k) - (torch.arange(num) * n_src).view(1, num, 1, 1)
 
 
@@ -314,8 +332,10 @@ def batched_problem(seed, num, n_src, n_dst, bias_kind, rank=5):
     if bias_kind == "dense":
         bias = 0.5 * torch.randn(n_dst, n_src, generator=gen, dtype=torch.float64)
     elif bias_kind == "factored":
-        bias = (0.5 * torch.randn(n_dst, rank, generator=gen, dtype=torch.float64),
-                0.5 * torch.randn(n_src, rank, generator=gen, dtype=torch.float64))
+        bias = (
+            0.5 * torch.randn(n_dst, rank, generator=gen, dtype=torch.float64),
+            0.5 * torch.randn(n_src, rank, generator=gen, dtype=torch.float64),
+        )
     else:
         bias = None
     return x_src, x_dst, bias
@@ -332,9 +352,17 @@ def test_batched_matches_brute_force(backend, shape, groups, dilation, bias_kind
     assert got.dtype == torch.long and got.shape == (groups, num, x_dst.shape[1], 4)
     assert torch.equal(got, local_reference(x_src, x_dst, 4, groups, dilation, bias))
     # The library API on the same graphs (flattened, batch vectors) picks the same neighbours.
-    edges = group_knn(x_src.reshape(-1, CHANNELS), x_dst.reshape(-1, CHANNELS), 4, groups, dilation=dilation,
-                      batch_src=graph_ids([n_src] * num), batch_dst=graph_ids([x_dst.shape[1]] * num),
-                      position_bias=bias, backend=backend)
+    edges = group_knn(
+        x_src.reshape(-1, CHANNELS),
+        x_dst.reshape(-1, CHANNELS),
+        4,
+        groups,
+        dilation=dilation,
+        batch_src=graph_ids([n_src] * num),
+        batch_dst=graph_ids([x_dst.shape[1]] * num),
+        position_bias=bias,
+        backend=backend,
+    )
     offset = (torch.arange(num) * n_src).view(1, num, 1, 1)
     assert torch.equal(edges[:, 0], (got + offset).reshape(groups, -1))
 
@@ -355,10 +383,21 @@ def test_batched_backends_agree_in_float32():
     x_src = torch.randn(4, 49, 16, generator=gen)
     x_dst = x_src + 0.3 * torch.randn(4, 49, 16, generator=gen)
     u, v = torch.randn(49, 8, generator=gen) / 8, torch.randn(49, 8, generator=gen) / 8
-    tables = [batched_group_knn(x_src, x_dst, 9, 2, dilation=3, position_bias=(u, v), backend=b)
-              for b in ("dense", "torch_cluster")]
-    expected, separated = brute_force_knn(x_src.reshape(-1, 16), x_dst.reshape(-1, 16), 9, 2, 3, graph_ids([49] * 4),
-                                          graph_ids([49] * 4), (u, v), min_gap=1e-4)
+    tables = [
+        batched_group_knn(x_src, x_dst, 9, 2, dilation=3, position_bias=(u, v), backend=b)
+        for b in ("dense", "torch_cluster")
+    ]
+    expected, separated = brute_force_knn(
+        x_src.reshape(-1, 16),
+        x_dst.reshape(-1, 16),
+        9,
+        2,
+        3,
+        graph_ids([49] * 4),
+        graph_ids([49] * 4),
+        (u, v),
+        min_gap=1e-4,
+    )
     separated = separated.view(2, 4, 49)
     assert separated.float().mean() > 0.9
     expected = expected.view(2, 4, 49, 9) - (torch.arange(4) * 49).view(1, 4, 1, 1)
@@ -396,16 +435,21 @@ def test_batched_cluster_code_never_reads_values(monkeypatch):
     """The same for the torch-cluster backend's own code, with torch_cluster.knn
     replaced by a stand-in returning meta tensors of its result's shape (its
     CUDA op itself synchronises once, in a masked_select)."""
+
     class FakeCluster:
         @staticmethod
         def knn(x, y, k, batch_x, batch_y, batch_size):
             assert x.device.type == "meta" and batch_size >= 1
             return torch.empty(2, y.shape[0] * k, dtype=torch.long, device="meta").unbind(0)
+
     monkeypatch.setattr(knn_module, "torch_cluster", FakeCluster())
     monkeypatch.setattr(knn_module, "CLUSTER_CHUNK_BYTES", 200_000)  # several chunks
     x_src, x_dst = torch.empty(3, 49, 32, device="meta"), torch.empty(3, 196, 32, device="meta")
-    for bias in (None, torch.empty(196, 49, device="meta"),
-                 (torch.empty(196, 32, device="meta"), torch.empty(49, 32, device="meta"))):
+    for bias in (
+        None,
+        torch.empty(196, 49, device="meta"),
+        (torch.empty(196, 32, device="meta"), torch.empty(49, 32, device="meta")),
+    ):
         out = batched_group_knn(x_src, x_dst, 9, 2, dilation=2, position_bias=bias, backend="torch_cluster")
         assert out.shape == (2, 3, 196, 9)
 
