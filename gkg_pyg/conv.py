@@ -64,11 +64,11 @@ def _regular_max(x_src: Tensor, neighbors: Tensor) -> Tensor:
     """``out[i, c] = max_j x_src[neighbors[g(c), i, j], c]`` for a ``(G, N_dst, k)``
     table, ``g(c)`` the group of channel ``c``: ``(N_dst, C)``.
 
-    The candidates are gathered and compared without autograd; only the
-    winners are read from ``x_src`` with a differentiable ``gather``, so the
-    backward pass is one index scatter of ``(N_dst, C)`` gradients (each to
-    the first maximal neighbour, nearest first), and no ``(N_dst, k, C)``
-    tensor is kept for it.
+    The candidates are gathered and compared without autograd. When a
+    gradient is needed, only the winners are read again from ``x_src`` with a
+    differentiable ``gather``, so the backward pass is one index scatter of
+    ``(N_dst, C)`` gradients (each to the first maximal neighbour, nearest
+    first) and no ``(N_dst, k, C)`` tensor is kept for it.
     """
     g, n_dst, k = neighbors.shape
     n_src, c = x_src.shape
@@ -77,8 +77,11 @@ def _regular_max(x_src: Tensor, neighbors: Tensor) -> Tensor:
         # Sub-row n * G + g of x_src viewed as (N_src * G, C / G) is group g of node n.
         sub = (neighbors * g + torch.arange(g, device=neighbors.device).view(g, 1, 1)).transpose(0, 1)
         cand = x_src.detach().reshape(n_src * g, w).index_select(0, sub.reshape(-1)).view(n_dst, g, k, w)
-        winner = cand.argmax(dim=2)  # (N_dst, G, w): rank of the first maximal neighbour
-        rows = neighbors.transpose(0, 1).gather(2, winner)  # (N_dst, G, w): its source index
+        # max(dim) returns the first maximal index, like argmax, and is several times faster on the CPU.
+        best, rank = cand.max(dim=2)  # (N_dst, G, w)
+    if not (torch.is_grad_enabled() and x_src.requires_grad):
+        return best.view(n_dst, c)
+    rows = neighbors.transpose(0, 1).gather(2, rank)  # (N_dst, G, w): the winners' source indices
     return x_src.gather(0, rows.view(n_dst, c))
 
 
