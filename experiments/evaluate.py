@@ -46,6 +46,7 @@ from gkg_pyg.training.distributed import cleanup_distributed, init_distributed  
 from gkg_pyg.training.loaders import build_split, check_images, eval_loader  # noqa: E402
 from gkg_pyg.training.loops import evaluate  # noqa: E402
 from gkg_pyg.training.precision import build_precision  # noqa: E402
+from gkg_pyg.single_label import single_label_report  # noqa: E402
 from gkg_pyg.metrics import (  # noqa: E402
     SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, multilabel_metrics, per_class_ap_csv,
 )  # fmt: skip
@@ -108,6 +109,14 @@ def main(argv=None) -> int:
     precision = build_precision(cfg["train"]["amp"], info.device)
     out_dir = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / "eval"
     out = {"checkpoint": str(args.checkpoint)}
+    if cfg["task"] == "single_label":  # top-1 / top-5 / confusion matrix; no thresholds
+        results = {name: evaluate(net.to(info.device), loader, info, precision, f"eval {name}",
+                                  cfg["output"]["progress"], "single_label") for name, net in models.items()}
+        out.update(single_label_report(out_dir, dataset.class_names, None, results, write=info.is_main))
+        if info.is_main:
+            (out_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+        cleanup_distributed()
+        return 0
     chosen = {}
     split = f"{cfg['data']['val_split']} split of {args.config}"
     for name, net in models.items():

@@ -12,7 +12,11 @@ checkpoint. Then runs/<name>/ (or --output) receives config.yaml,
 log.jsonl (one JSON line per epoch), checkpoint_last.pth (every epoch),
 checkpoint_best.pth (best mAP of the model or its EMA) and, at the end, metrics.json and
 per_class_ap.csv; the final metrics are printed next to the
-label-frequency baseline.
+label-frequency baseline. With ``task: single_label`` (Pyramid ViG, image
+folders, CIFAR) the loss is cross-entropy with label smoothing (and
+Mixup/CutMix when configured), checkpoint_best.pth keeps the best top-1,
+and the run ends with metrics.json (top-1, top-5, mean class accuracy next
+to the majority-class baseline) and confusion_matrix.csv.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from gkg_pyg.training.state import (  # noqa: E402
     gather_rng_states, link_atomic, load_training_checkpoint, restore_training_state, save_atomic, training_state,
 )  # fmt: skip
 from gkg_pyg.loss import GKGNetLoss  # noqa: E402
+from gkg_pyg.single_label import SingleLabelLoss, mixup_from_config, single_label_metrics, single_label_report  # noqa
 from gkg_pyg.metrics import (  # noqa: E402
     SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, label_frequency_baseline_scores,
     multilabel_metrics, per_class_ap_csv,
@@ -189,7 +194,9 @@ def main(argv=None) -> int:
         ids = [info.local_rank] if info.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ema = build_ema(cfg, model)  # after DDP's broadcast: the same on every rank
-    criterion = GKGNetLoss(**cfg["loss"])
+    single = cfg["task"] == "single_label"
+    criterion = SingleLabelLoss(cfg["loss"]["label_smoothing"]) if single else GKGNetLoss(**cfg["loss"])
+    mix = mixup_from_config(cfg, len(train_set.class_names)) if single else None
 
     first_epoch, best_map = 0, -1.0
     if run["resume_state"] is not None:
@@ -223,20 +230,26 @@ def main(argv=None) -> int:
         stats = train_one_epoch(
             model, train_batches, criterion, optimizer, schedule, precision, info, tcfg["clip_grad"], ema,
             tcfg["accumulate"], desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["output"]["progress"],
+            batch_transform=mix,
         )  # fmt: skip
         record = {"epoch": epoch + 1, "step": schedule.step_count, **stats}
         results = None
         if (epoch + 1) % cfg["eval"]["interval"] == 0 or epoch + 1 == epochs:
             results = {"model": evaluate(model, val_batches, info, precision, "eval",
-                                                cfg["output"]["progress"])}  # fmt: skip
+                                                cfg["output"]["progress"], cfg["task"])}  # fmt: skip
             if ema is not None:
                 results["ema"] = evaluate(ema.module, val_batches, info, precision, "eval EMA",
-                                                 cfg["output"]["progress"])  # fmt: skip
+                                                 cfg["output"]["progress"], cfg["task"])  # fmt: skip
             for name, res in results.items():
-                m = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"])
                 prefix = "" if name == "model" else "ema_"
+                if single:
+                    m = single_label_metrics(res["scores"], res["targets"])
+                    record.update({f"{prefix}{k}": m[k] for k in ("top1", "top5")})
+                    continue
+                m = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"])
                 record.update({f"{prefix}{k}": m[k] for k in ("mAP", "CF1", "OF1")})
-        epoch_map = max(record.get("mAP", -1.0), record.get("ema_mAP", -1.0))
+        best_key = "top1" if single else "mAP"  # what checkpoint_best.pth maximises
+        epoch_map = max(record.get(best_key, -1.0), record.get(f"ema_{best_key}", -1.0))
         improved = epoch_map > best_map
         best_map = max(best_map, epoch_map)
         rngs = gather_rng_states(info)
@@ -261,10 +274,13 @@ def main(argv=None) -> int:
             return 0
 
     if results is None:  # resumed after the last epoch: evaluate once more
-        results = {"model": evaluate(model, val_batches, info, precision)}
+        results = {"model": evaluate(model, val_batches, info, precision, task=cfg["task"])}
         if ema is not None:
-            results["ema"] = evaluate(ema.module, val_batches, info, precision)
-    final_report(cfg, run_dir, train_set.class_names, train_set.targets, results, info)
+            results["ema"] = evaluate(ema.module, val_batches, info, precision, task=cfg["task"])
+    if single:  # metrics.json and confusion_matrix.csv
+        single_label_report(run_dir, train_set.class_names, train_set.labels, results, write=main_rank)
+    else:
+        final_report(cfg, run_dir, train_set.class_names, train_set.targets, results, info)
     skipped = stats_skipped(log_path) if main_rank else 0
     if main_rank and (skipped or results["model"]["num_skipped"]):
         print(f"skipped unreadable images: {skipped} in training (all epochs), "

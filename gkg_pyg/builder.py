@@ -15,9 +15,12 @@ from typing import Sequence
 
 from torch import nn
 
+from .config import DEFAULTS, ConfigError
 from .checkpoint import convert_checkpoint, format_report, load_checkpoint, read_checkpoint
 from .models import create_model
 
+# Model-section keys of one model family only: left out for the others, where they must keep their default.
+FAMILY_KEYS = {"cross_level": "gkgnet_", "num_gcn": "gkgnet_", "drop_rate": "pvig_"}
 # Keys of the model section that are not create_model arguments.
 WEIGHT_KEYS = ("name", "pretrained", "init_from", "init_classifier")
 # model.init_classifier: what init_from does with the checkpoint's label-specific parts.
@@ -33,6 +36,10 @@ def model_kwargs(cfg: dict, class_names: Sequence[str] | None = None) -> dict:
     """
     section = cfg["model"]
     kwargs = {k: v for k, v in section.items() if k not in WEIGHT_KEYS and k != "num_classes"}
+    for key, family in FAMILY_KEYS.items():  # keys the other model families do not take
+        if not section["name"].startswith(family):
+            if kwargs.pop(key) != DEFAULTS["model"][key]:
+                raise ConfigError(f"model.{key} applies to {family}* models only, not to {section['name']}")
     num_classes = section["num_classes"]
     if class_names is not None:
         if num_classes is not None and num_classes != len(class_names):

@@ -32,6 +32,9 @@ from .models.gkgnet import min_input_size
 DEFAULTS: dict[str, Any] = {
     "name": "run",  # run folder: <output.dir>/<name>
     "seed": 0,
+    # multi_label: sigmoid scores per label (GKGNet); single_label: one class per
+    # image, softmax (Pyramid ViG on image folders / CIFAR; the single_label section).
+    "task": "multi_label",
     "model": {
         "name": "gkgnet_s",
         "num_classes": None,  # None: the data set's label count (else it must match)
@@ -41,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "drop_path": 0.1,
         "cross_level": True,
         "num_gcn": 1,
+        "drop_rate": 0.0,  # pvig_* only: dropout in the classification head
         "knn_backend": "auto",
         # Weights that must fit the model completely (a Pyramid ViG ImageNet
         # checkpoint fills the patch path; see gkg_pyg.load_checkpoint).
@@ -116,7 +120,9 @@ DEFAULTS: dict[str, Any] = {
         "stop_after_epochs": None,  # stop (like a kill) once this many epochs are done
     },
     "optim": {
+        "name": "adamw",  # adamw | sgd (with momentum; the CIFAR / Flowers recipes of Table 5)
         "lr": 1.0e-4,
+        "momentum": 0.9,  # sgd only
         "betas": [0.9, 0.999],
         "weight_decay": 0.05,
         "eps": 1.0e-8,
@@ -141,6 +147,21 @@ DEFAULTS: dict[str, Any] = {
         "clip": 0.05,
         "eps": 1.0e-8,
     },
+    # task single_label only: timm's transforms (gkg_pyg.data.single_label.single_label_transform)
+    # and Mixup/CutMix (gkg_pyg.single_label.MixupCutmix); the smoothing is loss.label_smoothing.
+    "single_label": {
+        "mixup_alpha": 0.0,  # Mixup / CutMix (timm, batch mode); both 0: off
+        "cutmix_alpha": 0.0,
+        "mix_prob": 1.0,  # share of the batches mixed
+        "switch_prob": 0.5,  # CutMix instead of Mixup when both are on
+        "crop_scale": [0.08, 1.0],  # RandomResizedCrop's area range ([1, 1] and ratio [1, 1]: a plain resize)
+        "crop_ratio": [0.75, 1.3333333],
+        "hflip": 0.5,
+        "auto_augment": None,  # a timm policy, e.g. rand-m9-mstd0.5-inc1 (then no colour jitter)
+        "color_jitter": 0.0,
+        "random_erasing": 0.0,
+        "eval_crop_pct": 1.0,  # evaluation: resize to img_size / eval_crop_pct, centre crop img_size
+    },
     "eval": {
         "batch_size": 32,
         "threshold": 0.5,
@@ -156,9 +177,12 @@ DEFAULTS: dict[str, Any] = {
 NULLABLE = {
     "model.pretrained", "model.init_from", "data.class_balanced_threshold",
     "train.clip_grad", "train.num_threads", "train.stop_after_epochs",
+    "single_label.auto_augment",
 }  # fmt: skip
 CHOICES = {
-    "data.name": ("coco", "voc2007", "synthetic", "csv"),
+    "data.name": ("coco", "voc2007", "synthetic", "csv", "image_folder", "cifar10", "cifar100", "synthetic_shapes"),
+    "task": ("multi_label", "single_label"),
+    "optim.name": ("adamw", "sgd"),
     "data.empty_labels": ("drop", "keep", "error"),
     "data.check_images": ("exists", "header", "decode"),
     "data.csv.format": ("names", "columns"),
@@ -315,6 +339,33 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Data sets of task single_label (gkg_pyg.data.single_label); every other data.name is multi-label.
+SINGLE_LABEL_DATASETS = ("image_folder", "cifar10", "cifar100", "synthetic_shapes")
+
+
+def _check_single_label(cfg: dict) -> None:
+    """The task and the data set agree; the single_label section's ranges."""
+    d, m, o, sl = cfg["data"], cfg["model"], cfg["optim"], cfg["single_label"]
+    single = cfg["task"] == "single_label"
+    _require(single == (d["name"] in SINGLE_LABEL_DATASETS),
+             f"data.name {d['name']!r} is a {'single' if d['name'] in SINGLE_LABEL_DATASETS else 'multi'}-label "
+             f"data set but task is {cfg['task']!r} (single-label data sets: {', '.join(SINGLE_LABEL_DATASETS)})")
+    _require(not single or d["class_balanced_threshold"] is None,
+             "data.class_balanced_threshold must be null for task single_label (it oversamples rare labels of "
+             "multi-label images)")
+    _require(0 <= m["drop_rate"] < 1, f"model.drop_rate must be in [0, 1), got {m['drop_rate']}")
+    _require(o["momentum"] >= 0, f"optim.momentum must be >= 0, got {o['momentum']}")
+    for key in ("mixup_alpha", "cutmix_alpha", "color_jitter"):
+        _require(sl[key] >= 0, f"single_label.{key} must be >= 0, got {sl[key]}")
+    for key in ("mix_prob", "switch_prob", "hflip", "random_erasing"):
+        _require(0 <= sl[key] <= 1, f"single_label.{key} must be in [0, 1], got {sl[key]}")
+    for key, upper in (("crop_scale", 1.0), ("crop_ratio", float("inf"))):
+        v = sl[key]
+        _require(len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1] <= upper,
+                 f"single_label.{key} must be two increasing numbers in (0, {upper:g}], got {v}")
+    _require(0 < sl["eval_crop_pct"] <= 1, f"single_label.eval_crop_pct must be in (0, 1], got {sl['eval_crop_pct']}")
+
+
 def check_values(cfg: dict) -> None:
     """Range checks the types alone do not cover (a ConfigError names the key)."""
     m, d, t, o, s, e = (cfg[k] for k in ("model", "data", "train", "optim", "schedule", "eval"))
@@ -353,6 +404,7 @@ def check_values(cfg: dict) -> None:
     _require(m["num_classes"] is None or m["num_classes"] >= 1,
              f"model.num_classes must be >= 1, got {m['num_classes']}")
     _require(0 <= m["drop_path"] < 1, f"model.drop_path must be in [0, 1), got {m['drop_path']}")
+    _check_single_label(cfg)
     loss = cfg["loss"]
     _require(0 <= loss["label_smoothing"] < 0.5,
              f"loss.label_smoothing must be in [0, 0.5), got {loss['label_smoothing']}")

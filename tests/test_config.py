@@ -172,8 +172,8 @@ def test_shipped_configs_load():
     recipe = cfgs["coco_576"]
     assert recipe["model"]["name"] == "gkgnet_s" and recipe["model"]["img_size"] == 576
     assert recipe["model"]["drop_path"] == 0.1 and recipe["model"]["pretrained"].startswith("data/pretrained/")
-    assert recipe["optim"] == {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "eps": 1e-8,
-                               "decay_embeddings": True}  # fmt: skip
+    assert recipe["optim"] == {"name": "adamw", "lr": 1e-4, "momentum": 0.9, "betas": [0.9, 0.999],
+                               "weight_decay": 0.05, "eps": 1e-8, "decay_embeddings": True}  # fmt: skip
     assert recipe["schedule"]["milestones"] == [10, 50] and recipe["schedule"]["warmup_epochs"] == 5
     assert recipe["schedule"]["warmup_ratio"] == 1e-3 and recipe["schedule"]["name"] == "step"
     assert recipe["train"]["epochs"] == 80 and recipe["train"]["batch_size"] == 16

@@ -10,6 +10,7 @@ from ..data import (
     build_test_transform, build_train_transform, check_dataset, collate, dataset_from_config, repeat_factor_indices,
 )  # fmt: skip
 from ..data.coco import ImageLabelDataset
+from ..data.single_label import collate_single_label, single_label_split
 from .distributed import DistInfo
 from .rng import derived_seed
 
@@ -19,6 +20,8 @@ def build_split(cfg: dict, train: bool) -> ImageLabelDataset:
     (``data.val_split``, test transform) data set of a config. A synthetic
     data set is generated under data.root first if it is missing or was
     generated with other parameters (``gkg_pyg.data.dataset_from_config``)."""
+    if cfg["task"] == "single_label":  # image folders, CIFAR, synthetic shapes; timm's transforms
+        return single_label_split(cfg, train)
     data, size = cfg["data"], cfg["model"]["img_size"]
     transform = build_train_transform(size, **data["augment"]) if train else build_test_transform(size)
     return dataset_from_config(data, "train" if train else "val", transform)
@@ -48,7 +51,7 @@ def train_loader(cfg: dict, dataset: ImageLabelDataset, info: DistInfo) -> DataL
     workers = cfg["data"]["num_workers"]
     return DataLoader(
         source, batch_size=cfg["train"]["batch_size"], sampler=sampler, num_workers=workers,
-        collate_fn=collate, pin_memory=info.device.type == "cuda", drop_last=False,
+        collate_fn=collate_single_label if cfg["task"] == "single_label" else collate, pin_memory=info.device.type == "cuda", drop_last=False,
         generator=torch.Generator(), persistent_workers=False,
     )  # fmt: skip
 
@@ -67,6 +70,7 @@ def eval_loader(cfg: dict, dataset: ImageLabelDataset, info: DistInfo) -> DataLo
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=False)
     return DataLoader(
         dataset, batch_size=cfg["eval"]["batch_size"], sampler=sampler, shuffle=False,
-        num_workers=cfg["data"]["num_workers"], collate_fn=collate,
+        num_workers=cfg["data"]["num_workers"],
+        collate_fn=collate_single_label if cfg["task"] == "single_label" else collate,
         pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(0),
     )  # fmt: skip

@@ -37,10 +37,11 @@ def steps_per_epoch(num_batches: int, accumulate: int) -> int:
 def train_one_epoch(
     model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
     schedule: LRSchedule, precision: Precision, info: DistInfo, clip_grad: float | None = None,
-    ema=None, accumulate: int = 1, desc: str = "train", progress: bool = True,
+    ema=None, accumulate: int = 1, desc: str = "train", progress: bool = True, batch_transform=None,
 ) -> dict:  # fmt: skip
     """One pass over the loader: an optimizer step (and a schedule step) per
-    ``accumulate`` batches.
+    ``accumulate`` batches. ``batch_transform(x, y) -> (x, y)`` runs on each
+    batch on the device before the forward pass (Mixup/CutMix).
 
     Gradient accumulation: each batch's loss is weighted by its share of the
     step's images before its backward pass, so the summed gradients of 4
@@ -85,6 +86,8 @@ def train_one_epoch(
         for i, batch in enumerate(usable):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["target"].to(device, non_blocking=True)
+            if batch_transform is not None:
+                x, y = batch_transform(x, y)
             last = i == len(usable) - 1
             sync = model.no_sync() if info.distributed and not last and hasattr(model, "no_sync") else nullcontext()
             with sync:
@@ -130,10 +133,11 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: DataLoader, info: DistInfo, precision: Precision | None = None,
-    desc: str = "eval", progress: bool = True,
+    desc: str = "eval", progress: bool = True, task: str = "multi_label",
 ) -> dict:  # fmt: skip
     """Sigmoid scores of every image of the loader's data set, gathered
-    from all ranks (every rank gets the result).
+    from all ranks (every rank gets the result). ``task="single_label"``:
+    softmax scores, ``targets`` (N,) class indices and no ``areas``.
 
     Returns {"scores": (N, L) float32, "targets": (N, L), "areas": (N, L),
     "index": (N,) long, increasing, "num_skipped"}: one row per image that
@@ -150,19 +154,24 @@ def evaluate(
         x = batch["image"].to(info.device, non_blocking=True)
         with precision.autocast() if precision is not None else nullcontext():
             logits = model(x)
-        scores.append(torch.sigmoid(logits.float()))
+        single = task == "single_label"
+        scores.append(torch.softmax(logits.float(), dim=1) if single else torch.sigmoid(logits.float()))
         targets.append(batch["target"].to(info.device))
-        areas.append(batch["area"].to(info.device))
+        if not single:
+            areas.append(batch["area"].to(info.device))
         index.append(batch["index"].to(info.device))
     # A rank whose images were all skipped still takes part in the gathering.
     empty = torch.zeros(0, unwrap(model).num_classes, device=info.device)
     no_index = torch.zeros(0, dtype=torch.long, device=info.device)
     out = {
         "scores": all_gather_cat(torch.cat(scores) if scores else empty, info),
-        "targets": all_gather_cat(torch.cat(targets) if targets else empty, info),
-        "areas": all_gather_cat(torch.cat(areas) if areas else empty, info),
+        "targets": all_gather_cat(
+            torch.cat(targets) if targets else (no_index if task == "single_label" else empty), info
+        ),
         "index": all_gather_cat(torch.cat(index) if index else no_index, info),
     }
+    if task != "single_label":
+        out["areas"] = all_gather_cat(torch.cat(areas) if areas else empty, info)
     # Sort by data-set index and drop the distributed sampler's repeats.
     order = torch.argsort(out["index"], stable=True)
     keep = torch.ones_like(order, dtype=torch.bool)
