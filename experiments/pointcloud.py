@@ -32,6 +32,7 @@ rate halved every ``--step`` epochs. Data: the built-in synthetic shapes
 Prints one line per epoch and a table (accuracy per seed, mean and standard
 deviation over seeds, seconds per training epoch); ``--out`` also writes it as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,9 +95,11 @@ class DGCNN(nn.Module):
 def build_data(args):
     if args.data == "synthetic":
         common = dict(num_points=args.num_points, noise=args.noise, seed=args.data_seed)
-        return (SyntheticShapes("train", args.per_class, **common),
-                SyntheticShapes("test", args.test_per_class, **common))
-    name = args.data[len("modelnet"):]
+        return (
+            SyntheticShapes("train", args.per_class, **common),
+            SyntheticShapes("test", args.test_per_class, **common),
+        )
+    name = args.data[len("modelnet") :]
     root = args.root or f"data/ModelNet{name}"
     return (load_modelnet(root, name, True, args.num_points), load_modelnet(root, name, False, args.num_points))
 
@@ -106,8 +109,9 @@ def run_one(variant: str, seed: int, train_set, test_set, args) -> dict:
     model = DGCNN(train_set.num_classes, variant, args.k)
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=args.step, gamma=0.5)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     epoch_times = []
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -120,12 +124,20 @@ def run_one(variant: str, seed: int, train_set, test_set, args) -> dict:
             total += float(loss) * data.num_graphs
         epoch_times.append(time.perf_counter() - start)
         schedule.step()
-        print(f"  {variant} seed {seed} epoch {epoch:3d}/{args.epochs}: loss {total / len(train_set):.4f} "
-              f"({epoch_times[-1]:.1f} s)", flush=True)
+        print(
+            f"  {variant} seed {seed} epoch {epoch:3d}/{args.epochs}: loss {total / len(train_set):.4f} "
+            f"({epoch_times[-1]:.1f} s)",
+            flush=True,
+        )
     accuracy = evaluate(model, test_set, args.batch_size)
     print(f"  {variant} seed {seed}: test accuracy {100 * accuracy:.2f}%", flush=True)
-    return dict(variant=variant, seed=seed, accuracy=accuracy, seconds_per_epoch=statistics.mean(epoch_times),
-                parameters=sum(p.numel() for p in model.parameters()))
+    return dict(
+        variant=variant,
+        seed=seed,
+        accuracy=accuracy,
+        seconds_per_epoch=statistics.mean(epoch_times),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
 
 
 @torch.no_grad()
@@ -142,26 +154,38 @@ def summarise(runs: list) -> list:
     for variant in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == variant]
         accs = [100 * r["accuracy"] for r in mine]
-        rows.append(dict(variant=variant, parameters=mine[0]["parameters"], seeds=[r["seed"] for r in mine],
-                         accuracies=accs, mean=statistics.mean(accs),
-                         std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                         seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in mine)))
+        rows.append(
+            dict(
+                variant=variant,
+                parameters=mine[0]["parameters"],
+                seeds=[r["seed"] for r in mine],
+                accuracies=accs,
+                mean=statistics.mean(accs),
+                std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in mine),
+            )
+        )
     return rows
 
 
 def format_table(rows: list) -> str:
-    lines = ["| variant | parameters | test accuracy per seed (%) | mean ± std (%) | s / epoch |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| variant | parameters | test accuracy per seed (%) | mean ± std (%) | s / epoch |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         per_seed = ", ".join(f"{a:.1f}" for a in r["accuracies"])
-        lines.append(f"| {r['variant']} | {r['parameters']:,} | {per_seed} | {r['mean']:.1f} ± {r['std']:.1f} "
-                     f"| {r['seconds_per_epoch']:.2f} |")
+        lines.append(
+            f"| {r['variant']} | {r['parameters']:,} | {per_seed} | {r['mean']:.1f} ± {r['std']:.1f} "
+            f"| {r['seconds_per_epoch']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="synthetic", choices=("synthetic", "modelnet10", "modelnet40"))
     parser.add_argument("--root", default=None, help="ModelNet folder (default data/ModelNet10 or 40)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
@@ -190,8 +214,11 @@ def main(argv=None) -> list:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_set, test_set = build_data(args)
-    print(f"data: {args.data}, {len(train_set)} training and {len(test_set)} test clouds, "
-          f"{train_set.num_classes} classes", flush=True)
+    print(
+        f"data: {args.data}, {len(train_set)} training and {len(test_set)} test clouds, "
+        f"{train_set.num_classes} classes",
+        flush=True,
+    )
     runs = [run_one(v, s, train_set, test_set, args) for v in variants for s in args.seeds]
     rows = summarise(runs)
     print(format_table(rows))

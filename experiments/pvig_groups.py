@@ -14,6 +14,7 @@ flips; evaluation: top-1 on the validation split after the last epoch.
 Prints one line per epoch and a table (top-1 per seed, mean and standard
 deviation, seconds per training epoch); ``--out`` also writes it as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,18 @@ from gkg_pyg.single_label import SingleLabelLoss, single_label_metrics  # noqa: 
 
 def run_one(groups: int, seed: int, train_set, val_set, args) -> dict:
     torch.manual_seed(seed)
-    model = gkg_pyg.create_model(args.model, num_classes=train_set.num_classes, img_size=args.image_size, k=args.k,
-                                 groups=groups)
+    model = gkg_pyg.create_model(
+        args.model, num_classes=train_set.num_classes, img_size=args.image_size, k=args.k, groups=groups
+    )
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate_single_label,
-                        generator=torch.Generator().manual_seed(seed), drop_last=True)
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=collate_single_label,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=True,
+    )
     total_steps, warmup = args.epochs * len(loader), len(loader)
 
     def rate(step: int) -> float:  # linear warm-up over the first epoch, then cosine to 0
@@ -63,8 +71,11 @@ def run_one(groups: int, seed: int, train_set, val_set, args) -> dict:
             schedule.step()
             total += float(loss)
         epoch_times.append(time.perf_counter() - start)
-        print(f"  groups={groups} seed {seed} epoch {epoch}/{args.epochs}: loss {total / len(loader):.4f} "
-              f"({epoch_times[-1]:.0f} s)", flush=True)
+        print(
+            f"  groups={groups} seed {seed} epoch {epoch}/{args.epochs}: loss {total / len(loader):.4f} "
+            f"({epoch_times[-1]:.0f} s)",
+            flush=True,
+        )
     model.eval()
     scores, targets = [], []
     with torch.no_grad():
@@ -73,8 +84,13 @@ def run_one(groups: int, seed: int, train_set, val_set, args) -> dict:
             targets.append(batch["target"])
     metrics = single_label_metrics(torch.cat(scores), torch.cat(targets), val_set.class_names)
     print(f"  groups={groups} seed {seed}: top-1 {metrics['top1']:.2f}%", flush=True)
-    return dict(groups=groups, seed=seed, top1=metrics["top1"], top5=metrics["top5"],
-                seconds_per_epoch=statistics.mean(epoch_times))
+    return dict(
+        groups=groups,
+        seed=seed,
+        top1=metrics["top1"],
+        top5=metrics["top5"],
+        seconds_per_epoch=statistics.mean(epoch_times),
+    )
 
 
 def summarise(runs: list) -> list:
@@ -82,23 +98,33 @@ def summarise(runs: list) -> list:
     for groups in dict.fromkeys(r["groups"] for r in runs):
         mine = [r for r in runs if r["groups"] == groups]
         top1 = [r["top1"] for r in mine]
-        rows.append(dict(groups=groups, seeds=[r["seed"] for r in mine], top1=top1, mean=statistics.mean(top1),
-                         std=statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                         seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in mine)))
+        rows.append(
+            dict(
+                groups=groups,
+                seeds=[r["seed"] for r in mine],
+                top1=top1,
+                mean=statistics.mean(top1),
+                std=statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in mine),
+            )
+        )
     return rows
 
 
 def format_table(rows: list) -> str:
     lines = ["| groups | top-1 per seed (%) | mean ± std (%) | s / epoch |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['groups']} | {', '.join(f'{a:.1f}' for a in r['top1'])} | {r['mean']:.1f} ± "
-                     f"{r['std']:.1f} | {r['seconds_per_epoch']:.0f} |")
+        lines.append(
+            f"| {r['groups']} | {', '.join(f'{a:.1f}' for a in r['top1'])} | {r['mean']:.1f} ± "
+            f"{r['std']:.1f} | {r['seconds_per_epoch']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", default="data/synthetic_shapes", help="where the data set is (generated if needed)")
     parser.add_argument("--model", default="pvig_ti", choices=gkg_pyg.list_models("pvig_*"))
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2])
@@ -119,15 +145,19 @@ def main(argv=None) -> list:
         parser.error("--epochs, --batch-size and --k must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
-    root = ensure_synthetic_shapes(args.root, args.num_train, args.num_val, args.image_size, args.data_seed,
-                                   progress=True)
+    root = ensure_synthetic_shapes(
+        args.root, args.num_train, args.num_val, args.image_size, args.data_seed, progress=True
+    )
     normalise = [T.ToTensor(), T.Normalize(MEAN, STD)]
     train_set = ImageFolderDataset(root, "train", T.Compose([T.RandomHorizontalFlip()] + normalise))
     val_set = ImageFolderDataset(root, "val", T.Compose(normalise), class_names=train_set.class_names)
     if len(train_set) < args.batch_size:
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
-    print(f"{args.model}, {len(train_set)} training and {len(val_set)} validation images of "
-          f"{args.image_size} px, {train_set.num_classes} classes, k={args.k}", flush=True)
+    print(
+        f"{args.model}, {len(train_set)} training and {len(val_set)} validation images of "
+        f"{args.image_size} px, {train_set.num_classes} classes, k={args.k}",
+        flush=True,
+    )
     runs = [run_one(g, s, train_set, val_set, args) for g in args.groups for s in args.seeds]
     rows = summarise(runs)
     print(format_table(rows))

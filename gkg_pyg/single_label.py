@@ -8,6 +8,7 @@
   accuracy, per-class accuracy and the confusion matrix;
   :func:`write_confusion_matrix` writes the matrix as CSV.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,10 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MixupCutmix", "SingleLabelLoss", "confusion_matrix", "format_single_label_table",
-           "majority_baseline_scores", "mixup_from_config", "single_label_metrics", "single_label_report",
-           "topk_accuracy",
-           "write_confusion_matrix"]
+__all__ = [
+    "MixupCutmix",
+    "SingleLabelLoss",
+    "confusion_matrix",
+    "format_single_label_table",
+    "majority_baseline_scores",
+    "mixup_from_config",
+    "single_label_metrics",
+    "single_label_report",
+    "topk_accuracy",
+    "write_confusion_matrix",
+]
 
 
 class SingleLabelLoss(nn.Module):
@@ -44,8 +53,9 @@ class SingleLabelLoss(nn.Module):
         if target.dim() == 1:
             return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         if target.shape != logits.shape:
-            raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, "
-                             f"got {tuple(target.shape)}")
+            raise ValueError(
+                f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
         return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
     def extra_repr(self) -> str:
@@ -62,16 +72,31 @@ class MixupCutmix:
     image and gets the smoothed one-hot target.
     """
 
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1):
+    def __init__(
+        self,
+        num_classes: int,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+    ):
         from timm.data import Mixup
 
         if mixup_alpha < 0 or cutmix_alpha < 0 or not (mixup_alpha or cutmix_alpha):
-            raise ValueError(f"need mixup_alpha >= 0, cutmix_alpha >= 0 and one of them positive, got "
-                             f"{mixup_alpha}, {cutmix_alpha}")
+            raise ValueError(
+                f"need mixup_alpha >= 0, cutmix_alpha >= 0 and one of them positive, got {mixup_alpha}, {cutmix_alpha}"
+            )
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
-        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                           mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+        self.mixup = Mixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            prob=prob,
+            switch_prob=switch_prob,
+            mode="batch",
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
 
     def smoothed(self, target: Tensor) -> Tensor:
         off = self.label_smoothing / self.num_classes
@@ -89,8 +114,10 @@ class MixupCutmix:
 
     def __repr__(self) -> str:
         m = self.mixup
-        return (f"MixupCutmix(mixup_alpha={m.mixup_alpha}, cutmix_alpha={m.cutmix_alpha}, prob={m.mix_prob}, "
-                f"switch_prob={m.switch_prob}, label_smoothing={self.label_smoothing})")
+        return (
+            f"MixupCutmix(mixup_alpha={m.mixup_alpha}, cutmix_alpha={m.cutmix_alpha}, prob={m.mix_prob}, "
+            f"switch_prob={m.switch_prob}, label_smoothing={self.label_smoothing})"
+        )
 
 
 def topk_accuracy(scores: Tensor, target: Tensor, k: int) -> float:
@@ -117,27 +144,33 @@ def single_label_metrics(scores: Tensor, target: Tensor, class_names: Optional[S
     class) and the ``(C, C)`` confusion matrix (rows true, columns predicted).
     """
     if scores.dim() != 2 or target.dim() != 1 or len(scores) != len(target):
-        raise ValueError(f"expected scores (N, C) and target (N,), got {tuple(scores.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(f"expected scores (N, C) and target (N,), got {tuple(scores.shape)} and {tuple(target.shape)}")
     if len(target) == 0:
         raise ValueError("no images to evaluate")
     num_classes = scores.shape[1]
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
     if target.min() < 0 or target.max() >= num_classes:
-        raise ValueError(f"targets must be class indices in [0, {num_classes}), got {int(target.min())}.."
-                         f"{int(target.max())}")
+        raise ValueError(
+            f"targets must be class indices in [0, {num_classes}), got {int(target.min())}..{int(target.max())}"
+        )
     scores, target = scores.float().cpu(), target.long().cpu()
     confusion = confusion_matrix(scores.argmax(1), target, num_classes)
     support = confusion.sum(1)
     per_class = torch.where(support > 0, confusion.diagonal() / support.clamp_min(1), torch.nan) * 100.0
-    return dict(top1=topk_accuracy(scores, target, 1), top5=topk_accuracy(scores, target, 5),
-                mean_class_accuracy=per_class[support > 0].mean().item(), per_class_accuracy=per_class.tolist(),
-                confusion=confusion, num_images=len(target))
+    return dict(
+        top1=topk_accuracy(scores, target, 1),
+        top5=topk_accuracy(scores, target, 5),
+        mean_class_accuracy=per_class[support > 0].mean().item(),
+        per_class_accuracy=per_class.tolist(),
+        confusion=confusion,
+        num_images=len(target),
+    )
 
 
-def write_confusion_matrix(path: Union[str, os.PathLike], confusion: Tensor,
-                           class_names: Optional[Sequence[str]] = None) -> None:
+def write_confusion_matrix(
+    path: Union[str, os.PathLike], confusion: Tensor, class_names: Optional[Sequence[str]] = None
+) -> None:
     """CSV: a header ``true \\ predicted, <names>``, then one row per true class."""
     names = list(class_names) if class_names is not None else [str(i) for i in range(len(confusion))]
     if confusion.shape != (len(names), len(names)):
@@ -161,16 +194,23 @@ def majority_baseline_scores(train_labels: Tensor, num_images: int, num_classes:
 
 def format_single_label_table(metrics: dict, baseline: Optional[dict] = None) -> str:
     """``metric | model | baseline`` rows of the summary metrics (percent)."""
-    lines = ["| metric | model |" + (" majority-class baseline |" if baseline else ""),
-             "|---|---|" + ("---|" if baseline else "")]
+    lines = [
+        "| metric | model |" + (" majority-class baseline |" if baseline else ""),
+        "|---|---|" + ("---|" if baseline else ""),
+    ]
     for key in SUMMARY_KEYS:
         row = f"| {key} | {metrics[key]:.2f} |"
         lines.append(row + (f" {baseline[key]:.2f} |" if baseline else ""))
     return "\n".join(lines)
 
 
-def single_label_report(run_dir: Union[str, os.PathLike], class_names: Sequence[str], train_labels: Optional[Tensor],
-                        results: dict, write: bool = True) -> dict:
+def single_label_report(
+    run_dir: Union[str, os.PathLike],
+    class_names: Sequence[str],
+    train_labels: Optional[Tensor],
+    results: dict,
+    write: bool = True,
+) -> dict:
     """The final report of a single-label run: for every evaluated model in
     ``results`` (``{"model": evaluate(...), "ema": ...}`` with softmax
     ``scores`` (N, C), ``targets`` (N,), ``num_skipped``) the metrics next to
@@ -187,8 +227,11 @@ def single_label_report(run_dir: Union[str, os.PathLike], class_names: Sequence[
     first = next(iter(results.values()))
     base, out = None, {}
     if train_labels is not None:
-        base = single_label_metrics(majority_baseline_scores(train_labels, len(first["targets"]), len(class_names)),
-                                    first["targets"], class_names)
+        base = single_label_metrics(
+            majority_baseline_scores(train_labels, len(first["targets"]), len(class_names)),
+            first["targets"],
+            class_names,
+        )
         out["baseline"] = scalars(base)
     for name, res in results.items():
         metrics = single_label_metrics(res["scores"], res["targets"], class_names)
@@ -213,5 +256,11 @@ def mixup_from_config(cfg: dict, num_classes: int) -> Optional[MixupCutmix]:
     s = cfg["single_label"]
     if not (s["mixup_alpha"] or s["cutmix_alpha"]):
         return None
-    return MixupCutmix(num_classes, s["mixup_alpha"], s["cutmix_alpha"], s["mix_prob"], s["switch_prob"],
-                       cfg["loss"]["label_smoothing"])
+    return MixupCutmix(
+        num_classes,
+        s["mixup_alpha"],
+        s["cutmix_alpha"],
+        s["mix_prob"],
+        s["switch_prob"],
+        cfg["loss"]["label_smoothing"],
+    )

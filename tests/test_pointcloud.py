@@ -1,6 +1,7 @@
 """The synthetic point-cloud data set, the ModelNet wrapper (on a miniature
 ModelNet in its real OFF layout) and experiments/pointcloud.py (its graphs and
 EdgeConv layer against brute force, and a tiny end-to-end run)."""
+
 import importlib.util
 import json
 import math
@@ -74,7 +75,7 @@ def test_knn_graph_and_edgeconv_against_brute_force():
     src, dst = script.knn_graph(pos, k, batch)
     for i in range(30):
         same = (batch == batch[i]).nonzero().flatten()
-        nearest = same[torch.cdist(pos[i:i + 1], pos[same])[0].argsort()[:k]]
+        nearest = same[torch.cdist(pos[i : i + 1], pos[same])[0].argsort()[:k]]
         assert sorted(src[dst == i].tolist()) == sorted(nearest.tolist())  # itself included, own cloud only
     model = script.DGCNN(num_classes=5, variant="edgeconv", k=k).double().eval()
     x1 = model.conv1(pos, script.knn_graph(pos, k, batch))
@@ -90,6 +91,7 @@ def test_dgcnn_variants_forward_and_train(variant):
     torch.manual_seed(0)
     data = SyntheticShapes("train", num_per_class=1, num_points=40)
     from torch_geometric.loader import DataLoader
+
     batch = next(iter(DataLoader(data, batch_size=8)))
     model = script.DGCNN(8, variant, k=6)
     out = model(batch.pos, batch.batch)
@@ -103,8 +105,27 @@ def test_dgcnn_variants_forward_and_train(variant):
 def test_script_runs_end_to_end(tmp_path, capsys):
     script = load_script()
     out = tmp_path / "runs.json"
-    rows = script.main(["--variants", "edgeconv,maxrel_g2", "--seeds", "0", "1", "--epochs", "1", "--k", "4",
-                        "--num-points", "32", "--per-class", "2", "--test-per-class", "1", "--out", str(out)])
+    rows = script.main(
+        [
+            "--variants",
+            "edgeconv,maxrel_g2",
+            "--seeds",
+            "0",
+            "1",
+            "--epochs",
+            "1",
+            "--k",
+            "4",
+            "--num-points",
+            "32",
+            "--per-class",
+            "2",
+            "--test-per-class",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert [r["variant"] for r in rows] == ["edgeconv", "maxrel_g2"]
     for r in rows:
         assert len(r["accuracies"]) == 2 and all(0 <= a <= 100 for a in r["accuracies"])

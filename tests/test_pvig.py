@@ -2,6 +2,7 @@
 an independent dense Pyramid ViG built from tests/reference_gkgnet.py, whose
 state dict is the authors' Pyramid ViG layout (``stem.*``, ``pos_embed``,
 ``backbone.{j}.*``, ``prediction.*``)."""
+
 import pytest
 import torch
 from torch import nn
@@ -18,10 +19,16 @@ class ReferencePyramidViG(Backbone):
 
     def __init__(self, variant, num_classes, img_size, groups, k=9):
         channels, blocks = VARIANTS[variant]
-        super().__init__(channels, blocks, num_classes, img_size, k, groups, num_gcn=1, cross_level=False,
-                         drop_path_rate=0.0)
-        self.prediction = nn.Sequential(nn.Conv2d(channels[-1], 1024, 1), nn.BatchNorm2d(1024), nn.GELU(),
-                                        nn.Dropout(0.0), nn.Conv2d(1024, num_classes, 1))
+        super().__init__(
+            channels, blocks, num_classes, img_size, k, groups, num_gcn=1, cross_level=False, drop_path_rate=0.0
+        )
+        self.prediction = nn.Sequential(
+            nn.Conv2d(channels[-1], 1024, 1),
+            nn.BatchNorm2d(1024),
+            nn.GELU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(1024, num_classes, 1),
+        )
 
     def forward(self, images):
         _, pooled, _ = super().forward(images)

@@ -3,6 +3,7 @@
 The CIFAR fixtures are written in the real format: python pickles of dicts
 with bytes keys (b'data' (N, 3072) uint8 in R, G, B planes, b'labels' /
 b'fine_labels'), and the meta files batches.meta / meta."""
+
 import pickle
 
 import numpy as np
@@ -11,10 +12,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gkg_pyg.data.single_label import (SYNTHETIC_SHAPES, CIFARDataset, ImageFolderDataset, collate_single_label,
-                                       ensure_synthetic_shapes, make_synthetic_shapes)
-from gkg_pyg.single_label import (MixupCutmix, SingleLabelLoss, confusion_matrix, single_label_metrics,
-                                  topk_accuracy, write_confusion_matrix)
+from gkg_pyg.data.single_label import (
+    SYNTHETIC_SHAPES,
+    CIFARDataset,
+    ImageFolderDataset,
+    collate_single_label,
+    ensure_synthetic_shapes,
+    make_synthetic_shapes,
+)
+from gkg_pyg.single_label import (
+    MixupCutmix,
+    SingleLabelLoss,
+    confusion_matrix,
+    single_label_metrics,
+    topk_accuracy,
+    write_confusion_matrix,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -24,8 +37,10 @@ def write_cifar(root, name, images_per_file=6, seed=0):
     """A miniature CIFAR-10 or -100 in its python format; returns {split: (pixels (N, 32, 32, 3), labels)}."""
     rng = np.random.default_rng(seed)
     if name == "cifar10":
-        folder, files = root / "cifar-10-batches-py", {"train": ["data_batch_%d" % i for i in range(1, 6)],
-                                                       "test": ["test_batch"]}
+        folder, files = (
+            root / "cifar-10-batches-py",
+            {"train": ["data_batch_%d" % i for i in range(1, 6)], "test": ["test_batch"]},
+        )
         classes, label_key = [f"class{i}".encode() for i in range(10)], b"labels"
         folder.mkdir(parents=True)
         with open(folder / "batches.meta", "wb") as f:
@@ -198,8 +213,7 @@ def test_metrics_against_brute_force(tmp_path):
     rows = path.read_text().splitlines()
     assert rows[0] == "true \\ predicted,c0,c1,c2,c3,c4,c5,c6"
     assert rows[3] == "c2," + ",".join(map(str, cm[2].tolist()))
-    assert torch.equal(confusion_matrix(torch.tensor([1, 1]), torch.tensor([0, 1]), 2),
-                       torch.tensor([[0, 1], [0, 1]]))
+    assert torch.equal(confusion_matrix(torch.tensor([1, 1]), torch.tensor([0, 1]), 2), torch.tensor([[0, 1], [0, 1]]))
     with pytest.raises(ValueError, match=r"class indices in \[0, 7\)"):
         single_label_metrics(scores, target + 2)
 
@@ -212,9 +226,27 @@ def test_groups_experiment_script_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("pvig_groups", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(["--root", str(tmp_path / "shapes"), "--epochs", "1", "--num-train", "16", "--num-val", "8",
-                        "--seeds", "0", "1", "--batch-size", "8", "--image-size", "48", "--out",
-                        str(tmp_path / "out.json")])
+    rows = module.main(
+        [
+            "--root",
+            str(tmp_path / "shapes"),
+            "--epochs",
+            "1",
+            "--num-train",
+            "16",
+            "--num-val",
+            "8",
+            "--seeds",
+            "0",
+            "1",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "48",
+            "--out",
+            str(tmp_path / "out.json"),
+        ]
+    )
     assert [r["groups"] for r in rows] == [1, 2]
     for r in rows:
         assert len(r["top1"]) == 2 and all(0 <= a <= 100 for a in r["top1"]) and r["seconds_per_epoch"] > 0

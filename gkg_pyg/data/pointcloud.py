@@ -21,6 +21,7 @@ class  shape                 its local twin
 Every cloud is a function of ``(seed, split, index)`` alone, so a data set
 is the same whatever the order in which it is read.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ __all__ = ["MODELNET10_CLASSES", "SHAPE_CLASSES", "SyntheticShapes", "load_model
 SHAPE_CLASSES = ("sphere", "bumpy_sphere", "cube", "octahedron", "cylinder", "cone", "torus", "wavy_torus")
 _SPLIT_OFFSET = {"train": 0, "test": 1}
 # The class folders PyG's ModelNet loader checks under raw/ (for ModelNet40 too).
-MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand", "sofa", "table",
-                      "toilet")
+MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand", "sofa", "table", "toilet")
 
 
 def _unit_vectors(n: int, gen: torch.Generator) -> Tensor:
@@ -133,8 +133,15 @@ class SyntheticShapes(torch.utils.data.Dataset):
     clouds are generated once, at construction.
     """
 
-    def __init__(self, split: str = "train", num_per_class: int = 50, num_points: int = 256, noise: float = 0.01,
-                 seed: int = 0, transform: Optional[Callable[[Data], Data]] = None):
+    def __init__(
+        self,
+        split: str = "train",
+        num_per_class: int = 50,
+        num_points: int = 256,
+        noise: float = 0.01,
+        seed: int = 0,
+        transform: Optional[Callable[[Data], Data]] = None,
+    ):
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if num_per_class < 1 or num_points < 1:
@@ -163,8 +170,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return self.transform(data) if self.transform is not None else data
 
     def __repr__(self) -> str:
-        return (f"SyntheticShapes(split={self.split!r}, clouds={len(self)}, classes={self.num_classes}, "
-                f"points={self.num_points}, noise={self.noise}, seed={self.seed})")
+        return (
+            f"SyntheticShapes(split={self.split!r}, clouds={len(self)}, classes={self.num_classes}, "
+            f"points={self.num_points}, noise={self.noise}, seed={self.seed})"
+        )
 
 
 def load_modelnet(root: str | os.PathLike, name: str = "10", train: bool = True, num_points: int = 1024):
@@ -188,5 +197,6 @@ def load_modelnet(root: str | os.PathLike, name: str = "10", train: bool = True,
         raise FileNotFoundError(
             f"ModelNet{name} not found under {root}: {raw} lacks the class folders {missing[:4]}"
             f"{' ...' if len(missing) > 4 else ''} (expected the unpacked ModelNet{name}.zip as {raw}/<class>/"
-            "{train,test}/<class>_*.off). Nothing is downloaded here.")
+            "{train,test}/<class>_*.off). Nothing is downloaded here."
+        )
     return ModelNet(str(root), name, train, transform=T.SamplePoints(num_points), pre_transform=T.NormalizeScale())

@@ -22,6 +22,7 @@ Layouts
   are ``b'label_names'`` / ``b'fine_label_names'`` of the meta file.
   Splits: ``"train"`` and ``"test"``.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,17 +39,34 @@ from torch.utils.data import Dataset
 
 from .images import IMAGE_SUFFIXES, load_rgb
 
-__all__ = ["CIFARDataset", "ImageFolderDataset", "SINGLE_LABEL_DATASETS", "SYNTHETIC_SHAPES", "SingleLabelDataset",
-           "collate_single_label", "ensure_synthetic_shapes", "make_synthetic_shapes", "single_label_dataset",
-           "single_label_split", "single_label_transform"]
+__all__ = [
+    "CIFARDataset",
+    "ImageFolderDataset",
+    "SINGLE_LABEL_DATASETS",
+    "SYNTHETIC_SHAPES",
+    "SingleLabelDataset",
+    "collate_single_label",
+    "ensure_synthetic_shapes",
+    "make_synthetic_shapes",
+    "single_label_dataset",
+    "single_label_split",
+    "single_label_transform",
+]
 
 
 class SingleLabelDataset(Dataset):
     """Images (files, or in-memory ``(N, H, W, 3)`` uint8 arrays) with one class each."""
 
-    def __init__(self, class_names: Sequence[str], labels: Sequence[int], transform: Optional[Callable] = None,
-                 paths: Optional[Sequence[str]] = None, pixels: Optional[np.ndarray] = None,
-                 skip_bad_images: bool = False, source: str = ""):
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        labels: Sequence[int],
+        transform: Optional[Callable] = None,
+        paths: Optional[Sequence[str]] = None,
+        pixels: Optional[np.ndarray] = None,
+        skip_bad_images: bool = False,
+        source: str = "",
+    ):
         if (paths is None) == (pixels is None):
             raise ValueError("give either image paths or pixel arrays")
         count = len(paths) if paths is not None else len(pixels)
@@ -58,8 +76,10 @@ class SingleLabelDataset(Dataset):
             raise ValueError(f"no images in {source or 'the data set'}")
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if self.labels.min() < 0 or self.labels.max() >= len(class_names):
-            raise ValueError(f"labels of {source or 'the data set'} must lie in [0, {len(class_names)}), got "
-                             f"{int(self.labels.min())}..{int(self.labels.max())}")
+            raise ValueError(
+                f"labels of {source or 'the data set'} must lie in [0, {len(class_names)}), got "
+                f"{int(self.labels.min())}..{int(self.labels.max())}"
+            )
         self.class_names = list(class_names)
         # In-memory data sets have no files: an empty path list (nothing to check up front).
         self.paths = list(paths) if paths is not None else []
@@ -104,8 +124,10 @@ class SingleLabelDataset(Dataset):
         return {"image": image, "target": self.labels[index].clone(), "index": int(index), "path": path}
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.source!r}, images={len(self)}, classes={self.num_classes}, "
-                f"transform={self.transform!r})")
+        return (
+            f"{type(self).__name__}({self.source!r}, images={len(self)}, classes={self.num_classes}, "
+            f"transform={self.transform!r})"
+        )
 
 
 class ImageFolderDataset(SingleLabelDataset):
@@ -116,12 +138,19 @@ class ImageFolderDataset(SingleLabelDataset):
     a folder in this split simply has no images here.
     """
 
-    def __init__(self, root, split: str = "train", transform: Optional[Callable] = None,
-                 skip_bad_images: bool = False, class_names: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        root,
+        split: str = "train",
+        transform: Optional[Callable] = None,
+        skip_bad_images: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+    ):
         folder = Path(root) / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"image folder split not found: {folder} (expected {Path(root)}/{split}/"
-                                    "<class>/<image>)")
+            raise FileNotFoundError(
+                f"image folder split not found: {folder} (expected {Path(root)}/{split}/<class>/<image>)"
+            )
         found = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not found:
             raise FileNotFoundError(f"no class folders in {folder} (expected {folder}/<class>/<image>)")
@@ -130,8 +159,9 @@ class ImageFolderDataset(SingleLabelDataset):
         else:
             extra = [c for c in found if c not in class_names]
             if extra:
-                raise ValueError(f"{folder} has class folders that are not among the {len(class_names)} classes: "
-                                 f"{extra[:5]}")
+                raise ValueError(
+                    f"{folder} has class folders that are not among the {len(class_names)} classes: {extra[:5]}"
+                )
         suffixes = tuple(s.lower() for s in IMAGE_SUFFIXES)
         paths, labels = [], []
         for label, name in enumerate(class_names):
@@ -139,21 +169,33 @@ class ImageFolderDataset(SingleLabelDataset):
                 continue
             files = sorted(p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not files:
-                raise FileNotFoundError(f"class folder {folder / name} holds no image "
-                                        f"(endings {', '.join(IMAGE_SUFFIXES)})")
+                raise FileNotFoundError(
+                    f"class folder {folder / name} holds no image (endings {', '.join(IMAGE_SUFFIXES)})"
+                )
             paths += [str(p) for p in files]
             labels += [label] * len(files)
-        super().__init__(class_names, labels, transform, paths=paths, skip_bad_images=skip_bad_images,
-                         source=str(folder))
+        super().__init__(
+            class_names, labels, transform, paths=paths, skip_bad_images=skip_bad_images, source=str(folder)
+        )
         self.root, self.split = Path(root), split
 
 
 _CIFAR = {
     # name: (folder, {split: files}, meta file, label key, class-name key)
-    "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
-                "batches.meta", b"labels", b"label_names"),
-    "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", b"fine_labels",
-                 b"fine_label_names"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        {"train": ["train"], "test": ["test"]},
+        "meta",
+        b"fine_labels",
+        b"fine_label_names",
+    ),
 }
 
 
@@ -190,25 +232,32 @@ class CIFARDataset(SingleLabelDataset):
         root = Path(root)
         folder = root / folder_name if (root / folder_name).is_dir() else root
         if not (folder / meta_name).is_file():
-            raise FileNotFoundError(f"{name} not found under {root}: expected {root / folder_name / meta_name} "
-                                    f"(the python version of the data set, unpacked)")
+            raise FileNotFoundError(
+                f"{name} not found under {root}: expected {root / folder_name / meta_name} "
+                f"(the python version of the data set, unpacked)"
+            )
         meta_path = folder / meta_name
-        class_names = [n.decode() if isinstance(n, bytes) else str(n)
-                       for n in _key(_unpickle(meta_path), names_key, meta_path)]
+        class_names = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in _key(_unpickle(meta_path), names_key, meta_path)
+        ]
         arrays, labels = [], []
         for file in files[split]:
             path = folder / file
             batch = _unpickle(path)
             data, batch_labels = np.asarray(_key(batch, b"data", path)), list(_key(batch, label_key, path))
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                raise ValueError(f"CIFAR file {path}: b'data' must be uint8 (N, 3072), got {data.dtype} "
-                                 f"{data.shape}")
+                raise ValueError(f"CIFAR file {path}: b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
             if len(batch_labels) != len(data):
                 raise ValueError(f"CIFAR file {path}: {len(batch_labels)} labels for {len(data)} images")
             arrays.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # planes -> (N, 32, 32, RGB)
             labels += batch_labels
-        super().__init__(class_names, labels, transform, pixels=np.ascontiguousarray(np.concatenate(arrays)),
-                         source=f"{name}:{split}")
+        super().__init__(
+            class_names,
+            labels,
+            transform,
+            pixels=np.ascontiguousarray(np.concatenate(arrays)),
+            source=f"{name}:{split}",
+        )
         self.root, self.split, self.name = root, split, name
 
 
@@ -217,10 +266,13 @@ def collate_single_label(batch: Sequence[Optional[dict]]) -> dict:
     "target": (B,) long, "index": (B,) long, "path": list, "num_skipped": int}``
     (``image`` and ``target`` are None when every sample was skipped)."""
     kept = [s for s in batch if s is not None]
-    return {"image": torch.stack([s["image"] for s in kept]) if kept else None,
-            "target": torch.stack([s["target"] for s in kept]) if kept else None,
-            "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-            "path": [s["path"] for s in kept], "num_skipped": len(batch) - len(kept)}
+    return {
+        "image": torch.stack([s["image"] for s in kept]) if kept else None,
+        "target": torch.stack([s["target"] for s in kept]) if kept else None,
+        "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+        "path": [s["path"] for s in kept],
+        "num_skipped": len(batch) - len(kept),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -229,8 +281,9 @@ def collate_single_label(batch: Sequence[Optional[dict]]) -> dict:
 SINGLE_LABEL_DATASETS = ("image_folder", "cifar10", "cifar100", "synthetic_shapes")
 
 
-def single_label_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float],
-                           options: dict) -> Callable:
+def single_label_transform(
+    img_size: int, train: bool, mean: Sequence[float], std: Sequence[float], options: dict
+) -> Callable:
     """timm's ImageNet transforms (what Pyramid ViG's recipe uses), bicubic.
 
     Training: RandomResizedCrop(``crop_scale``, ``crop_ratio``; ``[1, 1]`` and
@@ -244,13 +297,29 @@ def single_label_transform(img_size: int, train: bool, mean: Sequence[float], st
     from timm.data import create_transform
 
     if not train:
-        return create_transform(img_size, is_training=False, interpolation="bicubic", mean=tuple(mean),
-                                std=tuple(std), crop_pct=options["eval_crop_pct"])
+        return create_transform(
+            img_size,
+            is_training=False,
+            interpolation="bicubic",
+            mean=tuple(mean),
+            std=tuple(std),
+            crop_pct=options["eval_crop_pct"],
+        )
     return create_transform(
-        img_size, is_training=True, scale=tuple(options["crop_scale"]), ratio=tuple(options["crop_ratio"]),
-        hflip=options["hflip"], vflip=0.0, color_jitter=options["color_jitter"], auto_augment=options["auto_augment"],
-        interpolation="bicubic", mean=tuple(mean), std=tuple(std), re_prob=options["random_erasing"],
-        re_mode="pixel")
+        img_size,
+        is_training=True,
+        scale=tuple(options["crop_scale"]),
+        ratio=tuple(options["crop_ratio"]),
+        hflip=options["hflip"],
+        vflip=0.0,
+        color_jitter=options["color_jitter"],
+        auto_augment=options["auto_augment"],
+        interpolation="bicubic",
+        mean=tuple(mean),
+        std=tuple(std),
+        re_prob=options["random_erasing"],
+        re_mode="pixel",
+    )
 
 
 def single_label_dataset(data: dict, role: str, transform: Optional[Callable] = None) -> SingleLabelDataset:
@@ -305,8 +374,9 @@ def _polygon(cx: float, cy: float, radius: float, corners: int, angle: float, in
     return points
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, angle: float, colour,
-                background) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, angle: float, colour, background
+) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
     if name == "circle":
         draw.ellipse(box, fill=colour)
@@ -321,14 +391,19 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: f
         c, s = math.cos(angle), math.sin(angle)
         for dx, dy in ((c, s), (-s, c)):
             w = 0.25 * r
-            draw.polygon([(cx + r * dx - w * dy, cy + r * dy + w * dx), (cx + r * dx + w * dy, cy + r * dy - w * dx),
-                          (cx - r * dx + w * dy, cy - r * dy - w * dx), (cx - r * dx - w * dy, cy - r * dy + w * dx)],
-                         fill=colour)
+            draw.polygon(
+                [
+                    (cx + r * dx - w * dy, cy + r * dy + w * dx),
+                    (cx + r * dx + w * dy, cy + r * dy - w * dx),
+                    (cx - r * dx + w * dy, cy - r * dy - w * dx),
+                    (cx - r * dx - w * dy, cy - r * dy + w * dx),
+                ],
+                fill=colour,
+            )
     elif name == "crescent":
         draw.ellipse(box, fill=colour)
         ox, oy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
-        draw.ellipse((cx + ox - 0.85 * r, cy + oy - 0.85 * r, cx + ox + 0.85 * r, cy + oy + 0.85 * r),
-                     fill=background)
+        draw.ellipse((cx + ox - 0.85 * r, cy + oy - 0.85 * r, cx + ox + 0.85 * r, cy + oy + 0.85 * r), fill=background)
     else:
         raise ValueError(f"unknown shape {name!r}")
 
@@ -351,22 +426,24 @@ def _synthetic_image(label: int, size: int, rng: np.random.Generator) -> Image.I
         draw.ellipse((x - d, y - d, x + d, y + d), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     pixels = np.asarray(image, dtype=np.float32)
     ramp = np.linspace(-1, 1, size, dtype=np.float32)
-    gradient = rng.uniform(-40, 40, 3).astype(np.float32) * ramp[:, None, None] \
+    gradient = (
+        rng.uniform(-40, 40, 3).astype(np.float32) * ramp[:, None, None]
         + rng.uniform(-40, 40, 3).astype(np.float32) * ramp[None, :, None]
+    )
     pixels = pixels + gradient + rng.normal(0, 12, pixels.shape).astype(np.float32)
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
 
 
-def make_synthetic_shapes(root, num_train: int = 2000, num_val: int = 400, image_size: int = 64, seed: int = 0,
-                          progress: bool = False) -> Path:
+def make_synthetic_shapes(
+    root, num_train: int = 2000, num_val: int = 400, image_size: int = 64, seed: int = 0, progress: bool = False
+) -> Path:
     """Write the synthetic single-label data set as an image folder:
     ``root/{train,val}/<shape>/<nnnnnn>.png``, classes :data:`SYNTHETIC_SHAPES`
     in turn (balanced), and ``root/synthetic_shapes.json`` with the parameters
     (written last: its presence marks a complete data set). Image ``i`` of a
     split depends on ``(seed, split, i)`` only."""
     if num_train < 1 or num_val < 1 or image_size < 16:
-        raise ValueError(f"need num_train, num_val >= 1 and image_size >= 16, got {num_train}, {num_val}, "
-                         f"{image_size}")
+        raise ValueError(f"need num_train, num_val >= 1 and image_size >= 16, got {num_train}, {num_val}, {image_size}")
     root = Path(root)
     (root / _PARAMS_FILE).unlink(missing_ok=True)
     for split_id, (split, count) in enumerate((("train", num_train), ("val", num_val))):
@@ -375,6 +452,7 @@ def make_synthetic_shapes(root, num_train: int = 2000, num_val: int = 400, image
         indices = range(count)
         if progress:
             from tqdm import tqdm
+
             indices = tqdm(indices, desc=f"synthetic shapes ({split})", unit="img")
         for i in indices:
             label = i % len(SYNTHETIC_SHAPES)
@@ -385,8 +463,9 @@ def make_synthetic_shapes(root, num_train: int = 2000, num_val: int = 400, image
     return root
 
 
-def ensure_synthetic_shapes(root, num_train: int = 2000, num_val: int = 400, image_size: int = 64, seed: int = 0,
-                            progress: bool = False) -> Path:
+def ensure_synthetic_shapes(
+    root, num_train: int = 2000, num_val: int = 400, image_size: int = 64, seed: int = 0, progress: bool = False
+) -> Path:
     """The synthetic data set under ``root``, generated unless a complete one
     with these parameters is there (a different one is regenerated; stale
     image files of a larger earlier data set are removed first)."""

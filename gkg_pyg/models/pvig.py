@@ -13,6 +13,7 @@ The model reuses :class:`~gkg_pyg.GKGNet` with the label path switched off,
 so the patch path, input-size handling, kNN backends and graph capture
 (``return_graphs=True``) are the same code as GKGNet's.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -35,13 +36,28 @@ HEAD_HIDDEN = 1024
 
 # Metadata of the published ImageNet-1k weights (github.com/huawei-noah/Efficient-AI-Backbones,
 # release "pyramid-vig"; files are not downloaded: pass their path to gkg_pyg.load_checkpoint).
-_PUBLISHED = {"ti": ("pvig_ti_78.5.pth.tar", 78.5, 10.7, 1.7, 0.9), "s": ("pvig_s_82.1.pth.tar", 82.1, 27.3, 4.6, 0.9),
-              "m": ("pvig_m_83.1.pth.tar", 83.1, 51.7, 8.9, 0.9), "b": ("pvig_b_83.66.pth.tar", 83.7, 82.6, 16.8, 0.95)}
+_PUBLISHED = {
+    "ti": ("pvig_ti_78.5.pth.tar", 78.5, 10.7, 1.7, 0.9),
+    "s": ("pvig_s_82.1.pth.tar", 82.1, 27.3, 4.6, 0.9),
+    "m": ("pvig_m_83.1.pth.tar", 83.1, 51.7, 8.9, 0.9),
+    "b": ("pvig_b_83.66.pth.tar", 83.7, 82.6, 16.8, 0.95),
+}
 pretrained_cfgs: Dict[str, dict] = {
-    f"pvig_{v}": dict(file=file, source="pyramid_vig", num_classes=1000, input_size=(3, 224, 224), crop_pct=crop,
-                      interpolation="bicubic", mean=PVIG_MEAN, std=PVIG_STD, imagenet_top1=top1,
-                      params_m=params, gflops=gflops)
-    for v, (file, top1, params, gflops, crop) in _PUBLISHED.items()}
+    f"pvig_{v}": dict(
+        file=file,
+        source="pyramid_vig",
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        crop_pct=crop,
+        interpolation="bicubic",
+        mean=PVIG_MEAN,
+        std=PVIG_STD,
+        imagenet_top1=top1,
+        params_m=params,
+        gflops=gflops,
+    )
+    for v, (file, top1, params, gflops, crop) in _PUBLISHED.items()
+}
 
 
 class PyramidViG(GKGNet):
@@ -69,17 +85,39 @@ class PyramidViG(GKGNet):
     BatchNorm2d is a BatchNorm1d (the same statistics over the batch).
     """
 
-    def __init__(self, variant: str = "ti", num_classes: int = 1000, img_size=224, k: int = 9, groups: int = 1,
-                 drop_path: float = 0.0, drop_rate: float = 0.0, knn_backend: str = "auto",
-                 class_names: Optional[Sequence[str]] = None):
-        super().__init__(variant, num_classes, img_size, k=k, groups=groups, drop_path=drop_path,
-                         cross_level=False, knn_backend=knn_backend, class_names=class_names)
+    def __init__(
+        self,
+        variant: str = "ti",
+        num_classes: int = 1000,
+        img_size=224,
+        k: int = 9,
+        groups: int = 1,
+        drop_path: float = 0.0,
+        drop_rate: float = 0.0,
+        knn_backend: str = "auto",
+        class_names: Optional[Sequence[str]] = None,
+    ):
+        super().__init__(
+            variant,
+            num_classes,
+            img_size,
+            k=k,
+            groups=groups,
+            drop_path=drop_path,
+            cross_level=False,
+            knn_backend=knn_backend,
+            class_names=class_names,
+        )
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         # GKGNet's forward applies head_patch to the averaged patches of the last stage.
         self.head_patch = nn.Sequential(
-            nn.Linear(VARIANTS[variant].channels[-1], HEAD_HIDDEN), nn.BatchNorm1d(HEAD_HIDDEN), nn.GELU(),
-            nn.Dropout(drop_rate), nn.Linear(HEAD_HIDDEN, num_classes))
+            nn.Linear(VARIANTS[variant].channels[-1], HEAD_HIDDEN),
+            nn.BatchNorm1d(HEAD_HIDDEN),
+            nn.GELU(),
+            nn.Dropout(drop_rate),
+            nn.Linear(HEAD_HIDDEN, num_classes),
+        )
         self.drop_rate = drop_rate
         self._init_weights()
 
@@ -126,7 +164,7 @@ class PyramidViG(GKGNet):
         for key, target in self.state_dict().items():
             if not key.startswith("head_patch."):
                 continue
-            theirs = "prediction." + key[len("head_patch."):]
+            theirs = "prediction." + key[len("head_patch.") :]
             if theirs in state_dict:
                 tensor = state_dict[theirs]
                 if tensor.dim() == 4 and target.dim() == 2 and tensor.shape[2:] == (1, 1):

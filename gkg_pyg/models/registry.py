@@ -6,6 +6,7 @@ no model file, so model files can import it without a cycle;
 ``gkg_pyg.models`` imports every model file, so importing any of them fills
 the whole table.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -54,5 +55,6 @@ def create_model(name: str, pretrained: Optional[str] = None, **kwargs) -> nn.Mo
     model.pretrained_cfg = dict(cfg)
     if pretrained:
         from ..checkpoint import load_checkpoint
+
         load_checkpoint(model, pretrained)
     return model
