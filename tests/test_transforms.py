@@ -3,6 +3,9 @@ HeteroData, through PyG's batch collation and a DataLoader pipeline."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,14 +24,14 @@ def brute_force(x, k, groups, dilation=1, loop=False, batch=None, min_gap=1e-9):
     width = x.shape[1] // groups
     out = torch.empty(groups, n, k, dtype=torch.long)
     for g in range(groups):
-        feats = F.normalize(x[:, g * width:(g + 1) * width], dim=1)
+        feats = F.normalize(x[:, g * width : (g + 1) * width], dim=1)
         for i in range(n):
             cand = ((batch == batch[i]) & ((torch.arange(n) != i) | loop)).nonzero().flatten()
             dist = ((feats[i] - feats[cand]) ** 2).sum(1)
             values, order = torch.sort(dist)
-            window = values[:k * dilation + 1]
+            window = values[: k * dilation + 1]
             assert bool((window[1:] - window[:-1]).min() > min_gap), "tie in the random test data"
-            out[g, i] = cand[order[:k * dilation:dilation]]
+            out[g, i] = cand[order[: k * dilation : dilation]]
     return out
 
 
@@ -99,8 +102,12 @@ def test_batches_collate_with_increments(loop):
         parts = [dataset[seen + i].group_edge_index + int(batch.ptr[i]) for i in range(batch.num_graphs)]
         assert torch.equal(edges, torch.cat(parts, dim=-1))
         # ... which is the transform of the whole batch (neighbours stay inside their graphs).
-        assert torch.equal(edges, transform(Batch.from_data_list(
-            [dataset.graphs[seen + i] for i in range(batch.num_graphs)]))[GROUP_EDGE_KEY])
+        assert torch.equal(
+            edges,
+            transform(Batch.from_data_list([dataset.graphs[seen + i] for i in range(batch.num_graphs)]))[
+                GROUP_EDGE_KEY
+            ],
+        )
         assert torch.equal(table(edges, 3), brute_force(batch.x, 3, 2, 2, loop, batch.batch))
         # And the batch splits back into the graphs' own edges.
         for i, graph in enumerate(batch.to_data_list()):
@@ -143,8 +150,9 @@ def test_hetero_bipartite():
     hetero["patch"].x = torch.randn(30, 8, generator=gen, dtype=torch.float64)
     hetero["label"].x = torch.randn(5, 8, generator=gen, dtype=torch.float64)
     hetero = GroupKNNGraph(6, 2, node_type=("patch", "label"))(hetero)
-    assert torch.equal(stack_group_edges(hetero, "patch", "label"),
-                       group_knn(hetero["patch"].x, hetero["label"].x, 6, 2))
+    assert torch.equal(
+        stack_group_edges(hetero, "patch", "label"), group_knn(hetero["patch"].x, hetero["label"].x, 6, 2)
+    )
 
 
 def test_errors():
@@ -165,3 +173,34 @@ def test_errors():
     with pytest.raises(KeyError, match=r"node type 'c' is not in the HeteroData"):
         GroupKNNGraph(3, 2, node_type="c")(hetero)
     assert repr(GroupKNNGraph(9, 2, dilation=3)) == "GroupKNNGraph(k=9, groups=2, dilation=3, loop=False)"
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block under ``heading`` in the README (before the next heading)."""
+    text = README.read_text(encoding="utf-8")
+    assert heading in text, f"README has no heading {heading!r}"
+    section = text.split(heading, 1)[1]
+    block = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+    assert block is not None and not re.search(r"^#{1,6} ", section[: block.start()], flags=re.M), (
+        f"no ```python block under {heading!r}"
+    )
+    return block.group(1)
+
+
+def test_readme_transform_snippet_runs():
+    namespace = {"__name__": "readme_snippet"}
+    exec(compile(readme_block("### Build the graphs once, in a data pipeline"), "README:transform", "exec"), namespace)
+    batch, out, hetero = namespace["batch"], namespace["out"], namespace["hetero"]
+    assert batch.group_edge_index.shape == (2, 2, 1000) and out.shape == (125, 64)
+    assert torch.equal(batch.group_edge_index[:, 1], torch.arange(125).repeat_interleave(8).expand(2, -1))
+    assert stack_group_edges(hetero, "point", "point").shape == (2, 2, 320)
+
+
+def test_readme_batched_snippet_runs():
+    namespace = {"__name__": "readme_snippet"}
+    exec(compile(readme_block("### Equal-sized graphs as dense tensors"), "README:batched", "exec"), namespace)
+    table_ = namespace["table"]
+    assert table_.shape == (2, 4, 196, 9) and int(table_.min()) >= 0 and int(table_.max()) < 49
