@@ -62,17 +62,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config naming the data set and the model")
     p.add_argument("--checkpoint", required=True, help="weights to evaluate")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
     p.add_argument("--output", help="folder for metrics.json and per_class_ap.csv (default: <checkpoint folder>/eval)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip missing or unreadable images (data.skip_bad_images) and count them")
-    p.add_argument("--choose-thresholds", action="store_true",
-                   help="choose F1-optimal per-class and global thresholds on this split and store them")
-    p.add_argument("--thresholds-output", metavar="PATH",
-                   help="write the checkpoint with the chosen thresholds here instead of updating it in place")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip missing or unreadable images (data.skip_bad_images) and count them",
+    )
+    p.add_argument(
+        "--choose-thresholds",
+        action="store_true",
+        help="choose F1-optimal per-class and global thresholds on this split and store them",
+    )
+    p.add_argument(
+        "--thresholds-output",
+        metavar="PATH",
+        help="write the checkpoint with the chosen thresholds here instead of updating it in place",
+    )
     p.add_argument("--no-store", action="store_true", help="choose thresholds but leave every checkpoint file alone")
     return p.parse_args(argv)
+
+
+def evaluation_split(cfg: dict, config: str) -> str:
+    """Which images were evaluated, in words (stored with chosen thresholds)."""
+    data = cfg["data"]
+    if data["name"] == "csv" and data["csv"]["val"]:
+        where = data["csv"]["val"]
+    elif (data.get("ann_file") or {}).get("val"):
+        where = data["ann_file"]["val"]
+    else:
+        where = f"split {data['val_split']}"
+    return f"{data['name']} {where} under {data['root']} ({config})"
 
 
 def threshold_columns(res: dict, threshold: float, record: dict | None) -> dict:
@@ -110,15 +137,19 @@ def main(argv=None) -> int:
     out_dir = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / "eval"
     out = {"checkpoint": str(args.checkpoint)}
     if cfg["task"] == "single_label":  # top-1 / top-5 / confusion matrix; no thresholds
-        results = {name: evaluate(net.to(info.device), loader, info, precision, f"eval {name}",
-                                  cfg["output"]["progress"], "single_label") for name, net in models.items()}
+        results = {
+            name: evaluate(
+                net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"], "single_label"
+            )
+            for name, net in models.items()
+        }
         out.update(single_label_report(out_dir, dataset.class_names, None, results, write=info.is_main))
         if info.is_main:
             (out_dir / "metrics.json").write_text(json.dumps(out, indent=2))
         cleanup_distributed()
         return 0
     chosen = {}
-    split = f"{cfg['data']['val_split']} split of {args.config}"
+    split = evaluation_split(cfg, args.config)
     for name, net in models.items():
         res = evaluate(net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"])
         metrics = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"], res["areas"],
@@ -140,8 +171,11 @@ def main(argv=None) -> int:
             suffix = "" if name == "model" else f"_{name}"
             per_class_ap_csv(metrics, dataset.class_names, out_dir / f"per_class_ap{suffix}.csv")
             if record is not None:
-                how = ("chosen now on this split: optimistic here" if name in chosen
-                       else f"stored in the checkpoint, chosen on {record.get('chosen_on') or 'another split'}")
+                how = (
+                    "chosen now on this split: optimistic here"
+                    if name in chosen
+                    else f"stored in the checkpoint, chosen on {record.get('chosen_on') or 'another split'}"
+                )
                 print(f"\n{name} at thresholds ({how}):")
                 print(format_threshold_table(columns, THRESHOLD_KEYS))
             if res["num_skipped"] or missing:

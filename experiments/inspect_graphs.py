@@ -23,6 +23,7 @@ the model keeps random weights (seeded by ``--seed``) and every figure says
 so.  Class names come from the checkpoint's ``class_names``, else from the
 config's data set when model.num_classes is not set, else ``label_i``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ from gkg_pyg.config import load_config  # noqa: E402
 from gkg_pyg.data import IMAGE_SUFFIXES, class_names_from_config  # noqa: E402
 
 
-def load_model(config: str, checkpoint: Optional[str], seed: int = 0, device: str = "cpu",
-               overrides: Sequence[str] = ()) -> Tuple[torch.nn.Module, Optional[List[str]], str]:
+def load_model(
+    config: str, checkpoint: Optional[str], seed: int = 0, device: str = "cpu", overrides: Sequence[str] = ()
+) -> Tuple[torch.nn.Module, Optional[List[str]], str]:
     """The model of ``config`` (through ``gkg_pyg.builder.build_model``), its
     class names (None: ``label_i``) and the figure note.
 
@@ -64,8 +66,10 @@ def load_model(config: str, checkpoint: Optional[str], seed: int = 0, device: st
         try:
             names = class_names_from_config(cfg["data"])
         except (OSError, ValueError) as err:
-            raise ValueError(f"model.num_classes is not set and the class names cannot be read from the config's "
-                             f"data set ({err}); pass --checkpoint, or --set model.num_classes=N") from err
+            raise ValueError(
+                f"model.num_classes is not set and the class names cannot be read from the config's "
+                f"data set ({err}); pass --checkpoint, or --set model.num_classes=N"
+            ) from err
     model = build_model(cfg, names, load_weights=False, verbose=False)
     if ckpt is not None:
         gkg_pyg.load_checkpoint(model, ckpt)
@@ -100,14 +104,25 @@ def dataset_images(folder: str, max_images: int) -> List[Path]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config with a 'model:' section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set model.num_classes=20")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set model.num_classes=20",
+    )
     p.add_argument("--checkpoint", help="weights (gkg-pyg or the authors' layout); none: random weights")
     p.add_argument("--image", required=True, help="the image to inspect")
     p.add_argument("--label", nargs="+", help="label names (or indices); default the 3 highest scores")
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="one stage (default: all)")
-    p.add_argument("--patch", type=int, nargs=2, metavar=("ROW", "COL"),
-                   help="also draw this patch's neighbours (in the --stage grid)")
+    p.add_argument(
+        "--patch",
+        type=int,
+        nargs=2,
+        metavar=("ROW", "COL"),
+        help="also draw this patch's neighbours (in the --stage grid)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--html", action="store_true", help="also write the interactive viewer.html")
     p.add_argument("--dataset", help="folder of images for the distinct-neighbour histogram")
@@ -152,16 +167,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             path = out / f"histogram_stage{stage}.{args.format}"
             gi.plot_neighbour_histogram(counts, stage, path=path)
             written.append(path)
-        table = {"images": [str(p) for p in images], "k": counts.k, "groups": counts.groups,
-                 "stages": {s: {name: {"mean": float(m), "histogram": h.tolist()}
-                                for name, m, h in zip(counts.class_names, counts.mean(s), counts.histogram(s))}
-                            for s in stages}}
+        table = {
+            "images": [str(p) for p in images],
+            "k": counts.k,
+            "groups": counts.groups,
+            "stages": {
+                s: {
+                    name: {"mean": float(m), "histogram": h.tolist()}
+                    for name, m, h in zip(counts.class_names, counts.mean(s), counts.histogram(s))
+                }
+                for s in stages
+            },
+        }
         path = out / "neighbour_counts.json"
         path.write_text(json.dumps(table, indent=1))
         written.append(path)
     summary = {
-        "image": str(args.image), "checkpoint": args.checkpoint, "note": note,
-        "k": captured.k, "groups": captured.groups,
+        "image": str(args.image),
+        "checkpoint": args.checkpoint,
+        "note": note,
+        "k": captured.k,
+        "groups": captured.groups,
         "scores": dict(zip(captured.class_names, captured.scores.tolist())),
         "labels": [asdict(s) for s in gi.summarize_labels(captured, stages)],
         "patch": asdict(gi.patch_summary(captured, args.stage, *args.patch)) if args.patch else None,

@@ -54,9 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("sources", nargs="+", metavar="IMAGE", help="image files, folders (recursive), glob patterns")
     p.add_argument("--checkpoint", required=True, help="trained weights")
     p.add_argument("--config", help="YAML config (default: the one saved in the checkpoint)")
-    p.add_argument("--threshold", default="per-class",
-                   help="'per-class' (the thresholds stored by evaluate.py --choose-thresholds, else 0.5), "
-                        "'global' (the stored global one) or a number")
+    p.add_argument(
+        "--threshold",
+        default="per-class",
+        help="'per-class' (the thresholds stored by evaluate.py --choose-thresholds, else 0.5), "
+        "'global' (the stored global one) or a number",
+    )
     p.add_argument("--topk", type=int, default=5, help="report the k best labels with their scores (default 5)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--output", help="write FILE.csv or FILE.json (default: print)")

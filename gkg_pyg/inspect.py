@@ -21,6 +21,7 @@ Stages are numbered 1..4 as in the paper.  Grid coordinates are ``(row,
 col)`` in the stage's patch grid, or in its pooled source grid for the
 patch-level sources of stages 1 and 2 (4x4 and 2x2 averaged cells).
 """
+
 from __future__ import annotations
 
 import base64
@@ -48,10 +49,28 @@ from .data.transforms import MEAN, STD, build_test_transform
 from .graph import neighbour_table, stack_group_edges
 
 __all__ = [
-    "RANDOM_WEIGHTS_NOTE", "CapturedGraphs", "InspectFigure", "LabelSummary", "NeighbourCounts", "PatchSummary",
-    "capture_graphs", "distinct_counts", "label_neighbours", "label_summary", "neighbour_count_distribution",
-    "patch_neighbours", "patch_summary", "plot_label", "plot_neighbour_histogram", "plot_patch", "prepare_image",
-    "source_type", "summarize_labels", "to_networkx", "viewer_data", "write_html_viewer",
+    "RANDOM_WEIGHTS_NOTE",
+    "CapturedGraphs",
+    "InspectFigure",
+    "LabelSummary",
+    "NeighbourCounts",
+    "PatchSummary",
+    "capture_graphs",
+    "distinct_counts",
+    "label_neighbours",
+    "label_summary",
+    "neighbour_count_distribution",
+    "patch_neighbours",
+    "patch_summary",
+    "plot_label",
+    "plot_neighbour_histogram",
+    "plot_patch",
+    "prepare_image",
+    "source_type",
+    "summarize_labels",
+    "to_networkx",
+    "viewer_data",
+    "write_html_viewer",
 ]
 
 ImageLike = Union[Image.Image, str, os.PathLike, Tensor]
@@ -136,8 +155,7 @@ def default_transform(model: nn.Module) -> Callable:
     return build_test_transform(h)
 
 
-def prepare_image(image: ImageLike, transform: Optional[Callable] = None,
-                  model: Optional[nn.Module] = None) -> Tensor:
+def prepare_image(image: ImageLike, transform: Optional[Callable] = None, model: Optional[nn.Module] = None) -> Tensor:
     """A PIL image, an image path or a normalised tensor -> ``(3, H, W)`` float tensor.
 
     PIL images and paths go through ``transform`` (default: the test
@@ -174,8 +192,13 @@ def _resolve_names(model: nn.Module, class_names: Optional[Sequence[str]]) -> Li
     return [str(n) for n in names]
 
 
-def capture_graphs(model: nn.Module, image: ImageLike, class_names: Optional[Sequence[str]] = None,
-                   transform: Optional[Callable] = None, note: str = "") -> CapturedGraphs:
+def capture_graphs(
+    model: nn.Module,
+    image: ImageLike,
+    class_names: Optional[Sequence[str]] = None,
+    transform: Optional[Callable] = None,
+    note: str = "",
+) -> CapturedGraphs:
     """Run ONE forward pass of ``model`` (eval mode, no gradient; the training
     flag is restored afterwards) on one image and keep the graphs it built.
 
@@ -205,9 +228,17 @@ def capture_graphs(model: nn.Module, image: ImageLike, class_names: Optional[Seq
         if "label" in g.node_types:
             g["label"].name = list(names)
     logits = logits[0].cpu()
-    return CapturedGraphs(graphs=graphs, image=denormalise(x.cpu()), tensor=x.cpu(), logits=logits,
-                          scores=logits.sigmoid(), class_names=names, k=int(model.k),
-                          groups=int(model.groups), note=note)
+    return CapturedGraphs(
+        graphs=graphs,
+        image=denormalise(x.cpu()),
+        tensor=x.cpu(),
+        logits=logits,
+        scores=logits.sigmoid(),
+        class_names=names,
+        k=int(model.k),
+        groups=int(model.groups),
+        note=note,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -287,9 +318,15 @@ def label_summary(captured: CapturedGraphs, label: Union[int, str], stage: int) 
     pos = captured.graph(stage)["patch"].pos
     cells = _cells(rows, pos)
     return LabelSummary(
-        stage=stage, label=index, name=captured.class_names[index], score=float(captured.scores[index]),
+        stage=stage,
+        label=index,
+        name=captured.class_names[index],
+        score=float(captured.scores[index]),
         neighbours=[[(int(pos[i, 0]), int(pos[i, 1])) for i in r] for r in rows.tolist()],
-        distinct=len(cells), shared=sum(len(gs) > 1 for *_, gs in cells), overlap=_overlap(rows))
+        distinct=len(cells),
+        shared=sum(len(gs) > 1 for *_, gs in cells),
+        overlap=_overlap(rows),
+    )
 
 
 def summarize_labels(captured: CapturedGraphs, stages: Optional[Sequence[int]] = None) -> List[LabelSummary]:
@@ -336,11 +373,18 @@ def patch_summary(captured: CapturedGraphs, stage: int, row: int, col: int) -> P
     pos, box = data[src].pos, data[src].box
     cells = _cells(rows, pos)
     return PatchSummary(
-        stage=stage, row=row, col=col, box=tuple(data["patch"].box[index].tolist()), source_type=src,
+        stage=stage,
+        row=row,
+        col=col,
+        box=tuple(data["patch"].box[index].tolist()),
+        source_type=src,
         source_grid=tuple(data[src].grid),
         neighbours=[[(int(pos[i, 0]), int(pos[i, 1])) for i in r] for r in rows.tolist()],
         boxes=[[tuple(box[i].tolist()) for i in r] for r in rows.tolist()],
-        distinct=len(cells), shared=sum(len(gs) > 1 for *_, gs in cells), overlap=_overlap(rows))
+        distinct=len(cells),
+        shared=sum(len(gs) > 1 for *_, gs in cells),
+        overlap=_overlap(rows),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -374,8 +418,12 @@ class NeighbourCounts:
     def histogram(self, stage: int, present_only: bool = False) -> np.ndarray:
         """``(L, K*G - K + 1)``: column ``j`` counts the images where the label
         touched ``K + j`` distinct patches (only images showing the label if ``present_only``)."""
-        return np.stack([np.bincount((c - self.k).numpy(), minlength=self.k * (self.groups - 1) + 1)
-                         for c in self._select(stage, present_only)])
+        return np.stack(
+            [
+                np.bincount((c - self.k).numpy(), minlength=self.k * (self.groups - 1) + 1)
+                for c in self._select(stage, present_only)
+            ]
+        )
 
     def mean(self, stage: int, present_only: bool = False) -> np.ndarray:
         """``(L,)`` the mean distinct count per label (NaN where no image counts)."""
@@ -388,9 +436,15 @@ def _as_sample(item) -> Tuple[ImageLike, Optional[Tensor]]:
     return item, None
 
 
-def neighbour_count_distribution(model: nn.Module, images: Iterable, class_names: Optional[Sequence[str]] = None,
-                                 transform: Optional[Callable] = None, batch_size: int = 8,
-                                 progress: bool = True, note: str = "") -> NeighbourCounts:
+def neighbour_count_distribution(
+    model: nn.Module,
+    images: Iterable,
+    class_names: Optional[Sequence[str]] = None,
+    transform: Optional[Callable] = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    note: str = "",
+) -> NeighbourCounts:
     """Distinct-neighbour counts of every label node at every stage over ``images``.
 
     ``images`` yields PIL images, paths, ``(3, H, W)`` tensors or data-set
@@ -417,8 +471,9 @@ def neighbour_count_distribution(model: nn.Module, images: Iterable, class_names
         bar.update(len(batch))
         batch.clear()
 
-    bar = tqdm(total=len(images) if hasattr(images, "__len__") else None, desc="graphs", unit="image",
-               disable=not progress)
+    bar = tqdm(
+        total=len(images) if hasattr(images, "__len__") else None, desc="graphs", unit="image", disable=not progress
+    )
     was_training = model.training
     model.eval()
     try:
@@ -444,8 +499,14 @@ def neighbour_count_distribution(model: nn.Module, images: Iterable, class_names
     stacked_targets = None
     if all(t is not None for t in targets):
         stacked_targets = torch.stack([torch.as_tensor(t) for t in targets]).cpu()
-    return NeighbourCounts(counts=torch.cat(counts), class_names=names, k=int(model.k), groups=int(model.groups),
-                           targets=stacked_targets, note=note)
+    return NeighbourCounts(
+        counts=torch.cat(counts),
+        class_names=names,
+        k=int(model.k),
+        groups=int(model.groups),
+        targets=stacked_targets,
+        note=note,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -469,8 +530,7 @@ def to_networkx(captured: CapturedGraphs, stage: int):
     for ntype in data.node_types:
         if ntype == "label":
             for i, name in enumerate(captured.class_names):
-                graph.add_node(("label", i), type="label", index=i, name=name,
-                               score=float(captured.scores[i]))
+                graph.add_node(("label", i), type="label", index=i, name=name, score=float(captured.scores[i]))
             continue
         pos, box = data[ntype].pos.tolist(), data[ntype].box.tolist()
         for i in range(len(pos)):
@@ -551,8 +611,14 @@ def _legend(ax, groups: int, colours: List[str], extra: Sequence[Patch] = ()) ->
     handles = [Patch(color=colours[g], alpha=0.7, label=f"group {g}") for g in range(groups)]
     several = "both groups" if groups == 2 else "several groups"
     handles.append(Patch(color=SEVERAL_COLOUR, alpha=0.7, label=several))
-    ax.legend(handles=list(extra) + handles, loc="upper center", bbox_to_anchor=(0.5, -0.01),
-              ncol=min(len(handles) + len(extra), 4), fontsize=8, frameon=False)
+    ax.legend(
+        handles=list(extra) + handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.01),
+        ncol=min(len(handles) + len(extra), 4),
+        fontsize=8,
+        frameon=False,
+    )
 
 
 def _cell_boxes(data: HeteroData, node_type: str, cells: List[Cell]) -> List[List[float]]:
@@ -560,8 +626,9 @@ def _cell_boxes(data: HeteroData, node_type: str, cells: List[Cell]) -> List[Lis
     return [data[node_type].box[r * w + c].tolist() for r, c, _ in cells]
 
 
-def plot_label(captured: CapturedGraphs, label: Union[int, str], stage: int,
-               path: Optional[Union[str, os.PathLike]] = None) -> InspectFigure:
+def plot_label(
+    captured: CapturedGraphs, label: Union[int, str], stage: int, path: Optional[Union[str, os.PathLike]] = None
+) -> InspectFigure:
     """The image with the patches ``label`` connects to at ``stage``: one colour
     per group, red for patches chosen by several groups (paper Fig. 5, A1-A4).
 
@@ -577,16 +644,20 @@ def plot_label(captured: CapturedGraphs, label: Union[int, str], stage: int,
     _draw_cells(ax, cells, _cell_boxes(data, "patch", cells), colours)
     _legend(ax, captured.groups, colours)
     k, g = captured.k, captured.groups
-    ax.set_title(f"{captured.class_names[index]}: score {float(captured.scores[index]):.3f}\n"
-                 f"stage {stage}: {len(cells)} distinct patches (K={k} .. K*G={k * g})", fontsize=10)
+    ax.set_title(
+        f"{captured.class_names[index]}: score {float(captured.scores[index]):.3f}\n"
+        f"stage {stage}: {len(cells)} distinct patches (K={k} .. K*G={k * g})",
+        fontsize=10,
+    )
     result = InspectFigure(figure, cells)
     if path is not None:
         result.save(path)
     return result
 
 
-def plot_patch(captured: CapturedGraphs, stage: int, row: int, col: int,
-               path: Optional[Union[str, os.PathLike]] = None) -> InspectFigure:
+def plot_patch(
+    captured: CapturedGraphs, stage: int, row: int, col: int, path: Optional[Union[str, os.PathLike]] = None
+) -> InspectFigure:
     """Patch ``(row, col)`` of ``stage`` (gold outline), its patch-level
     neighbours per group (pooled source cells drawn as their pixel boxes) and
     lines to them (paper Fig. 6).
@@ -611,16 +682,20 @@ def plot_patch(captured: CapturedGraphs, stage: int, row: int, col: int,
     _legend(ax, captured.groups, colours, [Patch(facecolor="none", edgecolor=TARGET_COLOUR, lw=2, label="patch")])
     what = "patches" if src == "patch" else f"{data[src].grid[0]}x{data[src].grid[1]} pooled cells"
     k, g = captured.k, captured.groups
-    ax.set_title(f"stage {stage}, patch ({row}, {col}) of {data['patch'].grid[0]}x{data['patch'].grid[1]}\n"
-                 f"{len(cells)} distinct neighbours among {what} (K={k} .. K*G={k * g})", fontsize=10)
+    ax.set_title(
+        f"stage {stage}, patch ({row}, {col}) of {data['patch'].grid[0]}x{data['patch'].grid[1]}\n"
+        f"{len(cells)} distinct neighbours among {what} (K={k} .. K*G={k * g})",
+        fontsize=10,
+    )
     result = InspectFigure(figure, cells)
     if path is not None:
         result.save(path)
     return result
 
 
-def plot_neighbour_histogram(counts: NeighbourCounts, stage: int, present_only: bool = False,
-                             path: Optional[Union[str, os.PathLike]] = None) -> InspectFigure:
+def plot_neighbour_histogram(
+    counts: NeighbourCounts, stage: int, present_only: bool = False, path: Optional[Union[str, os.PathLike]] = None
+) -> InspectFigure:
     """Per label, the distribution of its distinct-neighbour counts at ``stage``
     over the data set: a heat map (labels x counts ``K .. K*G``, colour = share
     of the images) with the mean count marked; labels sorted by mean."""
@@ -633,10 +708,16 @@ def plot_neighbour_histogram(counts: NeighbourCounts, stage: int, present_only: 
     num_labels = len(order)
     figure = _new_figure(6.5, 1.6 + 0.22 * num_labels)
     ax = figure.add_subplot()
-    image = ax.imshow(share[order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
-                      extent=(k - 0.5, k * g + 0.5, num_labels - 0.5, -0.5), interpolation="nearest")
-    ax.scatter(mean[order], np.arange(num_labels), color="white", edgecolor="black", s=18, zorder=3,
-               label="mean")
+    image = ax.imshow(
+        share[order],
+        aspect="auto",
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        extent=(k - 0.5, k * g + 0.5, num_labels - 0.5, -0.5),
+        interpolation="nearest",
+    )
+    ax.scatter(mean[order], np.arange(num_labels), color="white", edgecolor="black", s=18, zorder=3, label="mean")
     ax.set_yticks(np.arange(num_labels))
     ax.set_yticklabels([counts.class_names[i] for i in order], fontsize=7 if num_labels > 30 else 9)
     ax.set_xticks(np.arange(k, k * g + 1))
@@ -677,16 +758,31 @@ def viewer_data(captured: CapturedGraphs) -> dict:
         grid, sgrid = tuple(data["patch"].grid), tuple(data[src].grid)
         stride = (h / grid[0], w / grid[1])
         pool = grid[0] // sgrid[0]
-        stages.append(dict(
-            stage=s, grid=list(grid), cell=list(stride), sourceType=src, sourceGrid=list(sgrid),
-            sourceCell=[stride[0] * pool, stride[1] * pool],
-            labelNeighbours=label_neighbours(captured, s).permute(1, 0, 2).tolist(),
-            patchNeighbours=patch_neighbours(captured, s).permute(1, 0, 2).tolist()))
-    return dict(image=_png_data_url(captured.image), width=w, height=h, k=captured.k, groups=captured.groups,
-                note=captured.note, colours=group_colours(captured.groups), severalColour=SEVERAL_COLOUR,
-                targetColour=TARGET_COLOUR,
-                labels=[dict(name=n, score=float(sc)) for n, sc in zip(captured.class_names, captured.scores)],
-                stages=stages)
+        stages.append(
+            dict(
+                stage=s,
+                grid=list(grid),
+                cell=list(stride),
+                sourceType=src,
+                sourceGrid=list(sgrid),
+                sourceCell=[stride[0] * pool, stride[1] * pool],
+                labelNeighbours=label_neighbours(captured, s).permute(1, 0, 2).tolist(),
+                patchNeighbours=patch_neighbours(captured, s).permute(1, 0, 2).tolist(),
+            )
+        )
+    return dict(
+        image=_png_data_url(captured.image),
+        width=w,
+        height=h,
+        k=captured.k,
+        groups=captured.groups,
+        note=captured.note,
+        colours=group_colours(captured.groups),
+        severalColour=SEVERAL_COLOUR,
+        targetColour=TARGET_COLOUR,
+        labels=[dict(name=n, score=float(sc)) for n, sc in zip(captured.class_names, captured.scores)],
+        stages=stages,
+    )
 
 
 def write_html_viewer(captured: CapturedGraphs, path: Union[str, os.PathLike]) -> Path:

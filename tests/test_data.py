@@ -451,12 +451,12 @@ def test_transform_argument_errors():
 def test_repeat_factor_indices_hand_case():
     targets = torch.tensor(
         [
-            [1, 0, 0, 0],   # class 0: f = 4/8, r = sqrt(2)   -> 2
-            [1, 1, 0, 0],   # class 1: f = 1/8, r = sqrt(8)   -> 3
-            [1, 0, 1, 0],   # class 2: f = 2/8, r = 2         -> 2
+            [1, 0, 0, 0],  # class 0: f = 4/8, r = sqrt(2)   -> 2
+            [1, 1, 0, 0],  # class 1: f = 1/8, r = sqrt(8)   -> 3
+            [1, 0, 1, 0],  # class 2: f = 2/8, r = 2         -> 2
             [0, 0, 1, -1],  # difficult-only class 3 does not count
-            [0, 0, 0, 0],   # no label: r = 1
-            [0, 0, 0, 1],   # class 3: f = 1/8 (not 2/8)      -> 3
+            [0, 0, 0, 0],  # no label: r = 1
+            [0, 0, 0, 1],  # class 3: f = 1/8 (not 2/8)      -> 3
             [1, 0, 0, 0],
             [0, 0, 0, 0],
         ],

@@ -264,8 +264,9 @@ def test_dataset_from_config_csv_val_uses_training_classes(tmp_path):
     write_csv(tmp_path / "val.csv", "image,labels\nv.jpg,horse\n")
     with pytest.raises(ValueError, match="val.csv, line 2: unknown label 'horse'"):
         dataset_from_config(cfg, "val")
-    cfg = data_section(tmp_path, csv={"train": "train.csv", "val": "val.csv", "classes": ["horse", "cat", "dog",
-                                                                                          "person"]})
+    cfg = data_section(
+        tmp_path, csv={"train": "train.csv", "val": "val.csv", "classes": ["horse", "cat", "dog", "person"]}
+    )
     assert dataset_from_config(cfg, "val").class_names == ["horse", "cat", "dog", "person"]
     cfg["image_dir"] = {"train": "pictures", "val": None}
     assert dataset_from_config(cfg, "train").paths[0] == str(tmp_path / "pictures" / "img" / "1.jpg")
@@ -299,8 +300,11 @@ def test_check_dataset_raises_or_excludes(tmp_path):
     # The header check does not decode JPEG data: only the missing file is found.
     assert find_bad_images(ds.paths, "header", workers=2, progress=False) == [(str(tmp_path / "img" / "4.jpg"),
                                                                                "missing file")]  # fmt: skip
-    with pytest.raises(BadImagesError, match=r"2 of the 6 training images are missing or unreadable: .*2.jpg "
-                                             r"\(.*truncated.*\); .*4.jpg \(missing file\).*--skip-bad-images"):
+    with pytest.raises(
+        BadImagesError,
+        match=r"2 of the 6 training images are missing or unreadable: .*2.jpg "
+        r"\(.*truncated.*\); .*4.jpg \(missing file\).*--skip-bad-images",
+    ):
         check_dataset(ds, "decode", progress=False)
     assert len(ds) == 6
 
@@ -395,8 +399,10 @@ def build_format(kind: str, root: Path) -> str:
             ann.write_text(json.dumps(coco_json(images, anns, cats)))
         if kind == "coco2017":
             return "  name: coco"
-        return ("  name: coco\n  ann_file: {train: annotations/my_train.json, val: annotations/my_val.json}\n"
-                "  image_dir: {train: pictures/train, val: pictures/val}")
+        return (
+            "  name: coco\n  ann_file: {train: annotations/my_train.json, val: annotations/my_val.json}\n"
+            "  image_dir: {train: pictures/train, val: pictures/val}"
+        )
     classes = ["bird", "cat", "dog"]
     for role in ("train", "val"):
         rows = []

@@ -1,5 +1,6 @@
 """Tests of gkg_pyg.inspect, experiments/inspect_graphs.py (CLI), the HTML viewer
 (in headless Chromium) and experiments/inspect_graphs.ipynb (executed)."""
+
 import html
 import importlib.util
 import json
@@ -122,12 +123,12 @@ def brute_force_knn(src, dst, k, groups, dilation=1, bias=None):
     c = src.shape[1] // groups
     dist = []
     for g in range(groups):
-        s = F.normalize(src[:, g * c:(g + 1) * c].double(), dim=1)
-        d = F.normalize(dst[:, g * c:(g + 1) * c].double(), dim=1)
+        s = F.normalize(src[:, g * c : (g + 1) * c].double(), dim=1)
+        d = F.normalize(dst[:, g * c : (g + 1) * c].double(), dim=1)
         dg = ((d[:, None, :] - s[None, :, :]) ** 2).sum(-1)
         dist.append(dg if bias is None else dg - bias.double())
     dist = torch.stack(dist)
-    return dist, dist.argsort(dim=-1, stable=True)[..., :k * dilation:dilation]
+    return dist, dist.argsort(dim=-1, stable=True)[..., : k * dilation : dilation]
 
 
 def assert_same_neighbours(dist, table, expect):
@@ -211,8 +212,11 @@ def test_patch_summary_matches_edges(captured, stage):
 
 def test_neighbour_count_distribution(model, captured):
     flipped = captured.tensor.flip(-1)
-    samples = [{"image": captured.tensor, "target": torch.tensor([1.0, 0, 0, 1])}, None,
-               {"image": flipped, "target": torch.tensor([0.0, 0, 1, 1])}]
+    samples = [
+        {"image": captured.tensor, "target": torch.tensor([1.0, 0, 0, 1])},
+        None,
+        {"image": flipped, "target": torch.tensor([0.0, 0, 1, 1])},
+    ]
     counts = gi.neighbour_count_distribution(model, samples, batch_size=2, progress=False)
     other = gi.capture_graphs(model, flipped)
     for stage in range(1, 5):
@@ -243,8 +247,9 @@ def test_to_networkx(captured):
         assert graph.nodes[("patch", w + 2)]["box"] == tuple(data["patch"].box[w + 2].tolist())
         into_label = [(u, d["group"]) for u, _, d in graph.in_edges(("label", 1), data=True)]
         s = gi.label_summary(captured, 1, stage)
-        assert sorted(into_label) == sorted((("patch", r * w + c), grp)
-                                            for grp, cells in enumerate(s.neighbours) for r, c in cells)
+        assert sorted(into_label) == sorted(
+            (("patch", r * w + c), grp) for grp, cells in enumerate(s.neighbours) for r, c in cells
+        )
         src = "pooled_patch" if stage == 1 else "patch"
         assert graph.in_degree(("patch", 0)) == g * k
         assert all(u[0] == src for u, _ in graph.in_edges(("patch", 0)))
@@ -285,8 +290,9 @@ def test_label_and_patch_figures(captured, tmp_path):
 
 
 def test_histogram_figure(model, captured, tmp_path):
-    counts = gi.NeighbourCounts(counts=torch.tensor([[[9, 18, 12, 12]] * 4, [[10, 18, 12, 17]] * 4]),
-                                class_names=NAMES, k=9, groups=2)
+    counts = gi.NeighbourCounts(
+        counts=torch.tensor([[[9, 18, 12, 12]] * 4, [[10, 18, 12, 17]] * 4]), class_names=NAMES, k=9, groups=2
+    )
     fig = gi.plot_neighbour_histogram(counts, 3, path=tmp_path / "hist.png")
     assert_picture(tmp_path / "hist.png")
     shown = np.asarray(fig.figure.axes[0].images[0].get_array())
@@ -308,8 +314,9 @@ def chromium():
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
             subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600, env=env)
-            subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True,
-                           timeout=900, env=env)
+            subprocess.run(
+                ["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900, env=env
+            )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
             pytest.skip(f"chromium could not be installed with apt-get: {err}")
         path = shutil.which("chromium")
@@ -320,9 +327,20 @@ def chromium():
 
 def page_state(chromium, page, query, tmp_path):
     """Load ``page?query`` in headless Chromium and return the JSON state the page wrote."""
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", f"{page.as_uri()}?{query}"]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--dump-dom",
+        f"{page.as_uri()}?{query}",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     match = re.search(r'<pre id="state">(.*?)</pre>', run.stdout, re.S)
     assert match, f"no state in the page; chromium printed: {run.stdout[:500]} {run.stderr[-1500:]}"
@@ -362,8 +380,9 @@ def load_cli():
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return make_synthetic_coco(tmp_path_factory.mktemp("synthetic"), num_train=1, num_val=2, image_size=96,
-                               progress=False, workers=1)
+    return make_synthetic_coco(
+        tmp_path_factory.mktemp("synthetic"), num_train=1, num_val=2, image_size=96, progress=False, workers=1
+    )
 
 
 def test_cli_with_checkpoint_and_html(synthetic, tmp_path):
@@ -376,11 +395,30 @@ def test_cli_with_checkpoint_and_html(synthetic, tmp_path):
     torch.save({"model": trained.state_dict(), "class_names": list(SYNTHETIC_CLASSES)}, checkpoint)
     images = sorted((synthetic / "val2014").glob("*.jpg"))
     out = tmp_path / "out"
-    summary = cli.main(["--config", str(config), "--checkpoint", str(checkpoint), "--image", str(images[0]),
-                        "--label", "circle", "star", "--stage", "2", "--patch", "3", "4", "--out", str(out),
-                        "--html", "--dataset", str(synthetic / "val2014")])
-    for name in ("label_circle_stage2.png", "label_star_stage2.png", "patch_stage2_r3_c4.png",
-                 "histogram_stage2.png"):
+    summary = cli.main(
+        [
+            "--config",
+            str(config),
+            "--checkpoint",
+            str(checkpoint),
+            "--image",
+            str(images[0]),
+            "--label",
+            "circle",
+            "star",
+            "--stage",
+            "2",
+            "--patch",
+            "3",
+            "4",
+            "--out",
+            str(out),
+            "--html",
+            "--dataset",
+            str(synthetic / "val2014"),
+        ]
+    )
+    for name in ("label_circle_stage2.png", "label_star_stage2.png", "patch_stage2_r3_c4.png", "histogram_stage2.png"):
         assert_picture(out / name)
     assert (out / "viewer.html").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
@@ -402,8 +440,22 @@ def test_cli_random_weights(synthetic, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  name: gkgnet_ti\n  num_classes: 3\n  img_size: 96\n")
     image = sorted((synthetic / "val2014").glob("*.jpg"))[0]
-    summary = cli.main(["--config", str(config), "--image", str(image), "--label", "1", "--stage", "3",
-                        "--format", "svg", "--out", str(tmp_path / "out")])
+    summary = cli.main(
+        [
+            "--config",
+            str(config),
+            "--image",
+            str(image),
+            "--label",
+            "1",
+            "--stage",
+            "3",
+            "--format",
+            "svg",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert summary["note"] == gi.RANDOM_WEIGHTS_NOTE
     assert "random weights" in (tmp_path / "out" / "label_label_1_stage3.svg").read_text()
     assert [s["name"] for s in summary["labels"]] == ["label_0", "label_1", "label_2"]
@@ -439,8 +491,9 @@ def test_notebook_runs_top_to_bottom():
     nbclient = pytest.importorskip("nbclient")
     path = ROOT / "experiments" / "inspect_graphs.ipynb"
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()  # raises CellExecutionError on any failing cell
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]

@@ -105,8 +105,7 @@ class ImageLabelDataset(Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(images={len(self)}, classes={len(self.class_names)}, "
-            f"transform={self.transform!r})"
+            f"{type(self).__name__}(images={len(self)}, classes={len(self.class_names)}, transform={self.transform!r})"
         )
 
 

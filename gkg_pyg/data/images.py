@@ -148,7 +148,8 @@ def exif_upright(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image, background: Sequence[int] = BACKGROUND) -> Image.Image:
-    """Any PIL image -> a new 8-bit RGB image (table in the module docstring).
+    """Any PIL image -> an 8-bit RGB image (table in the module docstring):
+    a new image, or the image itself when it already is plain RGB.
 
     The EXIF orientation is not applied here (``load_rgb`` does it).
     """
@@ -156,7 +157,7 @@ def to_rgb(image: Image.Image, background: Sequence[int] = BACKGROUND) -> Image.
         raise ValueError(f"background must be three values in 0..255, got {background!r}")
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
-        return image.copy()
+        return image  # no copy: a decoded image outlives its closed file (PIL closes only the file)
     if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         return Image.fromarray(_gray_to_uint8(image), "L").convert("RGB")
     if mode in _ALPHA_MODES:

@@ -158,8 +158,20 @@ UNIT_POLYGONS = {
     "star": _star_polygon(5, (1.0, STAR_INNER)),
     "diamond": np.array([[1.0, 0.0], [0.0, DIAMOND_MINOR], [-1.0, 0.0], [0.0, -DIAMOND_MINOR]]),
     "cross": np.array(
-        [[1, _W], [_W, _W], [_W, 1], [-_W, 1], [-_W, _W], [-1, _W],
-         [-1, -_W], [-_W, -_W], [-_W, -1], [_W, -1], [_W, -_W], [1, -_W]],
+        [
+            [1, _W],
+            [_W, _W],
+            [_W, 1],
+            [-_W, 1],
+            [-_W, _W],
+            [-1, _W],
+            [-1, -_W],
+            [-_W, -_W],
+            [-_W, -1],
+            [_W, -1],
+            [_W, -_W],
+            [1, -_W],
+        ],
         dtype=np.float64,
     ),  # fmt: skip
 }
@@ -275,9 +287,7 @@ def _appearance(
     return np.where(odd[..., None], second, first)
 
 
-def render_image(
-    rng: np.random.Generator, image_size: int
-) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+def render_image(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Draw one image. Returns the (S, S, 3) uint8 image and, per object
     kept, (label, visible (S, S) bool mask)."""
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
@@ -376,9 +386,7 @@ def _generate_split(
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(chunks) > 1:
             # fork: workers need no re-import; they touch only numpy / PIL.
-            pool = stack.enter_context(
-                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-            )
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
             outputs = pool.map(_render_chunk, chunks)
         else:
             outputs = map(_render_chunk, chunks)
@@ -390,9 +398,7 @@ def _generate_split(
     images, annotations = [], []
     for n, objects in enumerate(results):
         image_id = first_image_id + n
-        images.append(
-            {"id": image_id, "file_name": _file_name(split, image_id), "width": size, "height": size}
-        )
+        images.append({"id": image_id, "file_name": _file_name(split, image_id), "width": size, "height": size})
         for ann in objects:
             annotations.append({"id": first_ann_id + len(annotations), "image_id": image_id, **ann})
     return {

@@ -44,9 +44,7 @@ def cropmix_scales(num_crops: int, min_scale: float) -> list[tuple[float, float]
     if num_crops == 2:
         return [(min_scale, 1.0), (0.99, 1.0)]
     step = (1.0 - min_scale) / num_crops
-    return [(min_scale + k * step, min_scale + (k + 1) * step) for k in range(num_crops - 1)] + [
-        (0.99, 1.0)
-    ]
+    return [(min_scale + k * step, min_scale + (k + 1) * step) for k in range(num_crops - 1)] + [(0.99, 1.0)]
 
 
 class CropMix:
