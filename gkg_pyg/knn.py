@@ -30,9 +30,10 @@ distance block holds at most :data:`DENSE_BLOCK_ELEMENTS` values).
 ``"torch_cluster"``: ``torch_cluster.knn`` on augmented coordinates that fold
 the position bias in, then an exact re-ranking of its ``k * dilation``
 candidates from the small features (see :func:`_cluster_knn`).
-``"auto"``: the dense backend on the CPU, where it measured about 14x faster
-(README, Benchmark); on CUDA torch-cluster when installed (the design's
-choice for GPU edge sets; not yet measured against the dense backend there).
+``"auto"``: the dense backend on the CPU, where it measured 5-9x faster
+(README, Benchmark; ``experiments/benchmark_knn.py``); on CUDA torch-cluster
+when installed and ``k * dilation <= 100`` (the design's choice for GPU edge
+sets; not yet measured against the dense backend there).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def resolve_backend(backend: str, device: torch.device, needed: Optional[int] = 
     """Map a requested backend to the one that runs for ``needed = k * dilation``
     neighbours on ``device``.
 
-    ``"auto"`` is the dense backend on the CPU (it measured about 14x faster
+    ``"auto"`` is the dense backend on the CPU (it measured 5-9x faster
     than torch-cluster there) and torch-cluster on CUDA when it is installed
     and ``needed`` fits its CUDA kernel (else the dense backend, with a one-time
     warning when the package is missing).  An explicit ``"torch_cluster"``
@@ -466,7 +467,7 @@ def _cluster_candidates(q: Tensor, p: Tensor, needed: int) -> Tensor:
     if row.numel() != count * n * needed:  # a shape, known on the host: no synchronisation
         raise RuntimeError(
             f"torch_cluster.knn returned {row.numel()} neighbours instead of {count * n * needed} "
-            "(non-finite features?)"
+            "(non-finite features, or on CUDA distances beyond its 1e10 limit?)"
         )
     # torch-cluster does not promise an order: group by destination, then by source index.
     col = col[torch.argsort(row)].view(count, n, needed) - example.view(-1, 1, 1) * n_src
