@@ -479,3 +479,16 @@ def test_cluster_ties_keep_the_lower_source_first():
     table = batched_group_knn(x_src, x_dst, 4, 1, backend="torch_cluster")
     assert table[0, 0, 0, :3].tolist() == [3, 11, 17]
     assert table[0, 0, 0, 3] not in (3, 11, 17)
+
+
+def test_model_with_explicit_torch_cluster_without_the_package_raises(monkeypatch):
+    """Issue 11: an explicitly requested backend that is missing is an error also through the model."""
+    import gkg_pyg
+
+    monkeypatch.setattr(knn_module, "torch_cluster", None)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=3, img_size=96, knn_backend="torch_cluster").eval()
+    with pytest.raises(ImportError, match="torch-cluster"), torch.no_grad():
+        model(torch.randn(1, 3, 96, 96))
+    model.set_knn_backend("auto")
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 3)
