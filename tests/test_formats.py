@@ -223,6 +223,8 @@ def test_csv_errors_name_file_and_line(tmp_path):
         make("image,labels\na.jpg,dog\n", classes=["dog", "dog"])
     with pytest.raises(FileNotFoundError, match="nothere.csv"):
         CsvDataset(tmp_path / "nothere.csv")
+    with pytest.raises(ValueError, match="label delimiter is empty"):
+        make("image,labels\na.jpg,dog|cat\n", label_delimiter="")
 
 
 def test_csv_empty_label_sets(tmp_path):

@@ -170,6 +170,9 @@ class CsvDataset(ImageLabelDataset):
             raise ValueError(f"empty_labels must be one of {EMPTY_LABELS}, got {empty_labels!r}")
         if len(delimiter) != 1:
             raise ValueError(f"the CSV delimiter must be one character, got {delimiter!r}")
+        if label_delimiter == "":
+            # YAML reads a bare | (e.g. --set data.csv.label_delimiter=|) as an empty block scalar.
+            raise ValueError('the label delimiter is empty; in YAML and --set quote it: label_delimiter: "|"')
         csv_file = Path(csv_file)
         root = Path(image_root) if image_root is not None else csv_file.parent
         names = read_class_list(classes)
