@@ -35,6 +35,7 @@ not later inside a transform) and raises ``UnreadableImageError`` (an
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Sequence
@@ -247,8 +248,6 @@ def find_images(sources: Sequence[str | os.PathLike], suffixes: Sequence[str] = 
     Raises:
         FileNotFoundError: a source that is no file or folder and matches nothing.
     """
-    import glob
-
     out: list[str] = []
     seen: set[str] = set()
     wanted = tuple(s.lower() for s in suffixes)
