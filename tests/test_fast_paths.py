@@ -165,3 +165,47 @@ def test_model_step_reads_no_tensor_back_to_the_host(monkeypatch, cross_level):
         for name in SYNCING:
             monkeypatch.setattr(torch.Tensor, name, forbidden(name))
         bool(torch.ones(1))
+
+
+# ---------------------------------------------------------------------------
+# FFN: BatchNorm + GELU + linear map with recomputation in the backward pass
+# ---------------------------------------------------------------------------
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward pass of ``fn()``."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_ffn_fused_hidden_path_equals_modules(train):
+    from gkg_pyg.models.gkgnet import FFN
+    torch.manual_seed(0)
+    fused = FFN(16).double().train(train)
+    with torch.no_grad():
+        for bn in (fused.fc1[1], fused.fc2[1]):
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
+    plain = FFN(16).double().train(train)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 10, 16, dtype=torch.float64)
+    weight_out = torch.randn(3, 10, 16, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out_fused, bytes_fused = saved_bytes(lambda: fused(xs[0]))
+    # The modules one by one: what FFN.forward computed before the fused path.
+    out_plain, bytes_plain = saved_bytes(lambda: xs[1] + plain.fc2(plain.act(plain.fc1(xs[1]))))
+    torch.testing.assert_close(out_fused, out_plain, rtol=0, atol=0)
+    (out_fused * weight_out).sum().backward()
+    (out_plain * weight_out).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, b), c in zip(fused.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)  # running statistics, num_batches_tracked
+    assert bytes_fused < 0.6 * bytes_plain, (bytes_fused, bytes_plain)

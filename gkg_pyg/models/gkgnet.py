@@ -176,6 +176,50 @@ class NodeBatchNorm(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
 
 
+class _BatchNormGeluLinear(torch.autograd.Function):
+    """``linear(GELU(BatchNorm(h)))`` on ``(N, C)`` that keeps only ``h`` and the
+    batch statistics for the backward pass, where the normalised and activated
+    tensors are recomputed (cheap elementwise work against two saved tensors
+    of the hidden width).  The forward pass runs the same ATen kernels as the
+    modules, so its values are unchanged."""
+
+    @staticmethod
+    def forward(ctx, h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training, momentum, eps):
+        z, mean, invstd = torch.ops.aten.native_batch_norm(
+            h, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+        ctx.save_for_backward(h, bn_weight, bn_bias, weight, mean, invstd)
+        ctx.running, ctx.training, ctx.eps = (running_mean, running_var), training, eps
+        return F.linear(F.gelu(z), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, bn_weight, bn_bias, weight, mean, invstd = ctx.saved_tensors
+        running_mean, running_var = ctx.running
+        m, s = (mean, invstd) if ctx.training else (running_mean, torch.rsqrt(running_var + ctx.eps))
+        z = (h - m) * (s * bn_weight) + bn_bias
+        grad_z = torch.ops.aten.gelu_backward(grad_out @ weight, z)
+        grad_weight, grad_bias = grad_out.t() @ F.gelu(z), grad_out.sum(0)
+        grad_h, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_z, h, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, [True, True, True])
+        return grad_h, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias, None, None, None, None, None
+
+
+def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Linear) -> Tensor:
+    """``linear(act(bn(h)))`` for ``(..., C)`` node features; with a plain
+    NodeBatchNorm, exact GELU and autograd on (and no autocast, no SyncBatchNorm,
+    whose statistics need its own forward) through :class:`_BatchNormGeluLinear`."""
+    fused = (torch.is_grad_enabled() and type(bn) is NodeBatchNorm and bn.affine and bn.track_running_stats
+             and bn.momentum is not None and isinstance(act, nn.GELU) and act.approximate == "none"
+             and not torch.is_autocast_enabled(h.device.type))
+    if not fused:
+        return linear(act(bn(h)))
+    if bn.training:
+        bn.num_batches_tracked.add_(1)  # as _BatchNorm.forward does
+    out = _BatchNormGeluLinear.apply(h.reshape(-1, h.shape[-1]), bn.weight, bn.bias, linear.weight, linear.bias,
+                                     bn.running_mean, bn.running_var, bn.training, bn.momentum, bn.eps)
+    return out.view(*h.shape[:-1], out.shape[-1])
+
+
 def linear_bn(cin: int, cout: int) -> nn.Sequential:
     """A 1x1 convolution + BatchNorm on node features."""
     return nn.Sequential(nn.Linear(cin, cout), NodeBatchNorm(cout))
@@ -192,7 +236,9 @@ class FFN(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.drop_path(self.fc2(self.act(self.fc1(x))))
+        # fc2's linear map of GELU(fc1(x)), keeping one hidden tensor for backward instead of three
+        h = bn_gelu_linear(self.fc1[0](x), self.fc1[1], self.act, self.fc2[0])
+        return x + self.drop_path(self.fc2[1](h))
 
 
 class GroupGraphBlock(nn.Module):
@@ -324,8 +370,9 @@ class Stage(nn.Module):
     def knn_position_bias(self, grid: Tuple[int, int], backend: str, dtype: torch.dtype) -> PositionBias:
         """The position term for ``backend``: the exact dense table for the
         dense kNN, factors (``r = C`` extra coordinates) for torch-cluster."""
-        if backend == "torch_cluster":
+        if backend == "torch_cluster":  # it ranks in float32 at least: keep the factors that precise under autocast
             u, v = self.position_factors(grid)
+            dtype = torch.promote_types(dtype, torch.float32)
             return u.to(dtype), v.to(dtype)
         return self.position_bias(grid).to(dtype)
 
