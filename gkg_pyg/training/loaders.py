@@ -51,7 +51,8 @@ def train_loader(cfg: dict, dataset: ImageLabelDataset, info: DistInfo) -> DataL
     workers = cfg["data"]["num_workers"]
     return DataLoader(
         source, batch_size=cfg["train"]["batch_size"], sampler=sampler, num_workers=workers,
-        collate_fn=collate_single_label if cfg["task"] == "single_label" else collate, pin_memory=info.device.type == "cuda", drop_last=False,
+        collate_fn=collate_single_label if cfg["task"] == "single_label" else collate,
+        pin_memory=info.device.type == "cuda", drop_last=False,
         generator=torch.Generator(), persistent_workers=False,
     )  # fmt: skip
 
