@@ -347,12 +347,16 @@ def _check_single_label(cfg: dict) -> None:
     """The task and the data set agree; the single_label section's ranges."""
     d, m, o, sl = cfg["data"], cfg["model"], cfg["optim"], cfg["single_label"]
     single = cfg["task"] == "single_label"
-    _require(single == (d["name"] in SINGLE_LABEL_DATASETS),
-             f"data.name {d['name']!r} is a {'single' if d['name'] in SINGLE_LABEL_DATASETS else 'multi'}-label "
-             f"data set but task is {cfg['task']!r} (single-label data sets: {', '.join(SINGLE_LABEL_DATASETS)})")
-    _require(not single or d["class_balanced_threshold"] is None,
-             "data.class_balanced_threshold must be null for task single_label (it oversamples rare labels of "
-             "multi-label images)")
+    _require(
+        single == (d["name"] in SINGLE_LABEL_DATASETS),
+        f"data.name {d['name']!r} is a {'single' if d['name'] in SINGLE_LABEL_DATASETS else 'multi'}-label "
+        f"data set but task is {cfg['task']!r} (single-label data sets: {', '.join(SINGLE_LABEL_DATASETS)})",
+    )
+    _require(
+        not single or d["class_balanced_threshold"] is None,
+        "data.class_balanced_threshold must be null for task single_label (it oversamples rare labels of "
+        "multi-label images)",
+    )
     _require(0 <= m["drop_rate"] < 1, f"model.drop_rate must be in [0, 1), got {m['drop_rate']}")
     _require(o["momentum"] >= 0, f"optim.momentum must be >= 0, got {o['momentum']}")
     for key in ("mixup_alpha", "cutmix_alpha", "color_jitter"):
@@ -361,8 +365,10 @@ def _check_single_label(cfg: dict) -> None:
         _require(0 <= sl[key] <= 1, f"single_label.{key} must be in [0, 1], got {sl[key]}")
     for key, upper in (("crop_scale", 1.0), ("crop_ratio", float("inf"))):
         v = sl[key]
-        _require(len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1] <= upper,
-                 f"single_label.{key} must be two increasing numbers in (0, {upper:g}], got {v}")
+        _require(
+            len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1] <= upper,
+            f"single_label.{key} must be two increasing numbers in (0, {upper:g}], got {v}",
+        )
     _require(0 < sl["eval_crop_pct"] <= 1, f"single_label.eval_crop_pct must be in (0, 1], got {sl['eval_crop_pct']}")
 
 
