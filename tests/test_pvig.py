@@ -93,6 +93,9 @@ def test_head_shape_and_forward():
     assert model(torch.randn(1, 3, 128, 112)).shape == (1, 7)  # other and non-square sizes
     model.reset_classifier(3)
     assert model(x).shape == (2, 3)
+    fresh = gkg_pyg.create_model("pvig_ti", num_classes=1000, img_size=96)  # Pyramid ViG's Kaiming-normal init
+    for layer, fan_in in ((fresh.head_patch[4], 1024), (fresh.stages[2].blocks[0]["ffn"].fc1[0], 240)):
+        assert abs(layer.weight.std().item() / (2 / fan_in) ** 0.5 - 1) < 0.05 and not layer.bias.any()
     with pytest.raises(ValueError, match="drop_rate"):
         PyramidViG("ti", drop_rate=1.5)
     with pytest.raises(ValueError, match="groups=7 does not divide"):

@@ -119,14 +119,15 @@ class PyramidViG(GKGNet):
             nn.Linear(HEAD_HIDDEN, num_classes),
         )
         self.drop_rate = drop_rate
-        self._init_weights()
+        self.init_weights()  # again, now that the head exists (GKGNet.__init__ ran it before)
 
     @torch.no_grad()
-    def _init_weights(self) -> None:
-        """Pyramid ViG's initialisation: Kaiming-normal weights and zero biases
-        for every convolution, here also for the 1x1 ones that are linear maps
-        (the fan-in of a ``(out, in)`` or grouped ``(out, in / g)`` weight is
-        that of the ``1 x 1`` convolution it stands for)."""
+    def init_weights(self) -> None:
+        """Pyramid ViG's initialisation (``DeepGCN.model_init``): Kaiming-normal
+        weights and zero biases for every convolution, head included, here also
+        for the 1x1 ones that are linear maps (the fan-in of a ``(out, in)`` or
+        grouped ``(out, in / g)`` weight is that of the ``1 x 1`` convolution it
+        stands for). Overrides GKGNet's, whose heads are N(0, 0.01)."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear, GroupedLinear)):
                 nn.init.kaiming_normal_(module.weight)
