@@ -58,13 +58,28 @@ SUMMARY = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (experiments/configs/*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue from PATH (default: <run folder>/checkpoint_last.pth)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="continue from PATH (default: <run folder>/checkpoint_last.pth)",
+    )
     p.add_argument("--output", help="run folder (default: <output.dir>/<name>, or <name>-2, -3, ... if taken)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip missing or unreadable images (data.skip_bad_images) and count them")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip missing or unreadable images (data.skip_bad_images) and count them",
+    )
     return p.parse_args(argv)
 
 

@@ -198,3 +198,19 @@ def test_ddp_accumulation_and_a_rank_without_images(tmp_path):
     torch.testing.assert_close(r0["bn"]["1.running_mean"], expected[1].running_mean)
     torch.testing.assert_close(r0["bn"]["1.running_var"], expected[1].running_var)
     assert int(r0["bn"]["1.num_batches_tracked"]) == 1
+
+
+def test_evaluation_leaves_batchnorm_statistics_alone():
+    """Evaluation (also of the distributed sampler's padding repeats) runs in evaluation mode: BatchNorm's
+    running statistics and every other tensor of the model stay as they were."""
+    model = bn_net()
+    model.num_classes = NUM_CLASSES  # what evaluate reads of a model
+    model.train()
+    model(torch.randn(4, 3, 33, 33))  # statistics away from their initial values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [{**b, "area": torch.zeros_like(b["target"]), "index": torch.arange(i * 3, i * 3 + 3)}
+            for i, b in enumerate(batches([3, 3], seed=4))]  # fmt: skip
+    result = loops.evaluate(model, data, SINGLE, progress=False)
+    assert result["scores"].shape == (6, NUM_CLASSES)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

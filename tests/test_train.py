@@ -244,7 +244,17 @@ def run_train_inprocess(*args):
         torch.set_num_threads(threads)
 
 
-def test_bad_inputs_fail_before_writing(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def broken_root(tiny, tmp_path_factory):
+    """A copy of the tiny data set with one training image file removed, and the removed file's name."""
+    broken = tmp_path_factory.mktemp("broken") / "synthetic"
+    shutil.copytree(tiny["tmp"] / "synthetic", broken)
+    victim = sorted((broken / "train2014").glob("*.jpg"))[5]
+    victim.unlink()
+    return broken, victim.name
+
+
+def test_bad_inputs_fail_before_writing(tiny, broken_root, tmp_path):
     config, run = tiny["config"], tiny["run_a"]
     before = snapshot(run)
 
@@ -275,11 +285,8 @@ def test_bad_inputs_fail_before_writing(tiny, tmp_path):
                             "--set", f"data.root={empty}")  # fmt: skip
 
     # A missing image file.
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny["tmp"] / "synthetic", broken)
-    victim = sorted((broken / "train2014").glob("*.jpg"))[5]
-    victim.unlink()
-    missing = f"1 of the 24 training images are missing.*{victim.name}.*--skip-bad-images"
+    broken, victim = broken_root
+    missing = f"1 of the 24 training images are missing.*{victim}.*--skip-bad-images"
     with pytest.raises(FileNotFoundError, match=missing):
         run_train_inprocess(config, "--output", run, "--resume", "--set", f"data.root={broken}")
 
@@ -288,13 +295,10 @@ def test_bad_inputs_fail_before_writing(tiny, tmp_path):
         run_train_inprocess(config, "--output", run, "--resume", str(tmp_path / "nothere.pth"))
 
     assert snapshot(run) == before, "a failed start changed the run folder"
-    tiny["broken_root"] = broken
 
 
-def test_skip_bad_images_counts(tiny, tmp_path):
-    broken = tiny.get("broken_root")
-    if broken is None:
-        pytest.skip("needs test_bad_inputs_fail_before_writing")
+def test_skip_bad_images_counts(tiny, broken_root, tmp_path):
+    broken, _ = broken_root
     proc = script("train", tiny["config"], "--output", tmp_path / "run", "--skip-bad-images",
                   "--set", f"data.root={broken}", "--set", "train.epochs=1", "--set", "train.ema=false")  # fmt: skip
     # The up-front check leaves the missing image out, so no epoch meets it.
