@@ -235,8 +235,7 @@ def _check_value(path: str, value: Any, default: Any, source: str) -> None:
     }[type(default)](value)
     if not ok:
         raise ConfigError(
-            f"{path} must be a {type(default).__name__} (like its default {default!r}), "
-            f"got {value!r} ({source})"
+            f"{path} must be a {type(default).__name__} (like its default {default!r}), got {value!r} ({source})"
         )
     if path in CHOICES and value not in CHOICES[path]:
         raise ConfigError(f"{path} must be one of {CHOICES[path]}, got {value!r} ({source})")
@@ -377,24 +376,33 @@ def check_values(cfg: dict) -> None:
     m, d, t, o, s, e = (cfg[k] for k in ("model", "data", "train", "optim", "schedule", "eval"))
     for key in ("k", "groups", "num_gcn"):
         _require(m[key] >= 1, f"model.{key} must be >= 1, got {m[key]}")
-    _require(m["img_size"] >= min_input_size(m["k"]),
-             f"model.img_size {m['img_size']} is below the smallest input for k={m['k']}, "
-             f"{min_input_size(m['k'])}")
-    for key, value in (("train.epochs", t["epochs"]), ("train.batch_size", t["batch_size"]),
-                       ("train.accumulate", t["accumulate"]),
-                       ("eval.batch_size", e["batch_size"]), ("eval.interval", e["interval"])):
+    _require(
+        m["img_size"] >= min_input_size(m["k"]),
+        f"model.img_size {m['img_size']} is below the smallest input for k={m['k']}, {min_input_size(m['k'])}",
+    )
+    for key, value in (
+        ("train.epochs", t["epochs"]),
+        ("train.batch_size", t["batch_size"]),
+        ("train.accumulate", t["accumulate"]),
+        ("eval.batch_size", e["batch_size"]),
+        ("eval.interval", e["interval"]),
+    ):
         _require(value >= 1, f"{key} must be >= 1, got {value}")
     _require(d["num_workers"] >= 0, f"data.num_workers must be >= 0, got {d['num_workers']}")
     threshold = d["class_balanced_threshold"]
     _require(threshold is None or threshold > 0, f"data.class_balanced_threshold must be > 0, got {threshold}")
     _require(o["lr"] > 0, f"optim.lr must be > 0, got {o['lr']}")
     _require(o["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}")
-    _require(len(o["betas"]) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o["betas"]),
-             f"optim.betas must be two numbers in [0, 1), got {o['betas']}")
+    _require(
+        len(o["betas"]) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o["betas"]),
+        f"optim.betas must be two numbers in [0, 1), got {o['betas']}",
+    )
     _require(s["warmup_epochs"] >= 0, f"schedule.warmup_epochs must be >= 0, got {s['warmup_epochs']}")
     _require(0 < s["warmup_ratio"] <= 1, f"schedule.warmup_ratio must be in (0, 1], got {s['warmup_ratio']}")
-    _require(all(isinstance(x, int) and x >= 0 for x in s["milestones"]) and s["milestones"] == sorted(s["milestones"]),
-             f"schedule.milestones must be increasing epoch numbers, got {s['milestones']}")
+    _require(
+        all(isinstance(x, int) and x >= 0 for x in s["milestones"]) and s["milestones"] == sorted(s["milestones"]),
+        f"schedule.milestones must be increasing epoch numbers, got {s['milestones']}",
+    )
     _require(s["gamma"] > 0, f"schedule.gamma must be > 0, got {s['gamma']}")
     _require(0 <= s["min_lr_ratio"] <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {s['min_lr_ratio']}")
     _require(0 < t["ema_decay"] < 1, f"train.ema_decay must be in (0, 1), got {t['ema_decay']}")
@@ -407,13 +415,15 @@ def check_values(cfg: dict) -> None:
     _require(o["eps"] > 0, f"optim.eps must be > 0, got {o['eps']}")
     _require(0 < e["threshold"] < 1, f"eval.threshold must be in (0, 1), got {e['threshold']}")
     _require(threshold is None or threshold <= 1, f"data.class_balanced_threshold must be <= 1, got {threshold}")
-    _require(m["num_classes"] is None or m["num_classes"] >= 1,
-             f"model.num_classes must be >= 1, got {m['num_classes']}")
+    _require(
+        m["num_classes"] is None or m["num_classes"] >= 1, f"model.num_classes must be >= 1, got {m['num_classes']}"
+    )
     _require(0 <= m["drop_path"] < 1, f"model.drop_path must be in [0, 1), got {m['drop_path']}")
     _check_single_label(cfg)
     loss = cfg["loss"]
-    _require(0 <= loss["label_smoothing"] < 0.5,
-             f"loss.label_smoothing must be in [0, 0.5), got {loss['label_smoothing']}")
+    _require(
+        0 <= loss["label_smoothing"] < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {loss['label_smoothing']}"
+    )
     for key in ("bce_weight", "asl_weight", "gamma_pos", "gamma_neg"):
         _require(loss[key] >= 0, f"loss.{key} must be >= 0, got {loss[key]}")
     _require(loss["bce_weight"] + loss["asl_weight"] > 0, "loss.bce_weight and loss.asl_weight may not both be 0")
@@ -422,11 +432,15 @@ def check_values(cfg: dict) -> None:
     aug = d["augment"]
     for key in ("cropmix_prob", "hflip", "random_erasing", "cropmix_mix_ratio"):
         _require(0 <= aug[key] <= 1, f"data.augment.{key} must be in [0, 1], got {aug[key]}")
-    _require(0 < aug["cropmix_min_scale"] <= 1,
-             f"data.augment.cropmix_min_scale must be in (0, 1], got {aug['cropmix_min_scale']}")
+    _require(
+        0 < aug["cropmix_min_scale"] <= 1,
+        f"data.augment.cropmix_min_scale must be in (0, 1], got {aug['cropmix_min_scale']}",
+    )
     _require(aug["color_jitter"] >= 0, f"data.augment.color_jitter must be >= 0, got {aug['color_jitter']}")
-    _require(all(isinstance(n, int) and n >= 1 for n in aug["cropmix_crops"]),
-             f"data.augment.cropmix_crops must be positive integers, got {aug['cropmix_crops']}")
+    _require(
+        all(isinstance(n, int) and n >= 1 for n in aug["cropmix_crops"]),
+        f"data.augment.cropmix_crops must be positive integers, got {aug['cropmix_crops']}",
+    )
     syn = d["synthetic"]
     for key in ("num_train", "num_val", "image_size"):
         _require(syn[key] >= 1, f"data.synthetic.{key} must be >= 1, got {syn[key]}")
