@@ -2,16 +2,27 @@
 
 Prints one table: images/s and peak memory for an eval forward pass and for
 a training step (forward, backward, AdamW step) of GKGNet as built by this
-library and of the plain-PyTorch dense reference in tests/reference_gkgnet.py
-(same architecture, same weights), plus the group kNN alone for each
-backend.  Every row runs in a fresh process so that peak memory is its own.
-Compare rows of one run only: timings on a shared machine are noisy.
+library, once per kNN backend (dense, and torch-cluster when installed), and
+of the plain-PyTorch dense reference in tests/reference_gkgnet.py (same
+architecture, same weights), plus the first stage's group kNN alone for each
+backend.  For gkg-pyg rows a second, separately timed pass measures the share
+of the step spent in the group kNN (the kNN calls timed one by one, with
+device synchronisation around them, so that pass is not the one whose
+images/s is printed).  Every row runs in a fresh process so that peak memory
+is its own.  Compare rows of one run only: timings on a shared machine are
+noisy.
 
     python experiments/benchmark.py --model gkgnet_s --img-size 224 --batch 8 --device cpu
+    python experiments/benchmark.py --img-size 448 --batch 16 --device cuda --amp fp16
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed
+steps; on the CPU the process's maximum resident set (model, warm-up step and
+interpreter included).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import resource
 import sys
@@ -21,6 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build(impl: str, variant: str, img_size: int, num_classes: int, backend: str):
@@ -41,29 +53,65 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def autocast(args, device):
+    if args.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[args.amp])
+
+
+class KnnTimer:
+    """Wraps the model's ``batched_group_knn`` and adds up its wall time."""
+
+    def __init__(self, device):
+        import gkg_pyg.models.gkgnet as gk
+        self.module, self.device, self.seconds = gk, device, 0.0
+        self.original = gk.batched_group_knn
+
+    def __enter__(self):
+        def timed(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            out = self.original(*args, **kwargs)
+            sync(self.device)
+            self.seconds += time.perf_counter() - start
+            return out
+        self.module.batched_group_knn = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.module.batched_group_knn = self.original
+
+
 def measure(args, impl: str, task: str, queue):
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if task == "knn":
         queue.put(measure_knn(args, impl, device))
         return
-    model = build(impl, args.variant, args.img_size, args.num_classes, args.backend).to(device)
+    name, backend = (impl, None) if impl == "reference" else impl.rstrip("]").split("[")
+    model = build(name, args.variant, args.img_size, args.num_classes, backend or "dense").to(device)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     targets = (torch.rand(args.batch, args.num_classes, device=device) < 0.1).float()
     if task == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
         def step():
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images), targets)
-            loss.backward()
-            opt.step()
+            with autocast(args, device):
+                logits = model(images)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
     else:
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), autocast(args, device):
                 model(images)
     step()  # warm-up (also builds the position tables)
     sync(device)
@@ -79,27 +127,38 @@ def measure(args, impl: str, task: str, queue):
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:  # max resident set of this process (includes the model and the warm-up)
         peak = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
-    queue.put(dict(impl=impl, task=task, ms=seconds * 1e3, ips=args.batch / seconds, peak_mib=peak))
+    knn_share = float("nan")
+    if name == "gkg_pyg":  # a second pass, timing the kNN calls one by one
+        with KnnTimer(device) as timer:
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            sync(device)
+            knn_share = timer.seconds / (time.perf_counter() - start)
+    queue.put(dict(impl=impl, task=task, ms=seconds * 1e3, ips=args.batch / seconds, peak_mib=peak,
+                   knn_share=knn_share))
 
 
 def measure_knn(args, backend: str, device):
-    """The first stage's patch-level group kNN for the whole batch."""
-    from gkg_pyg import group_knn
-    from gkg_pyg.models.gkgnet import relative_position_table, stage_grids
+    """The first stage's patch-level group kNN for the whole batch, with the
+    position term the model passes to that backend."""
     import gkg_pyg.models.gkgnet as gk
-    grid = stage_grids(args.img_size, args.img_size)[0]
+    from gkg_pyg.knn import batched_group_knn
+    grid = gk.stage_grids(args.img_size, args.img_size)[0]
     channels = gk.VARIANTS[args.variant].channels[0]
-    n, n_src = grid[0] * grid[1], (grid[0] // 4) * (grid[1] // 4)
-    bias = relative_position_table(grid, channels, 4).to(device)
-    x_dst = torch.randn(args.batch * n, channels, device=device)
-    x_src = torch.randn(args.batch * n_src, channels, device=device)
-    b_dst = torch.arange(args.batch, device=device).repeat_interleave(n)
-    b_src = torch.arange(args.batch, device=device).repeat_interleave(n_src)
+    stage = gk.Stage(channels, channels, grid, gk.POOL[0], [1], [0.0], 9, 2, backend, downsample=False).to(device)
+    n, n_src = grid[0] * grid[1], (grid[0] // gk.POOL[0]) * (grid[1] // gk.POOL[0])
+    dtype = AMP_DTYPES.get(args.amp, torch.float32) if device.type == "cuda" else torch.float32
+    bias = stage.knn_position_bias(grid, backend, dtype)
+    x_dst = torch.randn(args.batch, n, channels, device=device, dtype=dtype)
+    x_src = torch.randn(args.batch, n_src, channels, device=device, dtype=dtype)
 
     def step():
-        group_knn(x_src, x_dst, 9, 2, batch_src=b_src, batch_dst=b_dst, position_bias=bias, backend=backend)
+        batched_group_knn(x_src, x_dst, 9, 2, position_bias=bias, backend=backend)
     step()
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.iters):
         step()
@@ -109,7 +168,7 @@ def measure_knn(args, backend: str, device):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     return dict(impl=f"group_knn[{backend}]", task="knn stage 1", ms=seconds * 1e3, ips=args.batch / seconds,
-                peak_mib=peak)
+                peak_mib=peak, knn_share=1.0)
 
 
 def run_isolated(args, impl, task):
@@ -119,7 +178,9 @@ def run_isolated(args, impl, task):
     proc.start()
     proc.join()
     if proc.exitcode != 0:
-        return dict(impl=impl, task=task, ms=float("nan"), ips=float("nan"), peak_mib=float("nan"))
+        print(f"# {impl} {task}: the measuring process failed (exit code {proc.exitcode})", file=sys.stderr)
+        return dict(impl=impl, task=task, ms=float("nan"), ips=float("nan"), peak_mib=float("nan"),
+                    knn_share=float("nan"))
     return queue.get()
 
 
@@ -129,28 +190,52 @@ def main():
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=80)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", help="kNN backend of gkg-pyg: auto | dense | torch_cluster")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    parser.add_argument("--backend", nargs="+", default=None,
+                        help="gkg-pyg kNN backends to run as rows (default: dense, plus torch_cluster if installed)")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+                        help="autocast dtype (fp16 trains with a loss scaler)")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
     args.variant = args.model.replace("gkgnet_", "")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} needs a CUDA GPU, but torch {torch.__version__} sees none "
+                     f"(torch.cuda.is_available() is False); run on a GPU machine or use --device cpu")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"unknown device {args.device!r}; expected cpu or cuda")
 
-    from gkg_pyg.knn import has_torch_cluster, resolve_backend
-    chosen = resolve_backend(args.backend, torch.device(args.device))
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {args.model} at {args.img_size}x{args.img_size}, batch {args.batch}, {name}, "
-          f"torch {torch.__version__}, kNN backend: {chosen} (requested {args.backend})")
+    from gkg_pyg.knn import has_torch_cluster
+    backends = args.backend or (["dense", "torch_cluster"] if has_torch_cluster() else ["dense"])
+    for b in backends:
+        if b not in ("dense", "torch_cluster"):
+            parser.error(f"unknown backend {b!r}; expected dense or torch_cluster")
+        if b == "torch_cluster" and not has_torch_cluster():
+            parser.error("backend torch_cluster requested but torch-cluster is not installed")
+    if args.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(args.device))
+        name = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB)"
+    else:
+        name = f"CPU, {args.threads or torch.get_num_threads()} threads"
+    print(f"# {args.model} at {args.img_size}x{args.img_size}, batch {args.batch}, {name}, torch {torch.__version__}, "
+          f"amp {args.amp or 'off (fp32)'}, {args.iters} timed iterations per row")
     rows = []
     for task in ("eval", "train") if not args.skip_train else ("eval",):
-        for impl in ("gkg_pyg", "reference"):
-            rows.append(run_isolated(args, impl, task))
-    for backend in ("dense", "torch_cluster") if has_torch_cluster() else ("dense",):
+        for backend in backends:
+            rows.append(run_isolated(args, f"gkg_pyg[{backend}]", task))
+        if not args.skip_reference:
+            rows.append(run_isolated(args, "reference", task))
+    for backend in backends:
         rows.append(run_isolated(args, backend, "knn"))
-    print(f"| {'implementation':<24} | {'task':<12} | {'ms/iter':>9} | {'images/s':>9} | {'peak MiB':>9} |")
-    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+    print(f"| {'implementation':<24} | {'task':<12} | {'ms/iter':>9} | {'images/s':>9} | {'peak MiB':>9} "
+          f"| {'kNN share':>9} |")
+    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
     for r in rows:
-        print(f"| {r['impl']:<24} | {r['task']:<12} | {r['ms']:>9.1f} | {r['ips']:>9.2f} | {r['peak_mib']:>9.0f} |")
+        share = "" if r["knn_share"] != r["knn_share"] else f"{100 * r['knn_share']:.0f}%"
+        print(f"| {r['impl']:<24} | {r['task']:<12} | {r['ms']:>9.1f} | {r['ips']:>9.2f} | {r['peak_mib']:>9.0f} "
+              f"| {share:>9} |")
 
 
 if __name__ == "__main__":
