@@ -19,6 +19,7 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed
 steps; on the CPU the process's maximum resident set (model, warm-up step and
 interpreter included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,12 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build(impl: str, variant: str, img_size: int, num_classes: int, backend: str):
     import gkg_pyg
-    model = gkg_pyg.create_model(f"gkgnet_{variant}", num_classes=num_classes, img_size=img_size,
-                                 knn_backend=backend)
+
+    model = gkg_pyg.create_model(f"gkgnet_{variant}", num_classes=num_classes, img_size=img_size, knn_backend=backend)
     if impl == "reference":
         sys.path.insert(0, str(ROOT / "tests"))
         from reference_gkgnet import ReferenceGKGNet
+
         ref = ReferenceGKGNet(variant, num_classes=num_classes, img_size=img_size)
         ref.load_state_dict(gkg_pyg.export_authors_checkpoint(model)["state_dict"])
         return ref
@@ -64,6 +66,7 @@ class KnnTimer:
 
     def __init__(self, device):
         import gkg_pyg.models.gkgnet as gk
+
         self.module, self.device, self.seconds = gk, device, 0.0
         self.original = gk.batched_group_knn
 
@@ -75,6 +78,7 @@ class KnnTimer:
             sync(self.device)
             self.seconds += time.perf_counter() - start
             return out
+
         self.module.batched_group_knn = timed
         return self
 
@@ -113,6 +117,7 @@ def measure(args, impl: str, task: str, queue):
         def step():
             with torch.no_grad(), autocast(args, device):
                 model(images)
+
     step()  # warm-up (also builds the position tables)
     sync(device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -124,7 +129,7 @@ def measure(args, impl: str, task: str, queue):
     sync(device)
     seconds = (time.perf_counter() - start) / args.iters
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # max resident set of this process (includes the model and the warm-up)
         peak = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
     knn_share = float("nan")
@@ -135,8 +140,9 @@ def measure(args, impl: str, task: str, queue):
                 step()
             sync(device)
             knn_share = timer.seconds / (time.perf_counter() - start)
-    queue.put(dict(impl=impl, task=task, ms=seconds * 1e3, ips=args.batch / seconds, peak_mib=peak,
-                   knn_share=knn_share))
+    queue.put(
+        dict(impl=impl, task=task, ms=seconds * 1e3, ips=args.batch / seconds, peak_mib=peak, knn_share=knn_share)
+    )
 
 
 def measure_knn(args, backend: str, device):
@@ -144,6 +150,7 @@ def measure_knn(args, backend: str, device):
     position term the model passes to that backend."""
     import gkg_pyg.models.gkgnet as gk
     from gkg_pyg.knn import batched_group_knn
+
     grid = gk.stage_grids(args.img_size, args.img_size)[0]
     channels = gk.VARIANTS[args.variant].channels[0]
     stage = gk.Stage(channels, channels, grid, gk.POOL[0], [1], [0.0], 9, 2, backend, downsample=False).to(device)
@@ -155,6 +162,7 @@ def measure_knn(args, backend: str, device):
 
     def step():
         batched_group_knn(x_src, x_dst, 9, 2, position_bias=bias, backend=backend)
+
     step()
     sync(device)
     if device.type == "cuda":
@@ -166,9 +174,15 @@ def measure_knn(args, backend: str, device):
     seconds = (time.perf_counter() - start) / args.iters
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    return dict(impl=f"group_knn[{backend}]", task="knn stage 1", ms=seconds * 1e3, ips=args.batch / seconds,
-                peak_mib=peak, knn_share=1.0)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return dict(
+        impl=f"group_knn[{backend}]",
+        task="knn stage 1",
+        ms=seconds * 1e3,
+        ips=args.batch / seconds,
+        peak_mib=peak,
+        knn_share=1.0,
+    )
 
 
 def run_isolated(args, impl, task):
@@ -179,8 +193,9 @@ def run_isolated(args, impl, task):
     proc.join()
     if proc.exitcode != 0:
         print(f"# {impl} {task}: the measuring process failed (exit code {proc.exitcode})", file=sys.stderr)
-        return dict(impl=impl, task=task, ms=float("nan"), ips=float("nan"), peak_mib=float("nan"),
-                    knn_share=float("nan"))
+        return dict(
+            impl=impl, task=task, ms=float("nan"), ips=float("nan"), peak_mib=float("nan"), knn_share=float("nan")
+        )
     return queue.get()
 
 
@@ -191,10 +206,15 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=80)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
-    parser.add_argument("--backend", nargs="+", default=None,
-                        help="gkg-pyg kNN backends to run as rows (default: dense, plus torch_cluster if installed)")
-    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
-                        help="autocast dtype (fp16 trains with a loss scaler)")
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        default=None,
+        help="gkg-pyg kNN backends to run as rows (default: dense, plus torch_cluster if installed)",
+    )
+    parser.add_argument(
+        "--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype (fp16 trains with a loss scaler)"
+    )
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--skip-train", action="store_true")
@@ -202,12 +222,15 @@ def main():
     args = parser.parse_args()
     args.variant = args.model.replace("gkgnet_", "")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device} needs a CUDA GPU, but torch {torch.__version__} sees none "
-                     f"(torch.cuda.is_available() is False); run on a GPU machine or use --device cpu")
+        parser.error(
+            f"--device {args.device} needs a CUDA GPU, but torch {torch.__version__} sees none "
+            f"(torch.cuda.is_available() is False); run on a GPU machine or use --device cpu"
+        )
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         parser.error(f"unknown device {args.device!r}; expected cpu or cuda")
 
     from gkg_pyg.knn import has_torch_cluster
+
     backends = args.backend or (["dense", "torch_cluster"] if has_torch_cluster() else ["dense"])
     for b in backends:
         if b not in ("dense", "torch_cluster"):
@@ -216,11 +239,13 @@ def main():
             parser.error("backend torch_cluster requested but torch-cluster is not installed")
     if args.device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(args.device))
-        name = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB)"
+        name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
     else:
         name = f"CPU, {args.threads or torch.get_num_threads()} threads"
-    print(f"# {args.model} at {args.img_size}x{args.img_size}, batch {args.batch}, {name}, torch {torch.__version__}, "
-          f"amp {args.amp or 'off (fp32)'}, {args.iters} timed iterations per row")
+    print(
+        f"# {args.model} at {args.img_size}x{args.img_size}, batch {args.batch}, {name}, torch {torch.__version__}, "
+        f"amp {args.amp or 'off (fp32)'}, {args.iters} timed iterations per row"
+    )
     rows = []
     for task in ("eval", "train") if not args.skip_train else ("eval",):
         for backend in backends:
@@ -229,13 +254,17 @@ def main():
             rows.append(run_isolated(args, "reference", task))
     for backend in backends:
         rows.append(run_isolated(args, backend, "knn"))
-    print(f"| {'implementation':<24} | {'task':<12} | {'ms/iter':>9} | {'images/s':>9} | {'peak MiB':>9} "
-          f"| {'kNN share':>9} |")
+    print(
+        f"| {'implementation':<24} | {'task':<12} | {'ms/iter':>9} | {'images/s':>9} | {'peak MiB':>9} "
+        f"| {'kNN share':>9} |"
+    )
     print(f"|{'-' * 26}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
     for r in rows:
         share = "" if r["knn_share"] != r["knn_share"] else f"{100 * r['knn_share']:.0f}%"
-        print(f"| {r['impl']:<24} | {r['task']:<12} | {r['ms']:>9.1f} | {r['ips']:>9.2f} | {r['peak_mib']:>9.0f} "
-              f"| {share:>9} |")
+        print(
+            f"| {r['impl']:<24} | {r['task']:<12} | {r['ms']:>9.1f} | {r['ips']:>9.2f} | {r['peak_mib']:>9.0f} "
+            f"| {share:>9} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Group max-relative graph convolution (GKGNet, paper eq. 1 and 2)."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -26,8 +27,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int = 1, bias: bool = True):
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must both be "
-                             f"divisible by groups={groups}")
+            raise ValueError(
+                f"in_channels={in_channels} and out_channels={out_channels} must both be divisible by groups={groups}"
+            )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -35,7 +37,7 @@ class GroupedLinear(nn.Module):
 
     def reset_parameters(self):
         # Same initialisation as a grouped Conv2d of this shape.
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         if self.bias is not None:
             bound = 1 / (self.weight.shape[1] ** 0.5)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -98,8 +100,9 @@ def _check_edge_range(edge_index: Tensor, n_src: int, n_dst: int) -> None:
                 index = edge_index[row] if edge_index.dim() == 2 else edge_index[g, row]
                 value = int(index[(index < 0) | (index >= n)][0])
                 where = "edge_index" if edge_index.dim() == 2 else f"edge_index[g={g}]"
-                raise ValueError(f"{where} {name} index {value} out of range for {n} {name} nodes "
-                                 f"(valid: 0 to {n - 1})")
+                raise ValueError(
+                    f"{where} {name} index {value} out of range for {n} {name} nodes (valid: 0 to {n - 1})"
+                )
 
 
 def _norm(name: Optional[str], channels: int) -> nn.Module:
@@ -162,16 +165,25 @@ class GroupMaxRelConv(MessagePassing):
     ``torch.compile``.  The ``neighbors`` table is checked by shape only.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int = 2, conv_groups: int = 4,
-                 act: Optional[str] = "gelu", norm: Optional[str] = "batch", **kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        groups: int = 2,
+        conv_groups: int = 4,
+        act: Optional[str] = "gelu",
+        norm: Optional[str] = "batch",
+        **kwargs,
+    ):
         kwargs.setdefault("aggr", "max")
         super().__init__(**kwargs)
         if in_channels % groups:
             raise ValueError(f"in_channels={in_channels} is not divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.conv_groups = groups, conv_groups
-        self.nn = nn.Sequential(GroupedLinear(2 * in_channels, out_channels, conv_groups),
-                                _norm(norm, out_channels), _activation(act))
+        self.nn = nn.Sequential(
+            GroupedLinear(2 * in_channels, out_channels, conv_groups), _norm(norm, out_channels), _activation(act)
+        )
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -180,8 +192,13 @@ class GroupMaxRelConv(MessagePassing):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def forward(self, x: Union[Tensor, PairTensor], edge_index: Union[Tensor, SparseTensor, None] = None, *,
-                neighbors: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: Union[Tensor, SparseTensor, None] = None,
+        *,
+        neighbors: Optional[Tensor] = None,
+    ) -> Tensor:
         """Aggregate over ``edge_index`` (any PyG graph) or over a regular
         ``neighbors`` table ``(G, N_dst, k)`` of source indices (exactly ``k``
         per destination and group, as :func:`gkg_pyg.group_knn` builds:
@@ -189,14 +206,17 @@ class GroupMaxRelConv(MessagePassing):
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         g, c = self.groups, self.in_channels
         if x_src.shape[-1] != c or x_dst.shape[-1] != c:
-            raise ValueError(f"{self.__class__.__name__} expects {c} channels, got "
-                             f"{x_src.shape[-1]} (source) and {x_dst.shape[-1]} (destination)")
+            raise ValueError(
+                f"{self.__class__.__name__} expects {c} channels, got "
+                f"{x_src.shape[-1]} (source) and {x_dst.shape[-1]} (destination)"
+            )
         if (edge_index is None) == (neighbors is None):
             raise ValueError("pass exactly one of edge_index (any graph) and neighbors (a (G, N_dst, k) table)")
         if neighbors is not None:
             if neighbors.dim() != 3 or neighbors.shape[:2] != (g, x_dst.shape[0]) or neighbors.shape[2] < 1:
-                raise ValueError(f"neighbors must be ({g}, {x_dst.shape[0]}, k) with k >= 1, "
-                                 f"got {tuple(neighbors.shape)}")
+                raise ValueError(
+                    f"neighbors must be ({g}, {x_dst.shape[0]}, k) with k >= 1, got {tuple(neighbors.shape)}"
+                )
             rel = _regular_max(x_src, neighbors) - x_dst
         else:
             rel = self._general_max_rel(x_src, x_dst, self._group_edges(edge_index, x_src.shape[0], x_dst.shape[0]))
@@ -211,8 +231,10 @@ class GroupMaxRelConv(MessagePassing):
         if is_sparse(edge_index):  # adj_t: rows are destinations, columns sources (PyG's convention)
             size = tuple(edge_index.sizes()) if isinstance(edge_index, SparseTensor) else tuple(edge_index.shape)
             if size != (n_dst, n_src):
-                raise ValueError(f"adj_t must be (N_dst, N_src); got an adjacency of size {size} for {n_dst} "
-                                 f"destination and {n_src} source nodes")
+                raise ValueError(
+                    f"adj_t must be (N_dst, N_src); got an adjacency of size {size} for {n_dst} "
+                    f"destination and {n_src} source nodes"
+                )
             (dst, src), _ = to_edge_index(edge_index)
             edge_index = torch.stack([src, dst])
         if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
@@ -242,8 +264,10 @@ class GroupMaxRelConv(MessagePassing):
         return x_j
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, groups={self.groups}, "
-                f"conv_groups={self.conv_groups})")
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, groups={self.groups}, "
+            f"conv_groups={self.conv_groups})"
+        )
 
 
 class DynamicGroupMaxRelConv(GroupMaxRelConv):
@@ -266,20 +290,40 @@ class DynamicGroupMaxRelConv(GroupMaxRelConv):
         - **output:** node features :math:`(|\mathcal{V}_t|, C_{out})`
     """
 
-    def __init__(self, in_channels: int, out_channels: int, k: int, groups: int = 2, dilation: int = 1,
-                 conv_groups: int = 4, backend: str = "auto", **kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        k: int,
+        groups: int = 2,
+        dilation: int = 1,
+        conv_groups: int = 4,
+        backend: str = "auto",
+        **kwargs,
+    ):
         super().__init__(in_channels, out_channels, groups=groups, conv_groups=conv_groups, **kwargs)
         self.k, self.dilation, self.backend = k, dilation, backend
 
-    def forward(self, x: Union[Tensor, PairTensor],
-                batch: Union[Tensor, Tuple[Optional[Tensor], Optional[Tensor]], None] = None) -> Tensor:
+    def forward(
+        self, x: Union[Tensor, PairTensor], batch: Union[Tensor, Tuple[Optional[Tensor], Optional[Tensor]], None] = None
+    ) -> Tensor:
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         batch_src, batch_dst = (batch, batch) if batch is None or isinstance(batch, Tensor) else batch
-        edge_index = group_knn(x_src, x_dst, self.k, self.groups, dilation=self.dilation, batch_src=batch_src,
-                               batch_dst=batch_dst, backend=self.backend)
+        edge_index = group_knn(
+            x_src,
+            x_dst,
+            self.k,
+            self.groups,
+            dilation=self.dilation,
+            batch_src=batch_src,
+            batch_dst=batch_dst,
+            backend=self.backend,
+        )
         # group_knn's edges are regular: k per destination, ordered by destination.
         return super().forward(x, neighbors=edge_index[:, 0].view(self.groups, x_dst.shape[0], self.k))
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, k={self.k}, "
-                f"groups={self.groups}, dilation={self.dilation})")
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, k={self.k}, "
+            f"groups={self.groups}, dilation={self.dilation})"
+        )

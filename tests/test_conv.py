@@ -41,8 +41,8 @@ def naive_conv(conv, x_src, x_dst, edge_index):
     in_b, out_b = 2 * c // blocks, out_ch // blocks
     out = torch.empty(n_dst, out_ch, dtype=x_dst.dtype)
     for b in range(blocks):
-        w = lin.weight[b * out_b:(b + 1) * out_b]  # (out_b, in_b)
-        out[:, b * out_b:(b + 1) * out_b] = interleaved[:, b * in_b:(b + 1) * in_b] @ w.t()
+        w = lin.weight[b * out_b : (b + 1) * out_b]  # (out_b, in_b)
+        out[:, b * out_b : (b + 1) * out_b] = interleaved[:, b * in_b : (b + 1) * in_b] @ w.t()
     out = out + lin.bias
     norm = conv.nn[1]
     if isinstance(norm, nn.BatchNorm1d):
@@ -134,8 +134,10 @@ def test_destination_without_neighbours_gets_zero_message():
     edges = torch.tensor([[[0, 1], [0, 0]], [[1, 1], [0, 0]]])
     out = conv((x_src, x_dst), edges)
     m0 = [max(1.0, 4.0) + 2.0, max(5.0, -1.0) + 2.0, 0.5 - 1.0, 7.0 - 1.0]
-    expected = torch.tensor([[-2.0, m0[0], -2.0, m0[1], 1.0, m0[2], 1.0, m0[3]],
-                             [10.0, 0.0, 20.0, 0.0, 30.0, 0.0, 40.0, 0.0]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[-2.0, m0[0], -2.0, m0[1], 1.0, m0[2], 1.0, m0[3]], [10.0, 0.0, 20.0, 0.0, 30.0, 0.0, 40.0, 0.0]],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
@@ -178,9 +180,15 @@ def authors_layout_forward(conv, x_src, x_dst, nbr):
 def test_parameter_layout_maps_to_authors_gconv():
     conv = make_conv(8, 16, 2, 4, seed=7)
     shapes = {name: tuple(t.shape) for name, t in conv.state_dict().items()}
-    assert shapes == {"nn.0.weight": (16, 2 * 8 // 4), "nn.0.bias": (16,), "nn.1.weight": (16,),
-                      "nn.1.bias": (16,), "nn.1.running_mean": (16,), "nn.1.running_var": (16,),
-                      "nn.1.num_batches_tracked": ()}
+    assert shapes == {
+        "nn.0.weight": (16, 2 * 8 // 4),
+        "nn.0.bias": (16,),
+        "nn.1.weight": (16,),
+        "nn.1.bias": (16,),
+        "nn.1.running_mean": (16,),
+        "nn.1.running_var": (16,),
+        "nn.1.num_batches_tracked": (),
+    }
     assert isinstance(conv.nn[1], nn.BatchNorm1d) and isinstance(conv.nn[2], nn.GELU)
     gen = torch.Generator().manual_seed(8)
     x_src = torch.randn(20, 8, generator=gen, dtype=torch.float64)
@@ -188,8 +196,9 @@ def test_parameter_layout_maps_to_authors_gconv():
     edges = group_knn(x_src, x_dst, 3, 2)
     nbr = edges[:, 0].view(2, 7, 3)
     with torch.no_grad():
-        torch.testing.assert_close(conv((x_src, x_dst), edges), authors_layout_forward(conv, x_src, x_dst, nbr),
-                                   rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            conv((x_src, x_dst), edges), authors_layout_forward(conv, x_src, x_dst, nbr), rtol=1e-10, atol=1e-10
+        )
 
 
 def no_max_ties(x_src, x_dst, edges, groups, margin=1e-3):

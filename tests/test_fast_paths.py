@@ -2,6 +2,7 @@
 neighbour-table path against its PyG edge_index path (outputs and gradients,
 float64), the factored position term against the dense table, and a model
 step that reads nothing back to the host."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,13 @@ def conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out):
 
 
 # Stage shapes of GKGNet-S at 224 (one image; n_dst, n_src, channels) and a bipartite label graph.
-GKGNET_SHAPES = [(3136, 196, 80, "patch"), (784, 196, 160, "patch"), (196, 196, 400, "self"),
-                 (49, 49, 640, "self"), (80, 3136, 80, "label")]
+GKGNET_SHAPES = [
+    (3136, 196, 80, "patch"),
+    (784, 196, 160, "patch"),
+    (196, 196, 400, "self"),
+    (49, 49, 640, "self"),
+    (80, 3136, 80, "label"),
+]
 
 
 @pytest.mark.parametrize("n_dst,n_src,channels,kind", GKGNET_SHAPES)
@@ -39,8 +45,9 @@ def test_regular_path_equals_general_path_on_gkgnet_shapes(n_dst, n_src, channel
     x_dst = torch.randn(2 * n_dst, channels, generator=gen, dtype=torch.float64)
     x_src = x_dst if kind == "self" else torch.randn(2 * n_src, channels, generator=gen, dtype=torch.float64)
     batch_src, batch_dst = torch.arange(2).repeat_interleave(n_src), torch.arange(2).repeat_interleave(n_dst)
-    edges = group_knn(x_src, x_dst, 9, 2, dilation=2 if kind == "patch" else 1,
-                      batch_src=batch_src, batch_dst=batch_dst)
+    edges = group_knn(
+        x_src, x_dst, 9, 2, dilation=2 if kind == "patch" else 1, batch_src=batch_src, batch_dst=batch_dst
+    )
     neighbors = edges[:, 0].view(2, 2 * n_dst, 9)
     weight_out = torch.randn(2 * n_dst, 2 * channels, generator=gen, dtype=torch.float64)
     general, regular = conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out)
@@ -75,8 +82,7 @@ def test_regular_path_sends_a_tied_maximum_to_one_neighbour():
     general, regular = conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out)
     torch.testing.assert_close(regular[0], general[0], rtol=0, atol=0)
     torch.testing.assert_close(regular[2], general[2], rtol=1e-12, atol=1e-12)  # destinations: no ties there
-    torch.testing.assert_close(regular[1][:3] + regular[1][3:], general[1][:3] + general[1][3:],
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(regular[1][:3] + regular[1][3:], general[1][:3] + general[1][3:], rtol=1e-12, atol=1e-12)
     expected = torch.zeros_like(x_src)
     for g in range(2):
         for i in range(2):
@@ -104,6 +110,7 @@ def test_neighbor_table_and_edge_index_arguments():
 def test_regular_path_on_group_knn_table_matches_group_knn_edges_dilated():
     """DynamicGroupMaxRelConv uses the table of group_knn's regular edges."""
     from gkg_pyg import DynamicGroupMaxRelConv
+
     torch.manual_seed(3)
     dyn = DynamicGroupMaxRelConv(8, 16, k=3, groups=2, dilation=2).double().eval()
     x = torch.randn(25, 8, dtype=torch.float64)
@@ -111,6 +118,8 @@ def test_regular_path_on_group_knn_table_matches_group_knn_edges_dilated():
     edges = group_knn(x, x, 3, 2, dilation=2, batch_src=batch, batch_dst=batch)
     with torch.no_grad():
         torch.testing.assert_close(dyn(x, batch), GroupMaxRelConv.forward(dyn, x, edges), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # Factored position term
 # ---------------------------------------------------------------------------
@@ -145,6 +154,7 @@ def test_model_step_reads_no_tensor_back_to_the_host(monkeypatch, cross_level):
     training step (forward and backward) and an eval forward, so the model's
     hot path cannot wait on the device (on a GPU each would be a sync)."""
     import gkg_pyg
+
     torch.manual_seed(0)
     model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96, cross_level=cross_level)
     images = torch.randn(2, 3, 96, 96)
@@ -153,6 +163,7 @@ def test_model_step_reads_no_tensor_back_to_the_host(monkeypatch, cross_level):
     def forbidden(name):
         def raise_(*args, **kwargs):
             raise AssertionError(f"Tensor.{name} called in the model's hot path")
+
         return raise_
 
     for name in SYNCING:
@@ -187,6 +198,7 @@ def saved_bytes(fn):
 @pytest.mark.parametrize("train", [True, False])
 def test_ffn_fused_hidden_path_equals_modules(train):
     from gkg_pyg.models.gkgnet import FFN
+
     torch.manual_seed(0)
     fused = FFN(16).double().train(train)
     with torch.no_grad():
