@@ -1,5 +1,6 @@
 """gkg-pyg: GKGNet (Group K-nearest-neighbour Graph Convolutional Network,
 ECCV 2024) for multi-label image recognition, in PyTorch Geometric."""
+
 from .knn import batched_group_knn, group_knn
 from .conv import DynamicGroupMaxRelConv, GroupMaxRelConv
 from .graph import build_stage_graph, stack_group_edges
@@ -8,6 +9,17 @@ from .models.gkgnet import export_authors_checkpoint
 from .checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["group_knn", "batched_group_knn", "GroupMaxRelConv", "DynamicGroupMaxRelConv", "build_stage_graph",
-           "stack_group_edges", "GKGNet", "create_model", "list_models", "min_input_size", "load_checkpoint",
-           "export_authors_checkpoint"]
+__all__ = [
+    "group_knn",
+    "batched_group_knn",
+    "GroupMaxRelConv",
+    "DynamicGroupMaxRelConv",
+    "build_stage_graph",
+    "stack_group_edges",
+    "GKGNet",
+    "create_model",
+    "list_models",
+    "min_input_size",
+    "load_checkpoint",
+    "export_authors_checkpoint",
+]

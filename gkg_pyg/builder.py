@@ -99,8 +99,10 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, verbose: bool = Tru
     if verbose:
         print(f"init_from {path}:\n{format_report(report)}")
         if report["dropped_head"]:
-            print(f"  reset the classifier ({theirs} -> {ours} labels, init_classifier={classifier}): "
-                  f"{', '.join(report['dropped_head'])}")
+            print(
+                f"  reset the classifier ({theirs} -> {ours} labels, init_classifier={classifier}): "
+                f"{', '.join(report['dropped_head'])}"
+            )
     return report
 
 

@@ -17,6 +17,7 @@ images:
 
 Edges point from source to destination, as in PyG.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -38,11 +39,19 @@ def grid_nodes(num_images: int, grid: Tuple[int, int], stride: Tuple[float, floa
     return pos.repeat(num_images, 1), box.repeat(num_images, 1), batch
 
 
-def build_stage_graph(*, patch_x: Tensor, grid: Tuple[int, int], image_size: Tuple[int, int],
-                      patch_knn_x: Optional[Tensor] = None, source_x: Optional[Tensor] = None,
-                      pool: int = 1, patch_edges: Optional[Tensor] = None,
-                      label_x: Optional[Tensor] = None, label_edges: Optional[Tensor] = None,
-                      label_names: Optional[Sequence[str]] = None) -> HeteroData:
+def build_stage_graph(
+    *,
+    patch_x: Tensor,
+    grid: Tuple[int, int],
+    image_size: Tuple[int, int],
+    patch_knn_x: Optional[Tensor] = None,
+    source_x: Optional[Tensor] = None,
+    pool: int = 1,
+    patch_edges: Optional[Tensor] = None,
+    label_x: Optional[Tensor] = None,
+    label_edges: Optional[Tensor] = None,
+    label_names: Optional[Sequence[str]] = None,
+) -> HeteroData:
     """Assemble one stage's :class:`HeteroData` (see the module docstring).
 
     Args:
@@ -64,8 +73,7 @@ def build_stage_graph(*, patch_x: Tensor, grid: Tuple[int, int], image_size: Tup
     stride = (image_size[0] / h, image_size[1] / w)
     data = HeteroData()
     data["patch"].x = patch_x
-    data["patch"].pos, data["patch"].box, data["patch"].batch = grid_nodes(num_images, grid, stride,
-                                                                           patch_x.device)
+    data["patch"].pos, data["patch"].box, data["patch"].batch = grid_nodes(num_images, grid, stride, patch_x.device)
     data["patch"].grid = grid
     if patch_knn_x is not None:
         data["patch"].knn_x = patch_knn_x
@@ -74,7 +82,8 @@ def build_stage_graph(*, patch_x: Tensor, grid: Tuple[int, int], image_size: Tup
         src_type = "pooled_patch"
         pgrid = (h // pool, w // pool)
         data[src_type].pos, data[src_type].box, data[src_type].batch = grid_nodes(
-            num_images, pgrid, (stride[0] * pool, stride[1] * pool), patch_x.device)
+            num_images, pgrid, (stride[0] * pool, stride[1] * pool), patch_x.device
+        )
         data[src_type].grid = pgrid
         data[src_type].num_nodes = num_images * pgrid[0] * pgrid[1]
         if source_x is not None:
@@ -97,8 +106,12 @@ def build_stage_graph(*, patch_x: Tensor, grid: Tuple[int, int], image_size: Tup
 def stack_group_edges(data: HeteroData, src: str, dst: str) -> Tensor:
     """The ``(G, 2, E)`` per-group edge tensor of ``src -> dst`` in ``data``,
     ready for :class:`gkg_pyg.GroupMaxRelConv` (edge types ``group_0 .. group_{G-1}``)."""
-    rels = sorted((int(rel.split("_")[1]), et) for et in data.edge_types
-                  for s, rel, d in [et] if s == src and d == dst and rel.startswith("group_"))
+    rels = sorted(
+        (int(rel.split("_")[1]), et)
+        for et in data.edge_types
+        for s, rel, d in [et]
+        if s == src and d == dst and rel.startswith("group_")
+    )
     if not rels:
         raise KeyError(f"no ('{src}', 'group_g', '{dst}') edge types in {data.edge_types}")
     return torch.stack([data[et].edge_index for _, et in rels])

@@ -21,6 +21,7 @@ Module names reproduce the authors' mmcls checkpoint layout, so
 * ``backbone.ffn_label.{s}.0``             Linear(C_s -> C_{s+1}), s = 0..2
 * ``head.fc1``, ``head.fc2``               Linear(C3 -> L)
 """
+
 import math
 
 import torch
@@ -74,9 +75,9 @@ def relative_position_table(channels, n, r, rows_per_chunk=256):
         # (row_i, col_i, row_j, col_j) -> dy term + dx term
         table = axis[first:last, None, :, None] + axis[None, :, None, :]
         table = (2.0 / (4 * quarter) * table).reshape((last - first) * grid, n).float()
-        out[first * grid:last * grid] = F.interpolate(
-            table[None, None], size=(table.shape[0], out.shape[1]), mode="bicubic",
-            align_corners=False)[0, 0]
+        out[first * grid : last * grid] = F.interpolate(
+            table[None, None], size=(table.shape[0], out.shape[1]), mode="bicubic", align_corners=False
+        )[0, 0]
     return -out[None]
 
 
@@ -85,8 +86,7 @@ def resize_relative_position(table, num_dst, num_src):
     (1, num_dst, num_src); the identity when the size already matches."""
     if table.shape[-2:] == (num_dst, num_src):
         return table
-    return F.interpolate(table[None], size=(num_dst, num_src), mode="bicubic",
-                         align_corners=False)[0]
+    return F.interpolate(table[None], size=(num_dst, num_src), mode="bicubic", align_corners=False)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -123,8 +123,8 @@ def group_knn(dst, src, k, groups, dilation=1, position=None):
         s = _unit(src.reshape(batch, groups, channels // groups, num_src)).transpose(2, 3)
         # squared euclidean distance ||d||^2 - 2 d.s + ||s||^2, summed in the
         # authors' order so that near-ties resolve the same way
-        d_sq = (d * d).sum(-1, keepdim=True)            # (B, G, N, 1)
-        s_sq = (s * s).sum(-1).unsqueeze(-2)            # (B, G, 1, M)
+        d_sq = (d * d).sum(-1, keepdim=True)  # (B, G, N, 1)
+        s_sq = (s * s).sum(-1).unsqueeze(-2)  # (B, G, 1, M)
         dist = d_sq + (-2 * d @ s.transpose(2, 3)) + s_sq
         if position is not None:
             dist = dist + position.unsqueeze(1)
@@ -145,12 +145,12 @@ def group_max_relative(dst, src, idx):
     batch, channels, num_dst = dst.shape
     groups = idx.shape[1]
     sub = channels // groups
-    d = dst.reshape(batch, groups, sub, num_dst).transpose(2, 3)   # (B, G, N, c)
-    s = src.reshape(batch, groups, sub, -1).transpose(2, 3)        # (B, G, M, c)
+    d = dst.reshape(batch, groups, sub, num_dst).transpose(2, 3)  # (B, G, N, c)
+    s = src.reshape(batch, groups, sub, -1).transpose(2, 3)  # (B, G, M, c)
     b_ix = torch.arange(batch, device=idx.device).view(-1, 1, 1, 1)
     g_ix = torch.arange(groups, device=idx.device).view(1, -1, 1, 1)
-    neighbours = s[b_ix, g_ix, idx]                                # (B, G, N, K, c)
-    rel = (neighbours - d.unsqueeze(3)).max(dim=3).values          # (B, G, N, c)
+    neighbours = s[b_ix, g_ix, idx]  # (B, G, N, K, c)
+    rel = (neighbours - d.unsqueeze(3)).max(dim=3).values  # (B, G, N, c)
     return rel.transpose(2, 3).reshape(batch, channels, num_dst)
 
 
@@ -173,8 +173,7 @@ def drop_path(x, rate, training):
 
 def conv_bn(c_in, c_out, kernel=1, stride=1, groups=1):
     """Sequential(Conv2d, BatchNorm2d): checkpoint keys ``.0.*`` and ``.1.*``."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups),
-                         nn.BatchNorm2d(c_out))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups), nn.BatchNorm2d(c_out))
 
 
 class Stem(nn.Module):
@@ -183,9 +182,15 @@ class Stem(nn.Module):
     def __init__(self, c0):
         super().__init__()
         self.convs = nn.Sequential(
-            nn.Conv2d(3, c0 // 2, 3, 2, 1), nn.BatchNorm2d(c0 // 2), nn.GELU(),
-            nn.Conv2d(c0 // 2, c0, 3, 2, 1), nn.BatchNorm2d(c0), nn.GELU(),
-            nn.Conv2d(c0, c0, 3, 1, 1), nn.BatchNorm2d(c0))
+            nn.Conv2d(3, c0 // 2, 3, 2, 1),
+            nn.BatchNorm2d(c0 // 2),
+            nn.GELU(),
+            nn.Conv2d(c0 // 2, c0, 3, 2, 1),
+            nn.BatchNorm2d(c0),
+            nn.GELU(),
+            nn.Conv2d(c0, c0, 3, 1, 1),
+            nn.BatchNorm2d(c0),
+        )
 
     def forward(self, x):
         return self.convs(x)
@@ -221,8 +226,9 @@ class MaxRelativeConv(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.nn = nn.Sequential(nn.Conv2d(2 * channels, 2 * channels, 1, groups=4),
-                                nn.BatchNorm2d(2 * channels), nn.GELU())
+        self.nn = nn.Sequential(
+            nn.Conv2d(2 * channels, 2 * channels, 1, groups=4), nn.BatchNorm2d(2 * channels), nn.GELU()
+        )
 
     def forward(self, dst, src, idx):
         """dst (B, C, N), src (B, C, M), idx (B, G, N, K) -> (B, 2C, N, 1)."""
@@ -258,8 +264,9 @@ class Grapher(nn.Module):
         r = self.r
         num = height * width
         if (height // r) * (width // r) != num // (r * r):
-            raise ValueError(f"stage grid {height}x{width} cannot be pooled by r={r} "
-                             f"consistently with the relative-position table")
+            raise ValueError(
+                f"stage grid {height}x{width} cannot be pooled by r={r} consistently with the relative-position table"
+            )
         y = self.fc1(x)
         src = F.avg_pool2d(y, r, r) if r > 1 else y
         position = resize_relative_position(self.relative_pos, num, num // (r * r))
@@ -287,8 +294,8 @@ class LabelGrapher(nn.Module):
     def forward(self, labels, patches):
         """labels (B, L, C), patches (B, C, H, W) -> ((B, L, C), LongTensor (B, G, L, K))."""
         batch, channels = patches.shape[:2]
-        x = labels.transpose(1, 2).unsqueeze(-1)                        # (B, C, L, 1)
-        z = self.fc1(x).squeeze(-1)                                     # (B, C, L)
+        x = labels.transpose(1, 2).unsqueeze(-1)  # (B, C, L, 1)
+        z = self.fc1(x).squeeze(-1)  # (B, C, L)
         src = patches.reshape(batch, channels, -1)
         idx = group_knn(z, src, self.k, self.groups, 1)
         x = x + drop_path(self.fc2(self.graph_conv.gconv(z, src, idx)), self.drop_rate, self.training)
@@ -298,8 +305,7 @@ class LabelGrapher(nn.Module):
 class Backbone(nn.Module):
     """Pyramid ViG patch path with group kNN plus the label path (``backbone.*`` keys)."""
 
-    def __init__(self, channels, blocks, num_classes, img_size, k, groups, num_gcn,
-                 cross_level, drop_path_rate):
+    def __init__(self, channels, blocks, num_classes, img_size, k, groups, num_gcn, cross_level, drop_path_rate):
         super().__init__()
         num_blocks = sum(blocks)
         rates = torch.linspace(0, drop_path_rate, num_blocks).tolist()
@@ -319,8 +325,9 @@ class Backbone(nn.Module):
             if cross_level:
                 # the label module of a stage takes the rate of its first block
                 repeats = num_gcn if stage == len(blocks) - 1 else 1
-                self.gcn_label.append(nn.ModuleList(
-                    LabelGrapher(c, k, groups, rates[block_idx]) for _ in range(repeats)))
+                self.gcn_label.append(
+                    nn.ModuleList(LabelGrapher(c, k, groups, rates[block_idx]) for _ in range(repeats))
+                )
                 if stage < len(blocks) - 1:
                     self.ffn_label.append(nn.Sequential(nn.Linear(c, channels[stage + 1])))
             if stage > 0:
@@ -329,10 +336,12 @@ class Backbone(nn.Module):
             table = relative_position_table(c, nodes, REDUCE_RATIOS[stage])
             for _ in range(depth):
                 dilation = min(block_idx // 4 + 1, max_dilation)
-                self.backbone.append(nn.Sequential(
-                    Grapher(c, k, dilation, groups, REDUCE_RATIOS[stage], table.clone(),
-                            rates[block_idx]),
-                    FFN(c, rates[block_idx])))
+                self.backbone.append(
+                    nn.Sequential(
+                        Grapher(c, k, dilation, groups, REDUCE_RATIOS[stage], table.clone(), rates[block_idx]),
+                        FFN(c, rates[block_idx]),
+                    )
+                )
                 block_idx += 1
             self.stage_ends.append(len(self.backbone) - 1)
 
@@ -399,23 +408,26 @@ class ReferenceGKGNet(nn.Module):
         drop_path: final stochastic-depth rate (linear over the patch blocks).
     """
 
-    def __init__(self, variant="s", num_classes=80, img_size=224, k=9, groups=2, num_gcn=1,
-                 cross_level=True, drop_path=0.0):
+    def __init__(
+        self, variant="s", num_classes=80, img_size=224, k=9, groups=2, num_gcn=1, cross_level=True, drop_path=0.0
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
         channels, blocks = VARIANTS[variant]
         if num_classes < 1 or k < 1 or num_gcn < 1 or img_size < 4:
-            raise ValueError(f"need num_classes, k, num_gcn >= 1 and img_size >= 4, got "
-                             f"{num_classes}, {k}, {num_gcn}, {img_size}")
+            raise ValueError(
+                f"need num_classes, k, num_gcn >= 1 and img_size >= 4, got {num_classes}, {k}, {num_gcn}, {img_size}"
+            )
         if (img_size // 4) % 8:
-            raise ValueError(f"img_size={img_size}: img_size // 4 must be divisible by 8 so that "
-                             f"every stage's construction grid is square")
+            raise ValueError(
+                f"img_size={img_size}: img_size // 4 must be divisible by 8 so that "
+                f"every stage's construction grid is square"
+            )
         if groups < 1 or any(c % groups for c in channels):
             raise ValueError(f"groups={groups} does not divide the channels {channels}")
         self.num_classes = num_classes
-        self.backbone = Backbone(channels, blocks, num_classes, img_size, k, groups, num_gcn,
-                                 cross_level, drop_path)
+        self.backbone = Backbone(channels, blocks, num_classes, img_size, k, groups, num_gcn, cross_level, drop_path)
         self.head = Head(channels[-1], num_classes, cross_level)
         self._init_weights()
 

@@ -29,8 +29,9 @@ def test_patch_nodes_hand_case():
     assert torch.equal(data["patch"].x, patch_x)
     pos = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]])
     assert torch.equal(data["patch"].pos, torch.cat([pos, pos]))
-    box = torch.tensor([[0, 0, 3, 4], [3, 0, 6, 4], [6, 0, 9, 4],
-                        [0, 4, 3, 8], [3, 4, 6, 8], [6, 4, 9, 8]], dtype=torch.float32)
+    box = torch.tensor(
+        [[0, 0, 3, 4], [3, 0, 6, 4], [6, 0, 9, 4], [0, 4, 3, 8], [3, 4, 6, 8], [6, 4, 9, 8]], dtype=torch.float32
+    )
     assert torch.equal(data["patch"].box, torch.cat([box, box]))
     assert torch.equal(data["patch"].batch, torch.tensor([0] * 6 + [1] * 6))
     assert tuple(data["patch"].grid) == (2, 3)
@@ -57,25 +58,38 @@ def pooled_stage(groups=2, k=3, num_images=2, grid=(4, 6), pool=2, channels=8, n
     patch_edges = group_knn(source_x, knn_x, k, groups, batch_src=src_batch, batch_dst=patch_batch)
     label_edges = group_knn(patch_x, label_x, k, groups, batch_src=patch_batch, batch_dst=label_batch)
     names = [f"class{i}" for i in range(num_labels)]
-    data = build_stage_graph(patch_x=patch_x, grid=grid, image_size=(16, 18), patch_knn_x=knn_x,
-                             source_x=source_x, pool=pool, patch_edges=patch_edges, label_x=label_x,
-                             label_edges=label_edges, label_names=names)
+    data = build_stage_graph(
+        patch_x=patch_x,
+        grid=grid,
+        image_size=(16, 18),
+        patch_knn_x=knn_x,
+        source_x=source_x,
+        pool=pool,
+        patch_edges=patch_edges,
+        label_x=label_x,
+        label_edges=label_edges,
+        label_names=names,
+    )
     return data, patch_edges, label_edges, source_x, label_x
 
 
 def test_pooled_stage_hand_case():
     data, patch_edges, label_edges, source_x, label_x = pooled_stage()
     assert set(data.node_types) == {"patch", "pooled_patch", "label"}
-    assert set(data.edge_types) == ({("pooled_patch", f"group_{g}", "patch") for g in range(2)}
-                                    | {("patch", f"group_{g}", "label") for g in range(2)})
+    assert set(data.edge_types) == (
+        {("pooled_patch", f"group_{g}", "patch") for g in range(2)}
+        | {("patch", f"group_{g}", "label") for g in range(2)}
+    )
     assert data["patch"].num_nodes == 48
     assert data["pooled_patch"].num_nodes == 12 and data["label"].num_nodes == 6
     assert torch.equal(data["pooled_patch"].x, source_x)
     assert tuple(data["pooled_patch"].grid) == (2, 3)
     # Pooled cells of the 16 x 18 image are 8 x 6 pixels.
     pos = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]])
-    box = torch.tensor([[0, 0, 6, 8], [6, 0, 12, 8], [12, 0, 18, 8],
-                        [0, 8, 6, 16], [6, 8, 12, 16], [12, 8, 18, 16]], dtype=torch.float32)
+    box = torch.tensor(
+        [[0, 0, 6, 8], [6, 0, 12, 8], [12, 0, 18, 8], [0, 8, 6, 16], [6, 8, 12, 16], [12, 8, 18, 16]],
+        dtype=torch.float32,
+    )
     assert torch.equal(data["pooled_patch"].pos, torch.cat([pos, pos]))
     assert torch.equal(data["pooled_patch"].box, torch.cat([box, box]))
     assert torch.equal(data["pooled_patch"].batch, torch.tensor([0] * 6 + [1] * 6))
@@ -130,8 +144,7 @@ def test_stack_group_edges_orders_groups_numerically():
 
 
 def test_neighbour_table():
-    edges = torch.tensor([[[4, 2, 0, 1, 3, 3], [0, 0, 1, 1, 2, 2]],
-                          [[1, 0, 2, 4, 0, 1], [0, 0, 1, 1, 2, 2]]])
+    edges = torch.tensor([[[4, 2, 0, 1, 3, 3], [0, 0, 1, 1, 2, 2]], [[1, 0, 2, 4, 0, 1], [0, 0, 1, 1, 2, 2]]])
     expected = torch.tensor([[[4, 2], [0, 1], [3, 3]], [[1, 0], [2, 4], [0, 1]]])
     assert torch.equal(neighbour_table(edges, 3), expected)
     data, patch_edges, _, _, _ = pooled_stage(k=4)
@@ -147,7 +160,7 @@ def readme_snippet(text: str) -> str:
     section = text.split(README_HEADING, 1)[1]
     block = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
     # The block must belong to this section: no markdown heading before it.
-    if block is None or re.search(r"^#{1,6} ", section[:block.start()], flags=re.M):
+    if block is None or re.search(r"^#{1,6} ", section[: block.start()], flags=re.M):
         pytest.fail(f"the README section {README_HEADING!r} has no ```python block")
     return block.group(1)
 

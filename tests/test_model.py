@@ -1,6 +1,7 @@
 """GKGNet against the published numbers and against the independent dense
 reference in tests/reference_gkgnet.py (same weights, through the authors'
 checkpoint layout)."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -143,8 +144,19 @@ def test_input_size_limits():
         gkg_pyg.create_model("gkgnet_ti", img_size=smallest - 8, k=k)
 
 
-@pytest.mark.parametrize("kw", [dict(groups=1), dict(groups=4), dict(groups=8), dict(cross_level=False),
-                                dict(k=3), dict(k=6), dict(k=12), dict(num_gcn=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(groups=1),
+        dict(groups=4),
+        dict(groups=8),
+        dict(cross_level=False),
+        dict(k=3),
+        dict(k=6),
+        dict(k=12),
+        dict(num_gcn=2),
+    ],
+)
 def test_ablation_switches(kw):
     model = gkg_pyg.create_model("gkgnet_ti", num_classes=3, img_size=128, **kw).eval()
     with torch.no_grad():
@@ -166,4 +178,3 @@ def test_variants_widths():
         assert model.head_patch.in_features == width
     with pytest.raises(ValueError, match="did you mean 'gkgnet_s'"):
         gkg_pyg.create_model("gkgnet_x")
-

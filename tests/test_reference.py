@@ -1,4 +1,5 @@
 """Sanity tests of the dense reference GKGNet (tests/reference_gkgnet.py)."""
+
 import os
 import sys
 
@@ -7,9 +8,16 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from reference_gkgnet import (ReferenceGKGNet, drop_path, group_knn,  # noqa: E402
-                              group_max_relative, interleave, relative_position_table,
-                              resize_relative_position, trainable_parameter_count)
+from reference_gkgnet import (
+    ReferenceGKGNet,
+    drop_path,
+    group_knn,  # noqa: E402
+    group_max_relative,
+    interleave,
+    relative_position_table,
+    resize_relative_position,
+    trainable_parameter_count,
+)
 
 NUM_LABELS = 5
 
@@ -23,37 +31,62 @@ def tiny():
 
 def expected_checkpoint_shapes(channels, blocks, num_classes, img_size, num_gcn=1):
     """The authors' mmcls key -> shape map, written out from the checkpoint layout."""
+
     def bn(prefix, c):
-        return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
-                f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}
+        return {
+            f"{prefix}.weight": (c,),
+            f"{prefix}.bias": (c,),
+            f"{prefix}.running_mean": (c,),
+            f"{prefix}.running_var": (c,),
+            f"{prefix}.num_batches_tracked": (),
+        }
 
     def conv(prefix, c_out, c_in, kernel=1):
         return {f"{prefix}.weight": (c_out, c_in, kernel, kernel), f"{prefix}.bias": (c_out,)}
 
     def grapher_core(prefix, c):  # fc1, graph_conv.gconv.nn, fc2
         out = {**conv(f"{prefix}.fc1.0", c, c), **bn(f"{prefix}.fc1.1", c)}
-        out.update({**conv(f"{prefix}.graph_conv.gconv.nn.0", 2 * c, 2 * c // 4),
-                    **bn(f"{prefix}.graph_conv.gconv.nn.1", 2 * c)})
+        out.update(
+            {
+                **conv(f"{prefix}.graph_conv.gconv.nn.0", 2 * c, 2 * c // 4),
+                **bn(f"{prefix}.graph_conv.gconv.nn.1", 2 * c),
+            }
+        )
         out.update({**conv(f"{prefix}.fc2.0", c, 2 * c), **bn(f"{prefix}.fc2.1", c)})
         return out
 
     def ffn(prefix, c):
-        return {**conv(f"{prefix}.fc1.0", 4 * c, c), **bn(f"{prefix}.fc1.1", 4 * c),
-                **conv(f"{prefix}.fc2.0", c, 4 * c), **bn(f"{prefix}.fc2.1", c)}
+        return {
+            **conv(f"{prefix}.fc1.0", 4 * c, c),
+            **bn(f"{prefix}.fc1.1", 4 * c),
+            **conv(f"{prefix}.fc2.0", c, 4 * c),
+            **bn(f"{prefix}.fc2.1", c),
+        }
 
     c0, side = channels[0], img_size // 4
-    shapes = {**conv("backbone.stem.convs.0", c0 // 2, 3, 3), **bn("backbone.stem.convs.1", c0 // 2),
-              **conv("backbone.stem.convs.3", c0, c0 // 2, 3), **bn("backbone.stem.convs.4", c0),
-              **conv("backbone.stem.convs.6", c0, c0, 3), **bn("backbone.stem.convs.7", c0),
-              "backbone.pos_embed": (1, c0, side, side),
-              "backbone.label_lt.weight": (num_classes, c0),
-              "head.fc1.weight": (num_classes, channels[-1]), "head.fc1.bias": (num_classes,),
-              "head.fc2.weight": (num_classes, channels[-1]), "head.fc2.bias": (num_classes,)}
+    shapes = {
+        **conv("backbone.stem.convs.0", c0 // 2, 3, 3),
+        **bn("backbone.stem.convs.1", c0 // 2),
+        **conv("backbone.stem.convs.3", c0, c0 // 2, 3),
+        **bn("backbone.stem.convs.4", c0),
+        **conv("backbone.stem.convs.6", c0, c0, 3),
+        **bn("backbone.stem.convs.7", c0),
+        "backbone.pos_embed": (1, c0, side, side),
+        "backbone.label_lt.weight": (num_classes, c0),
+        "head.fc1.weight": (num_classes, channels[-1]),
+        "head.fc1.bias": (num_classes,),
+        "head.fc2.weight": (num_classes, channels[-1]),
+        "head.fc2.bias": (num_classes,),
+    }
     j, nodes = 0, side * side
     for s, (c, depth, r) in enumerate(zip(channels, blocks, (4, 2, 1, 1))):
         if s > 0:
-            shapes.update({**conv(f"backbone.backbone.{j}.conv.0", c, channels[s - 1], 3),
-                           **bn(f"backbone.backbone.{j}.conv.1", c)})
+            shapes.update(
+                {
+                    **conv(f"backbone.backbone.{j}.conv.0", c, channels[s - 1], 3),
+                    **bn(f"backbone.backbone.{j}.conv.1", c),
+                }
+            )
             j, nodes = j + 1, nodes // 4
         for _ in range(depth):
             shapes.update(grapher_core(f"backbone.backbone.{j}.0", c))
@@ -115,14 +148,17 @@ def test_relative_table_is_sincos_product():
             halves = [torch.cat([torch.sin(p * omega), torch.cos(p * omega)]) for p in (col, row)]
             emb[row * grid + col] = torch.cat(halves)
     table = (2 * emb @ emb.T / channels).float()
-    want = -F.interpolate(table[None, None], size=(grid * grid, grid * grid // (r * r)),
-                          mode="bicubic", align_corners=False)[0]
+    want = -F.interpolate(
+        table[None, None], size=(grid * grid, grid * grid // (r * r)), mode="bicubic", align_corners=False
+    )[0]
     got = relative_position_table(channels, grid * grid, r)
     assert got.shape == (1, 64, 16) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     # chunking rows does not change a single bit; r = 1 keeps the raw table
-    assert torch.equal(relative_position_table(channels, 64, r, rows_per_chunk=8),
-                       relative_position_table(channels, 64, r, rows_per_chunk=64))
+    assert torch.equal(
+        relative_position_table(channels, 64, r, rows_per_chunk=8),
+        relative_position_table(channels, 64, r, rows_per_chunk=64),
+    )
     torch.testing.assert_close(relative_position_table(channels, 64, 1)[0], -table, rtol=0, atol=1e-6)
     # nearer positions get a larger T, i.e. a smaller (more negative) stored term
     raw = -relative_position_table(channels, 64, 1)[0]
@@ -144,16 +180,16 @@ def brute_force_knn(dst, src, k, groups, dilation, position):
     for b in range(batch):
         for g in range(groups):
             for i in range(num_dst):
-                u = dst[b, g * sub:(g + 1) * sub, i]
+                u = dst[b, g * sub : (g + 1) * sub, i]
                 u = u / u.norm()
                 dists = []
                 for j in range(src.shape[2]):
-                    v = src[b, g * sub:(g + 1) * sub, j]
+                    v = src[b, g * sub : (g + 1) * sub, j]
                     v = v / v.norm()
                     extra = 0.0 if position is None else float(position[0, i, j])
                     dists.append((float(((u - v) ** 2).sum()) + extra, j))
                 ranked = [j for _, j in sorted(dists)]
-                out[b, g, i] = torch.tensor(ranked[:k * dilation:dilation])
+                out[b, g, i] = torch.tensor(ranked[: k * dilation : dilation])
     return out
 
 
@@ -209,10 +245,13 @@ def check_edges(edges, batch, grids, num_labels):
         assert (patch.sort(-1).values.diff(dim=-1) > 0).all()
 
 
-@pytest.mark.parametrize("dtype,train,size", [
-    (torch.float32, True, (192, 192)),
-    (torch.float64, False, (192, 160)),
-])
+@pytest.mark.parametrize(
+    "dtype,train,size",
+    [
+        (torch.float32, True, (192, 192)),
+        (torch.float64, False, (192, 160)),
+    ],
+)
 def test_forward_shapes(tiny, dtype, train, size):
     model = tiny.to(dtype).train(train)
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1)).to(dtype)

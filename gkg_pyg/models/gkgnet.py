@@ -8,6 +8,7 @@ in node layout ``(B, N, C)`` so every 1x1 convolution is a linear map and the
 graph layers see PyG node tensors; only the stem and the downsampling
 convolutions run on the image layout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,15 @@ from ..graph import build_stage_graph
 from ..knn import PositionBias, batched_group_knn, resolve_backend
 from .registry import create_model, list_models, register_model
 
-__all__ = ["GKGNet", "create_model", "list_models", "min_input_size", "relative_position_table",
-           "checkpoint_filter_fn", "export_authors_checkpoint"]
+__all__ = [
+    "GKGNet",
+    "create_model",
+    "list_models",
+    "min_input_size",
+    "relative_position_table",
+    "checkpoint_filter_fn",
+    "export_authors_checkpoint",
+]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -48,16 +56,28 @@ VARIANTS: Dict[str, Variant] = {
 # path to gkg_pyg.load_checkpoint).
 pretrained_cfgs: Dict[str, dict] = {
     "gkgnet_s": dict(
-        file="GKGNet-S COCO checkpoint of the authors (mmcls layout)", source="gkgnet_mmcls",
-        num_classes=80, input_size=(3, 576, 576), interpolation="bicubic",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, coco_map=87.65,
-        backbone_init="pvig_s_82.1.pth.tar (Pyramid ViG-S, ImageNet)"),
+        file="GKGNet-S COCO checkpoint of the authors (mmcls layout)",
+        source="gkgnet_mmcls",
+        num_classes=80,
+        input_size=(3, 576, 576),
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        coco_map=87.65,
+        backbone_init="pvig_s_82.1.pth.tar (Pyramid ViG-S, ImageNet)",
+    ),
 }
 for _name in ("ti", "m", "b"):
     pretrained_cfgs[f"gkgnet_{_name}"] = dict(
-        file=None, source="gkgnet_mmcls", num_classes=80, input_size=(3, 448, 448),
-        interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        backbone_init=f"pvig_{_name}_*.pth.tar (Pyramid ViG-{_name.upper()}, ImageNet)")
+        file=None,
+        source="gkgnet_mmcls",
+        num_classes=80,
+        input_size=(3, 448, 448),
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        backbone_init=f"pvig_{_name}_*.pth.tar (Pyramid ViG-{_name.upper()}, ImageNet)",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -126,13 +146,14 @@ def relative_position_table(grid: Tuple[int, int], channels: int, pool: int, row
     rows, cols = torch.arange(n) // w, torch.arange(n) % w
     out = torch.empty(n, n_src)
     for r0 in range(0, n, rows_per_chunk):
-        r, c = rows[r0:r0 + rows_per_chunk], cols[r0:r0 + rows_per_chunk]
+        r, c = rows[r0 : r0 + rows_per_chunk], cols[r0 : r0 + rows_per_chunk]
         chunk = (ty[r][:, rows] + tx[c][:, cols]).float()
         if n_src == n:
-            out[r0:r0 + len(r)] = chunk
+            out[r0 : r0 + len(r)] = chunk
         else:
-            out[r0:r0 + len(r)] = F.interpolate(chunk[None, None], size=(len(r), n_src), mode="bicubic",
-                                                align_corners=False)[0, 0]
+            out[r0 : r0 + len(r)] = F.interpolate(
+                chunk[None, None], size=(len(r), n_src), mode="bicubic", align_corners=False
+            )[0, 0]
     return out
 
 
@@ -186,7 +207,8 @@ class _BatchNormGeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training, momentum, eps):
         z, mean, invstd = torch.ops.aten.native_batch_norm(
-            h, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+            h, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps
+        )
         ctx.save_for_backward(h, bn_weight, bn_bias, weight, mean, invstd)
         ctx.running, ctx.training, ctx.eps = (running_mean, running_var), training, eps
         return F.linear(F.gelu(z), weight, bias)
@@ -200,7 +222,8 @@ class _BatchNormGeluLinear(torch.autograd.Function):
         grad_z = torch.ops.aten.gelu_backward(grad_out @ weight, z)
         grad_weight, grad_bias = grad_out.t() @ F.gelu(z), grad_out.sum(0)
         grad_h, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_z, h, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, [True, True, True])
+            grad_z, h, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, [True, True, True]
+        )
         return grad_h, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -208,15 +231,32 @@ def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Lin
     """``linear(act(bn(h)))`` for ``(..., C)`` node features; with a plain
     NodeBatchNorm, exact GELU and autograd on (and no autocast, no SyncBatchNorm,
     whose statistics need its own forward) through :class:`_BatchNormGeluLinear`."""
-    fused = (torch.is_grad_enabled() and type(bn) is NodeBatchNorm and bn.affine and bn.track_running_stats
-             and bn.momentum is not None and isinstance(act, nn.GELU) and act.approximate == "none"
-             and not torch.is_autocast_enabled(h.device.type))
+    fused = (
+        torch.is_grad_enabled()
+        and type(bn) is NodeBatchNorm
+        and bn.affine
+        and bn.track_running_stats
+        and bn.momentum is not None
+        and isinstance(act, nn.GELU)
+        and act.approximate == "none"
+        and not torch.is_autocast_enabled(h.device.type)
+    )
     if not fused:
         return linear(act(bn(h)))
     if bn.training:
         bn.num_batches_tracked.add_(1)  # as _BatchNorm.forward does
-    out = _BatchNormGeluLinear.apply(h.reshape(-1, h.shape[-1]), bn.weight, bn.bias, linear.weight, linear.bias,
-                                     bn.running_mean, bn.running_var, bn.training, bn.momentum, bn.eps)
+    out = _BatchNormGeluLinear.apply(
+        h.reshape(-1, h.shape[-1]),
+        bn.weight,
+        bn.bias,
+        linear.weight,
+        linear.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.training,
+        bn.momentum,
+        bn.eps,
+    )
     return out.view(*h.shape[:-1], out.shape[-1])
 
 
@@ -289,6 +329,7 @@ def _edge_index(neighbors: Tensor, n_src: int) -> Tensor:
 
 class PatchGraph(NamedTuple):
     """What the last patch block of a stage compared and chose (for :mod:`gkg_pyg.graph`)."""
+
     neighbors: Tensor  # (G, B, N, k) source indices within each image
     knn_x: Tensor  # (B, N, C) the destinations y = BN(W1 x)
     sources: Tensor  # (B, N_src, C) pooled y
@@ -296,6 +337,7 @@ class PatchGraph(NamedTuple):
 
 class LabelGraph(NamedTuple):
     """What a cross-level module compared and chose."""
+
     neighbors: Tensor  # (G, B, L, k) patch indices within each image
     knn_x: Tensor  # (B, L, C) the label destinations z = BN(W1 labels)
 
@@ -312,14 +354,29 @@ def _to_nodes(x: Tensor) -> Tensor:
 class Stage(nn.Module):
     """Optional downsampling, then patch blocks (Grapher + FFN) on one grid."""
 
-    def __init__(self, cin: int, channels: int, grid: Tuple[int, int], pool: int, dilations: Sequence[int],
-                 drop_paths: Sequence[float], k: int, groups: int, knn_backend: str, downsample: bool):
+    def __init__(
+        self,
+        cin: int,
+        channels: int,
+        grid: Tuple[int, int],
+        pool: int,
+        dilations: Sequence[int],
+        drop_paths: Sequence[float],
+        k: int,
+        groups: int,
+        knn_backend: str,
+        downsample: bool,
+    ):
         super().__init__()
-        self.downsample = None if not downsample else nn.Sequential(
-            nn.Conv2d(cin, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels))
+        self.downsample = (
+            None
+            if not downsample
+            else nn.Sequential(nn.Conv2d(cin, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels))
+        )
         self.blocks = nn.ModuleList(
             nn.ModuleDict(dict(grapher=GroupGraphBlock(channels, groups, dp), ffn=FFN(channels, dp)))
-            for dp in drop_paths)
+            for dp in drop_paths
+        )
         self.grid, self.pool, self.dilations = grid, pool, list(dilations)
         self.k, self.groups, self.knn_backend = k, groups, knn_backend
         # Fixed and recomputed, never part of a checkpoint; built on first use
@@ -347,8 +404,9 @@ class Stage(nn.Module):
         key = (grid, self.relative_pos.dtype, self.relative_pos.device)
         if key not in self._bias_cache:
             self._bias_cache.clear()
-            self._bias_cache[key] = F.interpolate(self.relative_pos[None, None], size=(grid[0] * grid[1], n_src),
-                                                  mode="bicubic", align_corners=False)[0, 0]
+            self._bias_cache[key] = F.interpolate(
+                self.relative_pos[None, None], size=(grid[0] * grid[1], n_src), mode="bicubic", align_corners=False
+            )[0, 0]
         return self._bias_cache[key]
 
     def position_factors(self, grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
@@ -396,8 +454,9 @@ class Stage(nn.Module):
             dilation = max(1, min(dilation, n_src // self.k))  # small inputs: cap to the sources there are
             backend = resolve_backend(self.knn_backend, x.device, self.k * dilation)
             bias = self.knn_position_bias(grid, backend, y.dtype)
-            neighbors = batched_group_knn(src, y, self.k, self.groups, dilation=dilation, position_bias=bias,
-                                          backend=backend)  # 2. group kNN graph, per image
+            neighbors = batched_group_knn(
+                src, y, self.k, self.groups, dilation=dilation, position_bias=bias, backend=backend
+            )  # 2. group kNN graph, per image
             x = grapher.update(x, grapher.aggregate(src, y, neighbors))  # 3. aggregate, 4. update
             x = block["ffn"](x)
             if return_graph:
@@ -446,9 +505,19 @@ class GKGNet(nn.Module):
     (see :mod:`gkg_pyg.graph`).
     """
 
-    def __init__(self, variant: str = "s", num_classes: int = 80, img_size=448, k: int = 9, groups: int = 2,
-                 drop_path: float = 0.0, cross_level: bool = True, num_gcn: int = 1,
-                 knn_backend: str = "auto", class_names: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        variant: str = "s",
+        num_classes: int = 80,
+        img_size=448,
+        k: int = 9,
+        groups: int = 2,
+        drop_path: float = 0.0,
+        cross_level: bool = True,
+        num_gcn: int = 1,
+        knn_backend: str = "auto",
+        class_names: Optional[Sequence[str]] = None,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
@@ -466,30 +535,52 @@ class GKGNet(nn.Module):
         grids = stage_grids(*self.img_size)
         problem = _too_small(grids, k)
         if problem:
-            raise ValueError(f"img_size {self.img_size} is too small for k={k}: {problem}; "
-                             f"the smallest square size is {min_input_size(k)}")
+            raise ValueError(
+                f"img_size {self.img_size} is too small for k={k}: {problem}; "
+                f"the smallest square size is {min_input_size(k)}"
+            )
         chans, depths = spec.channels, spec.depths
         c0 = chans[0]
         self.stem = nn.Module()
         self.stem.convs = nn.Sequential(
-            nn.Conv2d(3, c0 // 2, 3, stride=2, padding=1), nn.BatchNorm2d(c0 // 2), nn.GELU(),
-            nn.Conv2d(c0 // 2, c0, 3, stride=2, padding=1), nn.BatchNorm2d(c0), nn.GELU(),
-            nn.Conv2d(c0, c0, 3, stride=1, padding=1), nn.BatchNorm2d(c0))
+            nn.Conv2d(3, c0 // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(c0 // 2),
+            nn.GELU(),
+            nn.Conv2d(c0 // 2, c0, 3, stride=2, padding=1),
+            nn.BatchNorm2d(c0),
+            nn.GELU(),
+            nn.Conv2d(c0, c0, 3, stride=1, padding=1),
+            nn.BatchNorm2d(c0),
+        )
         self.pos_embed = nn.Parameter(torch.zeros(1, c0, *grids[0]))
         total = sum(depths)
         rates = torch.linspace(0, drop_path, total).tolist()
         dilations = [min(b // 4 + 1, 49 // k) for b in range(total)]
         starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(
-            Stage(chans[max(i - 1, 0)], chans[i], grids[i], POOL[i], dilations[starts[i]:starts[i] + depths[i]],
-                  rates[starts[i]:starts[i] + depths[i]], k, groups, knn_backend, downsample=i > 0)
-            for i in range(4))
+            Stage(
+                chans[max(i - 1, 0)],
+                chans[i],
+                grids[i],
+                POOL[i],
+                dilations[starts[i] : starts[i] + depths[i]],
+                rates[starts[i] : starts[i] + depths[i]],
+                k,
+                groups,
+                knn_backend,
+                downsample=i > 0,
+            )
+            for i in range(4)
+        )
         if cross_level:
             self.label_embed = nn.Embedding(num_classes, c0)  # initialised N(0, 1)
             self.label_modules = nn.ModuleList(
-                nn.ModuleList(CrossLevelModule(chans[i], k, groups, rates[starts[i]], knn_backend)
-                              for _ in range(num_gcn if i == 3 else 1))
-                for i in range(4))
+                nn.ModuleList(
+                    CrossLevelModule(chans[i], k, groups, rates[starts[i]], knn_backend)
+                    for _ in range(num_gcn if i == 3 else 1)
+                )
+                for i in range(4)
+            )
             self.label_projs = nn.ModuleList(nn.Linear(chans[i], chans[i + 1]) for i in range(3))
             # Per-label linear head on the label nodes: logit_l = w_l . x_l + b_l.
             self.head_label = nn.Linear(chans[3], num_classes)
@@ -570,8 +661,10 @@ class GKGNet(nn.Module):
         grids = stage_grids(images.shape[2], images.shape[3])
         problem = _too_small(grids, self.k)
         if problem:
-            raise ValueError(f"input {images.shape[2]}x{images.shape[3]} is too small for k={self.k}: {problem}; "
-                             f"the smallest input is {min_input_size(self.k)}x{min_input_size(self.k)}")
+            raise ValueError(
+                f"input {images.shape[2]}x{images.shape[3]} is too small for k={self.k}: {problem}; "
+                f"the smallest input is {min_input_size(self.k)}x{min_input_size(self.k)}"
+            )
         return grids
 
     def forward(self, images: Tensor, return_graphs: bool = False):
@@ -600,17 +693,30 @@ class GKGNet(nn.Module):
             logits = logits + (labels * self.head_label.weight).sum(-1) + self.head_label.bias
         return (logits, graphs) if return_graphs else logits
 
-    def _stage_graph(self, i: int, stage: Stage, x: Tensor, patch: PatchGraph, label: Optional[LabelGraph],
-                     grid: Tuple[int, int], image_size):
+    def _stage_graph(
+        self,
+        i: int,
+        stage: Stage,
+        x: Tensor,
+        patch: PatchGraph,
+        label: Optional[LabelGraph],
+        grid: Tuple[int, int],
+        image_size,
+    ):
         """One stage's :class:`~torch_geometric.data.HeteroData` for ``return_graphs``."""
         flat = lambda t: t.detach().reshape(-1, t.shape[-1])  # noqa: E731
         return build_stage_graph(
-            patch_x=flat(x), grid=grid, image_size=tuple(image_size), patch_knn_x=flat(patch.knn_x),
-            source_x=flat(patch.sources), pool=stage.pool,
+            patch_x=flat(x),
+            grid=grid,
+            image_size=tuple(image_size),
+            patch_knn_x=flat(patch.knn_x),
+            source_x=flat(patch.sources),
+            pool=stage.pool,
             patch_edges=_edge_index(patch.neighbors, patch.sources.shape[1]),
             label_x=None if label is None else flat(label.knn_x),
             label_edges=None if label is None else _edge_index(label.neighbors, x.shape[1]),
-            label_names=self.class_names)
+            label_names=self.class_names,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -633,22 +739,29 @@ def authors_key_map(model: GKGNet) -> Dict[str, Tuple[str, bool]]:
 
     Our modules mirror theirs, so each key maps by renaming its module
     prefix; their linear maps inside blocks are 1x1 convolutions."""
-    rules = [("stem.", "backbone.stem."), ("pos_embed", "backbone.pos_embed"),
-             ("label_embed.", "backbone.label_lt."), ("head_label.", "head.fc1."), ("head_patch.", "head.fc2.")]
+    rules = [
+        ("stem.", "backbone.stem."),
+        ("pos_embed", "backbone.pos_embed"),
+        ("label_embed.", "backbone.label_lt."),
+        ("head_label.", "head.fc1."),
+        ("head_patch.", "head.fc2."),
+    ]
     j = 0  # index into the authors' flat sequence of blocks and downsamplings
     for s, stage in enumerate(model.stages):
         if stage.downsample is not None:
             rules.append((f"stages.{s}.downsample.", f"backbone.backbone.{j}.conv."))
             j += 1
         for b in range(len(stage.blocks)):
-            rules += [(f"stages.{s}.blocks.{b}.grapher.", f"backbone.backbone.{j}.0."),
-                      (f"stages.{s}.blocks.{b}.ffn.", f"backbone.backbone.{j}.1.")]
+            rules += [
+                (f"stages.{s}.blocks.{b}.grapher.", f"backbone.backbone.{j}.0."),
+                (f"stages.{s}.blocks.{b}.ffn.", f"backbone.backbone.{j}.1."),
+            ]
             j += 1
     rules += [("label_modules.", "backbone.gcn_label."), ("label_projs.", "backbone.ffn_label.")]
     out = {}
     for key, tensor in model.state_dict().items():
         ours, theirs = next((o, t) for o, t in rules if key.startswith(o))
-        rest = key[len(ours):]
+        rest = key[len(ours) :]
         if ours == "label_projs.":  # their label maps sit in a Sequential: ffn_label.{s}.0.*
             stage, _, rest = rest.partition(".")
             rest = f"{stage}.0.{rest}"
@@ -678,8 +791,10 @@ def detect_layout(state_dict: Dict[str, Tensor]) -> str:
         return "gkg_pyg"
     if "stem.convs.0.weight" in state_dict and any(k.startswith("backbone.") for k in keys):
         return "pyramid_vig"
-    raise ValueError("cannot tell the checkpoint layout from its keys (first keys: "
-                     f"{keys[:5]}); pass source='gkg_pyg', 'gkgnet_mmcls' or 'pyramid_vig'")
+    raise ValueError(
+        "cannot tell the checkpoint layout from its keys (first keys: "
+        f"{keys[:5]}); pass source='gkg_pyg', 'gkgnet_mmcls' or 'pyramid_vig'"
+    )
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: GKGNet, source: str = "auto") -> dict:
@@ -715,10 +830,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: GKGNet, source: s
         mapping = authors_key_map(model)
     absent, skipped = [], []
     if source == "pyramid_vig":
-        absent = [ours for ours, (theirs, _) in mapping.items()
-                  if not theirs.startswith("backbone.") or theirs.startswith(_LABEL_PATH)]
-        mapping = {ours: (theirs[len("backbone."):], conv) for ours, (theirs, conv) in mapping.items()
-                   if ours not in absent}
+        absent = [
+            ours
+            for ours, (theirs, _) in mapping.items()
+            if not theirs.startswith("backbone.") or theirs.startswith(_LABEL_PATH)
+        ]
+        mapping = {
+            ours: (theirs[len("backbone.") :], conv) for ours, (theirs, conv) in mapping.items() if ours not in absent
+        }
         skipped = [k for k in state_dict if k.startswith("prediction.")]
     if source != "gkg_pyg":
         skipped += [k for k in state_dict if k.endswith(".relative_pos")]
@@ -729,14 +848,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: GKGNet, source: s
         tensor, target = state_dict[theirs], own[ours]
         if tensor.dim() == 4 and target.dim() == 2 and tensor.shape[2:] == (1, 1):
             tensor = tensor.flatten(1)
-        if ours == "pos_embed" and tensor.dim() == 4 and tensor.shape[:2] == target.shape[:2] \
-                and tensor.shape != target.shape:
+        if (
+            ours == "pos_embed"
+            and tensor.dim() == 4
+            and tensor.shape[:2] == target.shape[:2]
+            and tensor.shape != target.shape
+        ):
             tensor = F.interpolate(tensor.float(), size=target.shape[2:], mode="bicubic", align_corners=False)
             resized.append(f"{theirs} {tuple(state_dict[theirs].shape)} -> {tuple(target.shape)}")
         converted[ours], names[ours] = tensor, theirs
     head = converted.get("head_patch.weight")
-    return dict(source=source, state_dict=converted, names=names, skipped=skipped, absent=absent,
-                resized=resized, num_classes=None if head is None else int(head.shape[0]))
+    return dict(
+        source=source,
+        state_dict=converted,
+        names=names,
+        skipped=skipped,
+        absent=absent,
+        resized=resized,
+        num_classes=None if head is None else int(head.shape[0]),
+    )
 
 
 def export_authors_checkpoint(model: GKGNet, path=None) -> dict:
