@@ -48,10 +48,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gkg_pyg.builder import build_model  # noqa: E402
-from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
-from gkg_pyg.config import load_config, validate_config  # noqa: E402
-from gkg_pyg.data import class_names_from_config, load_rgb, preprocess_info  # noqa: E402
+from gkg_pyg.builder import load_trained_model  # noqa: E402
+from gkg_pyg.data import load_rgb, preprocess_info  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds, thresholds_json  # noqa: E402
 
 
@@ -91,21 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_for_export(args: argparse.Namespace):
     """(wrapped model in eval mode on the dense kNN path, class names, preprocess, thresholds record)."""
-    _, checkpoint = read_checkpoint(args.checkpoint)
-    if args.config:
-        cfg = load_config(args.config)
-    elif isinstance(checkpoint.get("config"), dict):
-        cfg = validate_config(checkpoint["config"])
-    else:
-        raise ValueError(f"{args.checkpoint} holds no config (not a gkg-pyg training checkpoint): pass --config")
-    class_names = list(checkpoint.get("class_names") or class_names_from_config(cfg["data"]))
-    model = build_model(cfg, class_names, load_weights=False, verbose=False)
-    weights = checkpoint
-    if args.ema:
-        if not isinstance(checkpoint.get("ema"), dict):
-            raise ValueError(f"--ema: {args.checkpoint} holds no EMA weights")
-        weights = checkpoint["ema"]
-    load_checkpoint(model, weights, verbose=False)
+    model, class_names, cfg, checkpoint = load_trained_model(args.checkpoint, args.config, args.ema)
     model.set_knn_backend("dense")  # matrix products and topk: plain ONNX operators
     preprocess = dict(checkpoint.get("preprocess") or preprocess_info(cfg["model"]["img_size"]))
     if args.img_size:

@@ -41,10 +41,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gkg_pyg.builder import build_model  # noqa: E402
-from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
-from gkg_pyg.config import load_config, validate_config  # noqa: E402
-from gkg_pyg.data import class_names_from_config, find_images, load_rgb, preprocess_info  # noqa: E402
+from gkg_pyg.builder import load_trained_model  # noqa: E402
+from gkg_pyg.data import find_images, load_rgb, preprocess_info  # noqa: E402
 from gkg_pyg.data import transform_from_preprocess  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds  # noqa: E402
 
@@ -81,23 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_model(args: argparse.Namespace):
     """(model with its weights, class names, preprocess record, checkpoint dict)."""
-    _, checkpoint = read_checkpoint(args.checkpoint)
-    if args.config:
-        cfg = load_config(args.config)
-    elif isinstance(checkpoint.get("config"), dict):
-        cfg = validate_config(checkpoint["config"])
-    else:
-        raise ValueError(f"{args.checkpoint} holds no config (not a gkg-pyg training checkpoint): pass --config")
-    class_names = checkpoint.get("class_names") or class_names_from_config(cfg["data"])
-    model = build_model(cfg, class_names, load_weights=False, verbose=False)
-    weights = checkpoint
-    if args.ema:
-        if not isinstance(checkpoint.get("ema"), dict):
-            raise ValueError(f"--ema: {args.checkpoint} holds no EMA weights")
-        weights = checkpoint["ema"]
-    load_checkpoint(model, weights, verbose=False)
+    model, class_names, cfg, checkpoint = load_trained_model(args.checkpoint, args.config, args.ema)
     preprocess = checkpoint.get("preprocess") or preprocess_info(cfg["model"]["img_size"])
-    return model.eval(), list(class_names), preprocess, checkpoint
+    return model, class_names, preprocess, checkpoint
 
 
 def decision_thresholds(args, checkpoint: dict, class_names: list[str]) -> tuple[torch.Tensor, str]:

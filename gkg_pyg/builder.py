@@ -133,3 +133,30 @@ def build_model(
     if load_weights and section["init_from"]:
         init_from_checkpoint(model, section["init_from"], verbose=verbose, classifier=section["init_classifier"])
     return model
+
+
+def load_trained_model(checkpoint_path: str | Path, config_path: str | Path | None = None, ema: bool = False):
+    """A trained model for inference, ``(model in eval mode, class names, config, checkpoint dict)``.
+
+    The config comes from ``config_path`` or, by default, from the training
+    checkpoint itself; the weights (the EMA copy with ``ema=True``) load strictly.
+    """
+    from .config import load_config, validate_config
+    from .data import class_names_from_config
+
+    _, checkpoint = read_checkpoint(checkpoint_path)
+    if config_path:
+        cfg = load_config(config_path)
+    elif isinstance(checkpoint.get("config"), dict):
+        cfg = validate_config(checkpoint["config"])
+    else:
+        raise ValueError(f"{checkpoint_path} holds no config (not a gkg-pyg training checkpoint): pass --config")
+    class_names = list(checkpoint.get("class_names") or class_names_from_config(cfg["data"]))
+    model = build_model(cfg, class_names, load_weights=False, verbose=False)
+    weights = checkpoint
+    if ema:
+        if not isinstance(checkpoint.get("ema"), dict):
+            raise ValueError(f"--ema: {checkpoint_path} holds no EMA weights")
+        weights = checkpoint["ema"]
+    load_checkpoint(model, weights, verbose=False)
+    return model.eval(), class_names, cfg, checkpoint
