@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from gkg_pyg.builder import build_model  # noqa: E402
 from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
-from gkg_pyg.config import load_config  # noqa: E402
+from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.training.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from gkg_pyg.training.loaders import build_split, check_images, eval_loader  # noqa: E402
 from gkg_pyg.training.loops import evaluate  # noqa: E402
@@ -62,14 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config naming the data set and the model")
     p.add_argument("--checkpoint", required=True, help="weights to evaluate")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    add_override_argument(p)
     p.add_argument("--output", help="folder for metrics.json and per_class_ap.csv (default: <checkpoint folder>/eval)")
     p.add_argument(
         "--skip-bad-images",

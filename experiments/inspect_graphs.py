@@ -42,7 +42,7 @@ import gkg_pyg  # noqa: E402
 from gkg_pyg import inspect as gi  # noqa: E402
 from gkg_pyg.checkpoint import read_checkpoint  # noqa: E402
 from gkg_pyg.builder import build_model  # noqa: E402
-from gkg_pyg.config import load_config  # noqa: E402
+from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.data import IMAGE_SUFFIXES, class_names_from_config  # noqa: E402
 
 
@@ -104,14 +104,7 @@ def dataset_images(folder: str, max_images: int) -> List[Path]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config with a 'model:' section")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable), e.g. --set model.num_classes=20",
-    )
+    add_override_argument(p, help="override a config value (repeatable), e.g. --set model.num_classes=20")
     p.add_argument("--checkpoint", help="weights (gkg-pyg or the authors' layout); none: random weights")
     p.add_argument("--image", required=True, help="the image to inspect")
     p.add_argument("--label", nargs="+", help="label names (or indices); default the 3 highest scores")

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gkg_pyg.builder import build_model  # noqa: E402
-from gkg_pyg.config import load_config  # noqa: E402
+from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.data import collate  # noqa: E402
 from gkg_pyg.loss import GKGNetLoss  # noqa: E402
 from gkg_pyg.metrics import multilabel_metrics  # noqa: E402
@@ -212,14 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/label_path", help="folder of log.jsonl")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="more config overrides (after DEFAULT_OVERRIDES)",
-    )
+    add_override_argument(p, help="more config overrides (after DEFAULT_OVERRIDES)")
     p.add_argument("--report", action="store_true", help="print the table of the runs so far and stop")
     args = p.parse_args(argv)
     overrides = DEFAULT_OVERRIDES + args.overrides

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gkg_pyg.builder import build_model  # noqa: E402
-from gkg_pyg.config import config_diff, load_config, save_config  # noqa: E402
+from gkg_pyg.config import add_override_argument, config_diff, load_config, save_config  # noqa: E402
 from gkg_pyg.training.distributed import (  # noqa: E402
     DistInfo, cleanup_distributed, convert_sync_batchnorm, init_distributed,
 )  # fmt: skip
@@ -58,14 +58,7 @@ SUMMARY = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (experiments/configs/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
-    )
+    add_override_argument(p, help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument(
         "--resume",
         nargs="?",

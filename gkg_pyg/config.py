@@ -316,6 +316,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def add_override_argument(parser, help: str = "override a config value (repeatable)") -> None:
+    """The scripts' shared ``--set KEY=VALUE`` option (collected in ``args.overrides``, for :func:`apply_overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     """Apply ``key=value`` overrides to ``cfg`` in place (checked like a
     config file); returns cfg."""
