@@ -110,7 +110,7 @@ DEFAULTS: dict[str, Any] = {
         # Batches per optimizer step (gradient accumulation): the total batch is
         # batch_size x accumulate x processes; the paper's is 128 (8 GPUs x 16).
         "accumulate": 1,
-        "amp": "fp16",  # fp16 | bf16 | none; CUDA only, the CPU always runs float32
+        "amp": "fp16",  # fp16 | bf16 | none; on the CPU bf16 autocasts, fp16 and none run float32
         "clip_grad": 5.0,  # max L2 norm of all gradients; None: no clipping
         "sync_bn": True,  # SyncBatchNorm when distributed on GPUs
         "ema": False,

@@ -43,16 +43,21 @@ class GroupedLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.groups == 1:
-            return F.linear(x, self.weight, self.bias)
-        g = self.groups
-        w = self.weight.view(g, self.out_channels // g, self.in_channels // g)
-        out = torch.bmm(x.reshape(-1, g, self.in_channels // g).transpose(0, 1), w.transpose(1, 2))
-        out = out.transpose(0, 1).reshape(*x.shape[:-1], self.out_channels)
-        return out if self.bias is None else out + self.bias
+        return grouped_linear(x, self.weight, self.bias, self.groups)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, groups={self.groups}, bias={self.bias is not None}"
+
+
+def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+    """:class:`GroupedLinear`'s map with the given ``(out, in / groups)`` weight."""
+    if groups == 1:
+        return F.linear(x, weight, bias)
+    out_channels, in_per_group = weight.shape
+    w = weight.view(groups, out_channels // groups, in_per_group)
+    out = torch.bmm(x.reshape(-1, groups, in_per_group).transpose(0, 1), w.transpose(1, 2))
+    out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
+    return out if bias is None else out + bias
 
 
 def _activation(name: Optional[str]) -> nn.Module:
@@ -62,29 +67,54 @@ def _activation(name: Optional[str]) -> nn.Module:
     return acts[name]()
 
 
-def _regular_max(x_src: Tensor, neighbors: Tensor) -> Tensor:
+class _RegularMax(torch.autograd.Function):
     """``out[i, c] = max_j x_src[neighbors[g(c), i, j], c]`` for a ``(G, N_dst, k)``
     table, ``g(c)`` the group of channel ``c``: ``(N_dst, C)``.
 
-    The candidates are gathered and compared without autograd. When a
-    gradient is needed, only the winners are read again from ``x_src`` with a
-    differentiable ``gather``, so the backward pass is one index scatter of
-    ``(N_dst, C)`` gradients (each to the first maximal neighbour, nearest
-    first) and no ``(N_dst, k, C)`` tensor is kept for it.
+    One ``(N_dst, C)`` gather per neighbour rank, folded into a running
+    maximum: on the CPU this is several times faster than gathering all
+    ``(N_dst, k, C)`` candidates and reducing over ``k`` (it stays in cache).
+    For the backward pass only the rank of each winner (the first maximal
+    neighbour, nearest first; one byte per value when ``k <= 256``) is kept,
+    and the gradient goes to the winners with one index scatter.
     """
-    g, n_dst, k = neighbors.shape
-    n_src, c = x_src.shape
-    w = c // g
-    with torch.no_grad():
-        # Sub-row n * G + g of x_src viewed as (N_src * G, C / G) is group g of node n.
-        sub = (neighbors * g + torch.arange(g, device=neighbors.device).view(g, 1, 1)).transpose(0, 1)
-        cand = x_src.detach().reshape(n_src * g, w).index_select(0, sub.reshape(-1)).view(n_dst, g, k, w)
-        # max(dim) returns the first maximal index, like argmax, and is several times faster on the CPU.
-        best, rank = cand.max(dim=2)  # (N_dst, G, w)
-    if not (torch.is_grad_enabled() and x_src.requires_grad):
+
+    @staticmethod
+    def forward(ctx, x_src: Tensor, neighbors: Tensor) -> Tensor:
+        g, n_dst, k = neighbors.shape
+        n_src, c = x_src.shape
+        # Sub-row n * G + g of x_src viewed as (N_src * G, C / G) is group g of node n; row i * G + g
+        # of the result is group g of destination i.
+        sub = x_src.reshape(n_src * g, c // g)
+        index = (neighbors * g + torch.arange(g, device=neighbors.device).view(g, 1, 1)).permute(2, 1, 0)
+        index = index.reshape(k, n_dst * g)  # (k, N_dst * G): rank j's sub-rows
+        best = sub.index_select(0, index[0])
+        for j in range(1, k):
+            torch.maximum(best, sub.index_select(0, index[j]), out=best)
+        if ctx.needs_input_grad[0]:
+            # Walk the ranks backwards so that ties end on the nearest maximal neighbour.
+            rank = torch.full_like(best, k - 1, dtype=torch.uint8 if k <= 256 else torch.long)
+            candidate, is_best = torch.empty_like(best), torch.empty_like(best, dtype=torch.bool)
+            for j in range(k - 2, -1, -1):
+                torch.eq(torch.index_select(sub, 0, index[j], out=candidate), best, out=is_best)
+                rank.masked_fill_(is_best, j)
+            ctx.save_for_backward(neighbors, rank)
+            ctx.n_src = n_src
         return best.view(n_dst, c)
-    rows = neighbors.transpose(0, 1).gather(2, rank)  # (N_dst, G, w): the winners' source indices
-    return x_src.gather(0, rows.view(n_dst, c))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        neighbors, rank = ctx.saved_tensors
+        g, n_dst, _ = neighbors.shape
+        c = grad_out.shape[1]
+        winners = neighbors.transpose(0, 1).gather(2, rank.view(n_dst, g, c // g).long())  # (N_dst, G, C / G)
+        grad_src = grad_out.new_zeros(ctx.n_src, c).scatter_add_(0, winners.view(n_dst, c), grad_out)
+        return grad_src, None
+
+
+def _regular_max(x_src: Tensor, neighbors: Tensor) -> Tensor:
+    """See :class:`_RegularMax`; ``(N_dst, C)``."""
+    return _RegularMax.apply(x_src, neighbors)
 
 
 def _check_edge_range(edge_index: Tensor, n_src: int, n_dst: int) -> None:
@@ -203,6 +233,18 @@ class GroupMaxRelConv(MessagePassing):
         ``neighbors`` table ``(G, N_dst, k)`` of source indices (exactly ``k``
         per destination and group, as :func:`gkg_pyg.group_knn` builds:
         ``neighbors = edge_index[:, 0].view(G, N_dst, k)``). Pass one of the two."""
+        return self.nn(self.relative_features(x, edge_index, neighbors=neighbors))
+
+    def relative_features(
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: Union[Tensor, SparseTensor, None] = None,
+        *,
+        neighbors: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The interleaved ``[x_{i,0}, m_{i,0}, x_{i,1}, m_{i,1}, ...]``,
+        ``(N_dst, 2C)``, that :meth:`forward` maps through ``self.nn`` (for
+        callers that fuse that map with what follows it)."""
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         g, c = self.groups, self.in_channels
         if x_src.shape[-1] != c or x_dst.shape[-1] != c:
@@ -221,8 +263,7 @@ class GroupMaxRelConv(MessagePassing):
         else:
             rel = self._general_max_rel(x_src, x_dst, self._group_edges(edge_index, x_src.shape[0], x_dst.shape[0]))
         n_dst = x_dst.shape[0]
-        interleaved = torch.stack([x_dst, rel], dim=-1).view(n_dst, 2 * c)
-        return self.nn(interleaved)
+        return torch.stack([x_dst, rel], dim=-1).view(n_dst, 2 * c)
 
     def _group_edges(self, edge_index: Union[Tensor, SparseTensor], n_src: int, n_dst: int) -> Tensor:
         """The caller's edges as ``(G, 2, E)``, checked in the caller's shape and

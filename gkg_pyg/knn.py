@@ -27,6 +27,9 @@ Backends
 --------
 ``"dense"``: blocked matrix products and ``topk`` (chunked so that one
 distance block holds at most :data:`DENSE_BLOCK_ELEMENTS` values).
+Both backends rank in at least float32, also for half-precision features
+and under autocast (the features are upcast; the graph costs little next
+to the model, and half-precision distances would reorder close neighbours).
 ``"torch_cluster"``: ``torch_cluster.knn`` on augmented coordinates that fold
 the position bias in, then an exact re-ranking of its ``k * dilation``
 candidates from the small features (see :func:`_cluster_knn`).
@@ -329,12 +332,18 @@ def _all_finite(x: Tensor) -> bool:
 # ---------------------------------------------------------------------------
 def _knn_table(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[PositionBias], backend: str) -> Tensor:
     kernel = _cluster_knn if backend == "torch_cluster" else _dense_knn
-    return kernel(src, dst, needed, position_bias)
+    if not torch.amp.is_autocast_available(src.device.type):  # e.g. meta tensors
+        return kernel(src, dst, needed, position_bias)
+    with torch.autocast(src.device.type, enabled=False):  # rank in the features' (>= float32) precision
+        return kernel(src, dst, needed, position_bias)
 
 
 def _normalized_groups(x: Tensor, groups: int) -> Tensor:
-    """(B, N, C) -> (groups, B, N, C / groups), each sub-vector L2-normalised."""
+    """(B, N, C) -> (groups, B, N, C / groups), each sub-vector L2-normalised,
+    in at least float32: half-precision distances (8 or 11 mantissa bits)
+    would reorder neighbours whose similarities differ in the third digit."""
     b, n, c = x.shape
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     return F.normalize(x.reshape(b, n, groups, c // groups), dim=-1).permute(2, 0, 1, 3)
 
 

@@ -195,29 +195,74 @@ def saved_bytes(fn):
     return out, total
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_ffn_fused_hidden_path_equals_modules(train):
+def _modules_one_by_one(block, x):
+    """What the FFN / the Grapher's update computed before fusion and folding:
+    every linear map, BatchNorm and GELU as its own module call."""
     from gkg_pyg.models.gkgnet import FFN
 
-    torch.manual_seed(0)
-    fused = FFN(16).double().train(train)
+    def lin_bn(seq, h):
+        return seq[1](seq[0](h))
+
+    if isinstance(block, FFN):
+        return x + lin_bn(block.fc2, block.act(lin_bn(block.fc1, x)))
+    x, r = x
+    conv_linear, bn, act = block.graph_conv.nn
+    return x + lin_bn(block.fc2, act(bn(conv_linear(r.reshape(-1, r.shape[-1]))))).view(x.shape)
+
+
+def _randomise_batchnorms(module):
     with torch.no_grad():
-        for bn in (fused.fc1[1], fused.fc2[1]):
-            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
-    plain = FFN(16).double().train(train)
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.BatchNorm1d):
+                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
+
+
+@pytest.mark.parametrize("kind", ["ffn", "grapher"])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_and_folded_blocks_equal_the_modules(kind, train):
+    """Training: BN + GELU + linear map in one autograd function that keeps
+    only its input (same forward bit for bit, same gradients and running
+    statistics, much less kept for backward). Evaluation: the BatchNorms
+    folded into the linear maps (same values up to rounding, float64)."""
+    from gkg_pyg.models.gkgnet import FFN, GroupGraphBlock
+
+    torch.manual_seed(0)
+    make = (lambda: FFN(16)) if kind == "ffn" else (lambda: GroupGraphBlock(16, groups=2))
+    fused = make().double().train(train)
+    _randomise_batchnorms(fused)
+    plain = make().double().train(train)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(3, 10, 16, dtype=torch.float64)
+    r = torch.randn(3, 10, 32, dtype=torch.float64)
     weight_out = torch.randn(3, 10, 16, dtype=torch.float64)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    out_fused, bytes_fused = saved_bytes(lambda: fused(xs[0]))
-    # The modules one by one: what FFN.forward computed before the fused path.
-    out_plain, bytes_plain = saved_bytes(lambda: xs[1] + plain.fc2(plain.act(plain.fc1(xs[1]))))
-    torch.testing.assert_close(out_fused, out_plain, rtol=0, atol=0)
+    rs = [r.clone().requires_grad_(True) for _ in range(2)]
+    if kind == "ffn":
+        out_fused, bytes_fused = saved_bytes(lambda: fused(xs[0]))
+        out_plain, bytes_plain = saved_bytes(lambda: _modules_one_by_one(plain, xs[1]))
+    else:
+        out_fused, bytes_fused = saved_bytes(lambda: fused.update(xs[0], rs[0]))
+        out_plain, bytes_plain = saved_bytes(lambda: _modules_one_by_one(plain, (xs[1], rs[1])))
+    exact = dict(rtol=0, atol=0) if train else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out_fused, out_plain, **exact)
     (out_fused * weight_out).sum().backward()
     (out_plain * weight_out).sum().backward()
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-12)
+    if kind == "grapher":
+        torch.testing.assert_close(rs[0].grad, rs[1].grad, rtol=1e-10, atol=1e-12)
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
     for (name, b), c in zip(fused.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)  # running statistics, num_batches_tracked
-    assert bytes_fused < 0.6 * bytes_plain, (bytes_fused, bytes_plain)
+    if train:  # FFN: one hidden tensor instead of three; Grapher: r and W_g r instead of r and three of 2C
+        assert bytes_fused < (0.6 if kind == "ffn" else 0.7) * bytes_plain, (bytes_fused, bytes_plain)
+
+
+def test_regular_max_keeps_one_byte_per_value_for_backward():
+    """The fast path keeps the neighbour table and the winners' ranks (uint8),
+    never an (N_dst, k, C) tensor or (N_dst, C) int64 indices."""
+    conv = GroupMaxRelConv(80, 160, groups=2, act=None, norm=None)
+    x_src, x_dst = torch.randn(196, 80, requires_grad=True), torch.randn(3136, 80)
+    neighbors = torch.randint(0, 196, (2, 3136, 9))
+    _, kept = saved_bytes(lambda: conv.relative_features((x_src, x_dst), neighbors=neighbors))
+    assert kept == neighbors.numel() * 8 + 3136 * 80, kept

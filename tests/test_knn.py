@@ -492,3 +492,25 @@ def test_model_with_explicit_torch_cluster_without_the_package_raises(monkeypatc
     model.set_knn_backend("auto")
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 96)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_half_precision_features_rank_in_float32(backend, autocast):
+    """bfloat16 features (or features under CPU bf16 autocast) get the
+    neighbours that float32 ranking gives for the same values, where ranking
+    in bfloat16 itself (8 mantissa bits) would reorder many of them."""
+    gen = torch.Generator().manual_seed(5)
+    x_src = torch.randn(2, 196, 16, generator=gen).bfloat16()
+    x_dst = torch.randn(2, 300, 16, generator=gen).bfloat16()
+    bias = (torch.randn(300, 196, generator=gen) * 0.05).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = batched_group_knn(x_src, x_dst, 9, 2, position_bias=bias, backend=backend)
+        got_edges = group_knn(x_src[0], x_dst[0], 9, 2, backend=backend)
+    want = batched_group_knn(x_src.float(), x_dst.float(), 9, 2, position_bias=bias.float(), backend=backend)
+    assert torch.equal(got, want)
+    assert torch.equal(got_edges, group_knn(x_src[0].float(), x_dst[0].float(), 9, 2, backend=backend))
+    # The same ranking carried out in bfloat16 differs: the upcast is what the test checks.
+    a = torch.nn.functional.normalize(x_dst.view(2, 300, 2, 8), dim=-1).permute(2, 0, 1, 3)
+    b = torch.nn.functional.normalize(x_src.view(2, 196, 2, 8), dim=-1).permute(2, 0, 1, 3)
+    in_bf16 = (-2 * a @ b.transpose(-1, -2) - bias).topk(9, dim=-1, largest=False).indices
+    assert (in_bf16 != want).float().mean() > 0.05

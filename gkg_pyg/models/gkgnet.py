@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ..conv import GroupedLinear, GroupMaxRelConv
+from ..conv import GroupedLinear, GroupMaxRelConv, grouped_linear
 from ..graph import build_stage_graph
 from ..knn import PositionBias, batched_group_knn, resolve_backend
 from .registry import create_model, list_models, register_model
@@ -229,11 +229,11 @@ class _BatchNormGeluLinear(torch.autograd.Function):
 
 def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Linear) -> Tensor:
     """``linear(act(bn(h)))`` for ``(..., C)`` node features; with a plain
-    NodeBatchNorm, exact GELU and autograd on (and no autocast, no SyncBatchNorm,
+    BatchNorm, exact GELU and autograd on (and no autocast, no SyncBatchNorm,
     whose statistics need its own forward) through :class:`_BatchNormGeluLinear`."""
     fused = (
         torch.is_grad_enabled()
-        and type(bn) is NodeBatchNorm
+        and type(bn) in (NodeBatchNorm, nn.BatchNorm1d)
         and bn.affine
         and bn.track_running_stats
         and bn.momentum is not None
@@ -260,9 +260,37 @@ def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Lin
     return out.view(*h.shape[:-1], out.shape[-1])
 
 
-def linear_bn(cin: int, cout: int) -> nn.Sequential:
-    """A 1x1 convolution + BatchNorm on node features."""
-    return nn.Sequential(nn.Linear(cin, cout), NodeBatchNorm(cout))
+def folds(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises with fixed running statistics (evaluation),
+    so that it can be folded into the linear map before it."""
+    return type(bn) in (NodeBatchNorm, nn.BatchNorm1d) and not bn.training and bn.running_mean is not None
+
+
+def linear_then_bn(x: Tensor, linear: nn.Module, bn: nn.Module) -> Tensor:
+    """``bn(linear(x))`` for an ``nn.Linear`` or :class:`GroupedLinear`; in
+    evaluation one linear map with the BatchNorm folded into its weight and
+    bias (one pass over the features instead of two)."""
+    if not folds(bn):
+        return bn(linear(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if linear.bias is not None:
+        bias = bias + linear.bias * scale
+    weight = linear.weight * scale.unsqueeze(1)
+    if isinstance(linear, GroupedLinear):
+        return grouped_linear(x, weight, bias, linear.groups)
+    return F.linear(x, weight, bias)
+
+
+class LinearBatchNorm(nn.Sequential):
+    """A 1x1 convolution + BatchNorm on node features (``[0]`` the
+    ``nn.Linear``, ``[1]`` the :class:`NodeBatchNorm`), folded in evaluation."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Linear(cin, cout), NodeBatchNorm(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear_then_bn(x, self[0], self[1])
 
 
 class FFN(nn.Module):
@@ -270,12 +298,14 @@ class FFN(nn.Module):
 
     def __init__(self, channels: int, drop_path: float = 0.0):
         super().__init__()
-        self.fc1 = linear_bn(channels, 4 * channels)
+        self.fc1 = LinearBatchNorm(channels, 4 * channels)
         self.act = nn.GELU()
-        self.fc2 = linear_bn(4 * channels, channels)
+        self.fc2 = LinearBatchNorm(4 * channels, channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if folds(self.fc1[1]):
+            return x + self.drop_path(self.fc2(self.act(self.fc1(x))))
         # fc2's linear map of GELU(fc1(x)), keeping one hidden tensor for backward instead of three
         h = bn_gelu_linear(self.fc1[0](x), self.fc1[1], self.act, self.fc2[0])
         return x + self.drop_path(self.fc2[1](h))
@@ -288,26 +318,38 @@ class GroupGraphBlock(nn.Module):
     1. project: ``y = BN(W1 x_dst)`` (``fc1``);
     2. pick the sources (pooled ``y`` or another node set) and build the group
        kNN graph from the sources to ``y`` (:func:`gkg_pyg.batched_group_knn`);
-    3. aggregate: ``m = GroupMaxRelConv(sources -> y)``, ``2C`` channels (``graph_conv``);
-    4. update: ``x_dst + droppath(BN(W2 m))`` (``fc2``).
+    3. aggregate: ``r = [y_i, max_j s_j - y_i]`` interleaved, ``2C`` channels
+       (``graph_conv.relative_features``);
+    4. update: ``x_dst + droppath(BN(W2 m))`` (``fc2``) with
+       ``m = GELU(BN(W_g r))`` (``graph_conv.nn``), so ``m`` is ``graph_conv``'s
+       output.  Step 4 runs ``graph_conv.nn`` and ``fc2`` together: in training
+       only ``W_g r`` is kept for the backward pass, in evaluation the
+       BatchNorms are folded into the linear maps.
     """
 
     def __init__(self, channels: int, groups: int, drop_path: float = 0.0):
         super().__init__()
-        self.fc1 = linear_bn(channels, channels)
+        self.fc1 = LinearBatchNorm(channels, channels)
         self.graph_conv = GroupMaxRelConv(channels, 2 * channels, groups=groups, conv_groups=4)
-        self.fc2 = linear_bn(2 * channels, channels)
+        self.fc2 = LinearBatchNorm(2 * channels, channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def aggregate(self, sources: Tensor, y: Tensor, neighbors: Tensor) -> Tensor:
-        """``(B, N_src, C)`` sources -> ``(B, N, 2C)`` at the ``(B, N, C)``
-        destinations ``y``, over the per-image neighbour table ``(G, B, N, k)``."""
+        """``(B, N_src, C)`` sources -> ``(B, N, 2C)`` relative features at the
+        ``(B, N, C)`` destinations ``y``, over the per-image neighbour table ``(G, B, N, k)``."""
         b, n, c = y.shape
         table = _flat_neighbors(neighbors, sources.shape[1])
-        return self.graph_conv((sources.reshape(-1, c), y.reshape(-1, c)), neighbors=table).view(b, n, 2 * c)
+        r = self.graph_conv.relative_features((sources.reshape(-1, c), y.reshape(-1, c)), neighbors=table)
+        return r.view(b, n, 2 * c)
 
-    def update(self, x: Tensor, m: Tensor) -> Tensor:
-        return x + self.drop_path(self.fc2(m))
+    def update(self, x: Tensor, r: Tensor) -> Tensor:
+        conv_linear, bn, act = self.graph_conv.nn
+        r = r.reshape(-1, r.shape[-1])  # graph_conv.nn's BatchNorm1d takes (nodes, channels)
+        if folds(bn):
+            m = self.fc2(act(linear_then_bn(r, conv_linear, bn)))
+        else:
+            m = self.fc2[1](bn_gelu_linear(conv_linear(r), bn, act, self.fc2[0]))
+        return x + self.drop_path(m.view(x.shape))
 
 
 def _flat_neighbors(neighbors: Tensor, n_src: int) -> Tensor:
@@ -428,9 +470,9 @@ class Stage(nn.Module):
     def knn_position_bias(self, grid: Tuple[int, int], backend: str, dtype: torch.dtype) -> PositionBias:
         """The position term for ``backend``: the exact dense table for the
         dense kNN, factors (``r = C`` extra coordinates) for torch-cluster."""
-        if backend == "torch_cluster":  # it ranks in float32 at least: keep the factors that precise under autocast
+        dtype = torch.promote_types(dtype, torch.float32)  # the kNN ranks in float32 at least, also under autocast
+        if backend == "torch_cluster":
             u, v = self.position_factors(grid)
-            dtype = torch.promote_types(dtype, torch.float32)
             return u.to(dtype), v.to(dtype)
         return self.position_bias(grid).to(dtype)
 

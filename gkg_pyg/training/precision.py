@@ -24,8 +24,9 @@ class Precision:
 
 
 def build_precision(amp: str, device: torch.device) -> Precision:
-    """fp16 (with a GradScaler) or bf16 autocast on CUDA; float32 on the CPU
-    (and for amp "none")."""
+    """fp16 (with a GradScaler) or bf16 autocast on CUDA; bf16 autocast on the
+    CPU (fp16 there runs float32: CPUs have no fast fp16 matrix products);
+    float32 for amp "none"."""
     if amp not in ("fp16", "bf16", "none"):
         raise ValueError(f"amp must be 'fp16', 'bf16' or 'none', got {amp!r}")
     dtype = None
@@ -33,5 +34,7 @@ def build_precision(amp: str, device: torch.device) -> Precision:
         if amp == "bf16" and not torch.cuda.is_bf16_supported():
             raise ValueError("train.amp=bf16 but this GPU does not support bfloat16; use fp16")
         dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    elif device.type == "cpu" and amp == "bf16":
+        dtype = torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Precision(dtype, scaler, device.type)
