@@ -1,0 +1,110 @@
+"""Paired timing of gkg-pyg against the authors' GKGNet: one step of each in turn.
+
+The authors' code is not part of this project: build a runnable copy outside
+it with ``../shared/authors_gkgnet/make_harness.sh GIT_DIR OUT_DIR`` and pass
+``--harness OUT_DIR``. Both models (GKGNet-S, random weights, 80 classes) live
+in one process; every round runs one step of each configuration, in turn,
+and the table gives each configuration's median images/s and the median over
+rounds of its speed ratio to the authors' float32 step. Slow changes of a
+shared machine's load hit both sides of a round alike, so the ratios are
+steadier than timings of blocks of steps (compare ratios, not images/s).
+
+    python experiments/benchmark_authors.py --harness /work/authors_harness --img-size 224 --batch 8
+    python experiments/benchmark_authors.py --harness ... --img-size 448 --batch 4 --amp bf16 --rounds 4
+
+A training step is forward, backward (BCE on random targets) and AdamW.
+``--amp bf16`` adds both models under CPU bfloat16 autocast as two more rows
+(the ratios stay relative to the authors' float32 step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gkg_pyg  # noqa: E402
+
+
+def load_authors(harness: Path):
+    if not (harness / "official_model.py").is_file():
+        raise SystemExit(
+            f"--harness {harness}: no official_model.py there; build it with "
+            "../shared/authors_gkgnet/make_harness.sh GIT_DIR OUT_DIR"
+        )
+    sys.path.insert(0, str(harness))
+    from official_model import OfficialGKGNet
+
+    return OfficialGKGNet
+
+
+def step(model, optimizer, task: str, x, y, amp: bool) -> float:
+    """Seconds for one eval forward or one training step (forward, backward, AdamW)."""
+    model.train(task == "train")
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        if task == "train":
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
+        else:
+            with torch.no_grad():
+                model(x)
+    if task == "train":
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--harness", type=Path, required=True, help="folder built by make_harness.sh")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--amp", choices=["bf16"], help="also time both models under CPU bf16 autocast")
+    parser.add_argument("--tasks", nargs="+", choices=["eval", "train"], default=["eval", "train"])
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.batch < 1:
+        parser.error("--rounds and --batch must be at least 1")
+    authors_cls = load_authors(args.harness.resolve())
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {
+        "authors": authors_cls(size=args.img_size, choice="s"),
+        "gkg_pyg": gkg_pyg.create_model("gkgnet_s", num_classes=80, img_size=args.img_size),
+    }
+    rows = {"authors, fp32": ("authors", False), "gkg-pyg, fp32": ("gkg_pyg", False)}
+    if args.amp:
+        rows["authors, bf16 autocast"] = ("authors", True)
+        rows["gkg-pyg, bf16 autocast"] = ("gkg_pyg", True)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    y = (torch.rand(args.batch, 80) > 0.9).float()
+    print(f"GKGNet-S, {args.img_size} px, batch {args.batch}, {args.threads} threads, {args.rounds} rounds")
+    print("| task | configuration | images/s (median) | speed / authors fp32 (median of rounds, min-max) |")
+    print("|---|---|---|---|")
+    for task in args.tasks:
+        optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+        for name, amp in rows.values():  # warm-up
+            step(models[name], optims[name], task, x, y, amp)
+        times = {row: [] for row in rows}
+        for _ in range(args.rounds):
+            for row, (name, amp) in rows.items():
+                times[row].append(step(models[name], optims[name], task, x, y, amp))
+        for row in rows:
+            ratios = [a / b for a, b in zip(times["authors, fp32"], times[row])]
+            print(
+                f"| {task} | {row} | {args.batch / statistics.median(times[row]):.2f} | "
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The one device call of issue 8 on a lent GPU machine (PyTorch, PyG, timm and nvcc there; no
+# network, no torch-cluster). Run from the repository root there:
+#
+#   bash experiments/gpu_run.sh .gpu/torch_cluster-*.tar.gz [.gpu/authors_harness]
+#
+# with torch-cluster's source distribution (and optionally the authors' harness built by
+# ../shared/authors_gkgnet/make_harness.sh) copied into the ignored folder .gpu/ here and carried
+# over (the device tool's carry: [".gpu"]). torch-cluster is compiled for this GPU's architecture
+# only, into .gpu/site (reused by a second call on the same machine), then experiments/gpu_check.py
+# runs the checks, benchmark.py at 448 and 576 batch 16 with fp16, and the harness; the log goes to
+# $OUT/gpu_check.log when $OUT is set.
+set -euo pipefail
+sdist=${1:?usage: gpu_run.sh TORCH_CLUSTER_SDIST [HARNESS_DIR]}
+harness=${2:-}
+site=.gpu/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if ! PYTHONPATH=$site python -c "import torch_cluster" 2>/dev/null; then
+    arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    echo "compiling torch-cluster for sm_$arch"
+    TORCH_CUDA_ARCH_LIST=$arch FORCE_CUDA=1 MAX_JOBS=$(nproc) \
+        python -m pip install --no-build-isolation --no-deps --no-index --target "$site" "$sdist"
+fi
+export PYTHONPATH="$PWD/$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python experiments/gpu_check.py --device cuda ${harness:+--harness "$harness"} 2>&1 | tee "${OUT:-.gpu}/gpu_check.log"
+exit "${PIPESTATUS[0]}"
