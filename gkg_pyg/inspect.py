@@ -212,12 +212,12 @@ def capture_graphs(
     """
     x = prepare_image(image, transform, model)
     names = _resolve_names(model, class_names)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # images follow the model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits, graphs = model(x[None].to(device), return_graphs=True)
+            logits, graphs = model(x[None].to(device, dtype), return_graphs=True)
     finally:
         model.train(was_training)
     graphs = [g.to("cpu") for g in graphs]
@@ -456,12 +456,12 @@ def neighbour_count_distribution(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     names = _resolve_names(model, class_names)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # images follow the model
     counts, targets, batch = [], [], []
 
     def flush():
         with torch.no_grad():
-            _, graphs = model(torch.stack(batch).to(device), return_graphs=True)
+            _, graphs = model(torch.stack(batch).to(device, dtype), return_graphs=True)
         per_stage = []
         for data in graphs:
             _require_labels(data)

@@ -390,7 +390,9 @@ def _to_image(x: Tensor, grid: Tuple[int, int]) -> Tensor:
 
 
 def _to_nodes(x: Tensor) -> Tensor:
-    return x.flatten(2).transpose(1, 2)
+    # Contiguous (B, N, C) once here: a transposed view would make every linear map, BatchNorm
+    # and residual sum after it copy or fall back to slower strided kernels.
+    return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class Stage(nn.Module):
