@@ -92,12 +92,16 @@ class _RegularMax(torch.autograd.Function):
         for j in range(1, k):
             torch.maximum(best, sub.index_select(0, index[j]), out=best)
         if ctx.needs_input_grad[0]:
-            # Walk the ranks backwards so that ties end on the nearest maximal neighbour.
-            rank = torch.full_like(best, k - 1, dtype=torch.uint8 if k <= 256 else torch.long)
-            candidate, is_best = torch.empty_like(best), torch.empty_like(best, dtype=torch.bool)
-            for j in range(k - 2, -1, -1):
-                torch.eq(torch.index_select(sub, 0, index[j], out=candidate), best, out=is_best)
-                rank.masked_fill_(is_best, j)
+            # The rank of the first maximal neighbour is the number of ranks j whose running
+            # maximum over ranks 0..j is still below the final one (a second running maximum;
+            # cheaper than masked writes per rank).
+            rank_dtype = torch.uint8 if k <= 256 else torch.long
+            running, candidate = sub.index_select(0, index[0]), torch.empty_like(best)
+            below = torch.lt(running, best)
+            rank = below.to(rank_dtype)
+            for j in range(1, k - 1):
+                torch.maximum(running, torch.index_select(sub, 0, index[j], out=candidate), out=running)
+                rank.add_(torch.lt(running, best, out=below))
             ctx.save_for_backward(neighbors, rank)
             ctx.n_src = n_src
         return best.view(n_dst, c)
