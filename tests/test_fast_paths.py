@@ -5,6 +5,8 @@ step that reads nothing back to the host."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -266,3 +268,45 @@ def test_regular_max_keeps_one_byte_per_value_for_backward():
     neighbors = torch.randint(0, 196, (2, 3136, 9))
     _, kept = saved_bytes(lambda: conv.relative_features((x_src, x_dst), neighbors=neighbors))
     assert kept == neighbors.numel() * 8 + 3136 * 80, kept
+
+
+@pytest.mark.parametrize("kind", ["ffn", "grapher"])
+def test_fused_blocks_under_bf16_autocast(kind):
+    """Under CPU bfloat16 autocast the fused path runs the modules' kernels in
+    the forward pass (same values), returns gradients in the parameters'
+    float32 (close to the modules' within bfloat16 rounding) and keeps less."""
+    from gkg_pyg.models.gkgnet import FFN, GroupGraphBlock
+
+    torch.manual_seed(0)
+    make = (lambda: FFN(32)) if kind == "ffn" else (lambda: GroupGraphBlock(32, groups=2))
+    fused = make().train()
+    _randomise_batchnorms(fused)
+    plain = make().train()
+    plain.load_state_dict(fused.state_dict())
+    x, r = torch.randn(4, 50, 32), torch.randn(4, 50, 64)
+    weight_out = torch.randn(4, 50, 32)
+
+    def fused_step(xs, rs):
+        return fused(xs) if kind == "ffn" else fused.update(xs, rs)
+
+    def plain_step(xs, rs):
+        return _modules_one_by_one(plain, xs if kind == "ffn" else (xs, rs))
+
+    results = []
+    for block, step in ((fused, fused_step), (plain, plain_step)):
+        xs, rs = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, kept = saved_bytes(partial(step, xs, rs))
+        (out.float() * weight_out).sum().backward()
+        results.append((out, kept, xs.grad, [p.grad for p in block.parameters()]))
+    (out_f, kept_f, gx_f, gp_f), (out_p, kept_p, gx_p, gp_p) = results
+    assert out_f.dtype == out_p.dtype  # float32: the residual sum of float32 x and a bfloat16 branch
+    torch.testing.assert_close(out_f, out_p, rtol=0, atol=0)
+    torch.testing.assert_close(gx_f, gx_p, rtol=2e-2, atol=2e-2)
+    for a, b in zip(gp_f, gp_p):
+        if a is None:  # the Grapher's fc1 is not part of update()
+            assert b is None
+            continue
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+    assert kept_f < 0.8 * kept_p, (kept_f, kept_p)

@@ -218,9 +218,13 @@ class _BatchNormGeluLinear(torch.autograd.Function):
         h, bn_weight, bn_bias, weight, mean, invstd = ctx.saved_tensors
         running_mean, running_var = ctx.running
         m, s = (mean, invstd) if ctx.training else (running_mean, torch.rsqrt(running_var + ctx.eps))
-        z = (h - m) * (s * bn_weight) + bn_bias
-        grad_z = torch.ops.aten.gelu_backward(grad_out @ weight, z)
-        grad_weight, grad_bias = grad_out.t() @ F.gelu(z), grad_out.sum(0)
+        # Under autocast the linear map ran in grad_out's (half) dtype while h may be half or
+        # float32: recompute z in h's dtype as the forward pass did, multiply in grad_out's, and
+        # return each gradient in its input's dtype.
+        z = ((h - m) * (s * bn_weight) + bn_bias).to(h.dtype)
+        grad_z = torch.ops.aten.gelu_backward((grad_out @ weight.to(grad_out.dtype)).to(h.dtype), z)
+        grad_weight = (grad_out.t() @ F.gelu(z).to(grad_out.dtype)).to(weight.dtype)
+        grad_bias = grad_out.sum(0).to(weight.dtype)
         grad_h, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
             grad_z, h, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, [True, True, True]
         )
@@ -229,8 +233,9 @@ class _BatchNormGeluLinear(torch.autograd.Function):
 
 def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Linear) -> Tensor:
     """``linear(act(bn(h)))`` for ``(..., C)`` node features; with a plain
-    BatchNorm, exact GELU and autograd on (and no autocast, no SyncBatchNorm,
-    whose statistics need its own forward) through :class:`_BatchNormGeluLinear`."""
+    BatchNorm, exact GELU and autograd on (and no SyncBatchNorm, whose
+    statistics need its own forward) through :class:`_BatchNormGeluLinear`,
+    also under autocast."""
     fused = (
         torch.is_grad_enabled()
         and type(bn) in (NodeBatchNorm, nn.BatchNorm1d)
@@ -239,7 +244,6 @@ def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Lin
         and bn.momentum is not None
         and isinstance(act, nn.GELU)
         and act.approximate == "none"
-        and not torch.is_autocast_enabled(h.device.type)
     )
     if not fused:
         return linear(act(bn(h)))
