@@ -310,3 +310,21 @@ def test_fused_blocks_under_bf16_autocast(kind):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
     assert kept_f < 0.8 * kept_p, (kept_f, kept_p)
+
+
+def test_folding_needs_running_statistics_and_an_affine_batchnorm():
+    """Only a plain, affine BatchNorm in evaluation with running statistics is
+    folded; the others run as modules and still give their own result."""
+    from gkg_pyg.models.gkgnet import LinearBatchNorm, NodeBatchNorm, folds
+
+    torch.manual_seed(0)
+    block = LinearBatchNorm(6, 4).double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    block.train()(x)  # running statistics away from their initial values
+    block.eval()
+    assert folds(block[1])
+    torch.testing.assert_close(block(x), block[1](block[0](x)), rtol=1e-12, atol=1e-12)
+    for bn in (NodeBatchNorm(4, affine=False), NodeBatchNorm(4, track_running_stats=False)):
+        block[1] = bn.double().eval()
+        assert not folds(block[1])
+        torch.testing.assert_close(block(x), bn(block[0](x)), rtol=0, atol=0)

@@ -267,7 +267,8 @@ def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Lin
 def folds(bn: nn.Module) -> bool:
     """Whether ``bn`` normalises with fixed running statistics (evaluation),
     so that it can be folded into the linear map before it."""
-    return type(bn) in (NodeBatchNorm, nn.BatchNorm1d) and not bn.training and bn.running_mean is not None
+    plain = type(bn) in (NodeBatchNorm, nn.BatchNorm1d) and bn.affine
+    return plain and not bn.training and bn.running_mean is not None
 
 
 def linear_then_bn(x: Tensor, linear: nn.Module, bn: nn.Module) -> Tensor:
