@@ -90,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_for_export(args: argparse.Namespace):
     """(wrapped model in eval mode on the dense kNN path, class names, preprocess, thresholds record)."""
     model, class_names, cfg, checkpoint = load_trained_model(args.checkpoint, args.config, args.ema)
+    if cfg.get("task") == "single_label":
+        raise ValueError(
+            f"{args.checkpoint} is a single-label checkpoint (task: single_label); export.py exports "
+            "multi-label models with sigmoid scores and does not support it yet (predict.py does)"
+        )
     model.set_knn_backend("dense")  # matrix products and topk: plain ONNX operators
     preprocess = dict(checkpoint.get("preprocess") or preprocess_info(cfg["model"]["img_size"]))
     if args.img_size:

@@ -20,6 +20,9 @@ Output, one record per image (in the order found): ``image``, ``labels``
 (the labels whose score reaches their threshold, best first), ``top`` (the
 --topk best labels with their scores) and ``error`` (why an image could not
 be read; such images are reported on stderr, skipped, and get no labels).
+A single-label checkpoint (``task: single_label``, e.g. Pyramid ViG) gives
+softmax probabilities and one label, the most probable class (--threshold
+does not apply); its preprocessing is timm's resize and centre crop.
 --output FILE.csv writes columns image, labels (joined by
 --label-delimiter, default "|"), error, top1, score1, ... topK, scoreK;
 --output FILE.json (or --json on stdout) writes a list of records; without
@@ -42,7 +45,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gkg_pyg.builder import load_trained_model  # noqa: E402
-from gkg_pyg.data import find_images, load_rgb, preprocess_info  # noqa: E402
+from gkg_pyg.data import find_images, load_rgb, preprocess_for_config  # noqa: E402
 from gkg_pyg.data import transform_from_preprocess  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds  # noqa: E402
 
@@ -78,10 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace):
-    """(model with its weights, class names, preprocess record, checkpoint dict)."""
+    """(model with its weights, class names, preprocess record, checkpoint dict, single-label?)."""
     model, class_names, cfg, checkpoint = load_trained_model(args.checkpoint, args.config, args.ema)
-    preprocess = checkpoint.get("preprocess") or preprocess_info(cfg["model"]["img_size"])
-    return model, class_names, preprocess, checkpoint
+    single = cfg.get("task") == "single_label"
+    preprocess = checkpoint.get("preprocess")
+    if preprocess is None or (single and "crop_pct" not in preprocess):
+        # Single-label checkpoints written before the preprocess entry knew the task
+        # stored the multi-label transform: rebuild it from the config.
+        preprocess = preprocess_for_config(cfg)
+    return model, class_names, preprocess, checkpoint, single
 
 
 def decision_thresholds(args, checkpoint: dict, class_names: list[str]) -> tuple[torch.Tensor, str]:
@@ -126,8 +134,10 @@ def keep_all(batch):
     return batch
 
 
-def predict(model, dataset: ImageFiles, thresholds, class_names, args) -> list[dict]:
-    """One record per file, in the dataset's order."""
+def predict(model, dataset: ImageFiles, thresholds, class_names, args, single: bool = False) -> list[dict]:
+    """One record per file, in the dataset's order. Multi-label: sigmoid scores,
+    the labels at or above their threshold; single-label (``single``): softmax
+    probabilities, the most probable class."""
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=keep_all)
     records = []
     bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr)
@@ -139,7 +149,8 @@ def predict(model, dataset: ImageFiles, thresholds, class_names, args) -> list[d
         scores = {}
         if good:
             with torch.no_grad():
-                s = torch.sigmoid(model(torch.stack([x for x, _ in good]).to(device)).float()).cpu()
+                logits = model(torch.stack([x for x, _ in good]).to(device)).float()
+                s = (logits.softmax(dim=-1) if single else logits.sigmoid()).cpu()
             scores = {p: row for (_, p), row in zip(good, s)}
         for _, path, error in batch:
             if error is not None:
@@ -148,8 +159,8 @@ def predict(model, dataset: ImageFiles, thresholds, class_names, args) -> list[d
                 continue
             row = scores[path]
             order = torch.argsort(row, descending=True).tolist()
-            labels = [{"label": class_names[i], "score": round(float(row[i]), 4)}
-                      for i in order if row[i].double() >= thresholds[i]]  # fmt: skip
+            chosen = order[:1] if single else [i for i in order if row[i].double() >= thresholds[i]]
+            labels = [{"label": class_names[i], "score": round(float(row[i]), 4)} for i in chosen]
             top = [{"label": class_names[i], "score": round(float(row[i]), 4)} for i in order[:k]]
             records.append({"image": path, "labels": labels, "top": top, "error": None})
         bar.update(len(batch))
@@ -174,9 +185,13 @@ def main(argv=None) -> int:
     paths = find_images(args.sources)
     if not paths:
         raise ValueError(f"no image files found in {args.sources}")
-    model, class_names, preprocess, checkpoint = load_model(args)
-    thresholds, rule = decision_thresholds(args, checkpoint, class_names)
-    records = predict(model, ImageFiles(paths, transform_from_preprocess(preprocess)), thresholds, class_names, args)
+    model, class_names, preprocess, checkpoint, single = load_model(args)
+    if single:
+        thresholds, rule = None, "single-label: the most probable class"
+    else:
+        thresholds, rule = decision_thresholds(args, checkpoint, class_names)
+    dataset = ImageFiles(paths, transform_from_preprocess(preprocess))
+    records = predict(model, dataset, thresholds, class_names, args, single)
     failed = sum(r["error"] is not None for r in records)
     if args.output:
         out = Path(args.output)

@@ -163,3 +163,43 @@ def test_config_checks_task_and_family_keys(tmp_path):
         build_model(load_config(CONFIGS / "demo.yaml", ["model.drop_rate=0.2"]), ["a", "b"], load_weights=False)
     model = build_model(load_config(demo, ["model.drop_rate=0.2"]), ["a", "b"], load_weights=False)
     assert model.head_patch[3].p == 0.2 and model.class_names == ["a", "b"]
+
+
+def test_predict_and_export_on_a_single_label_checkpoint(tmp_path):
+    """predict.py on a single-label checkpoint: softmax probabilities, the most
+    probable class as the one label, and the evaluation transform of training
+    (timm's resize + centre crop, the model's normalisation); export.py says
+    it does not support it."""
+    from PIL import Image
+
+    from gkg_pyg.data import transform_from_preprocess
+    from gkg_pyg.data.single_label import single_label_split
+
+    config = str(CONFIGS / "pvig_demo.yaml")
+    assert script("train").main([config, *tiny(tmp_path, "--set", "train.epochs=1")]) == 0
+    ckpt = tmp_path / "runs" / "pvig_demo" / "checkpoint_last.pth"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["preprocess"]["resize"] == "bicubic_center_crop"
+    # The stored preprocessing is the evaluation transform of the training run.
+    cfg = load_config(config, [a for a in tiny(tmp_path) if a != "--set"])
+    image = Image.fromarray((torch.rand(50, 70, 3) * 255).byte().numpy())
+    torch.testing.assert_close(
+        transform_from_preprocess(state["preprocess"])(image), single_label_split(cfg, False).transform(image)
+    )
+    images = sorted((tmp_path / "shapes").rglob("*.png"))[:3]
+    assert images
+    out = tmp_path / "pred.json"
+    predict = script("predict")
+    assert predict.main(["--checkpoint", str(ckpt), *map(str, images), "--output", str(out), "--topk", "8"]) == 0
+    records = json.loads(out.read_text())
+    for r in records:
+        assert len(r["labels"]) == 1 and r["labels"][0] == r["top"][0]
+        assert sum(t["score"] for t in r["top"]) == pytest.approx(1.0, abs=1e-3)  # softmax over 8 classes
+    # An older checkpoint that stored the multi-label transform gets the config's instead.
+    state["preprocess"] = {"img_size": 64, "resize": "bicubic", "mean": [0.4] * 3, "std": [0.2] * 3}
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    _, _, preprocess, _, single = predict.load_model(predict.parse_args(["--checkpoint", str(old), str(images[0])]))
+    assert single and preprocess["resize"] == "bicubic_center_crop"
+    with pytest.raises(ValueError, match="single-label checkpoint"):
+        script("export").main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "m.onnx")])

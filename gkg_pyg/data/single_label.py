@@ -30,7 +30,7 @@ import math
 import pickle
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -344,14 +344,19 @@ def single_label_dataset(data: dict, role: str, transform: Optional[Callable] = 
     return ImageFolderDataset(root, split, transform, data["skip_bad_images"], class_names=classes)
 
 
+def single_label_normalisation(model_name: str) -> Tuple[List[float], List[float]]:
+    """The model's ``pretrained_cfg`` mean and std on the 0-1 scale (Pyramid ViG: 0.5, 0.5)."""
+    from ..models.registry import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(model_name)
+    return [m / 255.0 for m in pcfg["mean"]], [s / 255.0 for s in pcfg["std"]]
+
+
 def single_label_split(cfg: dict, train: bool) -> SingleLabelDataset:
     """The training or evaluation data set of a ``task: single_label`` config,
     with :func:`single_label_transform` (``single_label`` section) normalised
-    with the model's ``pretrained_cfg`` mean and std (Pyramid ViG: 0.5, 0.5)."""
-    from ..models.registry import get_pretrained_cfg
-
-    pcfg = get_pretrained_cfg(cfg["model"]["name"])
-    mean, std = [m / 255.0 for m in pcfg["mean"]], [s / 255.0 for s in pcfg["std"]]
+    with :func:`single_label_normalisation`."""
+    mean, std = single_label_normalisation(cfg["model"]["name"])
     transform = single_label_transform(cfg["model"]["img_size"], train, mean, std, cfg["single_label"])
     return single_label_dataset(cfg["data"], "train" if train else "val", transform)
 

@@ -20,7 +20,7 @@ pickle for worker processes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -197,18 +197,43 @@ def build_test_transform(img_size: int, mean: Sequence[float] = MEAN, std: Seque
     )
 
 
-def preprocess_info(img_size: int) -> dict:
-    """What ``build_test_transform(img_size)`` does, as stored in checkpoints
-    (entry ``preprocess``) so that predict.py and exported models need
-    nothing else: decode to 8-bit RGB (``gkg_pyg.data.load_rgb``), resize to
-    (img_size, img_size) bicubically, scale to 0-1, subtract ``mean``, divide
-    by ``std`` (both on the 0-1 scale, RGB order)."""
+def preprocess_info(
+    img_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD, crop_pct: Optional[float] = None
+) -> dict:
+    """What the evaluation transform does, as stored in checkpoints (entry
+    ``preprocess``) so that predict.py and exported models need nothing else:
+    decode to 8-bit RGB (``gkg_pyg.data.load_rgb``), then either resize to
+    (img_size, img_size) bicubically (``build_test_transform``, multi-label) or,
+    with ``crop_pct``, resize the shorter side to ``img_size / crop_pct`` and
+    crop the centre ``img_size`` square (timm's evaluation transform, the
+    single-label task); scale to 0-1, subtract ``mean``, divide by ``std``
+    (both on the 0-1 scale, RGB order)."""
     _check_size(img_size)
-    return {"img_size": int(img_size), "resize": "bicubic", "mean": list(MEAN), "std": list(STD)}
+    info = {"img_size": int(img_size), "resize": "bicubic", "mean": list(mean), "std": list(std)}
+    if crop_pct is not None:
+        info.update(resize="bicubic_center_crop", crop_pct=float(crop_pct))
+    return info
+
+
+def preprocess_for_config(cfg: dict) -> dict:
+    """The :func:`preprocess_info` record of a config's evaluation transform
+    (the single-label task: timm's resize + centre crop with the model's
+    ``pretrained_cfg`` normalisation)."""
+    if cfg.get("task") == "single_label":
+        from .single_label import single_label_normalisation
+
+        mean, std = single_label_normalisation(cfg["model"]["name"])
+        return preprocess_info(cfg["model"]["img_size"], mean, std, cfg["single_label"]["eval_crop_pct"])
+    return preprocess_info(cfg["model"]["img_size"])
 
 
 def transform_from_preprocess(info: dict) -> T.Compose:
-    """The test transform a ``preprocess_info`` record describes."""
+    """The evaluation transform a ``preprocess_info`` record describes."""
+    if info.get("resize", "bicubic") == "bicubic_center_crop":
+        from .single_label import single_label_transform
+
+        options = {"eval_crop_pct": info["crop_pct"]}
+        return single_label_transform(int(info["img_size"]), False, info["mean"], info["std"], options)
     if info.get("resize", "bicubic") != "bicubic":
         raise ValueError(f"unsupported resize {info['resize']!r} in the checkpoint's preprocess entry")
     return build_test_transform(int(info["img_size"]), info["mean"], info["std"])

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import torch_load_weights
-from ..data import preprocess_info
+from ..data import preprocess_for_config
 from .distributed import DistInfo, unwrap
 from .optim import LRSchedule
 from .precision import Precision
@@ -80,7 +80,7 @@ def training_state(
         "config": cfg,
         "class_names": list(class_names),
         "rng": rng_states,
-        "preprocess": preprocess_info(cfg["model"]["img_size"]),
+        "preprocess": preprocess_for_config(cfg),
     }
 
 
