@@ -118,11 +118,11 @@ def main(argv=None) -> int:
     missing = check_images(dataset, "evaluation", cfg, info.is_main)
     model = build_model(cfg, dataset.class_names, load_weights=False)
     _, checkpoint = read_checkpoint(args.checkpoint)
-    load_checkpoint(model, checkpoint, verbose=info.is_main)
+    load_checkpoint(model, checkpoint, verbose=info.is_main, name=str(args.checkpoint))
     models = {"model": model}
     if isinstance(checkpoint.get("ema"), dict):
         ema = build_model(cfg, dataset.class_names, load_weights=False)
-        load_checkpoint(ema, checkpoint["ema"], verbose=False)
+        load_checkpoint(ema, checkpoint["ema"], verbose=False, name=f"{args.checkpoint} (EMA weights)")
         models["ema"] = ema
 
     loader = eval_loader(cfg, dataset, info)

@@ -72,7 +72,7 @@ def load_model(
             ) from err
     model = build_model(cfg, names, load_weights=False, verbose=False)
     if ckpt is not None:
-        gkg_pyg.load_checkpoint(model, ckpt)
+        gkg_pyg.load_checkpoint(model, ckpt, name=str(checkpoint))
     return model.to(device).eval(), names, note
 
 

@@ -158,5 +158,5 @@ def load_trained_model(checkpoint_path: str | Path, config_path: str | Path | No
         if not isinstance(checkpoint.get("ema"), dict):
             raise ValueError(f"--ema: {checkpoint_path} holds no EMA weights")
         weights = checkpoint["ema"]
-    load_checkpoint(model, weights, verbose=False)
+    load_checkpoint(model, weights, verbose=False, name=f"{checkpoint_path}{' (EMA weights)' if ema else ''}")
     return model.eval(), class_names, cfg, checkpoint

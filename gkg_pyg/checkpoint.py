@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from typing import Mapping, Tuple, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +109,7 @@ def convert_checkpoint(model: nn.Module, path_or_state_dict: PathOrState, source
 
 def load_checkpoint(
     model: nn.Module, path_or_state_dict: PathOrState, source: str = "auto", strict: bool = True,
-    verbose: bool = True,
+    verbose: bool = True, name: Optional[str] = None,
 ) -> dict:  # fmt: skip
     """Load weights of any layout the model knows into ``model``.
 
@@ -122,6 +122,8 @@ def load_checkpoint(
             checkpoint has no label path and no heads) or deliberately leaves
             out (stored position tables, the ImageNet head). False: load what
             fits and report the rest.
+        name: how errors name the checkpoint (default: its path, or "the
+            checkpoint" for a dict; pass the file a dict was read from).
         verbose: print the report.
     Returns:
         ``{"source", "used", "skipped", "unexpected", "missing", "resized"}``:
@@ -132,7 +134,9 @@ def load_checkpoint(
             the key and both shapes), or under ``strict`` missing or unexpected
             tensors (listing them); raised before anything is loaded.
     """
-    name = os.fspath(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "the checkpoint"
+    if name is None:
+        is_path = isinstance(path_or_state_dict, (str, os.PathLike))
+        name = os.fspath(path_or_state_dict) if is_path else "the checkpoint"
     state, _ = read_checkpoint(path_or_state_dict)
     filtered = convert_checkpoint(model, state, source)
     own = model.state_dict()
