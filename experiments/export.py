@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gkg_pyg.builder import load_trained_model  # noqa: E402
-from gkg_pyg.data import load_rgb, preprocess_info  # noqa: E402
+from gkg_pyg.data import checkpoint_preprocess, load_rgb  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds, thresholds_json  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def load_for_export(args: argparse.Namespace):
             "multi-label models with sigmoid scores and does not support it yet (predict.py does)"
         )
     model.set_knn_backend("dense")  # matrix products and topk: plain ONNX operators
-    preprocess = dict(checkpoint.get("preprocess") or preprocess_info(cfg["model"]["img_size"]))
+    preprocess = checkpoint_preprocess(checkpoint, cfg)
     if args.img_size:
         preprocess["img_size"] = int(args.img_size)
     record = read_thresholds(checkpoint, "ema" if args.ema else "model", class_names)

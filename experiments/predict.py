@@ -45,7 +45,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gkg_pyg.builder import load_trained_model  # noqa: E402
-from gkg_pyg.data import find_images, load_rgb, preprocess_for_config  # noqa: E402
+from gkg_pyg.data import checkpoint_preprocess, find_images, load_rgb  # noqa: E402
 from gkg_pyg.data import transform_from_preprocess  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds  # noqa: E402
 
@@ -84,12 +84,7 @@ def load_model(args: argparse.Namespace):
     """(model with its weights, class names, preprocess record, checkpoint dict, single-label?)."""
     model, class_names, cfg, checkpoint = load_trained_model(args.checkpoint, args.config, args.ema)
     single = cfg.get("task") == "single_label"
-    preprocess = checkpoint.get("preprocess")
-    if preprocess is None or (single and "crop_pct" not in preprocess):
-        # Single-label checkpoints written before the preprocess entry knew the task
-        # stored the multi-label transform: rebuild it from the config.
-        preprocess = preprocess_for_config(cfg)
-    return model, class_names, preprocess, checkpoint, single
+    return model, class_names, checkpoint_preprocess(checkpoint, cfg), checkpoint, single
 
 
 def decision_thresholds(args, checkpoint: dict, class_names: list[str]) -> tuple[torch.Tensor, str]:

@@ -42,6 +42,7 @@ sets; not yet measured against the dense backend there).
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -332,9 +333,12 @@ def _all_finite(x: Tensor) -> bool:
 # ---------------------------------------------------------------------------
 def _knn_table(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[PositionBias], backend: str) -> Tensor:
     kernel = _cluster_knn if backend == "torch_cluster" else _dense_knn
-    if not torch.amp.is_autocast_available(src.device.type):  # e.g. meta tensors
-        return kernel(src, dst, needed, position_bias)
-    with torch.autocast(src.device.type, enabled=False):  # rank in the features' (>= float32) precision
+    # Rank in the features' (>= float32) precision; meta tensors have no autocast to turn off.
+    device_type = src.device.type
+    no_autocast = (
+        torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+    )
+    with no_autocast:
         return kernel(src, dst, needed, position_bias)
 
 

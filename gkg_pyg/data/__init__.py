@@ -25,8 +25,8 @@ from .images import IMAGE_SUFFIXES, UnreadableImageError, check_image, find_imag
 from .sampling import repeat_factor_indices, repeat_factors
 from .synthetic import SYNTHETIC_CLASSES, ensure_synthetic, make_synthetic_coco, synthetic_params
 from .transforms import (
-    MEAN, STD, CropMix, build_test_transform, build_train_transform, preprocess_for_config, preprocess_info,
-    transform_from_preprocess,
+    MEAN, STD, CropMix, build_test_transform, build_train_transform, checkpoint_preprocess, preprocess_for_config,
+    preprocess_info, transform_from_preprocess,
 )  # fmt: skip
 from .voc import VOC_CLASSES, VOC2007Dataset
 
@@ -38,6 +38,7 @@ __all__ = [
     "BadImagesError", "CocoDataset", "CropMix", "CsvDataset", "ImageCheck", "ImageLabelDataset",
     "MissingImagesError", "UnreadableImageError", "VOC2007Dataset",
     "build_dataset", "build_test_transform", "build_train_transform", "check_dataset", "check_image",
+    "checkpoint_preprocess",
     "class_names_from_config", "coco_category_names", "coco_split_files", "collate", "csv_class_names",
     "dataset_from_config", "ensure_synthetic",
     "find_bad_images", "find_images", "load_rgb", "make_synthetic_coco", "preprocess_for_config", "preprocess_info",

@@ -227,6 +227,16 @@ def preprocess_for_config(cfg: dict) -> dict:
     return preprocess_info(cfg["model"]["img_size"])
 
 
+def checkpoint_preprocess(checkpoint: dict, cfg: dict) -> dict:
+    """A trained checkpoint's ``preprocess`` entry, or :func:`preprocess_for_config`
+    where it has none, or where a single-label checkpoint written before the
+    entry knew the task stored the multi-label transform."""
+    stored = checkpoint.get("preprocess")
+    if stored is None or (cfg.get("task") == "single_label" and "crop_pct" not in stored):
+        return preprocess_for_config(cfg)
+    return dict(stored)
+
+
 def transform_from_preprocess(info: dict) -> T.Compose:
     """The evaluation transform a ``preprocess_info`` record describes."""
     if info.get("resize", "bicubic") == "bicubic_center_crop":

@@ -238,8 +238,7 @@ def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Lin
     also under autocast."""
     fused = (
         torch.is_grad_enabled()
-        and type(bn) in (NodeBatchNorm, nn.BatchNorm1d)
-        and bn.affine
+        and _plain_batchnorm(bn)
         and bn.track_running_stats
         and bn.momentum is not None
         and isinstance(act, nn.GELU)
@@ -264,11 +263,16 @@ def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Lin
     return out.view(*h.shape[:-1], out.shape[-1])
 
 
+def _plain_batchnorm(bn: nn.Module) -> bool:
+    """An affine BatchNorm over node features whose statistics are its own
+    (not a SyncBatchNorm, whose statistics need its own forward)."""
+    return type(bn) in (NodeBatchNorm, nn.BatchNorm1d) and bn.affine
+
+
 def folds(bn: nn.Module) -> bool:
     """Whether ``bn`` normalises with fixed running statistics (evaluation),
     so that it can be folded into the linear map before it."""
-    plain = type(bn) in (NodeBatchNorm, nn.BatchNorm1d) and bn.affine
-    return plain and not bn.training and bn.running_mean is not None
+    return _plain_batchnorm(bn) and not bn.training and bn.running_mean is not None
 
 
 def linear_then_bn(x: Tensor, linear: nn.Module, bn: nn.Module) -> Tensor:
