@@ -260,6 +260,35 @@ def test_fused_and_folded_blocks_equal_the_modules(kind, train):
         assert bytes_fused < (0.6 if kind == "ffn" else 0.7) * bytes_plain, (bytes_fused, bytes_plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_backward_equals_atens_kernel(dtype, training):
+    """The fused block's BatchNorm backward (no full-size scratch tensor, sums
+    over row blocks: 10000 rows are three blocks) against ATen's
+    ``native_batch_norm_backward``, with batch and with running statistics."""
+    from gkg_pyg.models.gkgnet import _batch_norm_backward
+
+    torch.manual_seed(0)
+    n, c = 10_000, 24
+    x = torch.randn(n, c, dtype=dtype) * 3 + torch.randn(c, dtype=dtype)
+    grad = torch.randn(n, c, dtype=dtype)
+    weight, bias = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    running_mean, running_var = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    _, mean, invstd = torch.ops.aten.native_batch_norm(
+        x, weight, bias, running_mean.clone(), running_var.clone(), training, 0.1, 1e-5
+    )
+    want = torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, running_mean, running_var, mean, invstd, training, 1e-5, [True] * 3
+    )
+    m, s = (mean, invstd) if training else (running_mean, torch.rsqrt(running_var + 1e-5))
+    scratch = torch.empty_like(x)
+    got = _batch_norm_backward(grad, x, m, s, weight, training, scratch)
+    assert got[0].data_ptr() == scratch.data_ptr()  # written into the scratch tensor
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(("input", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, b, msg=name, **tol)
+
+
 def test_regular_max_keeps_one_byte_per_value_for_backward():
     """The fast path keeps the neighbour table and the winners' ranks (uint8),
     never an (N_dst, k, C) tensor or (N_dst, C) int64 indices."""

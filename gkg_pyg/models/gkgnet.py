@@ -211,7 +211,7 @@ class _BatchNormGeluLinear(torch.autograd.Function):
         )
         ctx.save_for_backward(h, bn_weight, bn_bias, weight, mean, invstd)
         ctx.running, ctx.training, ctx.eps = (running_mean, running_var), training, eps
-        return F.linear(F.gelu(z), weight, bias)
+        return F.linear(torch.ops.aten.gelu_(z), weight, bias)  # in place: z is ours alone
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -220,15 +220,43 @@ class _BatchNormGeluLinear(torch.autograd.Function):
         m, s = (mean, invstd) if ctx.training else (running_mean, torch.rsqrt(running_var + ctx.eps))
         # Under autocast the linear map ran in grad_out's (half) dtype while h may be half or
         # float32: recompute z in h's dtype as the forward pass did, multiply in grad_out's, and
-        # return each gradient in its input's dtype.
-        z = ((h - m) * (s * bn_weight) + bn_bias).to(h.dtype)
-        grad_z = torch.ops.aten.gelu_backward((grad_out @ weight.to(grad_out.dtype)).to(h.dtype), z)
-        grad_weight = (grad_out.t() @ F.gelu(z).to(grad_out.dtype)).to(weight.dtype)
+        # return each gradient in its input's dtype.  The hidden-width temporaries are updated in
+        # place and reused (the same kernels, so the same values): three of them at most, h
+        # included, where out-of-place steps and ATen's BatchNorm backward (which allocates a
+        # scratch copy) had made the heap grow at the widest FFNs.
+        z = (h - m).mul_(s * bn_weight).add_(bn_bias).to(h.dtype)
+        grad_z = (grad_out @ weight.to(grad_out.dtype)).to(h.dtype)
+        grad_z = torch.ops.aten.gelu_backward.grad_input(grad_z, z, grad_input=grad_z)
+        grad_weight = (grad_out.t() @ torch.ops.aten.gelu_(z).to(grad_out.dtype)).to(weight.dtype)
         grad_bias = grad_out.sum(0).to(weight.dtype)
-        grad_h, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_z, h, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, [True, True, True]
-        )
+        if h.dtype in (torch.float32, torch.float64):
+            grad_h, grad_bn_weight, grad_bn_bias = _batch_norm_backward(grad_z, h, m, s, bn_weight, ctx.training, z)
+        else:  # half-precision h: ATen's kernel, which accumulates in float32
+            del z
+            grad_h, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_z, h, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, [True] * 3
+            )
         return grad_h, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _batch_norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, training: bool, out: Tensor):
+    """The gradients of ``BN(x) = (x - mean) * invstd * weight + bias`` on a
+    float32 or float64 ``(N, C)`` (batch statistics when ``training``), with
+    ``grad_x`` written into ``out``, a scratch tensor of ``x``'s shape:
+    ``grad_x, grad_weight, grad_bias``.
+
+    ATen's formula, ``(g - mean(g) - (x - mean) invstd^2 mean(g (x - mean)))
+    invstd weight``, without ATen's full-size scratch copy: the per-channel
+    sum of products goes over blocks of rows."""
+    xmu = torch.sub(x, mean, out=out)
+    sum_grad = grad.sum(0)
+    dot = sum((g * d).sum(0) for g, d in zip(grad.split(4096), xmu.split(4096)))
+    grad_weight, grad_bias, scale = dot * invstd, sum_grad, invstd * weight
+    if not training:
+        return torch.mul(grad, scale, out=out), grad_weight, grad_bias
+    n = x.shape[0]
+    grad_x = xmu.mul_(dot * invstd * invstd / n).neg_().add_(grad).sub_(sum_grad / n)
+    return grad_x.mul_(scale), grad_weight, grad_bias
 
 
 def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Linear) -> Tensor:
