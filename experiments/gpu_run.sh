@@ -14,13 +14,14 @@ set -euo pipefail
 sdist=${1:?usage: gpu_run.sh TORCH_CLUSTER_SDIST [HARNESS_DIR]}
 harness=${2:-}
 site=.gpu/site
+py=${PYTHON:-python3}  # the device machine's python3 is the one that holds PyTorch
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-if ! PYTHONPATH=$site python -c "import torch_cluster" 2>/dev/null; then
-    arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if ! PYTHONPATH=$site "$py" -c "import torch_cluster" 2>/dev/null; then
+    arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     echo "compiling torch-cluster for sm_$arch"
     TORCH_CUDA_ARCH_LIST=$arch FORCE_CUDA=1 MAX_JOBS=$(nproc) \
-        python -m pip install --no-build-isolation --no-deps --no-index --target "$site" "$sdist"
+        "$py" -m pip install --no-build-isolation --no-deps --no-index --target "$site" "$sdist"
 fi
 export PYTHONPATH="$PWD/$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python experiments/gpu_check.py --device cuda ${harness:+--harness "$harness"} 2>&1 | tee "${OUT:-.gpu}/gpu_check.log"
+"$py" experiments/gpu_check.py --device cuda ${harness:+--harness "$harness"} 2>&1 | tee "${OUT:-.gpu}/gpu_check.log"
 exit "${PIPESTATUS[0]}"

@@ -57,7 +57,11 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     w = weight.view(groups, out_channels // groups, in_per_group)
     out = torch.bmm(x.reshape(-1, groups, in_per_group).transpose(0, 1), w.transpose(1, 2))
     out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
-    return out if bias is None else out + bias
+    if bias is None:
+        return out
+    # In place (out is bmm's fresh result or a copy of it; autograd keeps neither) unless the sum
+    # promotes, as a half-precision out and a float32 bias do under autocast.
+    return out.add_(bias) if bias.dtype == out.dtype else out + bias
 
 
 def _activation(name: Optional[str]) -> nn.Module:

@@ -178,3 +178,47 @@ def test_variants_widths():
         assert model.head_patch.in_features == width
     with pytest.raises(ValueError, match="did you mean 'gkgnet_s'"):
         gkg_pyg.create_model("gkgnet_x")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_drop_path_draws_and_scales_like_timms(p):
+    """The model's own DropPath (so that building a model does not import
+    timm) against timm's: same per-sample masks from the same generator
+    state, same values, identity in evaluation."""
+    from timm.layers import DropPath as TimmDropPath
+
+    from gkg_pyg.models.gkgnet import DropPath
+
+    x = torch.randn(64, 5, 3)
+    ours, theirs = DropPath(p).train(), TimmDropPath(p).train()
+    torch.manual_seed(1)
+    got = ours(x)
+    after_ours = torch.rand(1)
+    torch.manual_seed(1)
+    want = theirs(x)
+    after_theirs = torch.rand(1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(after_ours, after_theirs)  # the same number of draws
+    if 0.0 < p < 1.0:
+        kept = got.flatten(1).ne(0).any(1)
+        assert 0 < kept.sum() < 64  # some samples dropped, some kept
+        torch.testing.assert_close(got[kept], x[kept] / (1 - p))
+    assert ours.eval()(x) is x
+
+
+def test_import_and_build_are_quiet_and_leave_timm_out():
+    """``import gkg_pyg`` and building a model in a fresh interpreter: no
+    warnings on stderr (torch-scatter's and torch-cluster's torch.jit.script
+    deprecation noise is filtered during the import) and no timm import
+    (the model's DropPath is its own)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gkg_pyg; gkg_pyg.create_model('gkgnet_ti', num_classes=3, img_size=96, drop_path=0.1); "
+        "print('timm' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    assert done.stdout.strip() == "False"
