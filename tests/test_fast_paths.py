@@ -357,3 +357,25 @@ def test_folding_needs_running_statistics_and_an_affine_batchnorm():
         block[1] = bn.double().eval()
         assert not folds(block[1])
         torch.testing.assert_close(block(x), bn(block[0](x)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 12), (1, 4, 9, 11)])
+def test_source_pooling_equals_avg_pool2d_and_keeps_nothing(shape):
+    """The kNN sources' pooling: ATen's forward, and the same input gradient as
+    ``F.avg_pool2d``'s backward (float32 bit for bit; sizes with leftover
+    rows and columns get 0 there), with nothing kept for the backward pass."""
+    from gkg_pyg.models.gkgnet import _AvgPool
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    grads = []
+    for pool in (lambda t: _AvgPool.apply(t, 2), lambda t: torch.nn.functional.avg_pool2d(t, 2, 2)):
+        xs = x.clone().requires_grad_(True)
+        out, kept = saved_bytes(partial(pool, xs))
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        (out * weight).sum().backward()
+        grads.append((out, kept, xs.grad))
+    (out_a, kept_a, grad_a), (out_b, kept_b, grad_b) = grads
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=0)
+    assert kept_a == 0 and kept_b >= x.numel() * 4

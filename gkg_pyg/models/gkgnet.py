@@ -243,16 +243,16 @@ class _BatchNormGeluLinear(torch.autograd.Function):
         # float32: recompute z in h's dtype as the forward pass did, multiply in grad_out's, and
         # return each gradient in its input's dtype.  The hidden-width temporaries are updated in
         # place and reused (the same kernels, so the same values): three of them at most, h
-        # included, where out-of-place steps and ATen's BatchNorm backward (which allocates a
+        # included, where out-of-place steps and ATen's CPU BatchNorm backward (which allocates a
         # scratch copy) had made the heap grow at the widest FFNs.
         z = (h - m).mul_(s * bn_weight).add_(bn_bias).to(h.dtype)
         grad_z = (grad_out @ weight.to(grad_out.dtype)).to(h.dtype)
         grad_z = torch.ops.aten.gelu_backward.grad_input(grad_z, z, grad_input=grad_z)
         grad_weight = (grad_out.t() @ torch.ops.aten.gelu_(z).to(grad_out.dtype)).to(weight.dtype)
         grad_bias = grad_out.sum(0).to(weight.dtype)
-        if h.dtype in (torch.float32, torch.float64):
+        if h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64):
             grad_h, grad_bn_weight, grad_bn_bias = _batch_norm_backward(grad_z, h, m, s, bn_weight, ctx.training, z)
-        else:  # half-precision h: ATen's kernel, which accumulates in float32
+        else:  # ATen's kernel: on CUDA one fused kernel; for half-precision h it accumulates in float32
             del z
             grad_h, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_z, h, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, [True] * 3
@@ -269,17 +269,21 @@ def _batch_norm_backward(
     ``grad_x, grad_weight, grad_bias``.
 
     ATen's formula, ``(g - mean(g) - (x - mean) invstd^2 mean(g (x - mean)))
-    invstd weight``, without ATen's full-size scratch copy: the per-channel
-    sum of products goes over blocks of rows."""
-    xmu = torch.sub(x, mean, out=out)
+    invstd weight``, without ATen's full-size scratch copy: ``out`` first
+    holds ``x - mean``, and both passes go over blocks of rows (4 MiB in
+    float32) that stay in cache."""
+    rows = max(1, (1 << 20) // x.shape[1])
+    blocks = list(zip(out.split(rows), x.split(rows), grad.split(rows)))
     sum_grad = grad.sum(0)
-    dot = sum((g * d).sum(0) for g, d in zip(grad.split(4096), xmu.split(4096)))
+    dot = sum((torch.sub(xb, mean, out=ob) * gb).sum(0) for ob, xb, gb in blocks)  # out holds x - mean
     grad_weight, grad_bias, scale = dot * invstd, sum_grad, invstd * weight
     if not training:
         return torch.mul(grad, scale, out=out), grad_weight, grad_bias
     n = x.shape[0]
-    grad_x = xmu.mul_(dot * invstd * invstd / n).neg_().add_(grad).sub_(sum_grad / n)
-    return grad_x.mul_(scale), grad_weight, grad_bias
+    xmu_scale, shift = -dot * invstd * invstd / n * scale, -sum_grad / n * scale
+    for ob, _, gb in blocks:  # (g - mean(g) - (x - mean) k) * scale, as shift + (x - mean) k' + g scale
+        torch.addcmul(shift, ob, xmu_scale, out=ob).addcmul_(gb, scale)
+    return out, grad_weight, grad_bias
 
 
 def bn_gelu_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Linear) -> Tensor:
@@ -429,6 +433,27 @@ def _edge_index(neighbors: Tensor, n_src: int) -> Tensor:
     return torch.stack([table.reshape(g, -1), dst], dim=1)
 
 
+class _AvgPool(torch.autograd.Function):
+    """``F.avg_pool2d(x, p, p)`` (non-overlapping ``p x p`` windows) whose
+    backward pass keeps no tensor: the gradient of a window average is the
+    output gradient divided by ``p^2`` on each of its inputs (the value ATen's
+    kernel gives).  ATen's pooling keeps its input for the backward pass,
+    which would keep the kNN destinations ``y`` alive for nothing else."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: int) -> Tensor:
+        ctx.p, ctx.shape = p, x.shape
+        return F.avg_pool2d(x, p, p)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, (b, c, h, w) = ctx.p, ctx.shape
+        hp, wp = grad.shape[-2:]
+        spread = (grad / (p * p)).reshape(b, c, hp, 1, wp, 1).expand(b, c, hp, p, wp, p)
+        spread = spread.reshape(b, c, hp * p, wp * p)
+        return F.pad(spread, (0, w - wp * p, 0, h - hp * p)), None  # rows and columns past the last window: 0
+
+
 class PatchGraph(NamedTuple):
     """What the last patch block of a stage compared and chose (for :mod:`gkg_pyg.graph`)."""
 
@@ -542,7 +567,7 @@ class Stage(nn.Module):
         """The kNN sources: ``y`` averaged over ``pool x pool`` patches, ``(B, N_src, C)``."""
         if self.pool == 1:
             return y
-        return _to_nodes(F.avg_pool2d(_to_image(y, grid), self.pool, self.pool))
+        return _to_nodes(_AvgPool.apply(_to_image(y, grid), self.pool))
 
     def forward(self, x: Tensor, in_grid: Tuple[int, int], grid: Tuple[int, int], return_graph: bool = False):
         """``x``: ``(B, N_in, C_in)`` on ``in_grid`` -> ``(B, N, C)`` on ``grid``;
