@@ -51,6 +51,7 @@ from torch_geometric.nn import MLP, EdgeConv, global_max_pool
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gkg_pyg import DynamicGroupMaxRelConv, GroupMaxRelConv  # noqa: E402
 from gkg_pyg.data.pointcloud import SyntheticShapes, load_modelnet  # noqa: E402
+from gkg_pyg.metrics import summarise_seeds  # noqa: E402
 
 VARIANTS = ("edgeconv", "maxrel_g1", "maxrel_g2")
 
@@ -149,32 +150,13 @@ def evaluate(model: nn.Module, dataset, batch_size: int) -> float:
     return correct / len(dataset)
 
 
-def summarise(runs: list) -> list:
-    rows = []
-    for variant in dict.fromkeys(r["variant"] for r in runs):
-        mine = [r for r in runs if r["variant"] == variant]
-        accs = [100 * r["accuracy"] for r in mine]
-        rows.append(
-            dict(
-                variant=variant,
-                parameters=mine[0]["parameters"],
-                seeds=[r["seed"] for r in mine],
-                accuracies=accs,
-                mean=statistics.mean(accs),
-                std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in mine),
-            )
-        )
-    return rows
-
-
 def format_table(rows: list) -> str:
     lines = [
         "| variant | parameters | test accuracy per seed (%) | mean ± std (%) | s / epoch |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        per_seed = ", ".join(f"{a:.1f}" for a in r["accuracies"])
+        per_seed = ", ".join(f"{a:.1f}" for a in r["accuracy"])
         lines.append(
             f"| {r['variant']} | {r['parameters']:,} | {per_seed} | {r['mean']:.1f} ± {r['std']:.1f} "
             f"| {r['seconds_per_epoch']:.2f} |"
@@ -220,7 +202,7 @@ def main(argv=None) -> list:
         flush=True,
     )
     runs = [run_one(v, s, train_set, test_set, args) for v in variants for s in args.seeds]
-    rows = summarise(runs)
+    rows = summarise_seeds(runs, "variant", "accuracy", scale=100)
     print(format_table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(args=vars(args), runs=runs, summary=rows), indent=2))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gkg_pyg  # noqa: E402
 from gkg_pyg.data.single_label import ImageFolderDataset, collate_single_label, ensure_synthetic_shapes  # noqa: E402
 from gkg_pyg.data.transforms import MEAN, STD  # noqa: E402
+from gkg_pyg.metrics import summarise_seeds  # noqa: E402
 from gkg_pyg.single_label import SingleLabelLoss, single_label_metrics  # noqa: E402
 
 
@@ -93,24 +94,6 @@ def run_one(groups: int, seed: int, train_set, val_set, args) -> dict:
     )
 
 
-def summarise(runs: list) -> list:
-    rows = []
-    for groups in dict.fromkeys(r["groups"] for r in runs):
-        mine = [r for r in runs if r["groups"] == groups]
-        top1 = [r["top1"] for r in mine]
-        rows.append(
-            dict(
-                groups=groups,
-                seeds=[r["seed"] for r in mine],
-                top1=top1,
-                mean=statistics.mean(top1),
-                std=statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in mine),
-            )
-        )
-    return rows
-
-
 def format_table(rows: list) -> str:
     lines = ["| groups | top-1 per seed (%) | mean ± std (%) | s / epoch |", "|---|---|---|---|"]
     for r in rows:
@@ -159,7 +142,7 @@ def main(argv=None) -> list:
         flush=True,
     )
     runs = [run_one(g, s, train_set, val_set, args) for g in args.groups for s in args.seeds]
-    rows = summarise(runs)
+    rows = summarise_seeds(runs, "groups", "top1")
     print(format_table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(args=vars(args), runs=runs, summary=rows), indent=2))

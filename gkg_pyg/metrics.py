@@ -10,6 +10,7 @@ All numbers are computed in float64 numpy and reported in percent.
 
 import csv
 import math
+import statistics
 from pathlib import Path
 from typing import NamedTuple
 
@@ -325,3 +326,32 @@ def per_class_ap_csv(metrics: dict, class_names, path) -> None:
         writer.writerow(["class", "AP"])
         for name, value in zip(class_names, ap):
             writer.writerow([name, f"{value:.4f}"])
+
+
+def summarise_seeds(runs: list, by: str, metric: str, scale: float = 1.0) -> list:
+    """Repeated runs of an experiment, one row per value of ``run[by]`` (in
+    first-seen order).  Each run is a dict with ``seed``, ``metric`` and
+    ``seconds_per_epoch``; a row holds ``by``, the fields equal in all of its
+    runs (e.g. a parameter count), ``seeds``, ``metric`` as the list of the
+    per-seed values times ``scale``, their ``mean`` and sample ``std`` (0 for
+    one seed) and the mean ``seconds_per_epoch``."""
+    rows = []
+    for key in dict.fromkeys(r[by] for r in runs):
+        mine = [r for r in runs if r[by] == key]
+        values = [scale * r[metric] for r in mine]
+        shared = {
+            k: v
+            for k, v in mine[0].items()
+            if k not in ("seed", metric, "seconds_per_epoch") and all(r.get(k) == v for r in mine)
+        }
+        rows.append(
+            dict(
+                shared,
+                seeds=[r["seed"] for r in mine],
+                **{metric: values},
+                mean=statistics.mean(values),
+                std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in mine),
+            )
+        )
+    return rows

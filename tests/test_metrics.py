@@ -244,3 +244,23 @@ def test_coco_sized_input_matches_sklearn():
     expected = [average_precision_score(targets[:, c], scores[:, c]) for c in some]
     np.testing.assert_allclose(m["AP_per_class"][some] / 100, expected, rtol=1e-9)
     assert all(key in m for key in ("mAP_small", "mAP_medium", "mAP_large", "OF1_top3"))
+
+
+def test_summarise_seeds_groups_runs_and_keeps_shared_fields():
+    """One row per variant in first-seen order, per-seed values (scaled), mean
+    and sample std, and the fields equal across a variant's runs."""
+    from gkg_pyg.metrics import summarise_seeds
+
+    runs = [
+        dict(variant="b", seed=0, accuracy=0.50, seconds_per_epoch=2.0, parameters=10, loss=1.0),
+        dict(variant="a", seed=0, accuracy=0.25, seconds_per_epoch=1.0, parameters=7, loss=2.0),
+        dict(variant="b", seed=1, accuracy=0.70, seconds_per_epoch=4.0, parameters=10, loss=0.5),
+    ]
+    rows = summarise_seeds(runs, "variant", "accuracy", scale=100)
+    assert [r["variant"] for r in rows] == ["b", "a"]
+    b, a = rows
+    assert b["seeds"] == [0, 1] and b["accuracy"] == pytest.approx([50.0, 70.0])
+    assert b["mean"] == pytest.approx(60.0) and b["std"] == pytest.approx(200**0.5)  # sample std
+    assert b["seconds_per_epoch"] == pytest.approx(3.0) and b["parameters"] == 10
+    assert "loss" not in b  # differs between the seeds
+    assert a["std"] == 0.0 and a["loss"] == 2.0 and a["accuracy"] == pytest.approx([25.0])

@@ -128,9 +128,9 @@ def test_script_runs_end_to_end(tmp_path, capsys):
     )
     assert [r["variant"] for r in rows] == ["edgeconv", "maxrel_g2"]
     for r in rows:
-        assert len(r["accuracies"]) == 2 and all(0 <= a <= 100 for a in r["accuracies"])
+        assert len(r["accuracy"]) == 2 and all(0 <= a <= 100 for a in r["accuracy"])
         assert r["seconds_per_epoch"] > 0 and r["parameters"] > 0
-        assert math.isclose(r["mean"], sum(r["accuracies"]) / 2)
+        assert math.isclose(r["mean"], sum(r["accuracy"]) / 2)
     saved = json.loads(out.read_text())
     assert len(saved["runs"]) == 4 and saved["summary"][0]["variant"] == "edgeconv"
     assert "| variant | parameters |" in capsys.readouterr().out
