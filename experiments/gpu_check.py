@@ -11,7 +11,8 @@
      by more than 1e-4;
    - ``GroupMaxRelConv``'s neighbour-table path against its ``edge_index``
      path on the device (float64 outputs and gradients);
-   - GKGNet-S on the device against the CPU (float64 logits), per backend;
+   - GKGNet-S on the device against the CPU (float64 logits, and the
+     parameter gradients and running statistics of a training step), per backend;
    - one fp16-autocast training step per backend (finite loss and gradients).
 2. ``experiments/benchmark.py --device cuda --amp fp16`` at each ``--sizes``
    with ``--batch`` (images/s, peak memory, share of the kNN, per backend).
@@ -107,6 +108,7 @@ def check_model(device: torch.device, size: int) -> None:
             got = model.to(device)(x.to(device)).cpu()
         diff = ((got - want).abs().max() / want.abs().max()).item()
         check(f"GKGNet-S on {device.type} = cpu, float64, {size} px, {backend}", diff < 1e-9, f"rel diff {diff:.1e}")
+        check_training_gradients(model, x, device, backend)
         model.train().float()
         dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         with torch.autocast(device.type, dtype=dtype):
@@ -115,6 +117,27 @@ def check_model(device: torch.device, size: int) -> None:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
         check(f"training step under {dtype} autocast on {device.type}, {backend}", finite, f"loss {loss.item():.4f}")
+
+
+def check_training_gradients(model, x: torch.Tensor, device: torch.device, backend: str) -> None:
+    """One float64 training-mode forward and backward (batch statistics, the
+    fused blocks' own backward passes, the neighbour max's scatter) on the
+    device against the CPU: every parameter gradient and the running statistics."""
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for dev in (torch.device("cpu"), device):
+        model.load_state_dict(weights)
+        model.to(dev).train().zero_grad(set_to_none=True)
+        model(x.to(dev)).square().mean().backward()
+        grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((grads, {n: b.detach().cpu() for n, b in model.named_buffers() if b.is_floating_point()}))
+    (grads_cpu, bufs_cpu), (grads_dev, bufs_dev) = results
+    worst = max(((grads_dev[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item() for n, g in grads_cpu.items())
+    stats = max((bufs_dev[n] - b).abs().max().item() for n, b in bufs_cpu.items())
+    ok = grads_cpu.keys() == grads_dev.keys() and worst < 1e-8 and stats < 1e-9
+    name = f"GKGNet-S training gradients on {device.type} = cpu, float64, {backend}"
+    check(name, ok, f"{len(grads_cpu)} gradients, worst rel diff {worst:.1e}; running stats {stats:.1e}")
+    model.load_state_dict(weights)
 
 
 def run(cmd: list) -> None:
