@@ -1,13 +1,13 @@
-"""Export a trained GKGNet to ONNX (and torch.export) at a fixed input size,
-and check the exported model against PyTorch.
+"""Export a trained GKGNet to ONNX (and torch.export) at a fixed input size
+and any batch size, and check the exported model against PyTorch.
 
     python experiments/export.py --checkpoint runs/demo/checkpoint_best.pth --output demo.onnx
     python experiments/export.py --checkpoint CKPT --output model.onnx --batch-size 8 --check img1.jpg img2.jpg
     python experiments/export.py --checkpoint CKPT --output model.onnx --torch-export model.pt2
 
 The exported graph is the model on its dense kNN path (matrix products and
-``topk``; no torch-cluster, no host synchronisation) at one input size and
-batch size, with the normalisation inside:
+``topk``; no torch-cluster, no host synchronisation) at one input size,
+with a dynamic batch dimension and the normalisation inside:
 
 * input ``image``: float32 (batch, 3, size, size), RGB scaled to 0..1, i.e.
   the image decoded to 8-bit RGB (``gkg_pyg.data.load_rgb``: EXIF
@@ -74,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config (default: the one saved in the checkpoint)")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=1, help="the fixed batch size of the exported graph")
+    p.add_argument(
+        "--batch-size", type=int, default=2, help="batch size of the check runs (the exported graph takes any)"
+    )
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--torch-export", metavar="PATH", help="also save the torch.export program (.pt2)")
     p.add_argument("--check", nargs="*", default=[], metavar="IMAGE", help="images for the onnxruntime check")
@@ -144,10 +146,11 @@ def compare(onnx_path: Path, wrapped: nn.Module, batches, topk: int) -> dict:
 def export(args: argparse.Namespace) -> dict:
     wrapped, class_names, preprocess, record = load_for_export(args)
     size = int(preprocess["img_size"])
-    example = torch.rand(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
+    # A batch of at least 2 to trace with: torch.export specialises a dimension of size 1.
+    example = torch.rand(max(2, args.batch_size), 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         wrapped(example)  # builds the position tables before tracing
-    program = torch.export.export(wrapped, (example,))
+    program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     if args.torch_export:
         torch.export.save(program, args.torch_export)
         print(f"wrote {args.torch_export} (torch.export program)")
@@ -166,11 +169,13 @@ def export(args: argparse.Namespace) -> dict:
         entry.key, entry.value = key, value
     onnx.save(proto, str(out))
     onnx.checker.check_model(str(out))
-    print(f"wrote {out}: input image float32 ({args.batch_size}, 3, {size}, {size}) RGB 0..1, outputs logits and "
-          f"scores ({args.batch_size}, {len(class_names)}), opset {args.opset}")  # fmt: skip
-    result = {"onnx": str(out), "img_size": size, "batch_size": args.batch_size, "num_classes": len(class_names)}
+    print(f"wrote {out}: input image float32 (batch, 3, {size}, {size}) RGB 0..1, outputs logits and "
+          f"scores (batch, {len(class_names)}), opset {args.opset}")  # fmt: skip
+    result = {"onnx": str(out), "img_size": size, "num_classes": len(class_names)}
     if not args.no_check:
-        result.update(compare(out, wrapped, check_inputs(args.check, preprocess, args.batch_size), args.topk))
+        batches = check_inputs(args.check, preprocess, args.batch_size)
+        batches.append(batches[0][:1])  # and a batch of one: the batch dimension is dynamic
+        result.update(compare(out, wrapped, batches, args.topk))
         print(f"onnxruntime vs PyTorch on {result['images']} images: max |score diff| {result['max_score_diff']:.2e}, "
               f"max |logit diff| {result['max_logit_diff']:.2e}, top-{args.topk} labels differ on "
               f"{len(result['topk_mismatch'])} images")  # fmt: skip

@@ -363,17 +363,22 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
     # chunk and each block of the bias is made (or multiplied out) once.
     per = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * n_dst * n_src))
     rows = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * per * n_src))
+    if torch.compiler.is_exporting():
+        # All graphs in each block: a loop over them would fix the batch size of an exported graph.
+        graph_blocks = [slice(None)]
+    else:
+        graph_blocks = [slice(b0, b0 + per) for b0 in range(0, num_graphs, per)]
     for r0 in range(0, n_dst, rows):
         bias = None if position_bias is None else _bias_rows(position_bias, r0, r0 + rows).to(src.dtype)
-        for b0 in range(0, num_graphs, per):
-            s, dd = src[:, b0 : b0 + per], dst[:, b0 : b0 + per, r0 : r0 + rows]
+        for graphs in graph_blocks:
+            s, dd = src[:, graphs], dst[:, graphs, r0 : r0 + rows]
             # |a|^2 - 2 a.b + |b|^2 - B in place, in one buffer (bit-identical to the out-of-place
             # expression: -2x is exact and a + (-2x) equals a - 2x).
             dist = torch.matmul(dd, s.transpose(-1, -2)).mul_(-2)
-            dist.add_((dd * dd).sum(-1, keepdim=True)).add_(s_sq[:, b0 : b0 + per])
+            dist.add_((dd * dd).sum(-1, keepdim=True)).add_(s_sq[:, graphs])
             if bias is not None:
                 dist.sub_(bias)
-            out[:, b0 : b0 + per, r0 : r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
+            out[:, graphs, r0 : r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
     return out
 
 

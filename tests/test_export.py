@@ -69,7 +69,9 @@ def test_onnx_export_matches_pytorch(checkpoint, capsys):
     thresholds = json.loads(meta["thresholds"])
     assert thresholds["global"] == pytest.approx(checkpoint["record"]["global"])
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["image"] and session.get_inputs()[0].shape == [2, 3, 40, 40]
+    (image_input,) = session.get_inputs()
+    assert image_input.name == "image" and image_input.shape[1:] == [3, 40, 40]
+    assert isinstance(image_input.shape[0], str)  # a symbolic batch dimension: any batch size runs
     assert [o.name for o in session.get_outputs()] == ["logits", "scores"]
 
     from gkg_pyg.data import build_test_transform, load_rgb
@@ -80,7 +82,7 @@ def test_onnx_export_matches_pytorch(checkpoint, capsys):
     model = build_model(state["config"], CLASSES, load_weights=False, verbose=False)
     model.load_state_dict(state["model"])
     model.eval()
-    pil = [load_rgb(p) for p in images[:2]]
+    pil = [load_rgb(p) for p in images[:3]]  # batch 3: not the batch size the export was traced or checked with
     x01 = torch.stack([TF.to_tensor(TF.resize(im, [40, 40], InterpolationMode.BICUBIC)) for im in pil])
     with torch.no_grad():
         expected = torch.sigmoid(model(torch.stack([build_test_transform(40)(im) for im in pil])))
@@ -95,3 +97,32 @@ def test_onnx_export_matches_pytorch(checkpoint, capsys):
     with torch.no_grad():
         _, ep_scores = program.module()(x01)
     assert torch.allclose(ep_scores, expected, atol=1e-5)
+
+
+def test_torch_export_takes_any_batch_size():
+    """Traced once with a dynamic batch dimension (batch 2), the program equals
+    the eager model at other batch sizes (float64, so that near-ties of kNN
+    distances cannot hide a difference), also with several dense-kNN blocks
+    of images in eager mode."""
+    from gkg_pyg import create_model
+    from gkg_pyg import knn as knn_module
+
+    torch.manual_seed(0)
+    model = create_model("gkgnet_ti", num_classes=5, img_size=96).double().eval()
+    example = torch.rand(2, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        model(example)  # position tables, built outside the trace
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    for batch in (1, 3, 5):
+        x = torch.rand(batch, 3, 96, 96, dtype=torch.float64)
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(program(x), want, rtol=1e-9, atol=1e-9)
+    # Eager blocks of one image per distance block give the same logits as well.
+    original = knn_module.DENSE_BLOCK_ELEMENTS
+    try:
+        knn_module.DENSE_BLOCK_ELEMENTS = 1
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    finally:
+        knn_module.DENSE_BLOCK_ELEMENTS = original
