@@ -11,10 +11,13 @@ steadier than timings of blocks of steps (compare ratios, not images/s).
 
     python experiments/benchmark_authors.py --harness /work/authors_harness --img-size 224 --batch 8
     python experiments/benchmark_authors.py --harness ... --img-size 448 --batch 4 --amp bf16 --rounds 4
+    python experiments/benchmark_authors.py --harness ... --device cuda --img-size 576 --batch 16 --amp fp16
 
 A training step is forward, backward (BCE on random targets) and AdamW.
-``--amp bf16`` adds both models under CPU bfloat16 autocast as two more rows
-(the ratios stay relative to the authors' float32 step).
+``--amp bf16|fp16`` adds both models under autocast as two more rows (the
+ratios stay relative to the authors' float32 step; fp16 trains with a loss
+scaler, as the paper's recipe does). On CUDA every step is synchronised
+before and after its timing.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ def load_authors(harness: Path):
     return OfficialGKGNet
 
 
-def step(model, optimizer, task: str, x, y, amp: bool) -> float:
+def step(model, optimizer, scaler, task: str, x, y, amp_dtype) -> float:
     """Seconds for one eval forward or one training step (forward, backward, AdamW)."""
     model.train(task == "train")
+    synchronize(x.device)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         if task == "train":
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
         else:
@@ -55,9 +59,16 @@ def step(model, optimizer, task: str, x, y, amp: bool) -> float:
                 model(x)
     if task == "train":
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    synchronize(x.device)
     return time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None):
@@ -67,36 +78,44 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--amp", choices=["bf16"], help="also time both models under CPU bf16 autocast")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="also time both models under autocast")
     parser.add_argument("--tasks", nargs="+", choices=["eval", "train"], default=["eval", "train"])
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.batch < 1:
         parser.error("--rounds and --batch must be at least 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU visible to torch")
     authors_cls = load_authors(args.harness.resolve())
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = {
-        "authors": authors_cls(size=args.img_size, choice="s"),
-        "gkg_pyg": gkg_pyg.create_model("gkgnet_s", num_classes=80, img_size=args.img_size),
+        "authors": authors_cls(size=args.img_size, choice="s").to(device),
+        "gkg_pyg": gkg_pyg.create_model("gkgnet_s", num_classes=80, img_size=args.img_size).to(device),
     }
-    rows = {"authors, fp32": ("authors", False), "gkg-pyg, fp32": ("gkg_pyg", False)}
+    rows = {"authors, fp32": ("authors", None), "gkg-pyg, fp32": ("gkg_pyg", None)}
     if args.amp:
-        rows["authors, bf16 autocast"] = ("authors", True)
-        rows["gkg-pyg, bf16 autocast"] = ("gkg_pyg", True)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    y = (torch.rand(args.batch, 80) > 0.9).float()
-    print(f"GKGNet-S, {args.img_size} px, batch {args.batch}, {args.threads} threads, {args.rounds} rounds")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        rows[f"authors, {args.amp} autocast"] = ("authors", amp_dtype)
+        rows[f"gkg-pyg, {args.amp} autocast"] = ("gkg_pyg", amp_dtype)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    y = (torch.rand(args.batch, 80, device=device) > 0.9).float()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"GKGNet-S, {args.img_size} px, batch {args.batch}, {where}, {args.rounds} rounds")
     print("| task | configuration | images/s (median) | speed / authors fp32 (median of rounds, min-max) |")
     print("|---|---|---|---|")
     for task in args.tasks:
         optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-
-        for name, amp in rows.values():  # warm-up
-            step(models[name], optims[name], task, x, y, amp)
+        scalers = {
+            row: torch.amp.GradScaler(device.type, enabled=amp == torch.float16) for row, (_, amp) in rows.items()
+        }
+        for row, (name, amp) in rows.items():  # warm-up
+            step(models[name], optims[name], scalers[row], task, x, y, amp)
         times = {row: [] for row in rows}
         for _ in range(args.rounds):
             for row, (name, amp) in rows.items():
-                times[row].append(step(models[name], optims[name], task, x, y, amp))
+                times[row].append(step(models[name], optims[name], scalers[row], task, x, y, amp))
         for row in rows:
             ratios = [a / b for a, b in zip(times["authors, fp32"], times[row])]
             print(

@@ -17,8 +17,10 @@
 2. ``experiments/benchmark.py --device cuda --amp fp16`` at each ``--sizes``
    with ``--batch`` (images/s, peak memory, share of the kNN, per backend).
 3. With ``--harness`` (built by ``../shared/authors_gkgnet/make_harness.sh``):
-   its ``throughput.py`` and ``peak_memory.py`` (authors and gkg-pyg,
-   training, fp16) at the same sizes and batch on the same card.
+   ``experiments/benchmark_authors.py --amp fp16`` (paired steps of both
+   models, fp32 and fp16 autocast), then the harness's ``throughput.py``
+   (fp32) and ``peak_memory.py`` (authors and gkg-pyg, training, fp16) at
+   the same sizes and batch on the same card.
 """
 
 from __future__ import annotations
@@ -186,6 +188,25 @@ def main(argv=None) -> int:
             harness = args.harness.resolve()
             cuda = ["--device", "cuda"] if device.type == "cuda" else []
             for size in args.sizes:
+                # paired fp16-autocast timing (the issue's GPU goal), then the harness's own fp32 throughput
+                run(
+                    [
+                        python,
+                        "experiments/benchmark_authors.py",
+                        "--harness",
+                        str(harness),
+                        "--device",
+                        args.device,
+                        "--img-size",
+                        str(size),
+                        "--batch",
+                        str(args.batch),
+                        "--rounds",
+                        "4",
+                        "--amp",
+                        "fp16" if device.type == "cuda" else "bf16",
+                    ]
+                )
                 run([python, str(harness / "throughput.py"), str(size), str(args.batch), "3", "train", "eval", *cuda])
                 for who in ("authors", "gkg_pyg"):
                     run(

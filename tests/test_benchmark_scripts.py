@@ -46,3 +46,11 @@ def test_benchmark_authors_names_a_missing_harness(tmp_path):
     script = load_script("benchmark_authors")
     with pytest.raises(SystemExit, match="no official_model.py there; build it with"):
         script.main(["--harness", str(tmp_path), "--rounds", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_benchmark_authors_without_a_gpu_says_so(tmp_path, capsys):
+    script = load_script("benchmark_authors")
+    with pytest.raises(SystemExit):
+        script.main(["--harness", str(tmp_path), "--device", "cuda", "--amp", "fp16"])
+    assert "--device cuda: no GPU visible to torch" in capsys.readouterr().err
