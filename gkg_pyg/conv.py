@@ -50,7 +50,23 @@ class GroupedLinear(nn.Module):
 
 
 def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-    """:class:`GroupedLinear`'s map with the given ``(out, in / groups)`` weight."""
+    """:class:`GroupedLinear`'s map with the given ``(out, in / groups)`` weight
+    (``groups=1``: ``F.linear``).
+
+    On the CPU in float32 with more than one thread (where ATen runs 1x1
+    convolutions with oneDNN), the map runs as a 1x1 convolution over a
+    channels-last view of the ``(M, in)`` rows, which needs no copy: at the
+    narrow widths of GKGNet's first stages it measured up to 2x faster than
+    MKL's ``addmm`` and ``bmm`` (the model's eval pass 1.07x at 224 and 1.11x
+    at 448).  A grouped map takes this path only without autograd, since
+    oneDNN's grouped backward measured slower than ``bmm``'s.  The values
+    agree with ``F.linear`` to float32 rounding (a different summation order).
+    """
+    if _onednn_pays(x, weight, bias, groups):
+        m, n = x.numel() // x.shape[-1], weight.shape[0]
+        rows = x.reshape(1, m, 1, x.shape[-1]).permute(0, 3, 1, 2)  # (1, in, M, 1), channels-last strides
+        out = F.conv2d(rows, weight.reshape(n, weight.shape[1], 1, 1), bias, groups=groups)
+        return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], n)
     if groups == 1:
         return F.linear(x, weight, bias)
     out_channels, in_per_group = weight.shape
@@ -62,6 +78,26 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     # In place (out is bmm's fresh result or a copy of it; autograd keeps neither) unless the sum
     # promotes, as a half-precision out and a float32 bias do under autocast.
     return out.add_(bias) if bias.dtype == out.dtype else out + bias
+
+
+def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> bool:
+    """Whether :func:`grouped_linear` runs as a oneDNN 1x1 convolution: float32
+    CPU rows, oneDNN on and ATen's multi-threaded convolution path (with one
+    thread ATen uses its own slower 1x1 kernel), not under autocast (whose
+    half-precision ``linear`` is oneDNN already), not while compiling or
+    exporting (a compiled or exported graph keeps a plain matrix product and
+    its compiler's own choices), and for a grouped map no gradient to compute."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+        return False
+    if any(t is not None and t.dtype != torch.float32 for t in (x, weight, bias)):
+        return False
+    if torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
+        return False
+    if not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu") or torch.compiler.is_exporting():
+        return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return groups == 1 or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
 def _activation(name: Optional[str]) -> nn.Module:

@@ -232,7 +232,7 @@ class _BatchNormGeluLinear(torch.autograd.Function):
         )
         ctx.save_for_backward(h, bn_weight, bn_bias, weight, mean, invstd)
         ctx.running, ctx.training, ctx.eps = (running_mean, running_var), training, eps
-        return F.linear(torch.ops.aten.gelu_(z), weight, bias)  # in place: z is ours alone
+        return grouped_linear(torch.ops.aten.gelu_(z), weight, bias, 1)  # GELU in place: z is ours alone
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -335,15 +335,19 @@ def linear_then_bn(x: Tensor, linear: nn.Module, bn: nn.Module) -> Tensor:
     evaluation one linear map with the BatchNorm folded into its weight and
     bias (one pass over the features instead of two)."""
     if not folds(bn):
-        return bn(linear(x))
+        return bn(apply_linear(x, linear))
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
     if linear.bias is not None:
         bias = bias + linear.bias * scale
     weight = linear.weight * scale.unsqueeze(1)
-    if isinstance(linear, GroupedLinear):
-        return grouped_linear(x, weight, bias, linear.groups)
-    return F.linear(x, weight, bias)
+    return grouped_linear(x, weight, bias, getattr(linear, "groups", 1))
+
+
+def apply_linear(x: Tensor, linear: nn.Module) -> Tensor:
+    """``linear(x)`` for an ``nn.Linear`` or :class:`GroupedLinear` through
+    :func:`grouped_linear` (oneDNN on the CPU where that pays)."""
+    return grouped_linear(x, linear.weight, linear.bias, getattr(linear, "groups", 1))
 
 
 class LinearBatchNorm(nn.Sequential):
@@ -371,7 +375,7 @@ class FFN(nn.Module):
         if folds(self.fc1[1]):
             return x + self.drop_path(self.fc2(self.act(self.fc1(x))))
         # fc2's linear map of GELU(fc1(x)), keeping one hidden tensor for backward instead of three
-        h = bn_gelu_linear(self.fc1[0](x), self.fc1[1], self.act, self.fc2[0])
+        h = bn_gelu_linear(apply_linear(x, self.fc1[0]), self.fc1[1], self.act, self.fc2[0])
         return x + self.drop_path(self.fc2[1](h))
 
 
@@ -412,7 +416,7 @@ class GroupGraphBlock(nn.Module):
         if folds(bn):
             m = self.fc2(act(linear_then_bn(r, conv_linear, bn)))
         else:
-            m = self.fc2[1](bn_gelu_linear(conv_linear(r), bn, act, self.fc2[0]))
+            m = self.fc2[1](bn_gelu_linear(apply_linear(r, conv_linear), bn, act, self.fc2[0]))
         return x + self.drop_path(m.view(x.shape))
 
 
