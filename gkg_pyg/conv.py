@@ -55,12 +55,12 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
 
     On the CPU in float32 with more than one thread (where ATen runs 1x1
     convolutions with oneDNN), the map runs as a 1x1 convolution over a
-    channels-last view of the ``(M, in)`` rows, which needs no copy: at the
-    narrow widths of GKGNet's first stages it measured up to 2x faster than
-    MKL's ``addmm`` and ``bmm`` (the model's eval pass 1.07x at 224 and 1.11x
-    at 448).  A grouped map takes this path only without autograd, since
-    oneDNN's grouped backward measured slower than ``bmm``'s.  The values
-    agree with ``F.linear`` to float32 rounding (a different summation order).
+    channels-last view of the ``(M, in)`` rows, which needs no copy: on many
+    rows (GKGNet's first stages) it measured up to 2x faster than MKL's
+    ``addmm`` and ``bmm``, on small inputs slower (see :func:`_onednn_pays`).
+    A grouped map takes this path only without autograd, since oneDNN's
+    grouped backward measured slower than ``bmm``'s.  The values agree with
+    ``F.linear`` to float32 rounding (a different summation order).
     """
     if _onednn_pays(x, weight, bias, groups):
         m, n = x.numel() // x.shape[-1], weight.shape[0]
@@ -80,16 +80,25 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     return out.add_(bias) if bias.dtype == out.dtype else out + bias
 
 
+# Below these sizes oneDNN's per-call overhead outweighs its faster kernel (measured here: 640 rows
+# of 80 -> 80 channels 0.44x, 640 x 640 -> 2560 0.74x, 2048 x 64 -> 128 0.77x the speed of addmm).
+_ONEDNN_MIN_ROWS, _ONEDNN_MIN_MACS = 2048, 1 << 26
+
+
 def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> bool:
     """Whether :func:`grouped_linear` runs as a oneDNN 1x1 convolution: float32
-    CPU rows, oneDNN on and ATen's multi-threaded convolution path (with one
-    thread ATen uses its own slower 1x1 kernel), not under autocast (whose
+    CPU rows, at least 2048 of them and 2^26 multiply-adds, oneDNN on and
+    ATen's multi-threaded convolution path (with one thread ATen uses its own
+    slower 1x1 kernel), not under autocast (whose
     half-precision ``linear`` is oneDNN already), not while compiling or
     exporting (a compiled or exported graph keeps a plain matrix product and
     its compiler's own choices), and for a grouped map no gradient to compute."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
         return False
     if any(t is not None and t.dtype != torch.float32 for t in (x, weight, bias)):
+        return False
+    rows = x.numel() // x.shape[-1]
+    if rows < _ONEDNN_MIN_ROWS or rows * weight.numel() < _ONEDNN_MIN_MACS:
         return False
     if torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
         return False
