@@ -12,6 +12,11 @@ images/s is printed).  Every row runs in a fresh process so that peak memory
 is its own.  Compare rows of one run only: timings on a shared machine are
 noisy.
 
+``GFLOP/s`` is the row's matrix-product and convolution work per step
+(``torch.utils.flop_counter``, counted in one extra step) over its time: how
+close the row comes to the dense-matrix-product rate of the device, which the
+header gives (the best of a few 2048^3 products in the row's dtype).
+
     python experiments/benchmark.py --model gkgnet_s --img-size 224 --batch 8 --device cpu
     python experiments/benchmark.py --img-size 448 --batch 16 --device cuda --amp fp16
 
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -132,6 +138,9 @@ def measure(args, impl: str, task: str, queue):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # max resident set of this process (includes the model and the warm-up)
         peak = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    with FlopCounterMode(display=False) as flops:
+        step()
+    gflop = flops.get_total_flops() / 1e9
     knn_share = float("nan")
     if name == "gkg_pyg":  # a second pass, timing the kNN calls one by one
         with KnnTimer(device) as timer:
@@ -141,7 +150,15 @@ def measure(args, impl: str, task: str, queue):
             sync(device)
             knn_share = timer.seconds / (time.perf_counter() - start)
     queue.put(
-        dict(impl=impl, task=task, ms=seconds * 1e3, ips=args.batch / seconds, peak_mib=peak, knn_share=knn_share)
+        dict(
+            impl=impl,
+            task=task,
+            ms=seconds * 1e3,
+            ips=args.batch / seconds,
+            peak_mib=peak,
+            gflops=gflop / seconds,
+            knn_share=knn_share,
+        )
     )
 
 
@@ -175,12 +192,15 @@ def measure_knn(args, backend: str, device):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
+    with FlopCounterMode(display=False) as flops:
+        step()
     return dict(
         impl=f"group_knn[{backend}]",
         task="knn stage 1",
         ms=seconds * 1e3,
         ips=args.batch / seconds,
         peak_mib=peak,
+        gflops=flops.get_total_flops() / 1e9 / seconds,
         knn_share=1.0,
     )
 
@@ -193,10 +213,27 @@ def run_isolated(args, impl, task):
     proc.join()
     if proc.exitcode != 0:
         print(f"# {impl} {task}: the measuring process failed (exit code {proc.exitcode})", file=sys.stderr)
-        return dict(
-            impl=impl, task=task, ms=float("nan"), ips=float("nan"), peak_mib=float("nan"), knn_share=float("nan")
-        )
+        nan = float("nan")
+        return dict(impl=impl, task=task, ms=nan, ips=nan, peak_mib=nan, gflops=nan, knn_share=nan)
     return queue.get()
+
+
+def gemm_rate(args, device) -> float:
+    """GFLOP/s of the best of five 2048 x 2048 x 2048 products in the rows'
+    matrix-product dtype (the autocast dtype on CUDA, float32 on the CPU
+    unless bf16 autocast)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = AMP_DTYPES[args.amp] if args.amp and (device.type == "cuda" or args.amp == "bf16") else torch.float32
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        a @ a
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
 
 
 def main():
@@ -244,7 +281,8 @@ def main():
         name = f"CPU, {args.threads or torch.get_num_threads()} threads"
     print(
         f"# {args.model} at {args.img_size}x{args.img_size}, batch {args.batch}, {name}, torch {torch.__version__}, "
-        f"amp {args.amp or 'off (fp32)'}, {args.iters} timed iterations per row"
+        f"amp {args.amp or 'off (fp32)'}, {args.iters} timed iterations per row, "
+        f"dense matrix products {gemm_rate(args, torch.device(args.device)):.0f} GFLOP/s"
     )
     rows = []
     for task in ("eval", "train") if not args.skip_train else ("eval",):
@@ -256,14 +294,14 @@ def main():
         rows.append(run_isolated(args, backend, "knn"))
     print(
         f"| {'implementation':<24} | {'task':<12} | {'ms/iter':>9} | {'images/s':>9} | {'peak MiB':>9} "
-        f"| {'kNN share':>9} |"
+        f"| {'GFLOP/s':>9} | {'kNN share':>9} |"
     )
-    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
     for r in rows:
         share = "" if r["knn_share"] != r["knn_share"] else f"{100 * r['knn_share']:.0f}%"
         print(
             f"| {r['impl']:<24} | {r['task']:<12} | {r['ms']:>9.1f} | {r['ips']:>9.2f} | {r['peak_mib']:>9.0f} "
-            f"| {share:>9} |"
+            f"| {r['gflops']:>9.0f} | {share:>9} |"
         )
 
 
