@@ -138,8 +138,14 @@ def measure(args, impl: str, task: str, queue):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # max resident set of this process (includes the model and the warm-up)
         peak = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    # Counted with autograd on: the counter's module tracking fails under no_grad on some models
+    # (torch's ModuleTracker), and an eval forward does the same products either way.
     with FlopCounterMode(display=False) as flops:
-        step()
+        if task == "train":
+            step()
+        else:
+            with autocast(args, device):
+                model(images)
     gflop = flops.get_total_flops() / 1e9
     knn_share = float("nan")
     if name == "gkg_pyg":  # a second pass, timing the kNN calls one by one

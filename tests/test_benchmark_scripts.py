@@ -59,16 +59,16 @@ def test_benchmark_authors_without_a_gpu_says_so(tmp_path, capsys):
 def test_benchmark_prints_its_table_with_flop_rates():
     """experiments/benchmark.py end to end at a small size: the header names
     the device's matrix-product rate, every row has a positive GFLOP/s (the
-    flop counter saw the model's products) and images/s."""
+    flop counter saw the model's products, also the reference's in eval) and images/s."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, str(EXPERIMENTS / "benchmark.py"), "--model", "gkgnet_ti", "--img-size", "96"]
-    cmd += ["--batch", "1", "--iters", "1", "--backend", "dense", "--skip-reference", "--skip-train", "--device", "cpu"]
+    cmd = [sys.executable, str(EXPERIMENTS / "benchmark.py"), "--model", "gkgnet_ti", "--img-size", "192"]
+    cmd += ["--batch", "1", "--iters", "1", "--backend", "dense", "--skip-train", "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
     header, *lines = [line for line in out.splitlines() if line.startswith(("#", "|"))]
     assert "dense matrix products" in header and float(header.split("products ")[1].split()[0]) > 0
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
-    assert set(rows) == {"gkg_pyg[dense]", "group_knn[dense]"}
+    assert set(rows) == {"gkg_pyg[dense]", "reference", "group_knn[dense]"}
     for cells in rows.values():
         assert float(cells[3]) > 0 and float(cells[5]) > 0  # images/s, GFLOP/s
