@@ -222,3 +222,19 @@ def test_import_and_build_are_quiet_and_leave_timm_out():
     assert done.returncode == 0, done.stderr
     assert done.stderr == "", done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_node_linear_layers_stay_nn_linear_modules():
+    """The projections of the blocks are ``nn.Linear`` modules (``NodeLinear``,
+    whose map goes through ``grouped_linear``): ``isinstance`` finds them, their
+    forward hooks run in training, and their output is ``F.linear``'s."""
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=128).train()
+    linear = model.stages[0].blocks[0]["ffn"].fc1[0]
+    assert isinstance(linear, torch.nn.Linear) and type(linear).__name__ == "NodeLinear"
+    seen = []
+    linear.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    model(torch.randn(2, 3, 128, 128))
+    assert seen, "the forward hook of a block's NodeLinear did not run"
+    x = torch.randn(4096, linear.in_features)
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))

@@ -335,7 +335,7 @@ def linear_then_bn(x: Tensor, linear: nn.Module, bn: nn.Module) -> Tensor:
     evaluation one linear map with the BatchNorm folded into its weight and
     bias (one pass over the features instead of two)."""
     if not folds(bn):
-        return bn(apply_linear(x, linear))
+        return bn(linear(x))
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
     if linear.bias is not None:
@@ -344,18 +344,21 @@ def linear_then_bn(x: Tensor, linear: nn.Module, bn: nn.Module) -> Tensor:
     return grouped_linear(x, weight, bias, getattr(linear, "groups", 1))
 
 
-def apply_linear(x: Tensor, linear: nn.Module) -> Tensor:
-    """``linear(x)`` for an ``nn.Linear`` or :class:`GroupedLinear` through
-    :func:`grouped_linear` (oneDNN on the CPU where that pays)."""
-    return grouped_linear(x, linear.weight, linear.bias, getattr(linear, "groups", 1))
+class NodeLinear(nn.Linear):
+    """An ``nn.Linear`` on ``(..., C)`` node features whose map runs through
+    :func:`~gkg_pyg.conv.grouped_linear` (oneDNN on the CPU where that pays);
+    the parameters, state dict and everything else are ``nn.Linear``'s."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return grouped_linear(x, self.weight, self.bias, 1)
 
 
 class LinearBatchNorm(nn.Sequential):
     """A 1x1 convolution + BatchNorm on node features (``[0]`` the
-    ``nn.Linear``, ``[1]`` the :class:`NodeBatchNorm`), folded in evaluation."""
+    :class:`NodeLinear`, ``[1]`` the :class:`NodeBatchNorm`), folded in evaluation."""
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Linear(cin, cout), NodeBatchNorm(cout))
+        super().__init__(NodeLinear(cin, cout), NodeBatchNorm(cout))
 
     def forward(self, x: Tensor) -> Tensor:
         return linear_then_bn(x, self[0], self[1])
@@ -375,7 +378,7 @@ class FFN(nn.Module):
         if folds(self.fc1[1]):
             return x + self.drop_path(self.fc2(self.act(self.fc1(x))))
         # fc2's linear map of GELU(fc1(x)), keeping one hidden tensor for backward instead of three
-        h = bn_gelu_linear(apply_linear(x, self.fc1[0]), self.fc1[1], self.act, self.fc2[0])
+        h = bn_gelu_linear(self.fc1[0](x), self.fc1[1], self.act, self.fc2[0])
         return x + self.drop_path(self.fc2[1](h))
 
 
@@ -416,7 +419,7 @@ class GroupGraphBlock(nn.Module):
         if folds(bn):
             m = self.fc2(act(linear_then_bn(r, conv_linear, bn)))
         else:
-            m = self.fc2[1](bn_gelu_linear(apply_linear(r, conv_linear), bn, act, self.fc2[0]))
+            m = self.fc2[1](bn_gelu_linear(conv_linear(r), bn, act, self.fc2[0]))
         return x + self.drop_path(m.view(x.shape))
 
 
