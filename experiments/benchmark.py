@@ -228,8 +228,6 @@ def gemm_rate(args, device) -> float:
     """GFLOP/s of the best of five 2048 x 2048 x 2048 products in the rows'
     matrix-product dtype (the autocast dtype on CUDA, float32 on the CPU
     unless bf16 autocast)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = AMP_DTYPES[args.amp] if args.amp and (device.type == "cuda" or args.amp == "bf16") else torch.float32
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
     best = float("inf")
@@ -284,7 +282,9 @@ def main():
         props = torch.cuda.get_device_properties(torch.device(args.device))
         name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
     else:
-        name = f"CPU, {args.threads or torch.get_num_threads()} threads"
+        if args.threads:  # the header's product rate at the rows' thread count
+            torch.set_num_threads(args.threads)
+        name = f"CPU, {torch.get_num_threads()} threads"
     print(
         f"# {args.model} at {args.img_size}x{args.img_size}, batch {args.batch}, {name}, torch {torch.__version__}, "
         f"amp {args.amp or 'off (fp32)'}, {args.iters} timed iterations per row, "

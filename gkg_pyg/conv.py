@@ -89,10 +89,10 @@ def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int)
     """Whether :func:`grouped_linear` runs as a oneDNN 1x1 convolution: float32
     CPU rows, at least 2048 of them and 2^26 multiply-adds, oneDNN on and
     ATen's multi-threaded convolution path (with one thread ATen uses its own
-    slower 1x1 kernel), not under autocast (whose
-    half-precision ``linear`` is oneDNN already), not while compiling or
-    exporting (a compiled or exported graph keeps a plain matrix product and
-    its compiler's own choices), and for a grouped map no gradient to compute."""
+    slower 1x1 kernel), not under autocast (whose half-precision ``linear``
+    is oneDNN already), not while compiling or exporting (a compiled or
+    exported graph keeps a plain matrix product and its compiler's own
+    choices), and for a grouped map no gradient to compute."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
         return False
     if any(t is not None and t.dtype != torch.float32 for t in (x, weight, bias)):
