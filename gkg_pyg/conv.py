@@ -12,6 +12,7 @@ from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import is_sparse, to_edge_index
 
 from .knn import group_knn
+from .native import is_tracing
 
 PairTensor = Tuple[Tensor, Tensor]
 
@@ -93,7 +94,7 @@ def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int)
     is oneDNN already), not while compiling or exporting (a compiled or
     exported graph keeps a plain matrix product and its compiler's own
     choices), and for a grouped map no gradient to compute."""
-    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+    if is_tracing() or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
         return False
     if any(t is not None and t.dtype != torch.float32 for t in (x, weight, bias)):
         return False
@@ -102,9 +103,7 @@ def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int)
         return False
     if torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
         return False
-    if not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu") or torch.compiler.is_exporting():
-        return False
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu"):
         return False
     return groups == 1 or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .native import smallest_k
+
 try:  # compiled from source; optional so that a plain `pip install` works
     import torch_cluster
 except ImportError:  # pragma: no cover - depends on the environment
@@ -381,7 +383,7 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
             dist.add_((dd * dd).sum(-1, keepdim=True)).add_(s_sq[:, graphs])
             if bias is not None:
                 dist.sub_(bias)
-            out[:, graphs, r0 : r0 + rows] = dist.topk(needed, dim=-1, largest=False).indices  # sorted
+            out[:, graphs, r0 : r0 + rows] = smallest_k(dist, needed)  # sorted
     return out
 
 
