@@ -12,7 +12,7 @@ from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import is_sparse, to_edge_index
 
 from .knn import group_knn
-from .native import is_tracing
+from .native import is_tracing, max_relative
 
 PairTensor = Tuple[Tensor, Tensor]
 
@@ -115,58 +115,78 @@ def _activation(name: Optional[str]) -> nn.Module:
     return acts[name]()
 
 
-class _RegularMax(torch.autograd.Function):
-    """``out[i, c] = max_j x_src[neighbors[g(c), i, j], c]`` for a ``(G, N_dst, k)``
-    table, ``g(c)`` the group of channel ``c``: ``(N_dst, C)``.
+class _MaxRelative(torch.autograd.Function):
+    """The interleaved ``[x_dst[i, c], m[i, c] - x_dst[i, c]]``, ``(N_dst, 2C)``, with
+    ``m[i, c] = max_j x_src[neighbors[g(c), i, j], c]`` for a ``(G, N_dst, k)``
+    table, ``g(c)`` the group of channel ``c``.
 
-    One ``(N_dst, C)`` gather per neighbour rank, folded into a running
-    maximum: on the CPU this is several times faster than gathering all
-    ``(N_dst, k, C)`` candidates and reducing over ``k`` (it stays in cache).
-    For the backward pass only the rank of each winner (the first maximal
-    neighbour, nearest first; one byte per value when ``k <= 256``) is kept,
-    and the gradient goes to the winners with one index scatter.
+    On float32 CPU tensors the compiled kernel of :func:`gkg_pyg.native.max_relative`
+    does it in one pass.  Otherwise one ``(N_dst, C)`` gather per neighbour rank
+    is folded into a running maximum: on the CPU several times faster than
+    gathering all ``(N_dst, k, C)`` candidates and reducing over ``k`` (it stays in
+    cache).  Both give the same values.  For the backward pass only the rank of
+    each winner (the first maximal neighbour, nearest first; one byte per value
+    when ``k <= 256``) is kept, and the gradient goes to the winners with one
+    index scatter.
     """
 
     @staticmethod
-    def forward(ctx, x_src: Tensor, neighbors: Tensor) -> Tensor:
+    def forward(ctx, x_src: Tensor, x_dst: Tensor, neighbors: Tensor) -> Tensor:
         g, n_dst, k = neighbors.shape
         n_src, c = x_src.shape
-        # Sub-row n * G + g of x_src viewed as (N_src * G, C / G) is group g of node n; row i * G + g
-        # of the result is group g of destination i.
-        sub = x_src.reshape(n_src * g, c // g)
-        index = (neighbors * g + torch.arange(g, device=neighbors.device).view(g, 1, 1)).permute(2, 1, 0)
-        index = index.reshape(k, n_dst * g)  # (k, N_dst * G): rank j's sub-rows
-        best = sub.index_select(0, index[0])
-        for j in range(1, k):
-            torch.maximum(best, sub.index_select(0, index[j]), out=best)
-        if ctx.needs_input_grad[0]:
-            # The rank of the first maximal neighbour is the number of ranks j whose running
-            # maximum over ranks 0..j is still below the final one (a second running maximum;
-            # cheaper than masked writes per rank).
-            rank_dtype = torch.uint8 if k <= 256 else torch.long
-            running, candidate = sub.index_select(0, index[0]), torch.empty_like(best)
-            below = torch.lt(running, best)
-            rank = below.to(rank_dtype)
-            for j in range(1, k - 1):
-                torch.maximum(running, torch.index_select(sub, 0, index[j], out=candidate), out=running)
-                rank.add_(torch.lt(running, best, out=below))
+        with_rank = ctx.needs_input_grad[0]
+        fused = max_relative(x_src, x_dst, neighbors, with_rank)
+        if fused is not None:
+            out, rank = fused
+        else:
+            best, rank = _neighbor_max(x_src, neighbors, with_rank)
+            out = torch.stack([x_dst, best.view(n_dst, c) - x_dst], dim=-1).view(n_dst, 2 * c)
+        if with_rank:
             ctx.save_for_backward(neighbors, rank)
-            ctx.n_src = n_src
-        return best.view(n_dst, c)
+        ctx.n_src = n_src
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        neighbors, rank = ctx.saved_tensors
-        g, n_dst, _ = neighbors.shape
-        c = grad_out.shape[1]
-        winners = neighbors.transpose(0, 1).gather(2, rank.view(n_dst, g, c // g).long())  # (N_dst, G, C / G)
-        grad_src = grad_out.new_zeros(ctx.n_src, c).scatter_add_(0, winners.view(n_dst, c), grad_out)
-        return grad_src, None
+        grad = grad_out.reshape(grad_out.shape[0], -1, 2)
+        grad_max = grad[..., 1]
+        grad_src = grad_dst = None
+        if ctx.needs_input_grad[0]:
+            neighbors, rank = ctx.saved_tensors
+            g, n_dst, _ = neighbors.shape
+            c = grad_max.shape[1]
+            winners = neighbors.transpose(0, 1).gather(2, rank.view(n_dst, g, c // g).long())  # (N_dst, G, C / G)
+            grad_src = grad_out.new_zeros(ctx.n_src, c).scatter_add_(0, winners.view(n_dst, c), grad_max)
+        if ctx.needs_input_grad[1]:
+            grad_dst = grad[..., 0] - grad_max
+        return grad_src, grad_dst, None
 
 
-def _regular_max(x_src: Tensor, neighbors: Tensor) -> Tensor:
-    """See :class:`_RegularMax`; ``(N_dst, C)``."""
-    return _RegularMax.apply(x_src, neighbors)
+def _neighbor_max(x_src: Tensor, neighbors: Tensor, with_rank: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """PyTorch path of :class:`_MaxRelative`: the maximum ``(N_dst * G, C / G)`` and,
+    ``with_rank``, the rank of the first maximal neighbour."""
+    g, n_dst, k = neighbors.shape
+    n_src, c = x_src.shape
+    # Sub-row n * G + g of x_src viewed as (N_src * G, C / G) is group g of node n; row i * G + g
+    # of the result is group g of destination i.
+    sub = x_src.reshape(n_src * g, c // g)
+    index = (neighbors * g + torch.arange(g, device=neighbors.device).view(g, 1, 1)).permute(2, 1, 0)
+    index = index.reshape(k, n_dst * g)  # (k, N_dst * G): rank j's sub-rows
+    best = sub.index_select(0, index[0])
+    for j in range(1, k):
+        torch.maximum(best, sub.index_select(0, index[j]), out=best)
+    if not with_rank:
+        return best, None
+    # The rank of the first maximal neighbour is the number of ranks j whose running maximum over
+    # ranks 0..j is still below the final one (a second running maximum; cheaper than masked writes).
+    rank_dtype = torch.uint8 if k <= 256 else torch.long
+    running, candidate = sub.index_select(0, index[0]), torch.empty_like(best)
+    below = torch.lt(running, best)
+    rank = below.to(rank_dtype)
+    for j in range(1, k - 1):
+        torch.maximum(running, torch.index_select(sub, 0, index[j], out=candidate), out=running)
+        rank.add_(torch.lt(running, best, out=below))
+    return best, rank
 
 
 def _check_edge_range(edge_index: Tensor, n_src: int, n_dst: int) -> None:
@@ -311,11 +331,9 @@ class GroupMaxRelConv(MessagePassing):
                 raise ValueError(
                     f"neighbors must be ({g}, {x_dst.shape[0]}, k) with k >= 1, got {tuple(neighbors.shape)}"
                 )
-            rel = _regular_max(x_src, neighbors) - x_dst
-        else:
-            rel = self._general_max_rel(x_src, x_dst, self._group_edges(edge_index, x_src.shape[0], x_dst.shape[0]))
-        n_dst = x_dst.shape[0]
-        return torch.stack([x_dst, rel], dim=-1).view(n_dst, 2 * c)
+            return _MaxRelative.apply(x_src, x_dst, neighbors)
+        rel = self._general_max_rel(x_src, x_dst, self._group_edges(edge_index, x_src.shape[0], x_dst.shape[0]))
+        return torch.stack([x_dst, rel], dim=-1).view(x_dst.shape[0], 2 * c)
 
     def _group_edges(self, edge_index: Union[Tensor, SparseTensor], n_src: int, n_dst: int) -> Tensor:
         """The caller's edges as ``(G, 2, E)``, checked in the caller's shape and

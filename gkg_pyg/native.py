@@ -1,20 +1,27 @@
-"""A compiled CPU kernel for the dense kNN's row-wise top-k, with ``torch.topk`` as the fallback.
+"""Two compiled float32 CPU kernels, each with a PyTorch fallback that gives the same values.
 
-ATen's CPU ``topk`` copies each row into a queue of (value, index) pairs and
-partially sorts it; for the kNN's rows (k = 9 to 27 of 49 to 3,136 sources) it
-was 20% of GKGNet's evaluation time at 224 px and 26% at 448 px.
-``csrc/smallest_k.c`` finds a threshold from the minima of 32 or 64 strided
+:func:`smallest_k`, the dense kNN's row-wise top-k.  ATen's CPU ``topk``
+copies each row into a queue of (value, index) pairs and partially sorts it;
+on the kNN's rows (k = 9 to 27 of 49 to 3,136 sources) it was 20% of GKGNet's
+evaluation time at 224 px and 26% at 448 px.  ``gkg_smallest_k`` in
+``csrc/kernels.c`` finds a threshold from the minima of 32 or 64 strided
 buckets with vector instructions, keeps the few entries below it, and sorts
-only those (3-5x faster than ``torch.topk`` on these rows; see the README,
+only those (2-4x faster than ``torch.topk`` on these rows; see the README,
 Benchmark).  The answer is exact: the same indices as
 ``torch.topk(k, largest=False)`` in the same order, ties broken by the lower
 index (where ``torch.topk`` leaves the order of exact ties unspecified).
 
-The kernel is plain C (no torch headers), compiled on first use with the
+:func:`max_relative`, the neighbour maximum of :class:`gkg_pyg.GroupMaxRelConv`
+over a regular ``(G, N_dst, k)`` table and the interleaved ``[x, max - x]``
+features that follow it, in one pass over the destinations: PyTorch needs k
+row gathers, k - 1 maxima, a difference and a stack (at stage 1 the gathers
+copy rows of 40 values, which ATen's ``index_select`` does slowly).
+
+The kernels are plain C (no torch headers), compiled on first use with the
 system C compiler and ``-march=native`` into ``~/.cache/gkg-pyg/native``
 (``GKG_PYG_NATIVE_CACHE`` overrides), keyed by the source, the compiler and
 the CPU, and called through ``ctypes``.  Without a compiler, or with
-``GKG_PYG_NATIVE=0``, everything runs on ``torch.topk`` (one warning when
+``GKG_PYG_NATIVE=0``, everything runs on the PyTorch paths (one warning when
 compiling fails).
 """
 
@@ -31,17 +38,17 @@ import sysconfig
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["smallest_k", "native_available", "is_tracing"]
+__all__ = ["smallest_k", "max_relative", "native_available", "is_tracing"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "smallest_k.c"
+_SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
-# Below this many distances per call the thread start-up outweighs the kernel (measured here:
-# 64 rows of 196 sources, k = 9: torch.topk 0.05 ms, the kernel 0.06 ms).
+# Below this many distances (or output values) per call the thread start-up outweighs the kernels
+# (measured here: 64 rows of 196 sources, k = 9: torch.topk 0.05 ms, the kernel 0.06 ms).
 _MIN_ELEMENTS = 1 << 14
 
 _library: Optional[ctypes.CDLL] = None
@@ -79,7 +86,7 @@ def _build() -> Path:
     key = hashlib.sha1(
         _SOURCE.read_bytes() + " ".join(command).encode() + _cpu_signature().encode() + sys.platform.encode()
     )
-    target = cache / f"smallest_k-{key.hexdigest()[:16]}.so"
+    target = cache / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -108,19 +115,22 @@ def _load() -> Optional[ctypes.CDLL]:
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(
-            f"gkg_pyg: could not compile the top-k kernel {_SOURCE.name} ({str(detail).strip()[:300]}); "
-            "the kNN uses torch.topk, which is slower on the CPU",
+            f"gkg_pyg: could not compile the CPU kernels {_SOURCE.name} ({str(detail).strip()[:300]}); "
+            "using the PyTorch paths (the same values, slower on the CPU)",
             stacklevel=3,
         )
         return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    library.gkg_max_relative.restype = ctypes.c_int
+    library.gkg_max_relative.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     _library = library
     return _library
 
 
 def native_available() -> bool:
-    """Whether the compiled kernel is built and loaded (compiling it now if needed)."""
+    """Whether the compiled kernels are built and loaded (compiling them now if needed)."""
     return _load() is not None
 
 
@@ -154,3 +164,41 @@ def smallest_k(dist: Tensor, k: int) -> Tensor:
         if status == 0:
             return out
     return dist.topk(k, dim=-1, largest=False).indices
+
+
+def max_relative(
+    x_src: Tensor, x_dst: Tensor, neighbors: Tensor, with_rank: bool
+) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """``(out, rank)`` from the compiled kernel, or ``None`` where it does not apply
+    (then the caller runs its PyTorch path, which also reports bad indices).
+
+    ``out`` is ``(N_dst, 2C)``: ``out[i, 2c] = x_dst[i, c]`` and
+    ``out[i, 2c + 1] = max_j x_src[neighbors[g(c), i, j], c] - x_dst[i, c]``;
+    ``rank`` (uint8, ``(N_dst, C)``, only ``with_rank``) is the rank of the first
+    maximal neighbour.  Float32 CPU tensors, at least 2^14 output values.
+    """
+    g, n_dst, k = neighbors.shape
+    n_src, c = x_src.shape
+    if is_tracing() or n_dst * c < _MIN_ELEMENTS or (with_rank and k > 256):
+        return None
+    if any(t.device.type != "cpu" for t in (x_src, x_dst, neighbors)) or neighbors.dtype != torch.long:
+        return None
+    if x_src.dtype != torch.float32 or x_dst.dtype != torch.float32 or _load() is None:
+        return None
+    x_src, x_dst, neighbors = x_src.contiguous(), x_dst.contiguous(), neighbors.contiguous()
+    out = torch.empty(n_dst, 2 * c)
+    rank = torch.empty(n_dst, c, dtype=torch.uint8) if with_rank else None
+    status = _library.gkg_max_relative(
+        x_src.data_ptr(),
+        n_src,
+        x_dst.data_ptr(),
+        n_dst,
+        c,
+        g,
+        neighbors.data_ptr(),
+        k,
+        out.data_ptr(),
+        None if rank is None else rank.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return (out, rank) if status == 0 else None

@@ -30,7 +30,7 @@ def kernel():
 
 
 class CountingLibrary:
-    """Stands in for the ctypes library and counts the kernel's calls."""
+    """Stands in for the ctypes library and counts the kernels' calls."""
 
     def __init__(self, library):
         self.library, self.calls = library, 0
@@ -38,6 +38,10 @@ class CountingLibrary:
     def gkg_smallest_k(self, *args):
         self.calls += 1
         return self.library.gkg_smallest_k(*args)
+
+    def gkg_max_relative(self, *args):
+        self.calls += 1
+        return self.library.gkg_max_relative(*args)
 
 
 @pytest.fixture
@@ -156,7 +160,7 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("GKG_PYG_NATIVE_CACHE", str(tmp_path / "cache"))
     dist = torch.randn(300, 196)
-    with pytest.warns(UserWarning, match="could not compile the top-k kernel smallest_k.c"):
+    with pytest.warns(UserWarning, match="could not compile the CPU kernels kernels.c"):
         got = native.smallest_k(dist, 9)
     assert torch.equal(got, dist.topk(9, dim=-1, largest=False).indices)
     assert not native.native_available()  # decided once, no second warning
@@ -209,3 +213,84 @@ def test_dense_knn_same_tables_with_and_without_the_kernel(counting, monkeypatch
     ]
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# max_relative: the neighbour maximum and the interleaved [x, max - x]
+# ---------------------------------------------------------------------------
+def max_relative_both_ways(monkeypatch, x_src, x_dst, neighbors, counting):
+    """Values and gradients of GroupMaxRelConv's neighbour-table path with the
+    kernel and with the PyTorch path (the kernel switched off)."""
+    from gkg_pyg.conv import _MaxRelative
+
+    results = []
+    for library in (counting, None):
+        monkeypatch.setattr(native, "_library", library)
+        xs, xd = x_src.clone().requires_grad_(True), x_dst.clone().requires_grad_(True)
+        out = _MaxRelative.apply(xs, xd, neighbors)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+        (out * weight).sum().backward()
+        results.append((out.detach(), xs.grad, xd.grad))
+    return results
+
+
+@pytest.mark.parametrize(
+    "n_dst,n_src,c,g,k",
+    [
+        (25088, 1568, 80, 2, 9),
+        (6272, 1568, 160, 2, 9),
+        (1568, 1568, 400, 2, 18),
+        (392, 392, 640, 4, 27),
+        (700, 50, 36, 3, 1),
+    ],
+)
+def test_max_relative_equals_the_pytorch_path(monkeypatch, counting, n_dst, n_src, c, g, k):
+    """GKGNet's stage shapes (and a group width that is no multiple of 8, k = 1):
+    bit-identical values and gradients, with tied maxima (features rounded to
+    a few values) so that the rank of the first maximal neighbour matters."""
+    gen = torch.Generator().manual_seed(n_dst + k)
+    x_src = torch.randint(-3, 4, (n_src, c), generator=gen).float() / 2
+    x_dst = torch.randn(n_dst, c, generator=gen)
+    neighbors = torch.randint(0, n_src, (g, n_dst, k), generator=gen)
+    (out, gs, gd), (ref, rs, rd) = max_relative_both_ways(monkeypatch, x_src, x_dst, neighbors, counting)
+    assert counting.calls == 1
+    assert torch.equal(out, ref) and torch.equal(gs, rs) and torch.equal(gd, rd)
+    assert torch.equal(out[:, 0::2], x_dst)
+
+
+def test_max_relative_nan_and_bad_indices_take_the_pytorch_path(monkeypatch, counting):
+    from gkg_pyg.conv import _MaxRelative
+
+    gen = torch.Generator().manual_seed(0)
+    x_src, x_dst = torch.randn(300, 64, generator=gen), torch.randn(400, 64, generator=gen)
+    neighbors = torch.randint(0, 300, (2, 400, 9), generator=gen)
+    x_src[17, 5] = float("nan")
+    (out, gs, _), (ref, rs, _) = max_relative_both_ways(monkeypatch, x_src, x_dst, neighbors, counting)
+    assert counting.calls == 1 and out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(gs, rs, rtol=0, atol=0, equal_nan=True)
+    monkeypatch.setattr(native, "_library", counting)
+    neighbors[1, 7, 3] = 300
+    with pytest.raises((IndexError, RuntimeError), match="out of range|index"):
+        _MaxRelative.apply(x_src.nan_to_num(), x_dst, neighbors)
+
+
+def test_max_relative_outside_the_kernel(counting):
+    """float64, small outputs and k > 256 with a gradient keep the PyTorch path."""
+    from gkg_pyg.conv import _MaxRelative
+
+    gen = torch.Generator().manual_seed(1)
+    cases = [
+        (torch.randn(300, 64, dtype=torch.float64), torch.randn(400, 64, dtype=torch.float64), 9, False),
+        (torch.randn(30, 16), torch.randn(40, 16), 9, False),
+        (torch.randn(400, 64), torch.randn(300, 64), 300, True),
+    ]
+    for x_src, x_dst, k, grad in cases:
+        neighbors = torch.randint(0, x_src.shape[0], (2, x_dst.shape[0], k), generator=gen)
+        out = _MaxRelative.apply(x_src.requires_grad_(grad), x_dst, neighbors)
+        best = x_src.detach().view(-1, 2, x_src.shape[1] // 2)[
+            neighbors.permute(1, 0, 2), torch.arange(2).view(1, 2, 1)
+        ]
+        best = best.amax(dim=2).view(x_dst.shape[0], -1)  # brute force: (N_dst, G, k, C/G) -> max over k
+        assert torch.equal(out[:, 1::2], best - x_dst)
+    assert counting.calls == 0

@@ -1,0 +1,276 @@
+/* CPU kernels for gkg_pyg.native (float32, plain C, no torch headers).
+ *
+ * gkg_smallest_k: exact k smallest entries of every row of a matrix.
+ * gkg_max_relative: the interleaved max-relative features of a regular neighbour table.
+ *
+ * gkg_smallest_k, per row of n values (k <= M / 2 buckets' worth, see gkg_smallest_k):
+ *   1. the minimum of each of M strided buckets (index mod M), in vector registers;
+ *   2. T = the k-th smallest of those M minima: they are M distinct entries, so at
+ *      least k entries are <= T, and the k smallest entries are all <= T;
+ *   3. the entries <= T (about k of them for any ordering of the row), in index order,
+ *      sorted by value with a stable insertion sort: the first k are the answer,
+ *      ascending, ties broken by the lower index.
+ * Blocks of 16 entries without any entry <= T are skipped with two vector compares.
+ * A row holding a NaN makes the call return 1, and the caller falls back to torch.topk.
+ *
+ * Vectors are GCC/Clang vector extensions, compiled with -march=native.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+static inline vf8 load8(const float *p) {
+    vf8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vf8 min8(vf8 x, vf8 m) {
+    vi8 lt = x < m;
+    return (vf8)(((vi8)x & lt) | ((vi8)m & ~lt));
+}
+
+static inline int any8(vi8 m) {
+    uint64_t w[4];
+    memcpy(w, &m, sizeof w);
+    return (w[0] | w[1] | w[2] | w[3]) != 0;
+}
+
+/* L vectors of 8 buckets: M = 8 L. Needs k <= M and n >= M. Returns 1 on a NaN. */
+static inline __attribute__((always_inline)) int row_smallest_k(const float *a, int64_t n, int64_t k, int64_t *out,
+                                                                  float *cand_val, int64_t *cand_idx, const int L) {
+    const int M = 8 * L;
+    vf8 mins[L];
+    vi8 nan = {0};
+    for (int l = 0; l < L; ++l) {
+        mins[l] = load8(a + 8 * l);
+        nan |= mins[l] != mins[l];
+    }
+    int64_t j = M;
+    for (; j + M <= n; j += M)
+        for (int l = 0; l < L; ++l) {
+            vf8 v = load8(a + j + 8 * l);
+            mins[l] = min8(v, mins[l]);
+            nan |= v != v;
+        }
+    if (any8(nan)) return 1;
+    float m[M];
+    memcpy(m, mins, sizeof m);
+    for (int64_t t = 0; j + t < n; ++t) {
+        float v = a[j + t];
+        if (v != v) return 1;
+        m[t] = v < m[t] ? v : m[t];
+    }
+    /* The bucket of rank k - 1 (ranks by value, then bucket: a permutation of 0..M-1). */
+    float T = m[0];
+    for (int t = 0; t < M; ++t) {
+        int rank = 0;
+        for (int s = 0; s < M; ++s) rank += (m[s] < m[t]) | ((m[s] == m[t]) & (s < t));
+        T = rank == k - 1 ? m[t] : T;
+    }
+    int64_t c = 0, b = 0;
+    for (; b + 16 <= n; b += 16) {
+        if (!any8((load8(a + b) <= T) | (load8(a + b + 8) <= T))) continue;
+        for (int64_t i = b; i < b + 16; ++i) {
+            cand_val[c] = a[i];
+            cand_idx[c] = i;
+            c += a[i] <= T;
+        }
+    }
+    for (int64_t i = b; i < n; ++i) {
+        cand_val[c] = a[i];
+        cand_idx[c] = i;
+        c += a[i] <= T;
+    }
+    for (int64_t p = 1; p < c; ++p) {
+        float v = cand_val[p];
+        int64_t x = cand_idx[p], q = p;
+        for (; q > 0 && cand_val[q - 1] > v; --q) {
+            cand_val[q] = cand_val[q - 1];
+            cand_idx[q] = cand_idx[q - 1];
+        }
+        cand_val[q] = v;
+        cand_idx[q] = x;
+    }
+    memcpy(out, cand_idx, k * sizeof *out);
+    return 0;
+}
+
+struct topk_job {
+    const float *dist;
+    int64_t rows, n, k;
+    int64_t *out;
+    int status;
+};
+
+static void *run_topk(void *arg) {
+    struct topk_job *jb = arg;
+    float *cand_val = malloc(jb->n * sizeof *cand_val);
+    int64_t *cand_idx = malloc(jb->n * sizeof *cand_idx);
+    jb->status = 3;
+    if (cand_val && cand_idx) {
+        jb->status = 0;
+        for (int64_t r = 0; r < jb->rows && !jb->status; ++r) {
+            const float *a = jb->dist + r * jb->n;
+            int64_t *o = jb->out + r * jb->k;
+            jb->status = jb->k <= 16 ? row_smallest_k(a, jb->n, jb->k, o, cand_val, cand_idx, 4)
+                                     : row_smallest_k(a, jb->n, jb->k, o, cand_val, cand_idx, 8);
+        }
+    }
+    free(cand_val);
+    free(cand_idx);
+    return NULL;
+}
+
+/* Indices of the k smallest entries of each row of the contiguous (rows, n) matrix dist into the
+ * contiguous (rows, k) out, ascending, ties by the lower index, on up to `threads` threads.
+ * Returns 0 on success, 1 if a row holds a NaN, 2 for an unsupported shape (needs 1 <= k <= 16 and
+ * n >= 64, or k <= 32 and n >= 128), 3 if memory ran out. out is undefined unless 0 is returned. */
+int gkg_smallest_k(const float *dist, int64_t rows, int64_t n, int64_t k, int64_t *out, int threads) {
+    if (k < 1 || !((k <= 16 && n >= 64) || (k <= 32 && n >= 128))) return 2;
+    if (threads < 1) threads = 1;
+    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    struct topk_job jobs[threads];
+    pthread_t tid[threads];
+    int started[threads];
+    for (int t = 0; t < threads; ++t) {
+        int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+        jobs[t] = (struct topk_job){dist + r0 * n, r1 - r0, n, k, out + r0 * k, 0};
+        started[t] = t > 0 && pthread_create(&tid[t], NULL, run_topk, &jobs[t]) == 0;
+    }
+    for (int t = 0; t < threads; ++t)
+        if (!started[t]) run_topk(&jobs[t]);
+    int status = 0;
+    for (int t = 0; t < threads; ++t) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        if (jobs[t].status > status) status = jobs[t].status;
+    }
+    return status;
+}
+
+/* gkg_max_relative: for destination i, group g of G (channels g*cg .. g*cg+cg-1, cg = C / G) and the
+ * table's k sources j of (g, i), m[i, c] = max_j x_src[j, c] (NaN if any is NaN, like torch.maximum),
+ * and out[i] = [x_dst[i, 0], m[i, 0] - x_dst[i, 0], x_dst[i, 1], m[i, 1] - x_dst[i, 1], ...].
+ * With rank != NULL, rank[i, c] = the number of ranks j < k - 1 whose running maximum over ranks
+ * 0..j is below m[i, c]: the rank of the first maximal neighbour (what the backward pass needs). */
+struct maxrel_job {
+    const float *x_src, *x_dst;
+    const int64_t *neighbors;
+    int64_t n_src, n_dst, c, g, k, i0, i1;
+    float *out;
+    uint8_t *rank;
+    int status;
+};
+
+/* The caller has checked that x_src holds no NaN, so a plain maximum equals torch.maximum. */
+static inline float max1(float a, float v) { return v > a ? v : a; }
+
+static inline vf8 max8(vf8 a, vf8 v) {
+    vi8 gt = v > a;
+    return (vf8)(((vi8)v & gt) | ((vi8)a & ~gt));
+}
+
+/* [x0, d0, x1, d1, ...] into o[0 .. 15]. */
+static inline void store_interleaved8(float *o, vf8 x, vf8 d) {
+#ifdef __clang__
+    vf8 lo = __builtin_shufflevector(x, d, 0, 8, 1, 9, 2, 10, 3, 11);
+    vf8 hi = __builtin_shufflevector(x, d, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+    vf8 lo = __builtin_shuffle(x, d, (vi8){0, 8, 1, 9, 2, 10, 3, 11});
+    vf8 hi = __builtin_shuffle(x, d, (vi8){4, 12, 5, 13, 6, 14, 7, 15});
+#endif
+    memcpy(o, &lo, sizeof lo);
+    memcpy(o + 8, &hi, sizeof hi);
+}
+
+/* Channels t .. t + w - 1 (w = 8 in vectors, w = 1 for the tail) of one (destination, group). */
+static void *run_maxrel(void *arg) {
+    struct maxrel_job *jb = arg;
+    const int64_t c = jb->c, cg = c / jb->g, k = jb->k, cg8 = cg & ~(int64_t)7;
+    const float *rows[k];
+    jb->status = 0;
+    for (int64_t i = jb->i0; i < jb->i1; ++i) {
+        for (int64_t g = 0; g < jb->g; ++g) {
+            const int64_t *nb = jb->neighbors + (g * jb->n_dst + i) * k;
+            for (int64_t j = 0; j < k; ++j) {
+                if (nb[j] < 0 || nb[j] >= jb->n_src) {
+                    jb->status = 4;
+                    return NULL;
+                }
+                rows[j] = jb->x_src + nb[j] * c + g * cg;
+            }
+            const float *xd = jb->x_dst + i * c + g * cg;
+            float *o = jb->out + 2 * (i * c + g * cg);
+            uint8_t *r = jb->rank ? jb->rank + i * c + g * cg : NULL;
+            for (int64_t t = 0; t < cg8; t += 8) {
+                vf8 best = load8(rows[0] + t);
+                for (int64_t j = 1; j < k; ++j) best = max8(best, load8(rows[j] + t));
+                vf8 x = load8(xd + t);
+                store_interleaved8(o + 2 * t, x, best - x);
+                if (!r) continue;
+                vf8 running = load8(rows[0] + t);
+                vi8 count = -(running < best);
+                for (int64_t j = 1; j < k - 1; ++j) {
+                    running = max8(running, load8(rows[j] + t));
+                    count -= running < best;
+                }
+                for (int l = 0; l < 8; ++l) r[t + l] = (uint8_t)count[l];
+            }
+            for (int64_t t = cg8; t < cg; ++t) {
+                float best = rows[0][t];
+                for (int64_t j = 1; j < k; ++j) best = max1(best, rows[j][t]);
+                o[2 * t] = xd[t];
+                o[2 * t + 1] = best - xd[t];
+                if (!r) continue;
+                float running = rows[0][t];
+                int count = running < best;
+                for (int64_t j = 1; j < k - 1; ++j) {
+                    running = max1(running, rows[j][t]);
+                    count += running < best;
+                }
+                r[t] = (uint8_t)count;
+            }
+        }
+    }
+    return NULL;
+}
+
+/* x_src (n_src, c), x_dst (n_dst, c), neighbors (g, n_dst, k) int64, out (n_dst, 2c), rank NULL or
+ * (n_dst, c) uint8, all contiguous. Returns 0; 1 if x_src holds a NaN (the caller's torch.maximum
+ * propagates it); 2 for an unsupported shape (c % g, k < 1, k > 256 with rank); 4 for a source index
+ * out of range. out and rank are undefined unless 0 is returned. */
+int gkg_max_relative(const float *x_src, int64_t n_src, const float *x_dst, int64_t n_dst, int64_t c, int64_t g,
+                     const int64_t *neighbors, int64_t k, float *out, uint8_t *rank, int threads) {
+    if (g < 1 || c % g || k < 1 || (rank && k > 256)) return 2;
+    vi8 nan8 = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n_src * c; i += 8) {
+        vf8 v = load8(x_src + i);
+        nan8 |= v != v;
+    }
+    int nan = any8(nan8);
+    for (; i < n_src * c; ++i) nan |= x_src[i] != x_src[i];
+    if (nan) return 1;
+    if (threads < 1) threads = 1;
+    if (threads > n_dst) threads = n_dst > 0 ? (int)n_dst : 1;
+    struct maxrel_job jobs[threads];
+    pthread_t tid[threads];
+    int started[threads];
+    for (int t = 0; t < threads; ++t) {
+        jobs[t] = (struct maxrel_job){x_src, x_dst, neighbors, n_src, n_dst, c, g, k,
+                                      n_dst * t / threads, n_dst * (t + 1) / threads, out, rank, 0};
+        started[t] = t > 0 && pthread_create(&tid[t], NULL, run_maxrel, &jobs[t]) == 0;
+    }
+    for (int t = 0; t < threads; ++t)
+        if (!started[t]) run_maxrel(&jobs[t]);
+    int status = 0;
+    for (int t = 0; t < threads; ++t) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        if (jobs[t].status > status) status = jobs[t].status;
+    }
+    return status;
+}
