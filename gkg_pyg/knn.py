@@ -26,7 +26,9 @@ edges are ordered by destination, then by rank (nearest first), so
 Backends
 --------
 ``"dense"``: blocked matrix products and ``topk`` (chunked so that one
-distance block holds at most :data:`DENSE_BLOCK_ELEMENTS` values).
+distance block holds at most :data:`DENSE_BLOCK_ELEMENTS` values; float32
+blocks on the CPU go to the compiled :func:`gkg_pyg.native.smallest_k`, which
+returns ``topk``'s indices, ties by the lower source index).
 Both backends rank in at least float32, also for half-precision features
 and under autocast (the features are upcast; the graph costs little next
 to the model, and half-precision distances would reorder close neighbours).
@@ -49,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .native import smallest_k
+from .native import knn_smallest_k
 
 try:  # compiled from source; optional so that a plain `pip install` works
     import torch_cluster
@@ -377,13 +379,12 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
         bias = None if position_bias is None else _bias_rows(position_bias, r0, r0 + rows).to(src.dtype)
         for graphs in graph_blocks:
             s, dd = src[:, graphs], dst[:, graphs, r0 : r0 + rows]
-            # |a|^2 - 2 a.b + |b|^2 - B in place, in one buffer (bit-identical to the out-of-place
-            # expression: -2x is exact and a + (-2x) equals a - 2x).
-            dist = torch.matmul(dd, s.transpose(-1, -2)).mul_(-2)
-            dist.add_((dd * dd).sum(-1, keepdim=True)).add_(s_sq[:, graphs])
-            if bias is not None:
-                dist.sub_(bias)
-            out[:, graphs, r0 : r0 + rows] = smallest_k(dist, needed)  # sorted
+            # |a|^2 - 2 a.b + |b|^2 - B as ((-2 a.b + |a|^2) + |b|^2) - B, in one buffer or row by row
+            # in the kernel (bit-identical to the out-of-place expression: -2x is exact and
+            # a + (-2x) equals a - 2x), then the `needed` nearest, sorted.
+            products = torch.matmul(dd, s.transpose(-1, -2))
+            sq = (dd * dd).sum(-1, keepdim=True)
+            out[:, graphs, r0 : r0 + rows] = knn_smallest_k(products, sq, s_sq[:, graphs], bias, needed)
     return out
 
 

@@ -43,10 +43,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["smallest_k", "max_relative", "native_available", "is_tracing"]
+__all__ = ["smallest_k", "knn_smallest_k", "max_relative", "native_available", "is_tracing"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 # Below this many distances (or output values) per call the thread start-up outweighs the kernels
 # (measured here: 64 rows of 196 sources, k = 9: torch.topk 0.05 ms, the kernel 0.06 ms).
 _MIN_ELEMENTS = 1 << 14
@@ -122,7 +122,7 @@ def _load() -> Optional[ctypes.CDLL]:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.restype = ctypes.c_int
-    fn.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
     library.gkg_max_relative.restype = ctypes.c_int
     library.gkg_max_relative.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     _library = library
@@ -154,16 +154,53 @@ def smallest_k(dist: Tensor, k: int) -> Tensor:
     ``torch.get_num_threads()`` threads; everything else, and any row holding
     a NaN, runs on ``torch.topk``.
     """
-    if _kernel_applies(dist, k) and _load() is not None:
-        rows = dist.contiguous()
-        out = torch.empty(*dist.shape[:-1], k, dtype=torch.long)
-        n = rows.shape[-1]
-        status = _library.gkg_smallest_k(
-            rows.data_ptr(), rows.numel() // n, n, k, out.data_ptr(), torch.get_num_threads()
+    out = _kernel_smallest_k(dist.contiguous(), None, None, None, k) if _kernel_applies(dist, k) else None
+    return dist.topk(k, dim=-1, largest=False).indices if out is None else out
+
+
+def knn_smallest_k(products: Tensor, row_add: Tensor, col_add: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
+    """:func:`smallest_k` of the dense kNN's distances
+    ``((products * -2 + row_add) + col_add) - bias``, each operation rounded in
+    this order, as PyTorch's in-place operations round them.
+
+    ``products`` is ``(G, P, R, n)``, ``row_add`` ``(G, P, R, 1)``, ``col_add``
+    ``(G, P, 1, n)`` and ``bias`` ``(R, n)`` or ``None``.  The kernel forms each
+    row in its cache instead of four passes over the whole block; elsewhere
+    ``products`` is turned into the distances in place and ranked by ``topk``.
+    """
+    if _kernel_applies(products, k) and products.is_contiguous():
+        g, p, r, n = products.shape
+        out = _kernel_smallest_k(
+            products,
+            row_add.contiguous(),
+            col_add.contiguous(),
+            None if bias is None else bias.contiguous(),
+            k,
+            block_rows=r,
         )
-        if status == 0:
+        if out is not None:
             return out
-    return dist.topk(k, dim=-1, largest=False).indices
+    dist = products.mul_(-2).add_(row_add).add_(col_add)
+    if bias is not None:
+        dist.sub_(bias)
+    return smallest_k(dist, k)
+
+
+def _kernel_smallest_k(dist, row_add, col_add, bias, k: int, block_rows: int = 1) -> Optional[Tensor]:
+    if _load() is None:
+        return None
+    n = dist.shape[-1]
+    out = torch.empty(*dist.shape[:-1], k, dtype=torch.long)
+    status = _library.gkg_smallest_k(
+        *(None if t is None else t.data_ptr() for t in (dist, row_add, col_add, bias)),
+        dist.numel() // n,
+        n,
+        block_rows,
+        k,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out if status == 0 else None
 
 
 def max_relative(

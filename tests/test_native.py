@@ -149,8 +149,10 @@ def test_kernel_rejects_unsupported_shapes_itself(kernel):
     """The C entry point checks (k, n) on its own and leaves ``out`` alone."""
     dist = torch.randn(4, 100)
     out = torch.full((4, 20), -5, dtype=torch.long)
-    assert kernel.gkg_smallest_k(dist.data_ptr(), 4, 100, 20, out.data_ptr(), 2) == 2
-    assert kernel.gkg_smallest_k(dist.data_ptr(), 4, 100, 0, out.data_ptr(), 2) == 2
+    assert kernel.gkg_smallest_k(dist.data_ptr(), None, None, None, 4, 100, 1, 20, out.data_ptr(), 2) == 2
+    assert kernel.gkg_smallest_k(dist.data_ptr(), None, None, None, 4, 100, 1, 0, out.data_ptr(), 2) == 2
+    rows = torch.zeros(4)  # distances from products need the per-column terms too
+    assert kernel.gkg_smallest_k(dist.data_ptr(), rows.data_ptr(), None, None, 4, 100, 1, 9, out.data_ptr(), 2) == 2
     assert (out == -5).all()
 
 
@@ -190,6 +192,31 @@ def test_not_used_while_tracing(counting):
     assert counting.calls == 0
     other = torch.randn(300, 196)
     assert torch.equal(traced(other), other.topk(9, dim=-1, largest=False).indices)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_knn_distances_round_like_the_pytorch_path(counting, monkeypatch, bias):
+    """The kernel forms ((p * -2 + row) + col) - B itself. Entries a few units in
+    the last place apart (so that another order of the sums reorders some of
+    them: p * -2 + (row + col) fails here) rank exactly as the distances made
+    by PyTorch's in-place operations, sorted stably."""
+    gen = torch.Generator().manual_seed(11)
+    g, p, r, n = 2, 3, 500, 196
+    products = 0.3 + torch.randint(-40, 40, (g, p, r, n), generator=gen) * 2.0**-25
+    row_add = 1.0 + torch.rand(g, p, r, 1, generator=gen) * 2.0**-20
+    col_add = 1.0 + torch.rand(g, p, 1, n, generator=gen) * 2.0**-20
+    b = torch.rand(r, n, generator=gen) * 2.0**-21 if bias else None
+    got = native.knn_smallest_k(products.clone(), row_add, col_add, b, 9)
+    assert counting.calls == 1
+    dist = products.clone().mul_(-2).add_(row_add).add_(col_add)
+    if bias:
+        dist.sub_(b)
+    assert torch.equal(got, stable_smallest(dist, 9))
+    # The fallback makes the same distances in place.
+    monkeypatch.setattr(native, "_library", None)
+    fallback_input = products.clone()
+    native.knn_smallest_k(fallback_input, row_add, col_add, b, 9)
+    assert torch.equal(fallback_input, dist)
 
 
 @pytest.mark.parametrize("bias", [False, True])

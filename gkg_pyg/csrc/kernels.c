@@ -13,7 +13,8 @@
  * Blocks of 16 entries without any entry <= T are skipped with two vector compares.
  * A row holding a NaN makes the call return 1, and the caller falls back to torch.topk.
  *
- * Vectors are GCC/Clang vector extensions, compiled with -march=native.
+ * Vectors are GCC/Clang vector extensions, compiled with -march=native -ffp-contract=off (no fused
+ * multiply-add, so that every operation rounds as PyTorch's does).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -101,45 +102,63 @@ static inline __attribute__((always_inline)) int row_smallest_k(const float *a, 
 }
 
 struct topk_job {
-    const float *dist;
-    int64_t rows, n, k;
+    const float *dist, *row_add, *col_add, *bias;
+    int64_t r0, r1, n, block_rows, k;
     int64_t *out;
     int status;
 };
 
 static void *run_topk(void *arg) {
     struct topk_job *jb = arg;
-    float *cand_val = malloc(jb->n * sizeof *cand_val);
-    int64_t *cand_idx = malloc(jb->n * sizeof *cand_idx);
+    const int64_t n = jb->n, k = jb->k;
+    float *cand_val = malloc(n * sizeof *cand_val);
+    int64_t *cand_idx = malloc(n * sizeof *cand_idx);
+    float *row = jb->row_add ? malloc(n * sizeof *row) : NULL;
     jb->status = 3;
-    if (cand_val && cand_idx) {
+    if (cand_val && cand_idx && (row || !jb->row_add)) {
         jb->status = 0;
-        for (int64_t r = 0; r < jb->rows && !jb->status; ++r) {
-            const float *a = jb->dist + r * jb->n;
-            int64_t *o = jb->out + r * jb->k;
-            jb->status = jb->k <= 16 ? row_smallest_k(a, jb->n, jb->k, o, cand_val, cand_idx, 4)
-                                     : row_smallest_k(a, jb->n, jb->k, o, cand_val, cand_idx, 8);
+        for (int64_t r = jb->r0; r < jb->r1 && !jb->status; ++r) {
+            const float *a = jb->dist + r * n;
+            if (row) {
+                /* The dense kNN's ((-2 a.b + |a|^2) + |b|^2) - B, one rounding per operation, in the
+                 * order of the PyTorch path's in-place operations (compiled without FMA contraction). */
+                const float ra = jb->row_add[r];
+                const float *ca = jb->col_add + (r / jb->block_rows) * n;
+                const float *bias = jb->bias ? jb->bias + (r % jb->block_rows) * n : NULL;
+                for (int64_t j = 0; j < n; ++j) row[j] = (a[j] * -2.0f + ra) + ca[j];
+                if (bias)
+                    for (int64_t j = 0; j < n; ++j) row[j] -= bias[j];
+                a = row;
+            }
+            int64_t *o = jb->out + r * k;
+            jb->status = k <= 16 ? row_smallest_k(a, n, k, o, cand_val, cand_idx, 4)
+                                 : row_smallest_k(a, n, k, o, cand_val, cand_idx, 8);
         }
     }
     free(cand_val);
     free(cand_idx);
+    free(row);
     return NULL;
 }
 
-/* Indices of the k smallest entries of each row of the contiguous (rows, n) matrix dist into the
- * contiguous (rows, k) out, ascending, ties by the lower index, on up to `threads` threads.
+/* Indices of the k smallest entries of each row of a (rows, n) matrix into the contiguous (rows, k)
+ * out, ascending, ties by the lower index, on up to `threads` threads. The matrix is dist itself, or,
+ * with row_add != NULL, ((dist * -2 + row_add[r]) + col_add[r / block_rows, j]) - bias[r % block_rows, j]
+ * (bias may be NULL): the dense kNN's distances from its matrix product. All arrays contiguous.
  * Returns 0 on success, 1 if a row holds a NaN, 2 for an unsupported shape (needs 1 <= k <= 16 and
  * n >= 64, or k <= 32 and n >= 128), 3 if memory ran out. out is undefined unless 0 is returned. */
-int gkg_smallest_k(const float *dist, int64_t rows, int64_t n, int64_t k, int64_t *out, int threads) {
+int gkg_smallest_k(const float *dist, const float *row_add, const float *col_add, const float *bias, int64_t rows,
+                   int64_t n, int64_t block_rows, int64_t k, int64_t *out, int threads) {
     if (k < 1 || !((k <= 16 && n >= 64) || (k <= 32 && n >= 128))) return 2;
+    if (row_add && (!col_add || block_rows < 1)) return 2;
     if (threads < 1) threads = 1;
     if (threads > rows) threads = rows > 0 ? (int)rows : 1;
     struct topk_job jobs[threads];
     pthread_t tid[threads];
     int started[threads];
     for (int t = 0; t < threads; ++t) {
-        int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
-        jobs[t] = (struct topk_job){dist + r0 * n, r1 - r0, n, k, out + r0 * k, 0};
+        jobs[t] = (struct topk_job){dist, row_add, col_add, bias, rows * t / threads, rows * (t + 1) / threads,
+                                    n, block_rows, k, out, 0};
         started[t] = t > 0 && pthread_create(&tid[t], NULL, run_topk, &jobs[t]) == 0;
     }
     for (int t = 0; t < threads; ++t)
