@@ -32,6 +32,7 @@ import hashlib
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -67,8 +68,14 @@ def is_tracing() -> bool:
 
 
 def _compiler() -> list:
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return shlex.split(cc)[:1]
+    """``$CC`` when set; otherwise the first of Python's own compiler, ``cc``, ``gcc``
+    and ``clang`` that exists (Python's may be a toolchain that is not installed)."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for cc in (sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(shlex.split(cc)[0]):
+            return shlex.split(cc)
+    raise OSError("no C compiler found (tried Python's CC, cc, gcc, clang; set CC)")
 
 
 def _cpu_signature() -> str:
@@ -186,6 +193,11 @@ def knn_smallest_k(products: Tensor, row_add: Tensor, col_add: Tensor, bias: Opt
     return smallest_k(dist, k)
 
 
+def _threads(elements: int) -> int:
+    """Up to ``torch.get_num_threads()``, at least 2^14 values per thread (each call starts its threads)."""
+    return max(1, min(torch.get_num_threads(), elements // _MIN_ELEMENTS))
+
+
 def _kernel_smallest_k(dist, row_add, col_add, bias, k: int, block_rows: int = 1) -> Optional[Tensor]:
     if _load() is None:
         return None
@@ -198,7 +210,7 @@ def _kernel_smallest_k(dist, row_add, col_add, bias, k: int, block_rows: int = 1
         block_rows,
         k,
         out.data_ptr(),
-        torch.get_num_threads(),
+        _threads(dist.numel()),
     )
     return out if status == 0 else None
 
@@ -236,6 +248,6 @@ def max_relative(
         k,
         out.data_ptr(),
         None if rank is None else rank.data_ptr(),
-        torch.get_num_threads(),
+        _threads(out.numel()),
     )
     return (out, rank) if status == 0 else None

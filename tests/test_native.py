@@ -6,7 +6,6 @@ kNN with and without the kernel."""
 from __future__ import annotations
 
 import shutil
-import sysconfig
 
 import pytest
 import torch
@@ -16,8 +15,10 @@ from gkg_pyg import batched_group_knn
 
 
 def compiler_present() -> bool:
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(cc) is not None or shutil.which("cc") is not None
+    try:
+        return shutil.which(native._compiler()[0]) is not None
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_views_and_leading_dimensions(counting):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_any_thread_count(counting, threads):
     gen = torch.Generator().manual_seed(4)
-    dist = torch.randn(101, 196, generator=gen)
+    dist = torch.randn(301, 196, generator=gen)  # 3.6 x 2^14 values: up to 3 threads
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -167,6 +168,18 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     assert torch.equal(got, dist.topk(9, dim=-1, largest=False).indices)
     assert not native.native_available()  # decided once, no second warning
     assert list((tmp_path / "cache").glob("*")) == []  # no half-written library left behind
+
+
+def test_compiler_choice(monkeypatch):
+    """$CC wins; without it a Python built with a compiler that is not installed
+    (a conda toolchain, say) falls back to cc, gcc or clang."""
+    if not compiler_present():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CC", "my-cc -O1")
+    assert native._compiler() == ["my-cc", "-O1"]
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(native.sysconfig, "get_config_var", lambda name: "x86_64-conda-linux-gnu-cc -pthread")
+    assert native._compiler()[0] in ("cc", "gcc", "clang")
 
 
 def test_disabled_by_environment(monkeypatch):

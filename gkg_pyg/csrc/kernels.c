@@ -101,36 +101,66 @@ static inline __attribute__((always_inline)) int row_smallest_k(const float *a, 
     return 0;
 }
 
-struct topk_job {
-    const float *dist, *row_add, *col_add, *bias;
-    int64_t r0, r1, n, block_rows, k;
-    int64_t *out;
+/* Rows r0 .. r1 - 1 of a call's work; fn sets status. */
+struct rows_job {
+    const void *args;
+    int64_t r0, r1;
     int status;
 };
 
+/* Splits rows 0 .. rows - 1 into `threads` contiguous ranges and runs fn on each, the first on the
+ * calling thread and the others on POSIX threads (a range whose thread cannot start runs here too).
+ * Returns the largest status. */
+static int run_rows(void *(*fn)(void *), const void *args, int64_t rows, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    struct rows_job jobs[threads];
+    pthread_t tid[threads];
+    int started[threads];
+    for (int t = 0; t < threads; ++t) {
+        jobs[t] = (struct rows_job){args, rows * t / threads, rows * (t + 1) / threads, 0};
+        started[t] = t > 0 && pthread_create(&tid[t], NULL, fn, &jobs[t]) == 0;
+    }
+    for (int t = 0; t < threads; ++t)
+        if (!started[t]) fn(&jobs[t]);
+    int status = 0;
+    for (int t = 0; t < threads; ++t) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        if (jobs[t].status > status) status = jobs[t].status;
+    }
+    return status;
+}
+
+struct topk_args {
+    const float *dist, *row_add, *col_add, *bias;
+    int64_t n, block_rows, k;
+    int64_t *out;
+};
+
 static void *run_topk(void *arg) {
-    struct topk_job *jb = arg;
-    const int64_t n = jb->n, k = jb->k;
+    struct rows_job *jb = arg;
+    const struct topk_args *ta = jb->args;
+    const int64_t n = ta->n, k = ta->k;
     float *cand_val = malloc(n * sizeof *cand_val);
     int64_t *cand_idx = malloc(n * sizeof *cand_idx);
-    float *row = jb->row_add ? malloc(n * sizeof *row) : NULL;
+    float *row = ta->row_add ? malloc(n * sizeof *row) : NULL;
     jb->status = 3;
-    if (cand_val && cand_idx && (row || !jb->row_add)) {
+    if (cand_val && cand_idx && (row || !ta->row_add)) {
         jb->status = 0;
         for (int64_t r = jb->r0; r < jb->r1 && !jb->status; ++r) {
-            const float *a = jb->dist + r * n;
+            const float *a = ta->dist + r * n;
             if (row) {
                 /* The dense kNN's ((-2 a.b + |a|^2) + |b|^2) - B, one rounding per operation, in the
                  * order of the PyTorch path's in-place operations (compiled without FMA contraction). */
-                const float ra = jb->row_add[r];
-                const float *ca = jb->col_add + (r / jb->block_rows) * n;
-                const float *bias = jb->bias ? jb->bias + (r % jb->block_rows) * n : NULL;
+                const float ra = ta->row_add[r];
+                const float *ca = ta->col_add + (r / ta->block_rows) * n;
+                const float *bias = ta->bias ? ta->bias + (r % ta->block_rows) * n : NULL;
                 for (int64_t j = 0; j < n; ++j) row[j] = (a[j] * -2.0f + ra) + ca[j];
                 if (bias)
                     for (int64_t j = 0; j < n; ++j) row[j] -= bias[j];
                 a = row;
             }
-            int64_t *o = jb->out + r * k;
+            int64_t *o = ta->out + r * k;
             jb->status = k <= 16 ? row_smallest_k(a, n, k, o, cand_val, cand_idx, 4)
                                  : row_smallest_k(a, n, k, o, cand_val, cand_idx, 8);
         }
@@ -151,24 +181,8 @@ int gkg_smallest_k(const float *dist, const float *row_add, const float *col_add
                    int64_t n, int64_t block_rows, int64_t k, int64_t *out, int threads) {
     if (k < 1 || !((k <= 16 && n >= 64) || (k <= 32 && n >= 128))) return 2;
     if (row_add && (!col_add || block_rows < 1)) return 2;
-    if (threads < 1) threads = 1;
-    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
-    struct topk_job jobs[threads];
-    pthread_t tid[threads];
-    int started[threads];
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = (struct topk_job){dist, row_add, col_add, bias, rows * t / threads, rows * (t + 1) / threads,
-                                    n, block_rows, k, out, 0};
-        started[t] = t > 0 && pthread_create(&tid[t], NULL, run_topk, &jobs[t]) == 0;
-    }
-    for (int t = 0; t < threads; ++t)
-        if (!started[t]) run_topk(&jobs[t]);
-    int status = 0;
-    for (int t = 0; t < threads; ++t) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        if (jobs[t].status > status) status = jobs[t].status;
-    }
-    return status;
+    struct topk_args args = {dist, row_add, col_add, bias, n, block_rows, k, out};
+    return run_rows(run_topk, &args, rows, threads);
 }
 
 /* gkg_max_relative: for destination i, group g of G (channels g*cg .. g*cg+cg-1, cg = C / G) and the
@@ -176,13 +190,12 @@ int gkg_smallest_k(const float *dist, const float *row_add, const float *col_add
  * and out[i] = [x_dst[i, 0], m[i, 0] - x_dst[i, 0], x_dst[i, 1], m[i, 1] - x_dst[i, 1], ...].
  * With rank != NULL, rank[i, c] = the number of ranks j < k - 1 whose running maximum over ranks
  * 0..j is below m[i, c]: the rank of the first maximal neighbour (what the backward pass needs). */
-struct maxrel_job {
+struct maxrel_args {
     const float *x_src, *x_dst;
     const int64_t *neighbors;
-    int64_t n_src, n_dst, c, g, k, i0, i1;
+    int64_t n_src, n_dst, c, g, k;
     float *out;
     uint8_t *rank;
-    int status;
 };
 
 /* The caller has checked that x_src holds no NaN, so a plain maximum equals torch.maximum. */
@@ -208,23 +221,24 @@ static inline void store_interleaved8(float *o, vf8 x, vf8 d) {
 
 /* Channels t .. t + w - 1 (w = 8 in vectors, w = 1 for the tail) of one (destination, group). */
 static void *run_maxrel(void *arg) {
-    struct maxrel_job *jb = arg;
-    const int64_t c = jb->c, cg = c / jb->g, k = jb->k, cg8 = cg & ~(int64_t)7;
+    struct rows_job *jb = arg;
+    const struct maxrel_args *ma = jb->args;
+    const int64_t c = ma->c, cg = c / ma->g, k = ma->k, cg8 = cg & ~(int64_t)7;
     const float *rows[k];
     jb->status = 0;
-    for (int64_t i = jb->i0; i < jb->i1; ++i) {
-        for (int64_t g = 0; g < jb->g; ++g) {
-            const int64_t *nb = jb->neighbors + (g * jb->n_dst + i) * k;
+    for (int64_t i = jb->r0; i < jb->r1; ++i) {
+        for (int64_t g = 0; g < ma->g; ++g) {
+            const int64_t *nb = ma->neighbors + (g * ma->n_dst + i) * k;
             for (int64_t j = 0; j < k; ++j) {
-                if (nb[j] < 0 || nb[j] >= jb->n_src) {
+                if (nb[j] < 0 || nb[j] >= ma->n_src) {
                     jb->status = 4;
                     return NULL;
                 }
-                rows[j] = jb->x_src + nb[j] * c + g * cg;
+                rows[j] = ma->x_src + nb[j] * c + g * cg;
             }
-            const float *xd = jb->x_dst + i * c + g * cg;
-            float *o = jb->out + 2 * (i * c + g * cg);
-            uint8_t *r = jb->rank ? jb->rank + i * c + g * cg : NULL;
+            const float *xd = ma->x_dst + i * c + g * cg;
+            float *o = ma->out + 2 * (i * c + g * cg);
+            uint8_t *r = ma->rank ? ma->rank + i * c + g * cg : NULL;
             for (int64_t t = 0; t < cg8; t += 8) {
                 vf8 best = load8(rows[0] + t);
                 for (int64_t j = 1; j < k; ++j) best = max8(best, load8(rows[j] + t));
@@ -274,22 +288,6 @@ int gkg_max_relative(const float *x_src, int64_t n_src, const float *x_dst, int6
     int nan = any8(nan8);
     for (; i < n_src * c; ++i) nan |= x_src[i] != x_src[i];
     if (nan) return 1;
-    if (threads < 1) threads = 1;
-    if (threads > n_dst) threads = n_dst > 0 ? (int)n_dst : 1;
-    struct maxrel_job jobs[threads];
-    pthread_t tid[threads];
-    int started[threads];
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = (struct maxrel_job){x_src, x_dst, neighbors, n_src, n_dst, c, g, k,
-                                      n_dst * t / threads, n_dst * (t + 1) / threads, out, rank, 0};
-        started[t] = t > 0 && pthread_create(&tid[t], NULL, run_maxrel, &jobs[t]) == 0;
-    }
-    for (int t = 0; t < threads; ++t)
-        if (!started[t]) run_maxrel(&jobs[t]);
-    int status = 0;
-    for (int t = 0; t < threads; ++t) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        if (jobs[t].status > status) status = jobs[t].status;
-    }
-    return status;
+    struct maxrel_args args = {x_src, x_dst, neighbors, n_src, n_dst, c, g, k, out, rank};
+    return run_rows(run_maxrel, &args, n_dst, threads);
 }
