@@ -521,3 +521,23 @@ def test_run_folder_numbering(tmp_path):
     assert elsewhere == second and resume == second / "checkpoint_last.pth"
     with pytest.raises(FileExistsError, match="already holds a run"):
         train.choose_run_folder(cfg, str(first), None)
+
+
+def test_adamw_is_fused_and_updates_like_the_per_parameter_loop():
+    """The recipe's AdamW runs PyTorch's fused kernel on the CPU; three steps with
+    both parameter groups give the weights of torch's reference for loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    twin = copy.deepcopy(model)
+    cfg = {"optim": {"lr": 1e-2, "betas": [0.9, 0.999], "weight_decay": 0.05, "eps": 1e-8, "decay_embeddings": True}}
+    fused = optim.build_optimizer(cfg, model)
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(optim.param_groups(twin, 0.05), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    for step in range(3):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
