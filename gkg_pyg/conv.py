@@ -140,7 +140,7 @@ class _MaxRelative(torch.autograd.Function):
             out, rank = fused
         else:
             best, rank = _neighbor_max(x_src, neighbors, with_rank)
-            out = torch.stack([x_dst, best.view(n_dst, c) - x_dst], dim=-1).view(n_dst, 2 * c)
+            out = _interleaved(x_dst, best.view(n_dst, c) - x_dst)
         if with_rank:
             ctx.save_for_backward(neighbors, rank)
         ctx.n_src = n_src
@@ -160,6 +160,12 @@ class _MaxRelative(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_dst = grad[..., 0] - grad_max
         return grad_src, grad_dst, None
+
+
+def _interleaved(x_dst: Tensor, rel: Tensor) -> Tensor:
+    """``[x_{i,0}, rel_{i,0}, x_{i,1}, rel_{i,1}, ...]``, ``(N_dst, 2C)``: the layout the
+    conv's grouped map expects (and :meth:`_MaxRelative.backward` splits again)."""
+    return torch.stack([x_dst, rel], dim=-1).view(x_dst.shape[0], -1)
 
 
 def _neighbor_max(x_src: Tensor, neighbors: Tensor, with_rank: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -333,7 +339,7 @@ class GroupMaxRelConv(MessagePassing):
                 )
             return _MaxRelative.apply(x_src, x_dst, neighbors)
         rel = self._general_max_rel(x_src, x_dst, self._group_edges(edge_index, x_src.shape[0], x_dst.shape[0]))
-        return torch.stack([x_dst, rel], dim=-1).view(x_dst.shape[0], 2 * c)
+        return _interleaved(x_dst, rel)
 
     def _group_edges(self, edge_index: Union[Tensor, SparseTensor], n_src: int, n_dst: int) -> Tensor:
         """The caller's edges as ``(G, 2, E)``, checked in the caller's shape and

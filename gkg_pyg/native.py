@@ -157,8 +157,8 @@ def smallest_k(dist: Tensor, k: int) -> Tensor:
     smallest entries of every row, ascending.
 
     Float32 CPU rows with ``k <= 16`` of at least 64 entries, or ``k <= 32`` of
-    at least 128, run on the compiled kernel (ties by the lower index), on
-    ``torch.get_num_threads()`` threads; everything else, and any row holding
+    at least 128, run on the compiled kernel (ties by the lower index), on up
+    to ``torch.get_num_threads()`` threads; everything else, and any row holding
     a NaN, runs on ``torch.topk``.
     """
     out = _kernel_smallest_k(dist.contiguous(), None, None, None, k) if _kernel_applies(dist, k) else None
@@ -176,21 +176,21 @@ def knn_smallest_k(products: Tensor, row_add: Tensor, col_add: Tensor, bias: Opt
     ``products`` is turned into the distances in place and ranked by ``topk``.
     """
     if _kernel_applies(products, k) and products.is_contiguous():
-        g, p, r, n = products.shape
         out = _kernel_smallest_k(
             products,
             row_add.contiguous(),
             col_add.contiguous(),
             None if bias is None else bias.contiguous(),
             k,
-            block_rows=r,
+            block_rows=products.shape[2],
         )
         if out is not None:
             return out
+    # The kernel either does not apply here or declined these rows (a NaN): no second attempt.
     dist = products.mul_(-2).add_(row_add).add_(col_add)
     if bias is not None:
         dist.sub_(bias)
-    return smallest_k(dist, k)
+    return dist.topk(k, dim=-1, largest=False).indices
 
 
 def _threads(elements: int) -> int:

@@ -30,10 +30,8 @@ static inline vf8 load8(const float *p) {
     return v;
 }
 
-static inline vf8 min8(vf8 x, vf8 m) {
-    vi8 lt = x < m;
-    return (vf8)(((vi8)x & lt) | ((vi8)m & ~lt));
-}
+/* Lane by lane: a where mask is set, else b. */
+static inline vf8 select8(vi8 mask, vf8 a, vf8 b) { return (vf8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
 
 static inline int any8(vi8 m) {
     uint64_t w[4];
@@ -55,7 +53,7 @@ static inline __attribute__((always_inline)) int row_smallest_k(const float *a, 
     for (; j + M <= n; j += M)
         for (int l = 0; l < L; ++l) {
             vf8 v = load8(a + j + 8 * l);
-            mins[l] = min8(v, mins[l]);
+            mins[l] = select8(v < mins[l], v, mins[l]);
             nan |= v != v;
         }
     if (any8(nan)) return 1;
@@ -186,8 +184,8 @@ int gkg_smallest_k(const float *dist, const float *row_add, const float *col_add
 }
 
 /* gkg_max_relative: for destination i, group g of G (channels g*cg .. g*cg+cg-1, cg = C / G) and the
- * table's k sources j of (g, i), m[i, c] = max_j x_src[j, c] (NaN if any is NaN, like torch.maximum),
- * and out[i] = [x_dst[i, 0], m[i, 0] - x_dst[i, 0], x_dst[i, 1], m[i, 1] - x_dst[i, 1], ...].
+ * table's k sources j of (g, i), m[i, c] = max_j x_src[j, c] (sources holding a NaN are left to the
+ * caller's torch.maximum, which propagates it), and out[i] = [x_dst[i, 0], m[i, 0] - x_dst[i, 0], x_dst[i, 1], m[i, 1] - x_dst[i, 1], ...].
  * With rank != NULL, rank[i, c] = the number of ranks j < k - 1 whose running maximum over ranks
  * 0..j is below m[i, c]: the rank of the first maximal neighbour (what the backward pass needs). */
 struct maxrel_args {
@@ -201,10 +199,7 @@ struct maxrel_args {
 /* The caller has checked that x_src holds no NaN, so a plain maximum equals torch.maximum. */
 static inline float max1(float a, float v) { return v > a ? v : a; }
 
-static inline vf8 max8(vf8 a, vf8 v) {
-    vi8 gt = v > a;
-    return (vf8)(((vi8)v & gt) | ((vi8)a & ~gt));
-}
+static inline vf8 max8(vf8 a, vf8 v) { return select8(v > a, v, a); }
 
 /* [x0, d0, x1, d1, ...] into o[0 .. 15]. */
 static inline void store_interleaved8(float *o, vf8 x, vf8 d) {
@@ -219,7 +214,8 @@ static inline void store_interleaved8(float *o, vf8 x, vf8 d) {
     memcpy(o + 8, &hi, sizeof hi);
 }
 
-/* Channels t .. t + w - 1 (w = 8 in vectors, w = 1 for the tail) of one (destination, group). */
+/* Destinations r0 .. r1 - 1: per group, 8 channels at a time in vectors, then the group's last cg % 8
+ * channels one by one. */
 static void *run_maxrel(void *arg) {
     struct rows_job *jb = arg;
     const struct maxrel_args *ma = jb->args;
