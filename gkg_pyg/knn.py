@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .native import knn_smallest_k
+from .native import knn_smallest_k, smallest_k
 
 try:  # compiled from source; optional so that a plain `pip install` works
     import torch_cluster
@@ -359,12 +359,17 @@ def _normalized_groups(x: Tensor, groups: int) -> Tensor:
 
 
 def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[PositionBias]) -> Tensor:
-    """Blocked ``matmul`` + ``topk`` over (groups, graphs, destinations, sources)
+    """The compiled kernel on float32 CPU features (dense or no bias); elsewhere
+    blocked ``matmul`` + top-k over (groups, graphs, destinations, sources)
     blocks of at most :data:`DENSE_BLOCK_ELEMENTS` distances."""
     groups, num_graphs, n_src, _ = src.shape
     n_dst = dst.shape[2]
-    out = torch.empty(groups, num_graphs, n_dst, needed, dtype=torch.long, device=dst.device)
     s_sq = (src * src).sum(-1).unsqueeze(-2)  # (groups, graphs, 1, n_src)
+    if not isinstance(position_bias, tuple):
+        table = knn_smallest_k(dst, src, (dst * dst).sum(-1), s_sq.squeeze(-2), position_bias, needed)
+        if table is not None:
+            return table
+    out = torch.empty(groups, num_graphs, n_dst, needed, dtype=torch.long, device=dst.device)
     # Blocks of `per` graphs x `rows` destinations.  Whenever per > 1 one block
     # holds all destinations, so the row blocks are the same for every graph
     # chunk and each block of the bias is made (or multiplied out) once.
@@ -379,12 +384,13 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
         bias = None if position_bias is None else _bias_rows(position_bias, r0, r0 + rows).to(src.dtype)
         for graphs in graph_blocks:
             s, dd = src[:, graphs], dst[:, graphs, r0 : r0 + rows]
-            # |a|^2 - 2 a.b + |b|^2 - B as ((-2 a.b + |a|^2) + |b|^2) - B, in one buffer or row by row
-            # in the kernel (bit-identical to the out-of-place expression: -2x is exact and
-            # a + (-2x) equals a - 2x), then the `needed` nearest, sorted.
-            products = torch.matmul(dd, s.transpose(-1, -2))
-            sq = (dd * dd).sum(-1, keepdim=True)
-            out[:, graphs, r0 : r0 + rows] = knn_smallest_k(products, sq, s_sq[:, graphs], bias, needed)
+            # |a|^2 - 2 a.b + |b|^2 - B as ((-2 a.b + |a|^2) + |b|^2) - B, in place (bit-identical to
+            # the out-of-place expression: -2x is exact and a + (-2x) equals a - 2x).
+            dist = torch.matmul(dd, s.transpose(-1, -2)).mul_(-2).add_((dd * dd).sum(-1, keepdim=True))
+            dist = dist.add_(s_sq[:, graphs])
+            if bias is not None:
+                dist = dist.sub_(bias)
+            out[:, graphs, r0 : r0 + rows] = smallest_k(dist, needed)
     return out
 
 

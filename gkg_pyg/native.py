@@ -1,24 +1,28 @@
-"""Two compiled float32 CPU kernels, each with a PyTorch fallback that gives the same values.
+"""Three compiled float32 CPU kernels, each with a PyTorch fallback.
 
-:func:`smallest_k`, the dense kNN's row-wise top-k.  ATen's CPU ``topk``
-copies each row into a queue of (value, index) pairs and partially sorts it;
-on the kNN's rows (k = 9 to 27 of 49 to 3,136 sources) it was 20% of GKGNet's
-evaluation time at 224 px and 26% at 448 px.  ``gkg_smallest_k`` in
-``csrc/kernels.c`` finds a threshold from the minima of 32 or 64 strided
-buckets with vector instructions, keeps the few entries below it, and sorts
-only those (2-4x faster than ``torch.topk`` on these rows; see the README,
-Benchmark).  The answer is exact: the same indices as
+:func:`smallest_k`, a row-wise top-k.  ATen's CPU ``topk`` copies each row
+into a queue of (value, index) pairs and partially sorts it.
+``gkg_smallest_k`` in ``csrc/kernels.c`` finds a threshold from the minima
+of 32 or 64 strided buckets with vector instructions, keeps the few entries
+below it and ranks only those.  The answer is exact: the same indices as
 ``torch.topk(k, largest=False)`` in the same order, ties broken by the lower
 index (where ``torch.topk`` leaves the order of exact ties unspecified).
+
+:func:`knn_smallest_k`, the dense kNN of :mod:`gkg_pyg.knn` in one pass:
+the products, the distances and the selection tile by tile, so that no
+distance matrix is written (on GKGNet-S at 224 px the PyTorch path's
+``matmul`` + ``topk`` were 21% of an evaluation pass).
 
 :func:`max_relative`, the neighbour maximum of :class:`gkg_pyg.GroupMaxRelConv`
 over a regular ``(G, N_dst, k)`` table and the interleaved ``[x, max - x]``
 features that follow it, in one pass over the destinations: PyTorch needs k
 row gathers, k - 1 maxima, a difference and a stack (at stage 1 the gathers
-copy rows of 40 values, which ATen's ``index_select`` does slowly).
+copy rows of 40 values, which ATen's ``index_select`` does slowly).  Values
+and gradients equal the PyTorch path's.
 
 The kernels are plain C (no torch headers), compiled on first use with the
-system C compiler and ``-march=native`` into ``~/.cache/gkg-pyg/native``
+system C compiler, ``-march=native`` and OpenMP (whose worker threads are
+PyTorch's own) into ``~/.cache/gkg-pyg/native``
 (``GKG_PYG_NATIVE_CACHE`` overrides), keyed by the source, the compiler and
 the CPU, and called through ``ctypes``.  Without a compiler, or with
 ``GKG_PYG_NATIVE=0``, everything runs on the PyTorch paths (one warning when
@@ -43,11 +47,15 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = ["smallest_k", "knn_smallest_k", "max_relative", "native_available", "is_tracing"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+# OpenMP first: the kernels then share PyTorch's libgomp worker threads; a compiler without it
+# builds kernels that run on one thread.
+_THREADING = (["-fopenmp"], [])
 # Below this many distances (or output values) per call the thread start-up outweighs the kernels
 # (measured here: 64 rows of 196 sources, k = 9: torch.topk 0.05 ms, the kernel 0.06 ms).
 _MIN_ELEMENTS = 1 << 14
@@ -57,13 +65,15 @@ _tried = False
 
 
 def is_tracing() -> bool:
-    """Whether a compiler, exporter or tracer is recording the call: such graphs must
-    see plain ATen operators, so the fast paths that leave ATen step aside."""
+    """Whether a compiler, exporter, tracer or dispatch mode (a FLOP counter, fake
+    tensors) is recording or intercepting the call: those must see plain ATen
+    operators, so the fast paths that leave ATen step aside."""
     return (
         torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
+        or is_in_torch_dispatch_mode()
     )
 
 
@@ -89,24 +99,29 @@ def _cpu_signature() -> str:
 
 def _build() -> Path:
     cache = Path(os.environ.get("GKG_PYG_NATIVE_CACHE") or Path.home() / ".cache" / "gkg-pyg" / "native")
-    command = _compiler() + _FLAGS
-    key = hashlib.sha1(
-        _SOURCE.read_bytes() + " ".join(command).encode() + _cpu_signature().encode() + sys.platform.encode()
-    )
-    target = cache / f"kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
+    source, machine = _SOURCE.read_bytes(), _cpu_signature().encode() + sys.platform.encode()
+    commands = [_compiler() + _FLAGS + threading for threading in _THREADING]
+    targets = [
+        cache / f"kernels-{hashlib.sha1(source + ' '.join(c).encode() + machine).hexdigest()[:16]}.so" for c in commands
+    ]
+    for target in targets:
+        if target.exists():
+            return target
     cache.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name and rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
-    os.close(fd)
-    try:
-        subprocess.run(command + [str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    for command, target in zip(commands, targets):
+        # Compile to a private name and rename: concurrent processes never load a half-written library.
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run(command + [str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+            os.replace(tmp, target)
+            return target
+        except subprocess.CalledProcessError as error:
+            failure = error
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise failure
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -129,7 +144,9 @@ def _load() -> Optional[ctypes.CDLL]:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.restype = ctypes.c_int
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    library.gkg_knn.restype = ctypes.c_int
+    library.gkg_knn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
     library.gkg_max_relative.restype = ctypes.c_int
     library.gkg_max_relative.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     _library = library
@@ -141,11 +158,14 @@ def native_available() -> bool:
     return _load() is not None
 
 
+def _shape_supported(n: int, k: int) -> bool:
+    return 1 <= k <= min(32, n)
+
+
 def _kernel_applies(dist: Tensor, k: int) -> bool:
     if is_tracing():  # first: under a tracer the sizes below are traced values
         return False
-    n = dist.shape[-1] if dist.dim() else 0
-    if not ((1 <= k <= 16 and n >= 64) or (17 <= k <= 32 and n >= 128)):
+    if not _shape_supported(dist.shape[-1] if dist.dim() else 0, k):
         return False
     if dist.device.type != "cpu" or dist.dtype != torch.float32 or dist.numel() < _MIN_ELEMENTS:
         return False
@@ -156,63 +176,77 @@ def smallest_k(dist: Tensor, k: int) -> Tensor:
     """``dist.topk(k, dim=-1, largest=False).indices``: the indices of the ``k``
     smallest entries of every row, ascending.
 
-    Float32 CPU rows with ``k <= 16`` of at least 64 entries, or ``k <= 32`` of
-    at least 128, run on the compiled kernel (ties by the lower index), on up
-    to ``torch.get_num_threads()`` threads; everything else, and any row holding
-    a NaN, runs on ``torch.topk``.
+    Float32 CPU rows with ``k <= 32`` run on the compiled kernel (ties by the
+    lower index), on up to ``torch.get_num_threads()`` threads; everything
+    else, and any row holding a NaN, runs on ``torch.topk``.
     """
-    out = _kernel_smallest_k(dist.contiguous(), None, None, None, k) if _kernel_applies(dist, k) else None
-    return dist.topk(k, dim=-1, largest=False).indices if out is None else out
-
-
-def knn_smallest_k(products: Tensor, row_add: Tensor, col_add: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
-    """:func:`smallest_k` of the dense kNN's distances
-    ``((products * -2 + row_add) + col_add) - bias``, each operation rounded in
-    this order, as PyTorch's in-place operations round them.
-
-    ``products`` is ``(G, P, R, n)``, ``row_add`` ``(G, P, R, 1)``, ``col_add``
-    ``(G, P, 1, n)`` and ``bias`` ``(R, n)`` or ``None``.  The kernel forms each
-    row in its cache instead of four passes over the whole block; elsewhere
-    ``products`` is turned into the distances in place and ranked by ``topk``.
-    """
-    if _kernel_applies(products, k) and products.is_contiguous():
-        out = _kernel_smallest_k(
-            products,
-            row_add.contiguous(),
-            col_add.contiguous(),
-            None if bias is None else bias.contiguous(),
-            k,
-            block_rows=products.shape[2],
+    if _kernel_applies(dist, k) and _load() is not None:
+        dist = dist.contiguous()
+        n = dist.shape[-1]
+        out = torch.empty(*dist.shape[:-1], k, dtype=torch.long)
+        status = _library.gkg_smallest_k(
+            dist.data_ptr(), dist.numel() // n, n, k, out.data_ptr(), _threads(dist.numel())
         )
-        if out is not None:
+        if status == 0:
             return out
-    # The kernel either does not apply here or declined these rows (a NaN): no second attempt.
-    dist = products.mul_(-2).add_(row_add).add_(col_add)
-    if bias is not None:
-        dist.sub_(bias)
     return dist.topk(k, dim=-1, largest=False).indices
+
+
+def knn_smallest_k(
+    dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bias: Optional[Tensor], k: int
+) -> Optional[Tensor]:
+    """The dense kNN's ``k`` nearest sources of every destination in one pass,
+    or ``None`` where the kernel does not apply or declines (a NaN distance):
+    the caller then runs its PyTorch path.
+
+    ``dst`` is ``(G, B, R, c)``, ``src`` ``(G, B, n, c)`` (any strides with
+    contiguous channels), ``dst_sq`` ``(G, B, R)``, ``src_sq`` ``(G, B, n)`` and
+    ``bias`` ``(R, n)`` or ``None``.  The distances are
+    ``((p * -2 + dst_sq) + src_sq) - bias`` with ``p = dst @ src^T``, each
+    operation rounded once in this order as in the PyTorch path.  ``p`` is
+    accumulated over the channels in order with fused multiply-adds; the
+    PyTorch path's ``matmul`` rounds in an order MKL picks per shape (the same
+    as this one for most of GKGNet's products, measured), so a pair of
+    sources whose distances lie within a few units in the last place may swap
+    ranks between the two paths.  The kernel forms the products in tiles and
+    ranks each row at once: the ``(R, n)`` distance matrix is never written.
+    Returns ``(G, B, R, k)`` int64, ranked as :func:`smallest_k` ranks.
+    """
+    g, b, r, c = dst.shape
+    n = src.shape[2]
+    tensors = (dst, src, dst_sq, src_sq) + (() if bias is None else (bias,))
+    if is_tracing() or not _shape_supported(n, k) or g * b * r * n < _MIN_ELEMENTS or c < 1:
+        return None
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or _load() is None:
+        return None
+    dst, src = (t if t.stride(-1) == 1 else t.contiguous() for t in (dst, src))
+    dst_sq, src_sq = dst_sq.contiguous(), src_sq.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(g, b, r, k, dtype=torch.long)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (dst, src)]
+    status = _library.gkg_knn(
+        dst.data_ptr(),
+        strides[0],
+        dst_sq.data_ptr(),
+        src.data_ptr(),
+        strides[1],
+        src_sq.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        g,
+        b,
+        r,
+        n,
+        c,
+        k,
+        out.data_ptr(),
+        _threads(g * b * r * n),
+    )
+    return out if status == 0 else None
 
 
 def _threads(elements: int) -> int:
     """Up to ``torch.get_num_threads()``, at least 2^14 values per thread (each call starts its threads)."""
     return max(1, min(torch.get_num_threads(), elements // _MIN_ELEMENTS))
-
-
-def _kernel_smallest_k(dist, row_add, col_add, bias, k: int, block_rows: int = 1) -> Optional[Tensor]:
-    if _load() is None:
-        return None
-    n = dist.shape[-1]
-    out = torch.empty(*dist.shape[:-1], k, dtype=torch.long)
-    status = _library.gkg_smallest_k(
-        *(None if t is None else t.data_ptr() for t in (dist, row_add, col_add, bias)),
-        dist.numel() // n,
-        n,
-        block_rows,
-        k,
-        out.data_ptr(),
-        _threads(dist.numel()),
-    )
-    return out if status == 0 else None
 
 
 def max_relative(

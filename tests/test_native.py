@@ -1,10 +1,13 @@
-"""Tests of the compiled top-k kernel (gkg_pyg.native) against torch.topk and a
-stable sort: exact indices and order on random rows, ties, infinities, NaN
-rows, every supported (k, n) boundary, threads; the fallbacks; and the dense
-kNN with and without the kernel."""
+"""Tests of the compiled kernels (gkg_pyg.native): the top-k against torch.topk
+and a stable sort (exact indices and order on random rows, ties, infinities,
+NaN rows, every (k, n) boundary, threads); the dense kNN kernel against brute
+force (exact on products that round alike in any order, the documented
+rounding order of its distances, float32 rows within rounding, strides, tiles,
+NaN fallback); the neighbour maximum against the PyTorch path; building."""
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 
 import pytest
@@ -40,6 +43,10 @@ class CountingLibrary:
         self.calls += 1
         return self.library.gkg_smallest_k(*args)
 
+    def gkg_knn(self, *args):
+        self.calls += 1
+        return self.library.gkg_knn(*args)
+
     def gkg_max_relative(self, *args):
         self.calls += 1
         return self.library.gkg_max_relative(*args)
@@ -59,7 +66,8 @@ def stable_smallest(dist: torch.Tensor, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "k,n",
-    [(1, 64), (2, 65), (9, 196), (9, 100), (16, 64), (16, 3137), (17, 128), (27, 196), (32, 128), (9, 785)],
+    [(1, 64), (2, 65), (9, 196), (9, 100), (16, 64), (16, 3137), (17, 128), (27, 196), (32, 128), (9, 785)]
+    + [(9, 9), (9, 31), (9, 32), (9, 49), (17, 63), (27, 49), (32, 32), (32, 64), (32, 127)],  # short rows
 )
 @pytest.mark.parametrize("rows", [1, 3, 257])
 def test_matches_topk_on_random_rows(counting, k, n, rows):
@@ -134,8 +142,6 @@ def test_any_thread_count(counting, threads):
     [
         lambda: (torch.randn(300, 196, dtype=torch.float64), 9),  # float64
         lambda: (torch.randn(300, 196), 33),  # k beyond the kernel's buckets
-        lambda: (torch.randn(300, 127), 17),  # k > 16 needs 128 entries
-        lambda: (torch.randn(600, 63), 9),  # k <= 16 needs 64 entries
         lambda: (torch.randn(50, 196), 9),  # too small to pay for the threads
         lambda: (torch.randn(300, 196).bfloat16(), 9),
     ],
@@ -146,14 +152,18 @@ def test_outside_the_kernel_runs_topk(counting, make):
     assert counting.calls == 0
 
 
-def test_kernel_rejects_unsupported_shapes_itself(kernel):
-    """The C entry point checks (k, n) on its own and leaves ``out`` alone."""
+def test_kernels_reject_unsupported_shapes_themselves(kernel):
+    """The C entry points check k, n and c on their own and leave ``out`` alone."""
     dist = torch.randn(4, 100)
-    out = torch.full((4, 20), -5, dtype=torch.long)
-    assert kernel.gkg_smallest_k(dist.data_ptr(), None, None, None, 4, 100, 1, 20, out.data_ptr(), 2) == 2
-    assert kernel.gkg_smallest_k(dist.data_ptr(), None, None, None, 4, 100, 1, 0, out.data_ptr(), 2) == 2
-    rows = torch.zeros(4)  # distances from products need the per-column terms too
-    assert kernel.gkg_smallest_k(dist.data_ptr(), rows.data_ptr(), None, None, 4, 100, 1, 9, out.data_ptr(), 2) == 2
+    out = torch.full((4, 40), -5, dtype=torch.long)
+    for k in (0, 33):
+        assert kernel.gkg_smallest_k(dist.data_ptr(), 4, 100, k, out.data_ptr(), 2) == 2
+    assert kernel.gkg_smallest_k(dist.data_ptr(), 4, 8, 9, out.data_ptr(), 2) == 2  # k > n
+    x, sq = torch.randn(2, 1, 20, 3), torch.zeros(2, 1, 20)
+    strides = (ctypes.c_int64 * 3)(*x.stride()[:3])
+    for n, c, k in [(20, 3, 21), (20, 3, 0), (20, 3, 33), (20, 0, 9)]:
+        args = [x.data_ptr(), strides, sq.data_ptr(), x.data_ptr(), strides, sq.data_ptr(), None]
+        assert kernel.gkg_knn(*args, 2, 1, 20, n, c, k, out.data_ptr(), 2) == 2
     assert (out == -5).all()
 
 
@@ -207,52 +217,138 @@ def test_not_used_while_tracing(counting):
     assert torch.equal(traced(other), other.topk(9, dim=-1, largest=False).indices)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_knn_distances_round_like_the_pytorch_path(counting, monkeypatch, bias):
-    """The kernel forms ((p * -2 + row) + col) - B itself. Entries a few units in
-    the last place apart (so that another order of the sums reorders some of
-    them: p * -2 + (row + col) fails here) rank exactly as the distances made
-    by PyTorch's in-place operations, sorted stably."""
-    gen = torch.Generator().manual_seed(11)
-    g, p, r, n = 2, 3, 500, 196
-    products = 0.3 + torch.randint(-40, 40, (g, p, r, n), generator=gen) * 2.0**-25
-    row_add = 1.0 + torch.rand(g, p, r, 1, generator=gen) * 2.0**-20
-    col_add = 1.0 + torch.rand(g, p, 1, n, generator=gen) * 2.0**-20
-    b = torch.rand(r, n, generator=gen) * 2.0**-21 if bias else None
-    got = native.knn_smallest_k(products.clone(), row_add, col_add, b, 9)
+def knn_brute_force(dst, src, dst_sq, src_sq, bias, k):
+    """Float64 distances ((p * -2 + dst_sq) + src_sq) - bias, sorted stably."""
+    p = dst.double() @ src.double().transpose(-1, -2)
+    dist = (p * -2 + dst_sq.double().unsqueeze(-1)) + src_sq.double().unsqueeze(-2)
+    if bias is not None:
+        dist = dist - bias.double()
+    return stable_smallest(dist, k), dist
+
+
+@pytest.mark.parametrize(
+    "g,b,r,n,c,k",
+    [
+        (2, 3, 3136, 196, 40, 9),  # GKGNet-S stage 1 at 224 px
+        (2, 2, 80, 3137, 40, 9),  # labels against patches; n one past a tile of sources
+        (1, 3, 196, 196, 200, 27),  # a dilated stage 3
+        (2, 4, 49, 49, 320, 27),  # stage 4: a short row (every source a candidate)
+        (3, 3, 7, 300, 5, 1),  # fewer destinations than a tile
+        (1, 2, 301, 33, 17, 32),  # k = 32 of 33
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_knn_kernel_is_exact_where_products_round_alike(counting, g, b, r, n, c, k, with_bias):
+    """Small-integer features, squared norms and bias make every product, sum
+    and distance exact in float32 whatever the order of the operations, with
+    many exact ties: the kernel must return the stable ranking of brute force
+    exactly (tiles, pairs, strides, short rows and tails all included)."""
+    gen = torch.Generator().manual_seed(r + n + c + k)
+    # (B, N, G, c) memory as the model's normalised features are laid out, viewed (G, B, N, c)
+    dst = torch.randint(-3, 4, (b, r, g, c), generator=gen).float().permute(2, 0, 1, 3)
+    src = torch.randint(-3, 4, (b, n, g, c), generator=gen).float().permute(2, 0, 1, 3)
+    dst_sq = torch.randint(0, 50, (g, b, r), generator=gen).float()
+    src_sq = torch.randint(0, 50, (g, b, n), generator=gen).float()
+    bias = torch.randint(-20, 20, (r, n), generator=gen).float() if with_bias else None
+    got = native.knn_smallest_k(dst, src, dst_sq, src_sq, bias, k)
     assert counting.calls == 1
-    dist = products.clone().mul_(-2).add_(row_add).add_(col_add)
-    if bias:
-        dist.sub_(b)
+    expected, _ = knn_brute_force(dst, src, dst_sq, src_sq, bias, k)
+    assert got.dtype == torch.long and got.shape == (g, b, r, k)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_knn_distances_round_in_the_documented_order(counting, with_bias):
+    """Exact products 0.3 + m 2^-25 (all in one binade) next to squared norms
+    and a bias that are not multiples of it: the ranking depends on the order
+    of the roundings, and must be that of ((p * -2 + dst_sq) + src_sq) - bias
+    rounded step by step in float32 (checked to fail for p * -2 + (dst_sq + src_sq))."""
+    gen = torch.Generator().manual_seed(11)
+    g, b, r, n = 2, 3, 500, 196
+    dst = torch.stack([torch.ones(g, b, r), torch.ones(g, b, r)], dim=-1)
+    m = torch.randint(-40, 40, (g, b, n), generator=gen).float()
+    src = torch.stack([torch.full((g, b, n), 0.3), m * 2.0**-25], dim=-1)
+    dst_sq = 1.0 + torch.rand(g, b, r, generator=gen) * 2.0**-20
+    src_sq = 1.0 + torch.rand(g, b, n, generator=gen) * 2.0**-20
+    bias = torch.rand(r, n, generator=gen) * 2.0**-21 if with_bias else None
+    got = native.knn_smallest_k(dst, src, dst_sq, src_sq, bias, 9)
+    assert counting.calls == 1
+    p = dst @ src.transpose(-1, -2)  # exact
+    assert torch.equal(p, 0.3 + m.unsqueeze(-2).expand(g, b, r, n) * 2.0**-25)
+    dist = p.mul(-2).add_(dst_sq.unsqueeze(-1)).add_(src_sq.unsqueeze(-2))
+    if with_bias:
+        dist.sub_(bias)
     assert torch.equal(got, stable_smallest(dist, 9))
-    # The fallback makes the same distances in place.
-    monkeypatch.setattr(native, "_library", None)
-    fallback_input = products.clone()
-    native.knn_smallest_k(fallback_input, row_add, col_add, b, 9)
-    assert torch.equal(fallback_input, dist)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_dense_knn_same_tables_with_and_without_the_kernel(counting, monkeypatch, bias):
-    """GKGNet-S stage 1 at 224 px (3,136 destinations, 196 pooled sources,
-    two groups) and a dilated stage (k * dilation = 18 and 27)."""
+def test_knn_kernel_on_float32_features_is_right_within_rounding(counting):
+    """Random normalised features of GKGNet's stage 1 and 3: every chosen
+    neighbour is among the k nearest up to float32 rounding (distances within
+    1e-5 of brute force's, rank by rank), and rows whose float64 distances are
+    separated by more than that rank exactly as brute force."""
+    gen = torch.Generator().manual_seed(5)
+    for g, b, r, n, c, k in [(2, 2, 3136, 196, 40, 9), (2, 2, 196, 196, 200, 18)]:
+        dst = torch.nn.functional.normalize(torch.randn(g, b, r, c, generator=gen), dim=-1)
+        src = torch.nn.functional.normalize(torch.randn(g, b, n, c, generator=gen), dim=-1)
+        bias = torch.randn(r, n, generator=gen) / 10
+        dst_sq, src_sq = (dst * dst).sum(-1), (src * src).sum(-1)
+        got = native.knn_smallest_k(dst, src, dst_sq, src_sq, bias, k)
+        expected, dist = knn_brute_force(dst, src, dst_sq, src_sq, bias, k)
+        ranked = dist.sort(dim=-1).values
+        assert (dist.gather(-1, got) - ranked[..., :k]).abs().max() < 1e-5
+        separated = (ranked[..., 1 : k + 1] - ranked[..., :k]).min(-1).values > 1e-5
+        assert separated.float().mean() > 0.9
+        assert torch.equal(got[separated], expected[separated])
+    assert counting.calls == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_knn_kernel_any_thread_count(counting, threads):
+    gen = torch.Generator().manual_seed(8)
+    dst, src = torch.randint(-3, 4, (2, 3, 301, 8), generator=gen).float(), torch.randint(-3, 4, (2, 3, 97, 8)).float()
+    sq = [torch.zeros(t.shape[:3]) for t in (dst, src)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.knn_smallest_k(dst, src, *sq, None, 9)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, knn_brute_force(dst, src, *sq, None, 9)[0])
+
+
+def test_knn_kernel_declines_nan_and_the_dense_knn_falls_back(counting, monkeypatch):
+    """A NaN feature: the kernel returns None, and batched_group_knn's PyTorch
+    path answers (as it does with the kernels switched off)."""
     gen = torch.Generator().manual_seed(6)
-    x_dst = torch.randn(2, 3136, 48, generator=gen)
-    x_src = torch.randn(2, 196, 48, generator=gen)
-    position = (torch.randn(3136, 24, generator=gen) / 5, torch.randn(196, 24, generator=gen) / 5) if bias else None
-    cases = [(x_src, x_dst, 9, 1), (x_src, x_src, 9, 2), (x_src, x_src, 9, 3)]
-    fast = [
-        batched_group_knn(s, d, k, 2, dilation=dl, position_bias=position if d is x_dst else None)
-        for s, d, k, dl in cases
-    ]
-    assert counting.calls > 0
+    x_dst, x_src = torch.randn(2, 784, 48, generator=gen), torch.randn(2, 196, 48, generator=gen)
+    x_src[1, 17, 3] = float("nan")
+    got = batched_group_knn(x_src, x_dst, 9, 2)
+    assert counting.calls == 2  # the kNN kernel declined, then the top-k kernel on the NaN rows
     monkeypatch.setattr(native, "_library", None)
-    slow = [
-        batched_group_knn(s, d, k, 2, dilation=dl, position_bias=position if d is x_dst else None)
-        for s, d, k, dl in cases
-    ]
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)
+    assert torch.equal(got, batched_group_knn(x_src, x_dst, 9, 2))
+
+
+def test_dispatch_modes_see_the_products(counting):
+    """Under a dispatch mode (here PyTorch's FLOP counter) the kernels step
+    aside, so that the mode sees, and counts, the kNN's matrix products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x_dst, x_src = torch.randn(2, 784, 48), torch.randn(2, 196, 48)
+    with FlopCounterMode(display=False) as flops:
+        got = batched_group_knn(x_src, x_dst, 9, 2)
+    assert counting.calls == 0
+    assert flops.get_total_flops() == 2 * 2 * 784 * 196 * 48
+    assert torch.equal(got[:, :, :5], batched_group_knn(x_src, x_dst[:, :5], 9, 2))
+
+
+def test_knn_kernel_outside_its_domain(counting):
+    """float64, k > 32 and tiny problems are left to the PyTorch path."""
+    dst, src = torch.randn(1, 2, 300, 8), torch.randn(1, 2, 200, 8)
+    sq = [(t * t).sum(-1) for t in (dst, src)]
+    assert native.knn_smallest_k(dst.double(), src.double(), sq[0].double(), sq[1].double(), None, 9) is None
+    assert native.knn_smallest_k(dst, src, *sq, None, 33) is None
+    assert native.knn_smallest_k(dst[:, :, :20], src[:, :, :20], sq[0][:, :, :20], sq[1][:, :, :20], None, 9) is None
+    assert counting.calls == 0
 
 
 # ---------------------------------------------------------------------------

@@ -1,25 +1,29 @@
 /* CPU kernels for gkg_pyg.native (float32, plain C, no torch headers).
  *
  * gkg_smallest_k: exact k smallest entries of every row of a matrix.
+ * gkg_knn: the dense kNN (distances from products, then gkg_smallest_k's selection), tile by tile.
  * gkg_max_relative: the interleaved max-relative features of a regular neighbour table.
  *
- * gkg_smallest_k, per row of n values (k <= M / 2 buckets' worth, see gkg_smallest_k):
+ * The selection, per row of n values and k <= 32 (M = 32 buckets for k <= 16, else 64):
  *   1. the minimum of each of M strided buckets (index mod M), in vector registers;
  *   2. T = the k-th smallest of those M minima: they are M distinct entries, so at
  *      least k entries are <= T, and the k smallest entries are all <= T;
- *   3. the entries <= T (about k of them for any ordering of the row), in index order,
- *      sorted by value with a stable insertion sort: the first k are the answer,
- *      ascending, ties broken by the lower index.
- * Blocks of 16 entries without any entry <= T are skipped with two vector compares.
+ *   3. the entries <= T (about k + 1 of them for any ordering of the row), in index order,
+ *      each ranked by how many are smaller, or equal and earlier: ranks 0 .. k - 1 are the
+ *      answer, ascending, ties broken by the lower index.
+ * Rows shorter than M skip steps 1-2 (every entry is a candidate).
  * A row holding a NaN makes the call return 1, and the caller falls back to torch.topk.
  *
- * Vectors are GCC/Clang vector extensions, compiled with -march=native -ffp-contract=off (no fused
- * multiply-add, so that every operation rounds as PyTorch's does).
+ * Vectors are GCC/Clang vector extensions, compiled with -march=native -ffp-contract=off (no implicit
+ * fused multiply-add, so that every operation rounds as PyTorch's does; gkg_knn's products use
+ * explicit ones). Threads come from OpenMP (see run_rows).
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 typedef float vf8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
@@ -33,15 +37,31 @@ static inline vf8 load8(const float *p) {
 /* Lane by lane: a where mask is set, else b. */
 static inline vf8 select8(vi8 mask, vf8 a, vf8 b) { return (vf8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
 
+static inline vf8 bcast8(float x) { return (vf8){x, x, x, x, x, x, x, x}; }
+
+static inline vf8 max8(vf8 a, vf8 v) { return select8(v > a, v, a); }
+
+/* Bit l set where lane l of the comparison mask is. */
+static inline unsigned mask_bits8(vi8 m) {
+#ifdef __AVX__
+    return (unsigned)_mm256_movemask_ps((__m256)m);
+#else
+    unsigned bits = 0;
+    for (int l = 0; l < 8; ++l) bits |= (unsigned)(m[l] & 1) << l;
+    return bits;
+#endif
+}
+
 static inline int any8(vi8 m) {
     uint64_t w[4];
     memcpy(w, &m, sizeof w);
     return (w[0] | w[1] | w[2] | w[3]) != 0;
 }
 
-/* L vectors of 8 buckets: M = 8 L. Needs k <= M and n >= M. Returns 1 on a NaN. */
-static inline __attribute__((always_inline)) int row_smallest_k(const float *a, int64_t n, int64_t k, int64_t *out,
-                                                                  float *cand_val, int64_t *cand_idx, const int L) {
+/* The entries of the row a (n >= M = 8 L) that are <= T, T the k-th smallest of the minima of M strided
+ * buckets, into cand_val / cand_idx in index order: their number, or -1 on a NaN. */
+static inline __attribute__((always_inline)) int64_t threshold_candidates(const float *a, int64_t n, int64_t k,
+                                                                          float *cand_val, int32_t *cand_idx, const int L) {
     const int M = 8 * L;
     vf8 mins[L];
     vi8 nan = {0};
@@ -56,46 +76,84 @@ static inline __attribute__((always_inline)) int row_smallest_k(const float *a, 
             mins[l] = select8(v < mins[l], v, mins[l]);
             nan |= v != v;
         }
-    if (any8(nan)) return 1;
+    if (any8(nan)) return -1;
     float m[M];
     memcpy(m, mins, sizeof m);
     for (int64_t t = 0; j + t < n; ++t) {
         float v = a[j + t];
-        if (v != v) return 1;
+        if (v != v) return -1;
         m[t] = v < m[t] ? v : m[t];
     }
-    /* The bucket of rank k - 1 (ranks by value, then bucket: a permutation of 0..M-1). */
-    float T = m[0];
-    for (int t = 0; t < M; ++t) {
-        int rank = 0;
-        for (int s = 0; s < M; ++s) rank += (m[s] < m[t]) | ((m[s] == m[t]) & (s < t));
-        T = rank == k - 1 ? m[t] : T;
+    /* T = the k-th smallest of the M minima = the largest minimum with fewer than k minima below it,
+     * found for 8 minima at a time without horizontal sums. */
+    vf8 best = bcast8(-__builtin_inff());
+    for (int l = 0; l < L; ++l) {
+        vf8 mt = load8(m + 8 * l);
+        vi8 below = {0};
+        for (int s = 0; s < M; ++s) below -= bcast8(m[s]) < mt;
+        best = max8(best, select8(below < (int32_t)k, mt, best));
     }
+    float T = best[0];
+    for (int l = 1; l < 8; ++l) T = best[l] > T ? best[l] : T;
     int64_t c = 0, b = 0;
+#ifdef __AVX512F__
+    /* Compressed in registers: branch-free (a compressing store to memory is slow on some CPUs). */
+    const __m512i lane16 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; b + 16 <= n; b += 16) {
-        if (!any8((load8(a + b) <= T) | (load8(a + b + 8) <= T))) continue;
-        for (int64_t i = b; i < b + 16; ++i) {
+        __m512 v = _mm512_loadu_ps(a + b);
+        __mmask16 hit = _mm512_cmp_ps_mask(v, _mm512_set1_ps(T), _CMP_LE_OQ);
+        _mm512_storeu_ps(cand_val + c, _mm512_maskz_compress_ps(hit, v));
+        __m512i idx = _mm512_add_epi32(lane16, _mm512_set1_epi32((int32_t)b));
+        _mm512_storeu_si512(cand_idx + c, _mm512_maskz_compress_epi32(hit, idx));
+        c += __builtin_popcount(hit);
+    }
+#endif
+    for (; b + 8 <= n; b += 8) {
+        if (!any8(load8(a + b) <= T)) continue;
+        for (int64_t i = b; i < b + 8; ++i) {
             cand_val[c] = a[i];
-            cand_idx[c] = i;
+            cand_idx[c] = (int32_t)i;
             c += a[i] <= T;
         }
     }
     for (int64_t i = b; i < n; ++i) {
         cand_val[c] = a[i];
-        cand_idx[c] = i;
+        cand_idx[c] = (int32_t)i;
         c += a[i] <= T;
     }
-    for (int64_t p = 1; p < c; ++p) {
-        float v = cand_val[p];
-        int64_t x = cand_idx[p], q = p;
-        for (; q > 0 && cand_val[q - 1] > v; --q) {
-            cand_val[q] = cand_val[q - 1];
-            cand_idx[q] = cand_idx[q - 1];
+    return c;
+}
+
+/* The indices of the k smallest entries of the row a into out, ascending, ties by the lower index:
+ * the candidates (all entries of a short row, else those up to the bucket threshold, which include the
+ * k smallest) ranked by value, then index. L = 4 (32 buckets) for k <= 16, else 8. Returns 1 on a NaN. */
+static inline __attribute__((always_inline)) int row_smallest_k(const float *a, int64_t n, int64_t k, int64_t *out,
+                                                                  float *cand_val, int32_t *cand_idx, const int L) {
+    int64_t c = n;
+    if (n < 8 * L) {
+        for (int64_t i = 0; i < n; ++i) {
+            if (a[i] != a[i]) return 1;
+            cand_val[i] = a[i];
+            cand_idx[i] = (int32_t)i;
         }
-        cand_val[q] = v;
-        cand_idx[q] = x;
+    } else if ((c = threshold_candidates(a, n, k, cand_val, cand_idx, L)) < 0) {
+        return 1;
     }
-    memcpy(out, cand_idx, k * sizeof *out);
+    /* Candidates are in index order: rank = how many are smaller, or equal and earlier. The ranks below
+     * k place the answer. Padded to a multiple of 8 with +inf past c. */
+    for (int64_t i = c; i < ((c + 7) & ~(int64_t)7); ++i) cand_val[i] = __builtin_inff();
+    const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    int64_t placed[33];
+    for (int64_t i0 = 0; i0 < c; i0 += 8) {
+        vf8 vi = load8(cand_val + i0);
+        vi8 pos = lane + (int32_t)i0, rank = {0};
+        for (int64_t j = 0; j < c; ++j) {
+            vf8 vj = bcast8(cand_val[j]);
+            rank -= (vj < vi) | ((vj == vi) & ((vi8){0} + (int32_t)j < pos));
+        }
+        for (int l = 0; l < 8 && i0 + l < c; ++l) placed[rank[l] < k ? rank[l] : k] = cand_idx[i0 + l];
+    }
+    memcpy(out, placed, k * sizeof *out);
     return 0;
 }
 
@@ -106,81 +164,188 @@ struct rows_job {
     int status;
 };
 
-/* Splits rows 0 .. rows - 1 into `threads` contiguous ranges and runs fn on each, the first on the
- * calling thread and the others on POSIX threads (a range whose thread cannot start runs here too).
- * Returns the largest status. */
+/* Splits rows 0 .. rows - 1 into `threads` contiguous ranges and runs fn on each, in an OpenMP
+ * parallel region: compiled with -fopenmp this library shares PyTorch's libgomp and its worker threads
+ * (threads of our own would compete on the same cores with PyTorch's workers, which spin for a while
+ * after each parallel operation: measured 1.7x slower on 2 cores). Without OpenMP the ranges run one
+ * after the other. Returns the largest status. */
 static int run_rows(void *(*fn)(void *), const void *args, int64_t rows, int threads) {
     if (threads < 1) threads = 1;
     if (threads > rows) threads = rows > 0 ? (int)rows : 1;
     struct rows_job jobs[threads];
-    pthread_t tid[threads];
-    int started[threads];
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = (struct rows_job){args, rows * t / threads, rows * (t + 1) / threads, 0};
-        started[t] = t > 0 && pthread_create(&tid[t], NULL, fn, &jobs[t]) == 0;
-    }
-    for (int t = 0; t < threads; ++t)
-        if (!started[t]) fn(&jobs[t]);
+    for (int t = 0; t < threads; ++t) jobs[t] = (struct rows_job){args, rows * t / threads, rows * (t + 1) / threads, 0};
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) fn(&jobs[t]);
     int status = 0;
-    for (int t = 0; t < threads; ++t) {
-        if (started[t]) pthread_join(tid[t], NULL);
+    for (int t = 0; t < threads; ++t)
         if (jobs[t].status > status) status = jobs[t].status;
-    }
     return status;
 }
 
+/* Per-thread scratch of the selection: candidates (+ 16 for the vector stores past the last one). */
+struct select_buffers {
+    float *val;
+    int32_t *idx;
+};
+
+static int select_alloc(struct select_buffers *sb, int64_t n) {
+    sb->val = malloc((n + 16) * sizeof *sb->val);
+    sb->idx = malloc((n + 16) * sizeof *sb->idx);
+    return sb->val && sb->idx;
+}
+
+static void select_free(struct select_buffers *sb) {
+    free(sb->val);
+    free(sb->idx);
+}
+
+static inline int select_row(const float *a, int64_t n, int64_t k, int64_t *out, struct select_buffers *sb) {
+    return k <= 16 ? row_smallest_k(a, n, k, out, sb->val, sb->idx, 4) : row_smallest_k(a, n, k, out, sb->val, sb->idx, 8);
+}
+
 struct topk_args {
-    const float *dist, *row_add, *col_add, *bias;
-    int64_t n, block_rows, k;
+    const float *dist;
+    int64_t n, k;
     int64_t *out;
 };
 
 static void *run_topk(void *arg) {
     struct rows_job *jb = arg;
     const struct topk_args *ta = jb->args;
-    const int64_t n = ta->n, k = ta->k;
-    float *cand_val = malloc(n * sizeof *cand_val);
-    int64_t *cand_idx = malloc(n * sizeof *cand_idx);
-    float *row = ta->row_add ? malloc(n * sizeof *row) : NULL;
+    struct select_buffers sb;
     jb->status = 3;
-    if (cand_val && cand_idx && (row || !ta->row_add)) {
+    if (select_alloc(&sb, ta->n)) {
         jb->status = 0;
-        for (int64_t r = jb->r0; r < jb->r1 && !jb->status; ++r) {
-            const float *a = ta->dist + r * n;
-            if (row) {
-                /* The dense kNN's ((-2 a.b + |a|^2) + |b|^2) - B, one rounding per operation, in the
-                 * order of the PyTorch path's in-place operations (compiled without FMA contraction). */
-                const float ra = ta->row_add[r];
-                const float *ca = ta->col_add + (r / ta->block_rows) * n;
-                const float *bias = ta->bias ? ta->bias + (r % ta->block_rows) * n : NULL;
-                for (int64_t j = 0; j < n; ++j) row[j] = (a[j] * -2.0f + ra) + ca[j];
-                if (bias)
-                    for (int64_t j = 0; j < n; ++j) row[j] -= bias[j];
-                a = row;
+        for (int64_t r = jb->r0; r < jb->r1 && !jb->status; ++r)
+            jb->status = select_row(ta->dist + r * ta->n, ta->n, ta->k, ta->out + r * ta->k, &sb);
+    }
+    select_free(&sb);
+    return NULL;
+}
+
+static int select_shape_ok(int64_t n, int64_t k) { return 1 <= k && k <= 32 && k <= n && n <= INT32_MAX; }
+
+/* Indices of the k smallest entries of each row of the contiguous (rows, n) dist into the contiguous
+ * (rows, k) out, ascending, ties by the lower index, on up to `threads` threads. Returns 0 on success,
+ * 1 if a row holds a NaN, 2 for an unsupported shape (needs 1 <= k <= min(32, n)), 3 if memory ran
+ * out. out is undefined unless 0 is returned. */
+int gkg_smallest_k(const float *dist, int64_t rows, int64_t n, int64_t k, int64_t *out, int threads) {
+    if (!select_shape_ok(n, k)) return 2;
+    struct topk_args args = {dist, n, k, out};
+    return run_rows(run_topk, &args, rows, threads);
+}
+
+/* gkg_knn: the dense kNN of (group, graph) pairs. For pair p = (g, b), destination i and source j,
+ *   dist[i, j] = ((prod[i, j] * -2 + dst_sq[p, i]) + src_sq[p, j]) - bias[i, j]
+ * with prod[i, j] = sum_t dst[p, i, t] src[p, j, t] accumulated in t order by fused multiply-adds
+ * from 0, every other operation rounded once in this order (the PyTorch path's in-place operations;
+ * its matrix product rounds in an order of MKL's choosing, which differs by shape), then the k smallest
+ * of each row as in gkg_smallest_k. Products come in tiles of TILE_ROWS destinations x TILE_COLS
+ * sources from packed panels, and each row is ranked at once: no (destinations x sources) matrix is
+ * written. The pairs go in blocks whose panels fit the second-level cache, each tile of destinations
+ * for all pairs of a block, so that the tile's bias rows are read from memory once per block. */
+#if defined(__FMA__)
+static inline vf8 fma8(vf8 a, vf8 b, vf8 c) { return (vf8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline vf8 fma8(vf8 a, vf8 b, vf8 c) {
+    for (int l = 0; l < 8; ++l) c[l] = __builtin_fmaf(a[l], b[l], c[l]);
+    return c;
+}
+#endif
+
+/* 6 x 2 accumulators + 2 source vectors + 1 broadcast: within the 16 vector registers of AVX2. */
+enum { TILE_ROWS = 6, TILE_COLS = 16, PANEL_BLOCK_BYTES = 512 << 10 };
+
+/* tile[q, j] = d[q] . source j for the sources packed in panels of TILE_COLS: panels[j / TILE_COLS][t][j %
+ * TILE_COLS], zero past the last source, so that each panel is read in order. */
+static void dot_tile(const float *const d[TILE_ROWS], const float *panels, int64_t n_pad, int64_t c, float *tile) {
+    for (int64_t j = 0; j < n_pad; j += TILE_COLS) {
+        const float *s = panels + j * c;
+        vf8 acc[TILE_ROWS][2] = {{{0}}};
+        for (int64_t t = 0; t < c; ++t, s += TILE_COLS) {
+            vf8 s0 = load8(s), s1 = load8(s + 8);
+            for (int q = 0; q < TILE_ROWS; ++q) {
+                vf8 x = bcast8(d[q][t]);
+                acc[q][0] = fma8(x, s0, acc[q][0]);
+                acc[q][1] = fma8(x, s1, acc[q][1]);
             }
-            int64_t *o = ta->out + r * k;
-            jb->status = k <= 16 ? row_smallest_k(a, n, k, o, cand_val, cand_idx, 4)
-                                 : row_smallest_k(a, n, k, o, cand_val, cand_idx, 8);
+        }
+        for (int q = 0; q < TILE_ROWS; ++q) memcpy(tile + q * n_pad + j, acc[q], sizeof acc[q]);
+    }
+}
+
+struct knn_args {
+    const float *dst, *dst_sq, *src_sq, *bias, *panels;
+    int64_t dst_stride[3]; /* group, graph, node; channels contiguous */
+    int64_t graphs, pairs, n_dst, n_src, n_pad, c, k;
+    int64_t *out;
+};
+
+static void *run_knn(void *arg) {
+    struct rows_job *jb = arg;
+    const struct knn_args *ka = jb->args;
+    const int64_t n = ka->n_src, n_pad = ka->n_pad, c = ka->c, k = ka->k, panel = c * n_pad;
+    int64_t block = PANEL_BLOCK_BYTES / (panel * (int64_t)sizeof(float));
+    block = block < 1 ? 1 : block;
+    float *tile = malloc(TILE_ROWS * n_pad * sizeof *tile), *row = malloc(n * sizeof *row);
+    struct select_buffers sb;
+    jb->status = 3;
+    if (select_alloc(&sb, n) && tile && row) {
+        jb->status = 0;
+        for (int64_t p0 = 0; p0 < ka->pairs; p0 += block) {
+            const int64_t p1 = p0 + block < ka->pairs ? p0 + block : ka->pairs;
+            for (int64_t i = jb->r0; i < jb->r1 && !jb->status; i += TILE_ROWS) {
+                const int64_t rows = jb->r1 - i < TILE_ROWS ? jb->r1 - i : TILE_ROWS;
+                for (int64_t p = p0; p < p1 && !jb->status; ++p) {
+                    const float *base = ka->dst + (p / ka->graphs) * ka->dst_stride[0] + (p % ka->graphs) * ka->dst_stride[1];
+                    const float *d[TILE_ROWS];
+                    for (int q = 0; q < TILE_ROWS; ++q) /* a short tile repeats its last row */
+                        d[q] = base + (i + (q < rows ? q : rows - 1)) * ka->dst_stride[2];
+                    dot_tile(d, ka->panels + p * panel, n_pad, c, tile);
+                    const float *col = ka->src_sq + p * n;
+                    for (int64_t q = 0; q < rows && !jb->status; ++q) {
+                        const float ra = ka->dst_sq[p * ka->n_dst + i + q], *tq = tile + q * n_pad;
+                        if (ka->bias) {
+                            const float *bias = ka->bias + (i + q) * n;
+                            for (int64_t j = 0; j < n; ++j) row[j] = ((tq[j] * -2.0f + ra) + col[j]) - bias[j];
+                        } else {
+                            for (int64_t j = 0; j < n; ++j) row[j] = (tq[j] * -2.0f + ra) + col[j];
+                        }
+                        jb->status = select_row(row, n, k, ka->out + (p * ka->n_dst + i + q) * k, &sb);
+                    }
+                }
+            }
         }
     }
-    free(cand_val);
-    free(cand_idx);
+    select_free(&sb);
+    free(tile);
     free(row);
     return NULL;
 }
 
-/* Indices of the k smallest entries of each row of a (rows, n) matrix into the contiguous (rows, k)
- * out, ascending, ties by the lower index, on up to `threads` threads. The matrix is dist itself, or,
- * with row_add != NULL, ((dist * -2 + row_add[r]) + col_add[r / block_rows, j]) - bias[r % block_rows, j]
- * (bias may be NULL): the dense kNN's distances from its matrix product. All arrays contiguous.
- * Returns 0 on success, 1 if a row holds a NaN, 2 for an unsupported shape (needs 1 <= k <= 16 and
- * n >= 64, or k <= 32 and n >= 128), 3 if memory ran out. out is undefined unless 0 is returned. */
-int gkg_smallest_k(const float *dist, const float *row_add, const float *col_add, const float *bias, int64_t rows,
-                   int64_t n, int64_t block_rows, int64_t k, int64_t *out, int threads) {
-    if (k < 1 || !((k <= 16 && n >= 64) || (k <= 32 && n >= 128))) return 2;
-    if (row_add && (!col_add || block_rows < 1)) return 2;
-    struct topk_args args = {dist, row_add, col_add, bias, n, block_rows, k, out};
-    return run_rows(run_topk, &args, rows, threads);
+/* dst (groups, graphs, n_dst, c) and src (groups, graphs, n_src, c) with the given strides in floats
+ * (channels contiguous); dst_sq (groups, graphs, n_dst), src_sq (groups, graphs, n_src), bias NULL or
+ * (n_dst, n_src), out (groups, graphs, n_dst, k) int64, all contiguous. Returns as gkg_smallest_k. */
+int gkg_knn(const float *dst, const int64_t *dst_stride, const float *dst_sq, const float *src,
+            const int64_t *src_stride, const float *src_sq, const float *bias, int64_t groups, int64_t graphs,
+            int64_t n_dst, int64_t n_src, int64_t c, int64_t k, int64_t *out, int threads) {
+    if (!select_shape_ok(n_src, k) || c < 1 || groups < 1 || graphs < 1) return 2;
+    const int64_t pairs = groups * graphs, n_pad = (n_src + TILE_COLS - 1) / TILE_COLS * TILE_COLS;
+    float *panels = malloc(pairs * c * n_pad * sizeof *panels);
+    if (!panels) return 3;
+#pragma omp parallel for num_threads(threads > pairs ? (int)pairs : threads) schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+        const float *s = src + (p / graphs) * src_stride[0] + (p % graphs) * src_stride[1];
+        float *panel = panels + p * c * n_pad;
+        for (int64_t j = 0; j < n_pad; ++j)
+            for (int64_t t = 0; t < c; ++t)
+                panel[(j - j % TILE_COLS) * c + t * TILE_COLS + j % TILE_COLS] = j < n_src ? s[j * src_stride[2] + t] : 0.0f;
+    }
+    struct knn_args args = {dst, dst_sq, src_sq, bias, panels, {0}, graphs, pairs, n_dst, n_src, n_pad, c, k, out};
+    memcpy(args.dst_stride, dst_stride, sizeof args.dst_stride);
+    int status = run_rows(run_knn, &args, n_dst, threads);
+    free(panels);
+    return status;
 }
 
 /* gkg_max_relative: for destination i, group g of G (channels g*cg .. g*cg+cg-1, cg = C / G) and the
@@ -198,8 +363,6 @@ struct maxrel_args {
 
 /* The caller has checked that x_src holds no NaN, so a plain maximum equals torch.maximum. */
 static inline float max1(float a, float v) { return v > a ? v : a; }
-
-static inline vf8 max8(vf8 a, vf8 v) { return select8(v > a, v, a); }
 
 /* [x0, d0, x1, d1, ...] into o[0 .. 15]. */
 static inline void store_interleaved8(float *o, vf8 x, vf8 d) {

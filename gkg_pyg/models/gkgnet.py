@@ -805,7 +805,9 @@ class GKGNet(nn.Module):
 
     def forward(self, images: Tensor, return_graphs: bool = False):
         grids = self._check_input(images)
-        x = self.stem.convs(images)
+        # Channels-last (NHWC) images: oneDNN's convolutions run without reordering their
+        # input, and the stem's output is already the (B, N, C) node layout.
+        x = self.stem.convs(images.contiguous(memory_format=torch.channels_last))
         pos = self.pos_embed
         if tuple(pos.shape[2:]) != grids[0]:
             pos = F.interpolate(pos, size=grids[0], mode="bicubic", align_corners=False)
