@@ -12,7 +12,7 @@ from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import is_sparse, to_edge_index
 
 from .knn import group_knn
-from .native import is_tracing, max_relative
+from .native import is_tracing, max_relative, max_relative_backward
 
 PairTensor = Tuple[Tensor, Tensor]
 
@@ -127,7 +127,8 @@ class _MaxRelative(torch.autograd.Function):
     cache).  Both give the same values.  For the backward pass only the rank of
     each winner (the first maximal neighbour, nearest first; one byte per value
     when ``k <= 256``) is kept, and the gradient goes to the winners with one
-    index scatter.
+    index scatter (the compiled :func:`gkg_pyg.native.max_relative_backward`
+    on float32 CPU tensors, the same sums in the same order).
     """
 
     @staticmethod
@@ -153,10 +154,12 @@ class _MaxRelative(torch.autograd.Function):
         grad_src = grad_dst = None
         if ctx.needs_input_grad[0]:
             neighbors, rank = ctx.saved_tensors
-            g, n_dst, _ = neighbors.shape
-            c = grad_max.shape[1]
-            winners = neighbors.transpose(0, 1).gather(2, rank.view(n_dst, g, c // g).long())  # (N_dst, G, C / G)
-            grad_src = grad_out.new_zeros(ctx.n_src, c).scatter_add_(0, winners.view(n_dst, c), grad_max)
+            grad_src = max_relative_backward(grad_out, neighbors, rank, ctx.n_src)
+            if grad_src is None:
+                g, n_dst, _ = neighbors.shape
+                c = grad_max.shape[1]
+                winners = neighbors.transpose(0, 1).gather(2, rank.view(n_dst, g, c // g).long())  # (N_dst, G, C / G)
+                grad_src = grad_out.new_zeros(ctx.n_src, c).scatter_add_(0, winners.view(n_dst, c), grad_max)
         if ctx.needs_input_grad[1]:
             grad_dst = grad[..., 0] - grad_max
         return grad_src, grad_dst, None

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-__all__ = ["smallest_k", "knn_smallest_k", "max_relative", "native_available", "is_tracing"]
+__all__ = ["smallest_k", "knn_smallest_k", "max_relative", "max_relative_backward", "native_available", "is_tracing"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -149,6 +149,8 @@ def _load() -> Optional[ctypes.CDLL]:
     library.gkg_knn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
     library.gkg_max_relative.restype = ctypes.c_int
     library.gkg_max_relative.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    library.gkg_max_relative_backward.restype = ctypes.c_int
+    library.gkg_max_relative_backward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
     _library = library
     return _library
 
@@ -285,3 +287,32 @@ def max_relative(
         _threads(out.numel()),
     )
     return (out, rank) if status == 0 else None
+
+
+def max_relative_backward(grad_out: Tensor, neighbors: Tensor, rank: Tensor, n_src: int) -> Optional[Tensor]:
+    """The gradient of :func:`max_relative`'s sources, ``(N_src, C)``: each
+    ``grad_out[i, 2c + 1]`` added to the first maximal neighbour of ``(i, c)``
+    (``rank`` as :func:`max_relative` returns it), summed over ``i`` in order as
+    ``scatter_add_`` sums, without the ``(N_dst, C)`` table of winners.  ``None``
+    where the kernel does not apply (the caller scatters in PyTorch)."""
+    g, n_dst, k = neighbors.shape
+    c = grad_out.shape[1] // 2
+    if is_tracing() or n_dst * c < _MIN_ELEMENTS or rank.dtype != torch.uint8 or grad_out.dtype != torch.float32:
+        return None
+    if any(t.device.type != "cpu" for t in (grad_out, neighbors, rank)) or _load() is None:
+        return None
+    grad_out, neighbors, rank = grad_out.contiguous(), neighbors.contiguous(), rank.contiguous()
+    grad_src = grad_out.new_zeros(n_src, c)
+    status = _library.gkg_max_relative_backward(
+        grad_out.data_ptr(),
+        neighbors.data_ptr(),
+        rank.data_ptr(),
+        n_src,
+        n_dst,
+        c,
+        g,
+        k,
+        grad_src.data_ptr(),
+        _threads(n_dst * c),
+    )
+    return grad_src if status == 0 else None

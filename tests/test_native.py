@@ -51,6 +51,10 @@ class CountingLibrary:
         self.calls += 1
         return self.library.gkg_max_relative(*args)
 
+    def gkg_max_relative_backward(self, *args):
+        self.calls += 1
+        return self.library.gkg_max_relative_backward(*args)
+
 
 @pytest.fixture
 def counting(kernel, monkeypatch):
@@ -389,7 +393,7 @@ def test_max_relative_equals_the_pytorch_path(monkeypatch, counting, n_dst, n_sr
     x_dst = torch.randn(n_dst, c, generator=gen)
     neighbors = torch.randint(0, n_src, (g, n_dst, k), generator=gen)
     (out, gs, gd), (ref, rs, rd) = max_relative_both_ways(monkeypatch, x_src, x_dst, neighbors, counting)
-    assert counting.calls == 1
+    assert counting.calls == 2  # forward and backward
     assert torch.equal(out, ref) and torch.equal(gs, rs) and torch.equal(gd, rd)
     assert torch.equal(out[:, 0::2], x_dst)
 
@@ -402,13 +406,27 @@ def test_max_relative_nan_and_bad_indices_take_the_pytorch_path(monkeypatch, cou
     neighbors = torch.randint(0, 300, (2, 400, 9), generator=gen)
     x_src[17, 5] = float("nan")
     (out, gs, _), (ref, rs, _) = max_relative_both_ways(monkeypatch, x_src, x_dst, neighbors, counting)
-    assert counting.calls == 1 and out.isnan().any()
+    assert counting.calls == 2 and out.isnan().any()  # the forward kernel declined; the backward's ran
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(gs, rs, rtol=0, atol=0, equal_nan=True)
     monkeypatch.setattr(native, "_library", counting)
     neighbors[1, 7, 3] = 300
     with pytest.raises((IndexError, RuntimeError), match="out of range|index"):
         _MaxRelative.apply(x_src.nan_to_num(), x_dst, neighbors)
+
+
+def test_max_relative_backward_checks_its_indices(kernel):
+    """The backward kernel declines a rank or source index out of range (the
+    PyTorch scatter then reports it)."""
+    gen = torch.Generator().manual_seed(3)
+    grad_out, rank = torch.randn(400, 128, generator=gen), torch.zeros(400, 64, dtype=torch.uint8)
+    neighbors = torch.randint(0, 300, (2, 400, 9), generator=gen)
+    assert native.max_relative_backward(grad_out, neighbors, rank, 300) is not None
+    rank[5, 7] = 9
+    assert native.max_relative_backward(grad_out, neighbors, rank, 300) is None
+    rank[5, 7] = 0
+    neighbors[0, 399, 0] = 300
+    assert native.max_relative_backward(grad_out, neighbors, rank, 300) is None
 
 
 def test_max_relative_outside_the_kernel(counting):

@@ -450,3 +450,48 @@ int gkg_max_relative(const float *x_src, int64_t n_src, const float *x_dst, int6
     struct maxrel_args args = {x_src, x_dst, neighbors, n_src, n_dst, c, g, k, out, rank};
     return run_rows(run_maxrel, &args, n_dst, threads);
 }
+
+/* gkg_max_relative_backward: grad_src[j, c] += grad_out[i, 2c + 1] for j = neighbors[g(c), i, rank[i, c]],
+ * the first maximal neighbour of gkg_max_relative, summed over the destinations i in increasing order
+ * (as ATen's scatter_add sums). Each thread owns a range of channels, so no two threads write one value. */
+struct maxrel_backward_args {
+    const float *grad_out;
+    const int64_t *neighbors;
+    const uint8_t *rank;
+    int64_t n_src, n_dst, c, g, k;
+    float *grad_src;
+};
+
+static void *run_maxrel_backward(void *arg) {
+    struct rows_job *jb = arg;
+    const struct maxrel_backward_args *ma = jb->args;
+    const int64_t c = ma->c, cg = c / ma->g, k = ma->k;
+    jb->status = 0;
+    for (int64_t i = 0; i < ma->n_dst; ++i) {
+        const float *go = ma->grad_out + 2 * i * c;
+        const uint8_t *r = ma->rank + i * c;
+        for (int64_t ch = jb->r0; ch < jb->r1;) {
+            const int64_t *nb = ma->neighbors + ((ch / cg) * ma->n_dst + i) * k;
+            const int64_t end = (ch / cg + 1) * cg < jb->r1 ? (ch / cg + 1) * cg : jb->r1; /* this group's part */
+            for (; ch < end; ++ch) {
+                const int64_t j = r[ch] < k ? nb[r[ch]] : -1;
+                if (j < 0 || j >= ma->n_src) {
+                    jb->status = 4;
+                    return NULL;
+                }
+                ma->grad_src[j * c + ch] += go[2 * ch + 1];
+            }
+        }
+    }
+    return NULL;
+}
+
+/* grad_out (n_dst, 2c), neighbors (g, n_dst, k) int64, rank (n_dst, c) uint8, grad_src (n_src, c) zeroed,
+ * all contiguous. Returns 0; 2 for an unsupported shape; 4 for a rank or source index out of range
+ * (grad_src is then undefined). */
+int gkg_max_relative_backward(const float *grad_out, const int64_t *neighbors, const uint8_t *rank, int64_t n_src,
+                              int64_t n_dst, int64_t c, int64_t g, int64_t k, float *grad_src, int threads) {
+    if (g < 1 || c % g || k < 1 || k > 256) return 2;
+    struct maxrel_backward_args args = {grad_out, neighbors, rank, n_src, n_dst, c, g, k, grad_src};
+    return run_rows(run_maxrel_backward, &args, c, threads);
+}
