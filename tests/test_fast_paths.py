@@ -379,3 +379,30 @@ def test_source_pooling_equals_avg_pool2d_and_keeps_nothing(shape):
     torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
     torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=0)
     assert kept_a == 0 and kept_b >= x.numel() * 4
+
+
+def test_evaluation_in_place_steps_equal_the_plain_ones(monkeypatch):
+    """Without autograd the evaluation path runs its GELUs and residual sums in
+    place (no fresh hidden-width tensors): the logits equal those of the plain
+    ``act(h)`` and ``x + branch``, bit for bit; with an input gradient
+    (saliency) the plain steps run (and the grouped maps take their autograd
+    route, which rounds differently) and the logits agree to float32 rounding."""
+    import gkg_pyg.models.gkgnet as gkgnet
+    from gkg_pyg import create_model
+
+    torch.manual_seed(0)
+    model = create_model("gkgnet_ti", num_classes=5, img_size=96).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        fast = model(x)
+    with monkeypatch.context() as patch:
+        patch.setattr(gkgnet, "activate", lambda h, act: act(h))
+        patch.setattr(gkgnet, "residual", lambda x, branch: x + branch)
+        with torch.no_grad():
+            plain = model(x)
+    assert torch.equal(fast, plain)
+    x.requires_grad_(True)
+    with_grad = model(x)
+    with_grad.sum().backward()
+    torch.testing.assert_close(with_grad.detach(), fast, rtol=1e-5, atol=0)
+    assert x.grad.abs().sum() > 0
