@@ -25,10 +25,13 @@ edges are ordered by destination, then by rank (nearest first), so
 
 Backends
 --------
-``"dense"``: blocked matrix products and ``topk`` (chunked so that one
-distance block holds at most :data:`DENSE_BLOCK_ELEMENTS` values; float32
-blocks on the CPU go to the compiled :func:`gkg_pyg.native.smallest_k`, which
-returns ``topk``'s indices, ties by the lower source index).
+``"dense"``: on the CPU in float32, one compiled pass that forms the
+distances tile by tile and ranks each row at once
+(:func:`gkg_pyg.native.knn_smallest_k`; ties to the lower source index);
+elsewhere blocked matrix products and ``topk`` (chunked so that one distance
+block holds at most :data:`DENSE_BLOCK_ELEMENTS` values).  The two round
+the products' sums in different orders, so in float32 sources whose
+distances lie within a few units in the last place may swap ranks.
 Both backends rank in at least float32, also for half-precision features
 and under autocast (the features are upcast; the graph costs little next
 to the model, and half-precision distances would reorder close neighbours).
