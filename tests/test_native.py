@@ -239,6 +239,9 @@ def knn_brute_force(dst, src, dst_sq, src_sq, bias, k):
         (2, 4, 49, 49, 320, 27),  # stage 4: a short row (every source a candidate)
         (3, 3, 7, 300, 5, 1),  # fewer destinations than a tile
         (1, 2, 301, 33, 17, 32),  # k = 32 of 33
+        (2, 8, 200, 9, 16, 9),  # every source chosen
+        (2, 2, 5000, 1, 3, 1),  # one source
+        (1, 1, 40, 500, 700, 9),  # panels wider than a block of the second-level cache
     ],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
