@@ -213,6 +213,25 @@ def test_builds_into_a_fresh_cache(monkeypatch, tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
 
 
+def test_builds_without_openmp(monkeypatch, tmp_path):
+    """A compiler that cannot do OpenMP: the kernels are built without it (one
+    thread per call) and give the same answers."""
+    if not compiler_present():
+        pytest.skip("no C compiler")
+    real = " ".join(native._compiler())
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("GKG_PYG_NATIVE_CACHE", str(tmp_path / "cache"))
+    assert native.native_available()
+    assert len(list((tmp_path / "cache").glob("*.so"))) == 1
+    dist = torch.randn(300, 196)
+    assert torch.equal(native.smallest_k(dist, 9), stable_smallest(dist, 9))
+
+
 def test_not_used_while_tracing(counting):
     dist = torch.randn(300, 196)
     traced = torch.jit.trace(lambda d: native.smallest_k(d, 9), (dist,), check_trace=False)

@@ -21,7 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX__) || defined(__AVX512F__)
+#if defined(__FMA__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -40,17 +40,6 @@ static inline vf8 select8(vi8 mask, vf8 a, vf8 b) { return (vf8)(((vi8)a & mask)
 static inline vf8 bcast8(float x) { return (vf8){x, x, x, x, x, x, x, x}; }
 
 static inline vf8 max8(vf8 a, vf8 v) { return select8(v > a, v, a); }
-
-/* Bit l set where lane l of the comparison mask is. */
-static inline unsigned mask_bits8(vi8 m) {
-#ifdef __AVX__
-    return (unsigned)_mm256_movemask_ps((__m256)m);
-#else
-    unsigned bits = 0;
-    for (int l = 0; l < 8; ++l) bits |= (unsigned)(m[l] & 1) << l;
-    return bits;
-#endif
-}
 
 static inline int any8(vi8 m) {
     uint64_t w[4];
