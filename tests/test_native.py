@@ -39,21 +39,14 @@ class CountingLibrary:
     def __init__(self, library):
         self.library, self.calls = library, 0
 
-    def gkg_smallest_k(self, *args):
-        self.calls += 1
-        return self.library.gkg_smallest_k(*args)
+    def __getattr__(self, name):
+        kernel = getattr(self.library, name)
 
-    def gkg_knn(self, *args):
-        self.calls += 1
-        return self.library.gkg_knn(*args)
+        def counted(*args):
+            self.calls += 1
+            return kernel(*args)
 
-    def gkg_max_relative(self, *args):
-        self.calls += 1
-        return self.library.gkg_max_relative(*args)
-
-    def gkg_max_relative_backward(self, *args):
-        self.calls += 1
-        return self.library.gkg_max_relative_backward(*args)
+        return counted
 
 
 @pytest.fixture
@@ -449,6 +442,24 @@ def test_max_relative_backward_checks_its_indices(kernel):
     rank[5, 7] = 0
     neighbors[0, 399, 0] = 300
     assert native.max_relative_backward(grad_out, neighbors, rank, 300) is None
+
+
+def test_max_relative_backward_leaves_other_index_dtypes_to_pytorch(monkeypatch, counting):
+    """An int32 table (the PyTorch path of the forward takes one) never reaches
+    the kernel, which reads int64; the gradients equal those of an int64 table."""
+    from gkg_pyg.conv import _MaxRelative
+
+    gen = torch.Generator().manual_seed(4)
+    x_src, x_dst = torch.randn(300, 64, generator=gen), torch.randn(400, 64, generator=gen)
+    neighbors = torch.randint(0, 300, (2, 400, 9), generator=gen)
+    grads = []
+    for table in (neighbors.int(), neighbors):
+        xs = x_src.clone().requires_grad_(True)
+        _MaxRelative.apply(xs, x_dst, table).sum().backward()
+        grads.append(xs.grad)
+        if table.dtype == torch.int32:
+            assert counting.calls == 0  # neither the forward nor the backward kernel
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_max_relative_outside_the_kernel(counting):
