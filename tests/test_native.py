@@ -481,3 +481,113 @@ def test_max_relative_outside_the_kernel(counting):
         best = best.amax(dim=2).view(x_dst.shape[0], -1)  # brute force: (N_dst, G, k, C/G) -> max over k
         assert torch.equal(out[:, 1::2], best - x_dst)
     assert counting.calls == 0
+
+
+# ---------------------------------------------------------------------------
+# bn_gelu_linear_backward: the backward of the fused linear(GELU(BatchNorm(h)))
+# ---------------------------------------------------------------------------
+def bn_gelu_linear_float64(grad_out, h, mean, invstd, bn_weight, bn_bias, weight, training, eps=1e-5):
+    """Autograd in float64 through the plain modules' formula (batch statistics
+    recomputed from h when training, so their gradient flows)."""
+    h = h.double().requires_grad_(True)
+    bn_weight, bn_bias, weight = (t.double().requires_grad_(True) for t in (bn_weight, bn_bias, weight))
+    if training:
+        mean, invstd = h.mean(0), torch.rsqrt(h.var(0, unbiased=False) + eps)
+    else:
+        mean, invstd = mean.double(), invstd.double()
+    out = torch.nn.functional.gelu((h - mean) * invstd * bn_weight + bn_bias) @ weight.t()
+    out.backward(grad_out.double())
+    return h.grad, bn_weight.grad, bn_bias.grad, weight.grad
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("rows,c,c_out", [(25088, 320, 80), (1568, 1600, 400), (1000, 37, 19), (2048, 40, 8)])
+def test_bn_gelu_linear_backward_is_right_within_float32_rounding(counting, training, rows, c, c_out):
+    """GKGNet's widest hidden layers and channel counts that leave a vector tail
+    (37, 40): every gradient within float32 rounding of float64 autograd, on
+    activations from -12 to 12 (GELU's tails included)."""
+    gen = torch.Generator().manual_seed(rows + c)
+    h = torch.randn(rows, c, generator=gen) * 3 + torch.randn(c, generator=gen)
+    bn_weight, bn_bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    weight, grad_out = torch.randn(c_out, c, generator=gen) / c**0.5, torch.randn(rows, c_out, generator=gen)
+    if training:
+        _, mean, invstd = torch.ops.aten.native_batch_norm(h, bn_weight, bn_bias, None, None, True, 0.1, 1e-5)
+    else:
+        mean, invstd = h.mean(0) + torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.3
+    got = native.bn_gelu_linear_backward(grad_out, h, mean, invstd, bn_weight, bn_bias, weight, training)
+    assert got is not None and counting.calls == (3 if training else 2)
+    want = bn_gelu_linear_float64(grad_out, h, mean, invstd, bn_weight, bn_bias, weight, training)
+    for name, g, w in zip(("h", "bn_weight", "bn_bias", "weight"), got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        error = (g.double() - w).abs().max() / w.abs().max()
+        assert error < 2e-5, (name, error.item())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_bn_gelu_linear_backward_any_thread_count(counting, threads):
+    gen = torch.Generator().manual_seed(5)
+    h, grad_out = torch.randn(3001, 48, generator=gen), torch.randn(3001, 16, generator=gen)
+    bn = (torch.zeros(48), torch.ones(48), torch.ones(48), torch.zeros(48))
+    weight = torch.randn(16, 48, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.bn_gelu_linear_backward(grad_out, h, *bn, weight, True)
+    finally:
+        torch.set_num_threads(previous)
+    want = bn_gelu_linear_float64(grad_out, h, *bn, weight, False)  # statistics fixed at 0 and 1: the same map
+    mean, invstd = h.mean(0), torch.rsqrt(h.var(0, unbiased=False) + 1e-5)
+    got_fixed = native.bn_gelu_linear_backward(grad_out, h, mean, invstd, bn[2], bn[3], weight, True)
+    want_batch = bn_gelu_linear_float64(grad_out, h, mean, invstd, bn[2], bn[3], weight, True)
+    for g, w in zip(got[1:], want[1:]):  # the parameter gradients do not depend on the statistics' gradient
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_fixed, want_batch):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_bn_gelu_linear_backward_outside_the_kernel(counting):
+    """float64, half precision, small inputs and tracing return None (the caller's PyTorch path)."""
+    gen = torch.Generator().manual_seed(2)
+    h, grad_out, weight = torch.randn(1000, 64, generator=gen), torch.randn(1000, 8), torch.randn(8, 64)
+    stats = (h.mean(0), torch.ones(64), torch.ones(64), torch.zeros(64))
+    assert native.bn_gelu_linear_backward(grad_out, h, *stats, weight, True) is not None
+    counting.calls = 0
+    as64 = [t.double() for t in (grad_out, h, *stats, weight)]
+    assert native.bn_gelu_linear_backward(*as64, True) is None
+    assert native.bn_gelu_linear_backward(grad_out.bfloat16(), h, *stats, weight, True) is None
+    assert native.bn_gelu_linear_backward(grad_out[:100], h[:100], *stats, weight, True) is None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        assert native.bn_gelu_linear_backward(grad_out, h, *stats, weight, True) is None
+    assert counting.calls == 0
+
+
+@pytest.mark.parametrize("kind", ["ffn", "grapher"])
+def test_fused_blocks_train_through_the_kernels(monkeypatch, counting, kind):
+    """A float32 training step of GKGNet's fused blocks runs the kernels, and its
+    gradients equal the PyTorch path's within float32 rounding (the forward
+    values are untouched: the kernels only serve the backward pass)."""
+    from gkg_pyg.models.gkgnet import FFN, GroupGraphBlock
+
+    torch.manual_seed(0)
+    block = FFN(40) if kind == "ffn" else GroupGraphBlock(40, 4)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 40, generator=gen)
+    r = torch.randn(2048, 80, generator=gen)
+    weight = torch.randn(2048, 40, generator=gen)
+    results = []
+    for library in (counting, None):
+        monkeypatch.setattr(native, "_library", library)
+        inputs = (x.clone().requires_grad_(True), r.clone().requires_grad_(True))
+        out = block(inputs[0]) if kind == "ffn" else block.update(*inputs)
+        (out * weight).sum().backward()
+        grads = [inputs[0].grad] + ([inputs[1].grad] if kind == "grapher" else [])
+        results.append((out.detach(), grads + [p.grad.clone() for p in block.parameters() if p.grad is not None]))
+        block.zero_grad()
+    assert counting.calls >= 3
+    assert torch.equal(results[0][0], results[1][0])
+    # One scale for all: the linear maps' biases before a BatchNorm have a gradient of 0 up to rounding.
+    scale = max(w.abs().max().item() for w in results[1][1])
+    for g, w in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * scale)

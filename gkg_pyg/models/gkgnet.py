@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import native
 from ..conv import GroupedLinear, GroupMaxRelConv, grouped_linear
 from ..graph import build_stage_graph
 from ..knn import PositionBias, batched_group_knn, resolve_backend
@@ -239,6 +240,10 @@ class _BatchNormGeluLinear(torch.autograd.Function):
         h, bn_weight, bn_bias, weight, mean, invstd = ctx.saved_tensors
         running_mean, running_var = ctx.running
         m, s = (mean, invstd) if ctx.training else (running_mean, torch.rsqrt(running_var + ctx.eps))
+        fast = native.bn_gelu_linear_backward(grad_out, h, m, s, bn_weight, bn_bias, weight, ctx.training)
+        if fast is not None:  # float32 on the CPU: three compiled passes over h
+            grad_h, grad_bn_weight, grad_bn_bias, grad_weight = fast
+            return grad_h, grad_bn_weight, grad_bn_bias, grad_weight, grad_out.sum(0), None, None, None, None, None
         # Under autocast the linear map ran in grad_out's (half) dtype while h may be half or
         # float32: recompute z in h's dtype as the forward pass did, multiply in grad_out's, and
         # return each gradient in its input's dtype.  The hidden-width temporaries are updated in
