@@ -377,8 +377,8 @@ def bn_gelu_linear_backward(
     activated = torch.empty_like(h)
     _library.gkg_bn_gelu(h.data_ptr(), n, c, alpha.data_ptr(), beta.data_ptr(), activated.data_ptr(), threads)
     grad_weight = grad_out.t() @ activated
-    del activated  # before grad_z: one hidden-width temporary at a time
-    grad = (grad_out @ weight).contiguous()
+    # grad_z into the same buffer: one hidden-width temporary, whose pages pass A has touched already
+    grad = torch.mm(grad_out.reshape(n, -1), weight, out=activated)
     sums = torch.empty(2 * c, dtype=torch.float64)
     scale = None if training else alpha  # fixed statistics: grad_h = grad_z * invstd * bn_weight, in the same pass
     status = _library.gkg_bn_gelu_backward(
