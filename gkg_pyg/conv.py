@@ -81,14 +81,16 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     return out.add_(bias) if bias.dtype == out.dtype else out + bias
 
 
-# Below these sizes oneDNN's per-call overhead outweighs its faster kernel (measured here: 640 rows
-# of 80 -> 80 channels 0.44x, 640 x 640 -> 2560 0.74x, 2048 x 64 -> 128 0.77x the speed of addmm).
-_ONEDNN_MIN_ROWS, _ONEDNN_MIN_MACS = 2048, 1 << 26
+# (rows, multiply-adds) from which oneDNN's faster kernel outweighs its per-call overhead (measured here:
+# 640 rows of 80 -> 80 channels 0.44x, 640 x 640 -> 2560 0.74x, 2048 x 64 -> 128 0.77x the speed of addmm;
+# GKGNet-S's stage 3 at 224 px batch 8, 1568 rows of 400 -> 1600 channels and the like: a whole evaluation
+# pass 1.03-1.04x faster in paired runs, a training step unchanged).
+_ONEDNN_SIZES = ((2048, 1 << 26), (1024, 1 << 27))
 
 
 def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> bool:
     """Whether :func:`grouped_linear` runs as a oneDNN 1x1 convolution: float32
-    CPU rows, at least 2048 of them and 2^26 multiply-adds, oneDNN on and
+    CPU rows, at least 2048 of them and 2^26 multiply-adds or 1024 and 2^27, oneDNN on and
     ATen's multi-threaded convolution path (with one thread ATen uses its own
     slower 1x1 kernel), not under autocast (whose half-precision ``linear``
     is oneDNN already), not while compiling or exporting (a compiled or
@@ -99,7 +101,7 @@ def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int)
     if any(t is not None and t.dtype != torch.float32 for t in (x, weight, bias)):
         return False
     rows = x.numel() // x.shape[-1]
-    if rows < _ONEDNN_MIN_ROWS or rows * weight.numel() < _ONEDNN_MIN_MACS:
+    if not any(rows >= r and rows * weight.numel() >= macs for r, macs in _ONEDNN_SIZES):
         return False
     if torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
         return False

@@ -382,6 +382,8 @@ def test_grouped_linear_onednn_path_matches_plain_products(groups, shape, stride
             assert _onednn_pays(x, w, b, groups)
             assert not _onednn_pays(x.reshape(-1, x.shape[-1])[:2000], w, b, groups)  # too few rows
             assert not _onednn_pays(x, w[: out_channels // 2], b[: out_channels // 2], groups)  # too little work
+            rows, wide = x.reshape(-1, x.shape[-1]), (w.repeat(8, 1), b.repeat(8))  # 2^28 multiply-adds at 1024 rows
+            assert _onednn_pays(rows[:1100], *wide, groups) and not _onednn_pays(rows[:1000], *wide, groups)
             assert not _onednn_pays(x.double(), w.double(), b.double(), groups)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert not _onednn_pays(x, w, b, groups)
