@@ -72,3 +72,29 @@ def test_benchmark_prints_its_table_with_flop_rates():
     assert set(rows) == {"gkg_pyg[dense]", "reference", "group_knn[dense]"}
     for cells in rows.values():
         assert float(cells[3]) > 0 and float(cells[5]) > 0  # images/s, GFLOP/s
+
+
+def test_benchmark_revisions_times_a_revision_against_the_working_tree():
+    """experiments/benchmark_revisions.py end to end at a small size against
+    HEAD: both rows, the revision's ratio to itself 1, a bad revision named."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(EXPERIMENTS / "benchmark_revisions.py"), "--base", "HEAD", "--model", "gkgnet_ti"]
+    cmd += ["--img-size", "96", "--batch", "1", "--rounds", "2", "--tasks", "eval", "train"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    assert [(r[0], r[1]) for r in rows[1:]] == [(t, n) for t in ("eval", "train") for n in ("HEAD", "working tree")]
+    for _task, name, images_per_s, ratio in rows[1:]:
+        assert float(images_per_s) > 0 and float(ratio.split("x")[0]) > 0
+        if name == "HEAD":
+            assert ratio.startswith("1.000x")
+    bad = subprocess.run(cmd[:3] + ["no-such-revision"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--base no-such-revision: git archive failed" in bad.stderr
+
+
+def test_benchmark_revisions_refuses_a_package_that_imports_itself_by_name():
+    script = load_script("benchmark_revisions")
+    assert script._ABSOLUTE_IMPORT.search("x = 1\nfrom gkg_pyg.knn import group_knn\n")
+    assert script._ABSOLUTE_IMPORT.search("    import gkg_pyg\n")
+    assert not script._ABSOLUTE_IMPORT.search("from .knn import group_knn\nimport gkg_pyg_base\n")
