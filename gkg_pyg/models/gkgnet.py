@@ -224,7 +224,10 @@ class _BatchNormGeluLinear(torch.autograd.Function):
     batch statistics for the backward pass, where the normalised and activated
     tensors are recomputed (cheap elementwise work against two saved tensors
     of the hidden width).  The forward pass runs the same ATen kernels as the
-    modules, so its values are unchanged."""
+    modules, so its values are unchanged.  On float32 CPU tensors the backward
+    pass's elementwise work runs in the compiled passes of
+    :func:`gkg_pyg.native.bn_gelu_linear_backward` (the same gradients to
+    float32 rounding); elsewhere in PyTorch operations."""
 
     @staticmethod
     def forward(ctx, h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training, momentum, eps):
