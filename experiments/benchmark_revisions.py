@@ -44,7 +44,8 @@ def load_revision(revision: str, folder: Path):
     if archive.returncode != 0:
         raise SystemExit(f"--base {revision}: git archive failed: {archive.stderr.decode().strip()}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(folder, filter="data")
+        # The archive is this repository's own; the "data" filter exists from Python 3.11.4 on.
+        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     package = (folder / "gkg_pyg").rename(folder / "gkg_pyg_base")
     for source in package.rglob("*.py"):  # an absolute import would load the working tree's module instead
         if _ABSOLUTE_IMPORT.search(source.read_text()):
