@@ -378,9 +378,10 @@ def bn_gelu_linear_backward(
     _library.gkg_bn_gelu(h.data_ptr(), n, c, alpha.data_ptr(), beta.data_ptr(), activated.data_ptr(), threads)
     grad_weight = grad_out.t() @ activated
     # grad_z into the same buffer: one hidden-width temporary, whose pages pass A has touched already
-    grad = torch.mm(grad_out.reshape(n, -1), weight, out=activated)
+    grad = torch.mm(grad_out, weight, out=activated)
     sums = torch.empty(2 * c, dtype=torch.float64)
-    scale = None if training else alpha  # fixed statistics: grad_h = grad_z * invstd * bn_weight, in the same pass
+    # fixed statistics: grad_h = grad_z * invstd * bn_weight, in the same pass
+    fixed_scale = None if training else alpha
     status = _library.gkg_bn_gelu_backward(
         h.data_ptr(),
         grad.data_ptr(),
@@ -389,7 +390,7 @@ def bn_gelu_linear_backward(
         alpha.data_ptr(),
         beta.data_ptr(),
         mean.data_ptr(),
-        None if scale is None else scale.data_ptr(),
+        None if fixed_scale is None else fixed_scale.data_ptr(),
         sums.data_ptr(),
         threads,
     )
@@ -398,9 +399,9 @@ def bn_gelu_linear_backward(
     sum_grad, dot = sums[:c], sums[c:]
     grad_bn_weight, grad_bn_bias = (dot * invstd).float(), sum_grad.float()
     if training:  # (g - mean(g) - (h - mean) invstd^2 mean(g (h - mean))) invstd bn_weight
-        scale = alpha.double()
-        xmu_scale = (-dot * invstd.double() ** 2 / n * scale).float()
-        shift = (-sum_grad / n * scale).float()
+        alpha64 = alpha.double()
+        xmu_scale = (-dot * invstd.double() ** 2 / n * alpha64).float()
+        shift = (-sum_grad / n * alpha64).float()
         _library.gkg_bn_backward(
             h.data_ptr(),
             grad.data_ptr(),
