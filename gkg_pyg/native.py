@@ -376,7 +376,9 @@ def bn_gelu_linear_backward(
     mean = mean.contiguous()
     activated = torch.empty_like(h)
     _library.gkg_bn_gelu(h.data_ptr(), n, c, alpha.data_ptr(), beta.data_ptr(), activated.data_ptr(), threads)
-    grad_weight = grad_out.t() @ activated
+    from .conv import linear_weight_grad  # conv imports this module
+
+    grad_weight = linear_weight_grad(grad_out, activated)
     # grad_z into the same buffer: one hidden-width temporary, whose pages pass A has touched already
     grad = torch.mm(grad_out, weight, out=activated)
     sums = torch.empty(2 * c, dtype=torch.float64)
