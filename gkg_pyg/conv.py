@@ -125,7 +125,7 @@ def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     """
     rows, out_channels = grad_out.shape
     in_channels = x.shape[1]
-    if out_channels <= 128 and rows >= 4096 and _onednn_usable(x) and grad_out.dtype == torch.float32:
+    if out_channels <= 160 and rows >= 4096 and _onednn_usable(x) and grad_out.dtype == torch.float32:
         grad_rows = grad_out.reshape(1, rows, 1, out_channels).permute(0, 3, 1, 2)  # (1, out, M, 1), channels-last
         x_rows = x.reshape(1, rows, 1, in_channels).permute(0, 3, 1, 2)
         weight = grad_out.new_empty(out_channels, in_channels, 1, 1)  # its sizes only: never read
@@ -133,8 +133,6 @@ def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
             grad_rows, x_rows, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
         )
         return grad_weight.view(out_channels, in_channels)
-    if out_channels < in_channels:
-        return (x.t() @ grad_out).t()
     return grad_out.t() @ x
 
 
