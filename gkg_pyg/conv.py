@@ -89,43 +89,57 @@ _ONEDNN_SIZES = ((2048, 1 << 26), (1024, 1 << 27))
 
 
 def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> bool:
-    """Whether :func:`grouped_linear` runs as a oneDNN 1x1 convolution: float32
-    CPU rows, at least 2048 of them and 2^26 multiply-adds or 1024 and 2^27, oneDNN on and
-    ATen's multi-threaded convolution path (with one thread ATen uses its own
-    slower 1x1 kernel), not under autocast (whose half-precision ``linear``
-    is oneDNN already), not while compiling or exporting (a compiled or
-    exported graph keeps a plain matrix product and its compiler's own
-    choices), and for a grouped map no gradient to compute."""
-    if is_tracing() or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+    """Whether :func:`grouped_linear` runs as a oneDNN 1x1 convolution: rows
+    that :func:`_onednn_usable` accepts, a float32 weight and bias, at least 2048
+    rows and 2^26 multiply-adds or 1024 and 2^27, and for a grouped map no
+    gradient to compute."""
+    if x.dim() < 2 or x.numel() == 0 or not _onednn_usable(x):
         return False
-    if any(t is not None and t.dtype != torch.float32 for t in (x, weight, bias)):
+    if any(t is not None and t.dtype != torch.float32 for t in (weight, bias)):
         return False
     rows = x.numel() // x.shape[-1]
     if not any(rows >= r and rows * weight.numel() >= macs for r, macs in _ONEDNN_SIZES):
         return False
+    return groups == 1 or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def _onednn_usable(x: Tensor) -> bool:
+    """Float32 CPU work that ATen's oneDNN convolutions can take: oneDNN built
+    and on, more than one thread (with one, ATen runs its own slower 1x1
+    kernel), not under autocast (whose half-precision ``linear`` is oneDNN
+    already), and no compiler, exporter or dispatch mode watching (a compiled
+    or exported graph keeps a plain matrix product and its compiler's own
+    choices)."""
+    if is_tracing() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
     if torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
         return False
-    if not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu"):
-        return False
-    return groups == 1 or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    return torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+
+
+# Rows and outputs from which oneDNN's weight gradient beat MKL's (measured here, 2 threads: 4096 to
+# 50176 rows of 64 .. 160 -> 160 .. 640 channels, 145-191 GFLOP/s against MKL's 105-161; with more
+# outputs (1568 rows of 400 -> 800 or 1600) MKL was as fast or faster).
+_ONEDNN_WEIGHT_GRAD = (4096, 160)
 
 
 def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     """``grad_out^T @ x``: the ``(out, in)`` weight gradient of a linear map
     from ``(M, in)`` rows ``x`` to rows whose gradient is ``(M, out)``.
 
-    The same product in the arrangement that measured fastest here (2 threads,
-    float32): on at least 4096 rows into at most 128 outputs, oneDNN's 1x1
-    convolution weight gradient over channels-last views (no copies; GKGNet-S's
-    first stage at 224 px, 25088 rows of 80 x 320: 170-190 GFLOP/s against
-    MKL's 110-135); otherwise MKL with the longer side of the result as its
-    rows (``x^T @ grad_out``, transposed back as a view, where ``out < in``:
-    1568 rows of 400 x 1600, 166 -> 194 GFLOP/s).  The values agree with
-    ``grad_out.t() @ x`` to rounding (a different summation order).
+    On many rows into few outputs (at least 4096 rows, at most 160 outputs)
+    where :func:`_onednn_usable` allows, oneDNN's 1x1 convolution weight
+    gradient over channels-last views of the rows (no copies): GKGNet-S's
+    first stage at 224 px, 25088 rows of 80 x 320, ran at 170-190 GFLOP/s
+    there against MKL's 110-135.  Otherwise MKL's ``grad_out.t() @ x``.  Both
+    return a contiguous result (the parameter's layout: autograd would copy
+    any other into it); the values agree to rounding (a different summation
+    order).
     """
     rows, out_channels = grad_out.shape
     in_channels = x.shape[1]
-    if out_channels <= 160 and rows >= 4096 and _onednn_usable(x) and grad_out.dtype == torch.float32:
+    min_rows, max_outputs = _ONEDNN_WEIGHT_GRAD
+    if rows >= min_rows and out_channels <= max_outputs and grad_out.dtype == torch.float32 and _onednn_usable(x):
         grad_rows = grad_out.reshape(1, rows, 1, out_channels).permute(0, 3, 1, 2)  # (1, out, M, 1), channels-last
         x_rows = x.reshape(1, rows, 1, in_channels).permute(0, 3, 1, 2)
         weight = grad_out.new_empty(out_channels, in_channels, 1, 1)  # its sizes only: never read
@@ -134,18 +148,6 @@ def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
         )
         return grad_weight.view(out_channels, in_channels)
     return grad_out.t() @ x
-
-
-def _onednn_usable(x: Tensor) -> bool:
-    """Float32 CPU work that ATen would give oneDNN: oneDNN built and on, more than
-    one thread (with one, ATen's own slower 1x1 kernel runs), no autocast, and
-    no compiler, exporter or dispatch mode watching (those keep plain matrix
-    products and their own choices)."""
-    if is_tracing() or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
-        return False
-    return torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
 
 
 def _activation(name: Optional[str]) -> nn.Module:

@@ -407,3 +407,44 @@ def test_grouped_linear_onednn_path_matches_plain_products(groups, shape, stride
         assert not _onednn_pays(x, w, b, groups)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "rows, out_channels, in_channels, onednn",
+    [
+        (4096, 160, 40, True),
+        (25088, 80, 320, True),
+        (4095, 160, 40, False),
+        (4096, 161, 40, False),
+        (300, 30, 7, False),
+    ],
+)
+@pytest.mark.parametrize("strided", [False, True])
+def test_linear_weight_grad_matches_float64_product(rows, out_channels, in_channels, onednn, strided):
+    """``linear_weight_grad`` against the float64 ``grad_out^T x`` on both sides
+    of its oneDNN bounds (at least 4096 rows, at most 160 outputs): the values
+    to float32 rounding, a contiguous ``(out, in)`` result (autograd would copy
+    any other layout into the parameter's), oneDNN's convolution backward run
+    exactly where the bounds say (seen by the profiler), never with one thread
+    or in float64."""
+    from torch.profiler import profile
+
+    from gkg_pyg.conv import linear_weight_grad
+
+    torch.manual_seed(0)
+    grad_out = torch.randn(rows, out_channels)
+    x = torch.randn(rows, 2 * in_channels)[:, ::2] if strided else torch.randn(rows, in_channels)
+    expect = grad_out.double().t() @ x.double()
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, dtype in ((2, torch.float32), (1, torch.float32), (2, torch.float64)):
+            torch.set_num_threads(n_threads)
+            with profile() as prof:
+                got = linear_weight_grad(grad_out.to(dtype), x.to(dtype))
+            ran_onednn = any(e.key == "aten::convolution_backward" for e in prof.key_averages())
+            takes_onednn = onednn and n_threads == 2 and dtype == torch.float32
+            assert ran_onednn == (takes_onednn and torch.backends.mkldnn.is_available())
+            assert got.shape == (out_channels, in_channels) and got.is_contiguous() and got.dtype == dtype
+            torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    finally:
+        torch.set_num_threads(threads)
