@@ -98,3 +98,27 @@ def test_benchmark_revisions_refuses_a_package_that_imports_itself_by_name():
     assert script._ABSOLUTE_IMPORT.search("x = 1\nfrom gkg_pyg.knn import group_knn\n")
     assert script._ABSOLUTE_IMPORT.search("    import gkg_pyg\n")
     assert not script._ABSOLUTE_IMPORT.search("from .knn import group_knn\nimport gkg_pyg_base\n")
+
+
+def test_benchmark_parts_replaces_each_part_and_puts_it_back(capsys):
+    """experiments/benchmark_parts.py at a small size: a row per variant, every
+    stand-in called in every step, and the model's own functions back in place
+    afterwards."""
+    from gkg_pyg import knn, native
+    from gkg_pyg.models import gkgnet
+
+    originals = (gkgnet.batched_group_knn, knn.knn_smallest_k, native.bn_gelu_linear_backward)
+    script = load_script("benchmark_parts")
+    threads = torch.get_num_threads()
+    try:
+        times = script.main(["--model", "gkgnet_ti", "--img-size", "96", "--batch", "2", "--rounds", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (gkgnet.batched_group_knn, knn.knn_smallest_k, native.bn_gelu_linear_backward) == originals
+    assert list(times) == ["whole step", "group kNN", "kNN kernel", "fused backward passes", "AdamW"]
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()]
+    rows = {r[0]: r[1:] for r in rows if r[0].startswith(("whole", "without"))}
+    assert set(rows) == {"whole step", *(f"without {name}" for name in list(times)[1:])}
+    for name in ("group kNN", "kNN kernel", "fused backward passes"):
+        assert int(rows[f"without {name}"][0]) > 0, name  # calls replaced per step
