@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "experiments")]
 import gkg_pyg  # noqa: E402
+from benchmark_authors import step  # noqa: E402
 from gkg_pyg import knn as knn_module  # noqa: E402
 from gkg_pyg import native  # noqa: E402
 from gkg_pyg.conv import linear_weight_grad  # noqa: E402
@@ -67,6 +67,16 @@ class ProductsOnly:
         return grad_out @ weight, torch.zeros_like(mean), torch.zeros_like(mean), linear_weight_grad(grad_out, h)
 
 
+class NoUpdate:
+    """The optimiser of the variant without AdamW: gradients cleared as before, no step."""
+
+    def __init__(self, optimizer):
+        self.zero_grad = optimizer.zero_grad
+
+    def step(self):
+        pass
+
+
 # variant -> (module, attribute, stand-in; None: a Replay of the attribute), or None for AdamW
 PARTS = {
     "group kNN": (gkgnet, "batched_group_knn", None),
@@ -91,37 +101,34 @@ def main(argv=None):
     for name in ["whole step", *PARTS]:
         torch.manual_seed(0)
         model = gkg_pyg.create_model(args.model, num_classes=80, img_size=args.img_size).train()
-        variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        variants[name] = (model, NoUpdate(optimizer) if name == "AdamW" else optimizer)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     stand_ins = {
         name: patch[2] or Replay(getattr(patch[0], patch[1])) for name, patch in PARTS.items() if patch is not None
     }
 
-    def step(name):
-        model, optimizer = variants[name]
-        patch, saved = PARTS.get(name), None
+    def train_step(name):  # benchmark_authors.step, with the variant's stand-in in place
+        patch = PARTS.get(name)
         if patch is not None:
             saved = getattr(patch[0], patch[1])
             setattr(patch[0], patch[1], stand_ins[name])
         try:
-            start = time.perf_counter()
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            if name != "AdamW":
-                optimizer.step()
-            return time.perf_counter() - start
+            return step(*variants[name], scaler, "train", x, y, None)
         finally:
-            if saved is not None:
+            if patch is not None:
                 setattr(patch[0], patch[1], saved)
 
     for name in variants:  # warm-up; the replays record this step's results
-        step(name)
+        train_step(name)
     for stand_in in stand_ins.values():
-        stand_in.replaying, stand_in.calls = True, 0
+        stand_in.calls = 0
+        if isinstance(stand_in, Replay):
+            stand_in.replaying = True
     times = {name: [] for name in variants}
     for r in range(args.rounds):
         for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
-            times[name].append(step(name))
+            times[name].append(train_step(name))
     whole = times["whole step"]
     print(f"{args.model}, {args.img_size} px, batch {args.batch}, CPU, {args.threads} threads, {args.rounds} rounds")
     print("| variant | calls replaced per step | step ms (median) | the part's cost, ms (median of rounds, min-max) |")
