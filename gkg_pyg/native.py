@@ -379,7 +379,7 @@ def bn_gelu_linear_backward(
     from .conv import linear_weight_grad  # conv imports this module
 
     grad_weight = linear_weight_grad(grad_out, activated)
-    # grad_z into the same buffer: one hidden-width temporary, whose pages pass A has touched already
+    # grad_z into the same buffer: one hidden-width temporary, whose pages pass 1 has touched already
     grad = torch.mm(grad_out, weight, out=activated)
     sums = torch.empty(2 * c, dtype=torch.float64)
     # fixed statistics: grad_h = grad_z * invstd * bn_weight, in the same pass
