@@ -45,7 +45,8 @@ def scores_by_hand(ckpt: Path, paths) -> torch.Tensor:
 
 
 def test_evaluate_chooses_and_stores_thresholds(trained, tmp_path):
-    ckpt = tmp_path / "ckpt.pth"
+    # in the module's folder: the next test predicts with it, and a passing test's tmp_path is removed
+    ckpt = trained["tmp"] / "with_thresholds.pth"
     shutil.copy(trained["ckpt"], ckpt)
     out = tmp_path / "eval"
     assert run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--output", out, "--choose-thresholds") == 0
