@@ -155,14 +155,20 @@ struct rows_job {
     int status, index; /* index: the job's number, 0 .. threads - 1 */
 };
 
+/* The number of jobs run_rows makes: `threads`, at least 1 and at most `rows` (for a caller that keeps
+ * per-job results). */
+static int job_count(int64_t rows, int threads) {
+    if (threads < 1) threads = 1;
+    return threads > rows ? (rows > 0 ? (int)rows : 1) : threads;
+}
+
 /* Splits rows 0 .. rows - 1 into `threads` contiguous ranges and runs fn on each, in an OpenMP
  * parallel region: compiled with -fopenmp this library shares PyTorch's libgomp and its worker threads
  * (threads of our own would compete on the same cores with PyTorch's workers, which spin for a while
  * after each parallel operation: measured 1.7x slower on 2 cores). Without OpenMP the ranges run one
  * after the other. Returns the largest status. */
 static int run_rows(void *(*fn)(void *), const void *args, int64_t rows, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    threads = job_count(rows, threads);
     struct rows_job jobs[threads];
     for (int t = 0; t < threads; ++t) jobs[t] = (struct rows_job){args, rows * t / threads, rows * (t + 1) / threads, 0, t};
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
@@ -643,8 +649,7 @@ int gkg_bn_gelu(const float *h, int64_t rows, int64_t c, const float *alpha, con
  * grad * GELU'(z) and of grad * GELU'(z) * (h - mean) over the rows. Returns 0; 3 if memory ran out. */
 int gkg_bn_gelu_backward(const float *h, float *grad, int64_t rows, int64_t c, const float *alpha, const float *beta,
                          const float *mean, const float *scale, double *sums, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    threads = job_count(rows, threads); /* one block of partial sums per job of run_rows */
     double *partial = calloc(2 * c * threads, sizeof(double));
     if (!partial) return 3;
     struct bn_gelu_args args = {h, grad, c, alpha, beta, mean, scale, NULL, NULL, partial};
