@@ -6,6 +6,8 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
+TEST_STEP=0
+[ "${1:-}" = "--test" ] && TEST_STEP=1
 # Installed distributions and versions, read from metadata (importing torch is slow).
 installed() { "$PY" - "$@" <<'PYEOF'
 import sys
@@ -57,4 +59,14 @@ want=$(sha1sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! installed gkg-pyg; then
   "$PY" -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"
+fi
+
+# The test step (./setup.sh --test): the HTML viewer's tests drive a headless Chromium.
+if [ "$TEST_STEP" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup.sh: installing chromium for the viewer tests (apt-get)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: chromium is missing and cannot be installed here (needs root and apt-get); the viewer tests will skip" >&2
+  fi
 fi

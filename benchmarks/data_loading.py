@@ -1,6 +1,6 @@
 """Time image decoding and the up-front image check per image.
 
-    python experiments/benchmark_data.py [--images 200] [--size 640 480] [--workers 1 2]
+    python benchmarks/data_loading.py [--images 200] [--size 640 480] [--workers 1 2]
 
 Writes --images photo-like JPEGs (smooth colour fields plus noise, quality
 90, like camera images) of --size into a temporary folder and prints a

@@ -1,6 +1,6 @@
 """Time gkg_pyg.metrics.multilabel_metrics on COCO-sized inputs and print a table.
 
-    python experiments/benchmark_metrics.py [--repeats 3]
+    python benchmarks/metrics.py [--repeats 3]
 
 Random scores and targets (4% positives, as in COCO) with object areas; the
 table gives the best of --repeats runs per size, with and without the

@@ -9,15 +9,18 @@ rounds of its speed ratio to the authors' float32 step. Slow changes of a
 shared machine's load hit both sides of a round alike, so the ratios are
 steadier than timings of blocks of steps (compare ratios, not images/s).
 
-    python experiments/benchmark_authors.py --harness /work/authors_harness --img-size 224 --batch 8
-    python experiments/benchmark_authors.py --harness ... --img-size 448 --batch 4 --amp bf16 --rounds 4
-    python experiments/benchmark_authors.py --harness ... --device cuda --img-size 576 --batch 16 --amp fp16
+    python benchmarks/authors.py --harness /work/authors_harness --img-size 224 --batch 8
+    python benchmarks/authors.py --harness ... --img-size 224 --batch 8 --compile
+    python benchmarks/authors.py --harness ... --img-size 448 --batch 4 --amp bf16 --rounds 4
+    python benchmarks/authors.py --harness ... --device cuda --img-size 576 --batch 16 --amp fp16
 
 A training step is forward, backward (BCE on random targets) and AdamW.
 ``--amp bf16|fp16`` adds both models under autocast as two more rows (the
 ratios stay relative to the authors' float32 step; fp16 trains with a loss
-scaler, as the paper's recipe does). On CUDA every step is synchronised
-before and after its timing.
+scaler, as the paper's recipe does). ``--compile`` adds gkg-pyg under
+``torch.compile`` (the same module, weights and optimiser as the eager row)
+and prints how long its first, compiling step took. On CUDA every step is
+synchronised before and after its timing.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="also time both models under autocast")
     parser.add_argument("--tasks", nargs="+", choices=["eval", "train"], default=["eval", "train"])
+    parser.add_argument("--compile", action="store_true", help="also time gkg-pyg under torch.compile")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.batch < 1:
         parser.error("--rounds and --batch must be at least 1")
@@ -99,6 +103,10 @@ def main(argv=None):
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         rows[f"authors, {args.amp} autocast"] = ("authors", amp_dtype)
         rows[f"gkg-pyg, {args.amp} autocast"] = ("gkg_pyg", amp_dtype)
+    if args.compile:
+        # The compiled module shares the eager one's parameters, so one optimiser serves both.
+        models["gkg_pyg compiled"] = torch.compile(models["gkg_pyg"])
+        rows["gkg-pyg, fp32, torch.compile"] = ("gkg_pyg compiled", None)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = (torch.rand(args.batch, 80, device=device) > 0.9).float()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
@@ -107,11 +115,15 @@ def main(argv=None):
     print("|---|---|---|---|")
     for task in args.tasks:
         optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+        if args.compile:
+            optims["gkg_pyg compiled"] = optims["gkg_pyg"]
         scalers = {
             row: torch.amp.GradScaler(device.type, enabled=amp == torch.float16) for row, (_, amp) in rows.items()
         }
-        for row, (name, amp) in rows.items():  # warm-up
-            step(models[name], optims[name], scalers[row], task, x, y, amp)
+        for row, (name, amp) in rows.items():  # warm-up (and, for torch.compile, compilation)
+            seconds = step(models[name], optims[name], scalers[row], task, x, y, amp)
+            if name == "gkg_pyg compiled":
+                print(f"{task}: first torch.compile step {seconds:.1f} s (compilation included)", flush=True)
         times = {row: [] for row in rows}
         for _ in range(args.rounds):
             for row, (name, amp) in rows.items():
