@@ -1,23 +1,37 @@
 """Turn a config into a model: the one place where that happens.
 
 ``build_model(cfg)``: the ``model`` section's ``name`` and keyword arguments
-go to :func:`gkg_pyg.create_model`; then ``model.pretrained`` (weights that
-must fit: strict loading, where a Pyramid ViG ImageNet checkpoint fills the
-patch path) and ``model.init_from`` (a model trained on other labels: loaded
-strictly at its own label count, then the classifier is reset to ours with
+go to :func:`gkg_pyg.create_model`; then ``model.pretrained`` and
+``model.init_from`` (a model trained on other labels: loaded strictly at its
+own label count, then the classifier is reset to ours with
 ``model.reset_classifier``) are loaded.
+
+``model.pretrained`` is ``true`` or a tag of the model's published weights
+(``imagenet``: the registry's default, :data:`gkg_pyg.models.hub.PRETRAINED`;
+for ``gkgnet_*`` the patch path from the Pyramid ViG ImageNet weights),
+downloaded once into torch's hub cache as ``create_model(name,
+pretrained=True)`` does; or the path of an existing checkpoint, whose
+weights must fit (strict loading, where a Pyramid ViG ImageNet checkpoint
+fills the patch path). A string that is an existing file is always a path.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
 from torch import nn
 
 from .config import DEFAULTS, ConfigError
+from .errors import MissingFileError
 from .checkpoint import convert_checkpoint, format_report, load_checkpoint, read_checkpoint
 from .models import create_model
+from .models.hub import load_pretrained, load_resetting_classifier
+from .models.registry import resolve_pretrained
+
+log = logging.getLogger(__name__)
 
 # Model-section keys of one model family only: left out for the others, where they must keep their default.
 FAMILY_KEYS = {"cross_level": "gkgnet_", "num_gcn": "gkgnet_", "drop_rate": "pvig_"}
@@ -80,29 +94,16 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, verbose: bool = Tru
     if classifier == "keep" and theirs is not None and theirs != ours:
         raise ValueError(f"model.init_classifier=keep but {path} has {theirs} labels and the model {ours}")
     reset = theirs is not None and (classifier == "reset" or (classifier == "auto" and other_labels))
-    dropped = []
-    if reset:
-        before = model.state_dict()  # holds the old tensors, so their memory cannot be reused below
-        model.reset_classifier(theirs)
-        # The parts reset_classifier renewed are the classifier, whatever the model family.
-        dropped = [k for k, v in model.state_dict().items() if k not in before or before[k].data_ptr() != v.data_ptr()]
-    try:
-        report = load_checkpoint(model, state, source=filtered["source"], verbose=False)
-    finally:  # the model's own labels again, also when the checkpoint did not fit
-        if dropped:
-            model.reset_classifier(ours, names)
-    if dropped:
-        report["used"] = [filtered["names"][k] for k in filtered["state_dict"] if k not in dropped]
-        report["skipped"] = report["skipped"] + [filtered["names"][k] for k in dropped]
-        report["missing"] = dropped
-    report["dropped_head"] = dropped
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the checkpoint"
+    report = load_resetting_classifier(model, state, theirs if reset else None, name=name, source=filtered["source"])
     if verbose:
-        print(f"init_from {path}:\n{format_report(report)}")
+        lines = [f"init_from {path}:", format_report(report)]
         if report["dropped_head"]:
-            print(
+            lines.append(
                 f"  reset the classifier ({theirs} -> {ours} labels, init_classifier={classifier}): "
                 f"{', '.join(report['dropped_head'])}"
             )
+        log.info("\n".join(lines))
     return report
 
 
@@ -119,17 +120,30 @@ def build_model(
             model.num_classes.
         load_weights: False to skip pretrained / init_from (the caller loads
             a trained checkpoint instead).
-        verbose: print what the weights loading used and skipped.
+        verbose: log what the weights loading used and skipped (INFO,
+            loggers ``gkg_pyg.*``, which the scripts print).
     Raises:
         ValueError: a label-count mismatch or a checkpoint that does not fit.
         FileNotFoundError: a missing weights file.
     """
     section = cfg["model"]
+    weights = section["pretrained"] if load_weights else None
+    if weights is not None and not isinstance(weights, (bool, str)):
+        raise ConfigError(
+            f"model.pretrained must be true/false, a pretrained tag (imagenet) or a checkpoint path, got {weights!r}"
+        )
+    try:  # checked before the model is built
+        pretrained_cfg, path, load = resolve_pretrained(section["name"], weights)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"model.pretrained: {err}") from None
     model = create_model(section["name"], **model_kwargs(cfg, class_names))
-    if load_weights and section["pretrained"]:
+    model.pretrained_cfg = pretrained_cfg
+    if path is not None:
         if verbose:
-            print(f"pretrained {section['pretrained']}:")
-        load_checkpoint(model, section["pretrained"], verbose=verbose)
+            log.info(f"pretrained {path}:")
+        load_checkpoint(model, path, verbose=verbose)
+    elif load:
+        load_pretrained(model, pretrained_cfg, verbose=verbose)
     if load_weights and section["init_from"]:
         init_from_checkpoint(model, section["init_from"], verbose=verbose, classifier=section["init_classifier"])
     return model
