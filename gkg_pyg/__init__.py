@@ -10,8 +10,7 @@ with warnings.catch_warnings():
     from .knn import batched_group_knn, group_knn
     from .conv import DynamicGroupMaxRelConv, GroupMaxRelConv
     from .graph import build_stage_graph, stack_group_edges
-    from .models.gkgnet import GKGNet, create_model, list_models, min_input_size
-    from .models.gkgnet import export_authors_checkpoint
+    from .models import GKGNet, PyramidViG, create_model, export_authors_checkpoint, list_models, min_input_size
     from .checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
@@ -23,6 +22,7 @@ __all__ = [
     "build_stage_graph",
     "stack_group_edges",
     "GKGNet",
+    "PyramidViG",
     "create_model",
     "list_models",
     "min_input_size",

@@ -120,3 +120,22 @@ def stack_group_edges(data: HeteroData, src: str, dst: str) -> Tensor:
 def neighbour_table(edges: Tensor, num_dst: int) -> Tensor:
     """``(G, 2, num_dst*k)`` edges in :func:`group_knn` order -> ``(G, num_dst, k)`` sources."""
     return edges[:, 0].reshape(edges.shape[0], num_dst, -1)
+
+
+def flat_neighbour_table(neighbors: Tensor, num_src: int) -> Tensor:
+    """A per-image neighbour table ``(G, B, N, k)`` of source indices within each
+    image -> ``(G, B * N, k)`` indices into the sources of all images stacked
+    as ``(B * num_src, C)``, the table :class:`gkg_pyg.GroupMaxRelConv` takes."""
+    g, b, n, k = neighbors.shape
+    offsets = torch.arange(b, device=neighbors.device).view(1, b, 1, 1) * num_src
+    return (neighbors + offsets).view(g, b * n, k)
+
+
+def table_edges(neighbors: Tensor, num_src: int) -> Tensor:
+    """A per-image neighbour table ``(G, B, N, k)`` as :func:`gkg_pyg.group_knn`'s
+    ``(G, 2, B * N * k)`` edges over the stacked node sets (the inverse of
+    :func:`neighbour_table` on :func:`flat_neighbour_table`'s result)."""
+    table = flat_neighbour_table(neighbors, num_src)
+    g, n, k = table.shape
+    dst = torch.arange(n, device=table.device).repeat_interleave(k).expand(g, -1)
+    return torch.stack([table.reshape(g, -1), dst], dim=1)

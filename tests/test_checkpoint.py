@@ -1,11 +1,13 @@
 """Checkpoint loading in the three layouts, export and refusal of misfits."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gkg_pyg
-from gkg_pyg.models.gkgnet import detect_layout
+from gkg_pyg.models.convert import detect_layout
 
 
 def small_model(num_classes=5, img_size=96, seed=0, **kw):
@@ -66,14 +68,15 @@ def pyramid_vig_state(model, pos_grid=(56, 56)):
     return {"state_dict": state}
 
 
-def test_pyramid_vig_loads_patch_path_and_resizes_position_embedding(capsys):
+def test_pyramid_vig_loads_patch_path_and_resizes_position_embedding(caplog):
     src = perturbed(small_model())
     ckpt = pyramid_vig_state(src)
     assert detect_layout(ckpt["state_dict"]) == "pyramid_vig"
     dst = small_model(seed=1)
     before_head = dst.head_patch.weight.clone()
-    report = gkg_pyg.load_checkpoint(dst, ckpt)
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="gkg_pyg.checkpoint"):
+        report = gkg_pyg.load_checkpoint(dst, ckpt)
+    printed = caplog.text
     assert "pyramid_vig" in printed and "missing" in printed
     assert report["source"] == "pyramid_vig"
     assert "prediction.0.weight" in report["skipped"] and "prediction.4.weight" in report["skipped"]

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from gkg_pyg import GroupMaxRelConv, group_knn
-from gkg_pyg.models.gkgnet import Stage, relative_position_factors, relative_position_table, stage_grids
+from gkg_pyg.models.geometry import stage_grids
+from gkg_pyg.models.positions import relative_position_factors, relative_position_table
+from gkg_pyg.models.pvig import Stage
 
 
 def conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out):
@@ -181,7 +183,8 @@ def test_model_step_reads_no_tensor_back_to_the_host(monkeypatch, cross_level):
 
 
 # ---------------------------------------------------------------------------
-# FFN: BatchNorm + GELU + linear map with recomputation in the backward pass
+# Blocks: the FFN's BatchNorm + GELU + linear map with recomputation in the
+# backward pass; the Grapher through the graph convolution's forward
 # ---------------------------------------------------------------------------
 def saved_bytes(fn):
     """Bytes of the tensors autograd keeps for the backward pass of ``fn()``."""
@@ -197,19 +200,36 @@ def saved_bytes(fn):
     return out, total
 
 
-def _modules_one_by_one(block, x):
-    """What the FFN / the Grapher's update computed before fusion and folding:
-    every linear map, BatchNorm and GELU as its own module call."""
-    from gkg_pyg.models.gkgnet import FFN
+def _relative_features(y, sources, neighbors):
+    """``[y_i, max_j s_j - y_i]`` interleaved channel by channel, ``(B, N, 2C)``, by
+    brute force: per group ``g`` its channels' maximum over the ``k`` sources
+    ``neighbors[g, b, i]`` of image ``b``."""
+    g = neighbors.shape[0]
+    b, n, c = y.shape
+    width = c // g
+    messages = []
+    for group in range(g):
+        chans = slice(group * width, (group + 1) * width)
+        gathered = torch.stack([sources[i][neighbors[group, i]][..., chans] for i in range(b)])  # (B, N, k, C/G)
+        messages.append(gathered.max(dim=2).values - y[..., chans])
+    return torch.stack([y, torch.cat(messages, dim=-1)], dim=-1).reshape(b, n, 2 * c)
+
+
+def _modules_one_by_one(block, inputs):
+    """What the FFN / the Grapher computes without fusion and folding: every
+    linear map, BatchNorm and GELU as its own module call (the Grapher's
+    relative features by brute force)."""
+    from gkg_pyg.models.layers import FFN
 
     def lin_bn(seq, h):
         return seq[1](seq[0](h))
 
     if isinstance(block, FFN):
-        return x + lin_bn(block.fc2, block.act(lin_bn(block.fc1, x)))
-    x, r = x
+        return inputs + lin_bn(block.fc2, block.act(lin_bn(block.fc1, inputs)))
+    x, y, sources, neighbors = inputs
     conv_linear, bn, act = block.graph_conv.nn
-    return x + lin_bn(block.fc2, act(bn(conv_linear(r.reshape(-1, r.shape[-1]))))).view(x.shape)
+    r = _relative_features(y, sources, neighbors).reshape(-1, 2 * y.shape[-1])
+    return x + lin_bn(block.fc2, act(bn(conv_linear(r)))).view(x.shape)
 
 
 def _randomise_batchnorms(module):
@@ -219,132 +239,121 @@ def _randomise_batchnorms(module):
                 bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
 
 
+def _block_pair(kind, channels, dtype):
+    """Two blocks with the same random weights and BatchNorm statistics."""
+    from gkg_pyg.models.layers import FFN
+    from gkg_pyg.models.pvig import Grapher
+
+    make = (lambda: FFN(channels)) if kind == "ffn" else (lambda: Grapher(channels, groups=2))
+    block = make().to(dtype)
+    _randomise_batchnorms(block)
+    plain = make().to(dtype)
+    plain.load_state_dict(block.state_dict())
+    return block, plain
+
+
+def _block_inputs(kind, b, n, channels, dtype, gen):
+    """The block's inputs: ``x`` for the FFN; ``x``, ``y``, sources and a ``(2, B, N, 3)``
+    neighbour table into 6 sources per image for the Grapher (float ones requiring grad)."""
+    x = torch.randn(b, n, channels, generator=gen, dtype=dtype)
+    if kind == "ffn":
+        return [x.requires_grad_(True)]
+    y = torch.randn(b, n, channels, generator=gen, dtype=dtype)
+    sources = torch.randn(b, 6, channels, generator=gen, dtype=dtype)
+    neighbors = torch.randint(0, 6, (2, b, n, 3), generator=gen)
+    return [x.requires_grad_(True), y.requires_grad_(True), sources.requires_grad_(True), neighbors]
+
+
+def _clone_inputs(inputs):
+    return [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+
+
 @pytest.mark.parametrize("kind", ["ffn", "grapher"])
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_and_folded_blocks_equal_the_modules(kind, train):
-    """Training: BN + GELU + linear map in one autograd function that keeps
-    only its input (same forward bit for bit, same gradients and running
-    statistics, much less kept for backward). Evaluation: the BatchNorms
+    """FFN in training: BN + GELU + linear map in one autograd function that
+    keeps only its input (same forward bit for bit, same gradients and running
+    statistics, much less kept for backward). Grapher in training: the graph
+    convolution's forward and fc2 as modules, bit for bit the brute-force
+    relative features through the same modules. Evaluation: the BatchNorms
     folded into the linear maps (same values up to rounding, float64)."""
-    from gkg_pyg.models.gkgnet import FFN, GroupGraphBlock
-
     torch.manual_seed(0)
-    make = (lambda: FFN(16)) if kind == "ffn" else (lambda: GroupGraphBlock(16, groups=2))
-    fused = make().double().train(train)
-    _randomise_batchnorms(fused)
-    plain = make().double().train(train)
-    plain.load_state_dict(fused.state_dict())
-    x = torch.randn(3, 10, 16, dtype=torch.float64)
-    r = torch.randn(3, 10, 32, dtype=torch.float64)
+    block, plain = _block_pair(kind, 16, torch.float64)
+    block.train(train), plain.train(train)
+    inputs = _block_inputs(kind, 3, 10, 16, torch.float64, torch.Generator().manual_seed(1))
+    copies = _clone_inputs(inputs)
     weight_out = torch.randn(3, 10, 16, dtype=torch.float64)
-    xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    rs = [r.clone().requires_grad_(True) for _ in range(2)]
-    if kind == "ffn":
-        out_fused, bytes_fused = saved_bytes(lambda: fused(xs[0]))
-        out_plain, bytes_plain = saved_bytes(lambda: _modules_one_by_one(plain, xs[1]))
-    else:
-        out_fused, bytes_fused = saved_bytes(lambda: fused.update(xs[0], rs[0]))
-        out_plain, bytes_plain = saved_bytes(lambda: _modules_one_by_one(plain, (xs[1], rs[1])))
+    out_block, bytes_block = saved_bytes(partial(block, *inputs))
+    out_plain, bytes_plain = saved_bytes(partial(_modules_one_by_one, plain, copies[0] if kind == "ffn" else copies))
     exact = dict(rtol=0, atol=0) if train else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out_fused, out_plain, **exact)
-    (out_fused * weight_out).sum().backward()
+    torch.testing.assert_close(out_block, out_plain, **exact)
+    (out_block * weight_out).sum().backward()
     (out_plain * weight_out).sum().backward()
-    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-12)
-    if kind == "grapher":
-        torch.testing.assert_close(rs[0].grad, rs[1].grad, rtol=1e-10, atol=1e-12)
-    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+    for got, want in zip(inputs, copies):
+        if got.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(block.named_parameters(), plain.parameters()):
+        if q.grad is None:  # the Grapher's fc1 runs before it (its owner projects y)
+            assert p.grad is None and name.startswith("fc1."), name
+            continue
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, b), c in zip(fused.named_buffers(), plain.buffers()):
+    for (name, b), c in zip(block.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)  # running statistics, num_batches_tracked
-    if train:  # FFN: one hidden tensor instead of three; Grapher: r and W_g r instead of r and three of 2C
-        assert bytes_fused < (0.6 if kind == "ffn" else 0.7) * bytes_plain, (bytes_fused, bytes_plain)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_backward_equals_atens_kernel(dtype, training):
-    """The fused block's BatchNorm backward (no full-size scratch tensor, sums
-    over row blocks: 10000 rows are three blocks) against ATen's
-    ``native_batch_norm_backward``, with batch and with running statistics."""
-    from gkg_pyg.models.gkgnet import _batch_norm_backward
-
-    torch.manual_seed(0)
-    n, c = 10_000, 24
-    x = torch.randn(n, c, dtype=dtype) * 3 + torch.randn(c, dtype=dtype)
-    grad = torch.randn(n, c, dtype=dtype)
-    weight, bias = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
-    running_mean, running_var = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
-    _, mean, invstd = torch.ops.aten.native_batch_norm(
-        x, weight, bias, running_mean.clone(), running_var.clone(), training, 0.1, 1e-5
-    )
-    want = torch.ops.aten.native_batch_norm_backward(
-        grad, x, weight, running_mean, running_var, mean, invstd, training, 1e-5, [True] * 3
-    )
-    m, s = (mean, invstd) if training else (running_mean, torch.rsqrt(running_var + 1e-5))
-    scratch = torch.empty_like(x)
-    got = _batch_norm_backward(grad, x, m, s, weight, training, scratch)
-    assert got[0].data_ptr() == scratch.data_ptr()  # written into the scratch tensor
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-    for name, a, b in zip(("input", "weight", "bias"), got, want):
-        torch.testing.assert_close(a, b, msg=name, **tol)
+    if train and kind == "ffn":  # one hidden tensor instead of three
+        assert bytes_block < 0.6 * bytes_plain, (bytes_block, bytes_plain)
 
 
 def test_regular_max_keeps_one_byte_per_value_for_backward():
     """The fast path keeps the neighbour table and the winners' ranks (uint8),
-    never an (N_dst, k, C) tensor or (N_dst, C) int64 indices."""
-    conv = GroupMaxRelConv(80, 160, groups=2, act=None, norm=None)
+    never an (N_dst, k, C) tensor or (N_dst, C) int64 indices. With the update
+    map frozen, its weight is all the rest it keeps (no (N_dst, 2C) input)."""
+    conv = GroupMaxRelConv(80, 160, groups=2, act=None, norm=None).requires_grad_(False)
     x_src, x_dst = torch.randn(196, 80, requires_grad=True), torch.randn(3136, 80)
     neighbors = torch.randint(0, 196, (2, 3136, 9))
-    _, kept = saved_bytes(lambda: conv.relative_features((x_src, x_dst), neighbors=neighbors))
-    assert kept == neighbors.numel() * 8 + 3136 * 80, kept
+    _, kept = saved_bytes(lambda: conv((x_src, x_dst), neighbors=neighbors))
+    assert kept == neighbors.numel() * 8 + 3136 * 80 + conv.nn[0].weight.numel() * 4, kept
 
 
 @pytest.mark.parametrize("kind", ["ffn", "grapher"])
-def test_fused_blocks_under_bf16_autocast(kind):
-    """Under CPU bfloat16 autocast the fused path runs the modules' kernels in
-    the forward pass (same values), returns gradients in the parameters'
-    float32 (close to the modules' within bfloat16 rounding) and keeps less."""
-    from gkg_pyg.models.gkgnet import FFN, GroupGraphBlock
-
+def test_blocks_under_bf16_autocast(kind):
+    """Under CPU bfloat16 autocast the blocks run the modules' kernels in the
+    forward pass (same values); the FFN's fused path returns gradients in the
+    parameters' float32 (close to the modules' within bfloat16 rounding) and
+    keeps less."""
     torch.manual_seed(0)
-    make = (lambda: FFN(32)) if kind == "ffn" else (lambda: GroupGraphBlock(32, groups=2))
-    fused = make().train()
-    _randomise_batchnorms(fused)
-    plain = make().train()
-    plain.load_state_dict(fused.state_dict())
-    x, r = torch.randn(4, 50, 32), torch.randn(4, 50, 64)
+    block, plain = _block_pair(kind, 32, torch.float32)
+    block.train(), plain.train()
+    inputs = _block_inputs(kind, 4, 50, 32, torch.float32, torch.Generator().manual_seed(1))
     weight_out = torch.randn(4, 50, 32)
-
-    def fused_step(xs, rs):
-        return fused(xs) if kind == "ffn" else fused.update(xs, rs)
-
-    def plain_step(xs, rs):
-        return _modules_one_by_one(plain, xs if kind == "ffn" else (xs, rs))
-
+    steps = {
+        block: lambda args: block(*args),
+        plain: lambda args: _modules_one_by_one(plain, args[0] if kind == "ffn" else args),
+    }
     results = []
-    for block, step in ((fused, fused_step), (plain, plain_step)):
-        xs, rs = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    for module, step in steps.items():
+        args = _clone_inputs(inputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, kept = saved_bytes(partial(step, xs, rs))
+            out, kept = saved_bytes(partial(step, args))
         (out.float() * weight_out).sum().backward()
-        results.append((out, kept, xs.grad, [p.grad for p in block.parameters()]))
+        results.append((out, kept, args[0].grad, [p.grad for p in module.parameters()]))
     (out_f, kept_f, gx_f, gp_f), (out_p, kept_p, gx_p, gp_p) = results
     assert out_f.dtype == out_p.dtype  # float32: the residual sum of float32 x and a bfloat16 branch
     torch.testing.assert_close(out_f, out_p, rtol=0, atol=0)
     torch.testing.assert_close(gx_f, gx_p, rtol=2e-2, atol=2e-2)
     for a, b in zip(gp_f, gp_p):
-        if a is None:  # the Grapher's fc1 is not part of update()
+        if a is None:  # the Grapher's fc1 is not part of its forward
             assert b is None
             continue
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
-    assert kept_f < 0.8 * kept_p, (kept_f, kept_p)
+    if kind == "ffn":
+        assert kept_f < 0.8 * kept_p, (kept_f, kept_p)
 
 
 def test_folding_needs_running_statistics_and_an_affine_batchnorm():
     """Only a plain, affine BatchNorm in evaluation with running statistics is
     folded; the others run as modules and still give their own result."""
-    from gkg_pyg.models.gkgnet import LinearBatchNorm, NodeBatchNorm, folds
+    from gkg_pyg.models.layers import LinearBatchNorm, NodeBatchNorm, folds
 
     torch.manual_seed(0)
     block = LinearBatchNorm(6, 4).double()
@@ -364,7 +373,7 @@ def test_source_pooling_equals_avg_pool2d_and_keeps_nothing(shape):
     """The kNN sources' pooling: ATen's forward, and the same input gradient as
     ``F.avg_pool2d``'s backward (float32 bit for bit; sizes with leftover
     rows and columns get 0 there), with nothing kept for the backward pass."""
-    from gkg_pyg.models.gkgnet import _AvgPool
+    from gkg_pyg.models.layers import _AvgPool
 
     torch.manual_seed(0)
     x = torch.randn(shape)
@@ -387,7 +396,8 @@ def test_evaluation_in_place_steps_equal_the_plain_ones(monkeypatch):
     ``act(h)`` and ``x + branch``, bit for bit; with an input gradient
     (saliency) the plain steps run (and the grouped maps take their autograd
     route, which rounds differently) and the logits agree to float32 rounding."""
-    import gkg_pyg.models.gkgnet as gkgnet
+    import gkg_pyg.models.layers as layers
+    import gkg_pyg.models.pvig as pvig
     from gkg_pyg import create_model
 
     torch.manual_seed(0)
@@ -396,8 +406,9 @@ def test_evaluation_in_place_steps_equal_the_plain_ones(monkeypatch):
     with torch.no_grad():
         fast = model(x)
     with monkeypatch.context() as patch:
-        patch.setattr(gkgnet, "activate", lambda h, act: act(h))
-        patch.setattr(gkgnet, "residual", lambda x, branch: x + branch)
+        patch.setattr(layers, "activate", lambda h, act: act(h))
+        for module in (layers, pvig):  # the FFN's and the Grapher's residual sums
+            patch.setattr(module, "residual", lambda x, branch: x + branch)
         with torch.no_grad():
             plain = model(x)
     assert torch.equal(fast, plain)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gkg_pyg
-from gkg_pyg.models.gkgnet import authors_key_map
+from gkg_pyg.models.convert import authors_key_map
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_gkgnet import ReferenceGKGNet  # noqa: E402

@@ -187,7 +187,7 @@ def test_drop_path_draws_and_scales_like_timms(p):
     state, same values, identity in evaluation."""
     from timm.layers import DropPath as TimmDropPath
 
-    from gkg_pyg.models.gkgnet import DropPath
+    from gkg_pyg.models.layers import DropPath
 
     x = torch.randn(64, 5, 3)
     ours, theirs = DropPath(p).train(), TimmDropPath(p).train()
@@ -238,3 +238,59 @@ def test_node_linear_layers_stay_nn_linear_modules():
     assert seen, "the forward hook of a block's NodeLinear did not run"
     x = torch.randn(4096, linear.in_features)
     torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 12, 22, 24, 31])
+def test_drop_path_rates_are_torch_linspaces_values(blocks):
+    """The per-block rates, computed without tensors, are the values of
+    ``torch.linspace(0, rate, blocks).tolist()`` (float32 steps) for the depths
+    of the four variants (12, 22, 24 blocks) and others."""
+    from gkg_pyg.models.layers import drop_path_rates
+
+    gen = torch.Generator().manual_seed(blocks)
+    for rate in [0.0, 0.1, 0.2, 0.3, 0.5, 1.0, *torch.rand(200, generator=gen, dtype=torch.float64).tolist()]:
+        assert drop_path_rates(rate, blocks) == torch.linspace(0, rate, blocks).tolist(), rate
+
+
+@pytest.mark.parametrize("backend", ["auto", "dense"])  # on CUDA "auto" is torch-cluster's kNN where installed
+@pytest.mark.parametrize("name", ["gkgnet_ti", "pvig_ti"])
+def test_models_build_and_run_on_fake_cuda_tensors(name, backend):
+    """Building a model and its forward pass read no tensor value (no ``.item()``,
+    ``.tolist()``), so both run on fake tensors: the model built inside
+    ``FakeTensorMode`` on a fake ``cuda`` device (``Module.to`` cannot move
+    parameters made under the mode), its lazily built position tables
+    following it there; on a machine with a GPU also the backward pass."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cuda"):
+        model = gkg_pyg.create_model(name, num_classes=5, img_size=96, knn_backend=backend, drop_path=0.1).train()
+        logits = model(torch.randn(2, 3, 96, 96))
+        if torch.cuda.is_available():  # autograd's engine needs the device itself, even for fake tensors
+            logits.sum().backward()
+        model.eval()
+        with torch.no_grad():
+            evaluated = model(torch.randn(2, 3, 112, 96))  # another size: resampled tables
+    for out in (logits, evaluated):
+        assert isinstance(out, FakeTensor) and out.shape == (2, 5) and out.device.type == "cuda"
+    if model.knn_backend == "dense":  # the dense kNN's position table (torch-cluster takes factors)
+        table = model.stages[0].position.relative_pos
+        assert isinstance(table, FakeTensor) and table.device.type == "cuda" and table.dtype == torch.float32
+    if torch.cuda.is_available():
+        assert all(p.grad is not None and p.grad.device.type == "cuda" for p in model.stages[0].parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gkgnet_s", "pvig_s"])
+def test_forward_compiles_without_graph_breaks(name):
+    """``torch._dynamo.explain`` of an evaluation forward pass (CPU, 224 px,
+    batch 2, dense kNN): one graph, no break, at the construction size and at
+    another size (the resampled position tables)."""
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model(name, num_classes=80, img_size=224, knn_backend="dense").eval()
+    for size in [(224, 224), (192, 256)]:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(model)(torch.randn(2, 3, *size))
+        reasons = [str(b.reason) for b in explanation.break_reasons]
+        assert explanation.graph_break_count == 0, reasons
+        assert explanation.graph_count == 1, explanation.graph_count

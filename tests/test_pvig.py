@@ -60,7 +60,7 @@ def test_registry_lists_both_families():
     assert gkg_pyg.list_models("pvig_*") == ["pvig_b", "pvig_m", "pvig_s", "pvig_ti"]
     model = gkg_pyg.create_model("pvig_ti", num_classes=10, img_size=96)
     assert isinstance(model, PyramidViG) and model.pretrained_cfg["source"] == "pyramid_vig"
-    assert model.pretrained_cfg["file"] == "pvig_ti_78.5.pth.tar"
+    assert model.pretrained_cfg["filename"] == "pvig_ti_78.5.pth.tar"
     with pytest.raises(ValueError, match="did you mean 'pvig_ti'"):
         gkg_pyg.create_model("pvig_tl")
 
@@ -137,3 +137,28 @@ def test_gkgnet_still_takes_only_the_patch_path_of_a_pvig_checkpoint():
     report = gkg_pyg.load_checkpoint(gkg, ref.state_dict(), verbose=False)
     assert not any(k.startswith("prediction.") for k in report["used"])
     assert all(k.startswith(("label_", "head_")) for k in report["missing"])
+
+
+def test_gkgnet_has_a_pyramid_vig_patch_path():
+    """GKGNet's patch path is a Pyramid ViG backbone: the same keys in the same
+    order (``stem.convs.*``, ``pos_embed``, ``stages.*``) and, with the same
+    weights, the same features at every stage; neither model is the other."""
+    torch.manual_seed(0)
+    pvig = gkg_pyg.create_model("pvig_ti", num_classes=10, img_size=96, groups=2).eval()
+    gkg = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96).eval()
+    backbone = [k for k in pvig.state_dict() if not k.startswith("head_patch.")]
+    assert backbone == [k for k in gkg.state_dict() if k.startswith(("stem.", "pos_embed", "stages."))]
+    assert {k.split(".")[0] for k in gkg.state_dict()} - {"stem", "pos_embed", "stages"} == {
+        "label_embed",
+        "label_modules",
+        "label_projs",
+        "head_label",
+        "head_patch",
+    }
+    gkg.load_state_dict({k: pvig.state_dict()[k] for k in backbone}, strict=False)
+    x = torch.randn(2, 3, 96, 112)
+    with torch.no_grad():
+        ours, theirs = gkg.forward_features(x), pvig.forward_features(x)
+    assert [f.shape[1:] for f in ours] == [(24 * 28, 48), (12 * 14, 96), (6 * 7, 240), (3 * 4, 384)]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert not isinstance(gkg, PyramidViG) and not isinstance(pvig, gkg_pyg.GKGNet)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.gkgnet import NodeBatchNorm
+from ..models.layers import NodeBatchNorm
 
 
 @dataclass(frozen=True)
@@ -121,5 +121,12 @@ def all_reduce_min(value: float, info: DistInfo) -> float:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside its wrappers: ``torch.compile``'s (``_orig_mod``) and
+    DistributedDataParallel's (``module``), in any nesting."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
