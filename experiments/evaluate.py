@@ -6,6 +6,7 @@ per-class decision thresholds.
     python experiments/evaluate.py experiments/configs/coco_576.yaml --checkpoint gkgnet_coco_576.pth
     # choose F1-optimal thresholds on the validation split and store them in the checkpoint:
     python experiments/evaluate.py CONFIG.yaml --checkpoint runs/NAME/checkpoint_best.pth --choose-thresholds
+    gkg-evaluate CONFIG.yaml --checkpoint CKPT                   # the same, installed as a command
 
 Any layout gkg_pyg.load_checkpoint reads works (our training checkpoints,
 the authors' mmcls checkpoints). Prints the metrics table (and the EMA
@@ -15,7 +16,11 @@ per_class_ap.csv (per_class_ap_ema.csv) into --output (default: an
 
 Thresholds (``gkg_pyg.thresholds``). With --choose-thresholds the
 threshold of each class that maximises its F1 on this split, and the one
-global threshold that maximises OF1, are chosen for each set of weights,
+global threshold that maximises OF1, are chosen for each set of weights;
+a class with fewer than --min-positives positives on the split (default
+eval.min_positives, 10) keeps the global threshold instead (a threshold
+fitted to one or two positives floods the predictions on new images), and
+a warning names those classes;
 the metrics are printed at 0.5 (eval.threshold), at the per-class and at
 the global thresholds, and the thresholds are stored in the checkpoint
 (an entry ``thresholds``, rewritten atomically; --thresholds-output PATH
@@ -25,23 +30,30 @@ the split they are measured on are optimistic: choose them on a
 validation split, then evaluate another split (--set data.val_split=...):
 thresholds already stored in the checkpoint are always reported beside
 0.5. predict.py uses the stored thresholds.
+
+A mistake in the config, the data or the checkpoint stops the run with one
+line, ``error: ...`` (exit status 2; --debug adds the traceback).
+--compile runs the evaluation forward pass through ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if not __package__:  # run as a file (python experiments/evaluate.py): import gkg_pyg from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gkg_pyg.builder import build_model  # noqa: E402
 from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
-from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, add_compile_backend_argument, compiled, run_cli  # noqa: E402
+from gkg_pyg.config import add_override_argument, check_option, load_config  # noqa: E402
 from gkg_pyg.training.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from gkg_pyg.training.loaders import build_split, check_images, eval_loader  # noqa: E402
 from gkg_pyg.training.loops import evaluate  # noqa: E402
@@ -51,15 +63,15 @@ from gkg_pyg.metrics import (  # noqa: E402
     SCALE_KEYS, SUMMARY_KEYS, TOP3_KEYS, format_metrics_table, multilabel_metrics, per_class_ap_csv,
 )  # fmt: skip
 from gkg_pyg.thresholds import (  # noqa: E402
-    choose_thresholds, format_threshold_table, metrics_at_thresholds, read_thresholds, store_thresholds,
-    thresholds_json,
+    choose_thresholds, describe_thresholds, format_threshold_table, metrics_at_thresholds, read_thresholds,
+    store_thresholds, thresholds_json,
 )  # fmt: skip
 
 THRESHOLD_KEYS = SUMMARY_KEYS[1:] + TOP3_KEYS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config naming the data set and the model")
     p.add_argument("--checkpoint", required=True, help="weights to evaluate")
     add_override_argument(p)
@@ -80,6 +92,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="write the checkpoint with the chosen thresholds here instead of updating it in place",
     )
     p.add_argument("--no-store", action="store_true", help="choose thresholds but leave every checkpoint file alone")
+    p.add_argument(
+        "--min-positives",
+        type=int,
+        metavar="N",
+        help="a class gets its own threshold only with N positives on the split (default: eval.min_positives)",
+    )
+    p.add_argument("--compile", action="store_true", help="run the evaluation forward pass under torch.compile")
+    add_compile_backend_argument(p)
     return p.parse_args(argv)
 
 
@@ -106,18 +126,28 @@ def threshold_columns(res: dict, threshold: float, record: dict | None) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> int:
+    """Evaluate as the command line says; raises on errors (``main`` reports them)."""
     args = parse_args(argv)
     info = init_distributed()
+    if not info.is_main:  # one copy of the library's messages: rank 0's
+        logging.getLogger("gkg_pyg").setLevel(logging.ERROR)
     cfg = load_config(args.config, args.overrides)
     if args.skip_bad_images:
         cfg["data"]["skip_bad_images"] = True
+    if args.min_positives is not None:  # the same check as the config key
+        cfg["eval"]["min_positives"] = check_option("eval.min_positives", args.min_positives, "--min-positives")
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
 
+    _, checkpoint = read_checkpoint(args.checkpoint)  # before the data: a bad checkpoint fails at once
     dataset = build_split(cfg, train=False)
     missing = check_images(dataset, "evaluation", cfg, info.is_main)
     model = build_model(cfg, dataset.class_names, load_weights=False)
-    _, checkpoint = read_checkpoint(args.checkpoint)
     load_checkpoint(model, checkpoint, verbose=info.is_main, name=str(args.checkpoint))
     models = {"model": model}
     if isinstance(checkpoint.get("ema"), dict):
@@ -127,6 +157,7 @@ def main(argv=None) -> int:
 
     loader = eval_loader(cfg, dataset, info)
     precision = build_precision(cfg["train"]["amp"], info.device)
+    models = {name: compiled(net.to(info.device), args) for name, net in models.items()}
     out_dir = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / "eval"
     out = {"checkpoint": str(args.checkpoint)}
     if cfg["task"] == "single_label":  # top-1 / top-5 / confusion matrix; no thresholds
@@ -152,7 +183,8 @@ def main(argv=None) -> int:
         out[name].update(num_images=len(res["targets"]), num_skipped=res["num_skipped"])
         stored = read_thresholds(checkpoint, name, dataset.class_names)
         if args.choose_thresholds:
-            chosen[name] = choose_thresholds(res["scores"], res["targets"], dataset.class_names, chosen_on=split)
+            chosen[name] = choose_thresholds(res["scores"], res["targets"], dataset.class_names, chosen_on=split,
+                                             min_positives=cfg["eval"]["min_positives"])  # fmt: skip
         record = chosen.get(name, stored)
         columns = threshold_columns(res, cfg["eval"]["threshold"], record)
         if record is not None:
@@ -169,7 +201,7 @@ def main(argv=None) -> int:
                     if name in chosen
                     else f"stored in the checkpoint, chosen on {record.get('chosen_on') or 'another split'}"
                 )
-                print(f"\n{name} at thresholds ({how}):")
+                print(f"\n{name} at thresholds ({how}): {describe_thresholds(record)}")
                 print(format_threshold_table(columns, THRESHOLD_KEYS))
             if res["num_skipped"] or missing:
                 print(f"skipped {res['num_skipped']} unreadable images ({missing} left out by the image check)")

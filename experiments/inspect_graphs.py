@@ -3,6 +3,7 @@
     python experiments/inspect_graphs.py --config C [--checkpoint P] [--set KEY=VALUE] --image IMG \
         [--label NAME ...] [--stage N] [--patch ROW COL] --out DIR [--html] \
         [--dataset DIR [--max-images N]] [--format png|svg]
+    gkg-inspect ...                     # the same, installed as a command
 
 Writes to DIR:
 
@@ -18,10 +19,12 @@ Writes to DIR:
   distinct count and the group overlap.
 
 The config is a training config (``experiments/configs/*.yaml``); its
-model is built by ``gkg_pyg.config.build_model``.  Without ``--checkpoint``
+model is built by ``gkg_pyg.builder.build_model``.  Without ``--checkpoint``
 the model keeps random weights (seeded by ``--seed``) and every figure says
 so.  Class names come from the checkpoint's ``class_names``, else from the
 config's data set when model.num_classes is not set, else ``label_i``.
+A mistake in an option, the config, the checkpoint or the image stops with
+one line, ``error: ...`` (exit status 2; --debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if not __package__:  # run as a file (python experiments/inspect_graphs.py): import gkg_pyg from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gkg_pyg  # noqa: E402
 from gkg_pyg import inspect as gi  # noqa: E402
 from gkg_pyg.checkpoint import read_checkpoint  # noqa: E402
 from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.data import IMAGE_SUFFIXES, class_names_from_config  # noqa: E402
+from gkg_pyg.errors import ConfigError, MissingFileError  # noqa: E402
 
 
 def load_model(
@@ -66,7 +72,7 @@ def load_model(
         try:
             names = class_names_from_config(cfg["data"])
         except (OSError, ValueError) as err:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes is not set and the class names cannot be read from the config's "
                 f"data set ({err}); pass --checkpoint, or --set model.num_classes=N"
             ) from err
@@ -97,12 +103,12 @@ def dataset_images(folder: str, max_images: int) -> List[Path]:
     """The first ``max_images`` images under ``folder`` (recursively, sorted)."""
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise MissingFileError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files[:max_images]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config with a 'model:' section")
     add_override_argument(p, help="override a config value (repeatable), e.g. --set model.num_classes=20")
     p.add_argument("--checkpoint", help="weights (gkg-pyg or the authors' layout); none: random weights")
@@ -129,8 +135,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the command line; returns the summary also written to ``summary.json``."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
+    return run_cli(run, argv)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Draw what the command line asks for; returns the summary also written to
+    ``summary.json``. Raises on errors (``main`` reports them)."""
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,4 +206,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,7 +14,9 @@ modules, label projections, label head). One JSON line per (variant, seed,
 epoch) goes to <out>/log.jsonl; finished runs are skipped when the command
 is run again (so a killed experiment resumes run by run). The report prints
 the final and the best mAP per variant as mean +- standard deviation over the
-seeds, the mAP per epoch, and the diagnostics of the last epoch.
+seeds, the mAP per epoch, and the diagnostics of the last epoch. A mistake
+in an option or an override stops with one line, ``error: ...`` (exit
+status 2; --debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if not __package__:  # run as a file (python experiments/label_path_experiment.py): import gkg_pyg from here
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.data import collate  # noqa: E402
 from gkg_pyg.loss import GKGNetLoss  # noqa: E402
@@ -126,7 +130,7 @@ def head_maps(model, loader) -> dict:
             for name, x in (("full", full), ("patch_head", patch), ("label_head", full - patch))}  # fmt: skip
 
 
-def run(variant: str, seed: int, overrides: list[str], log_path: Path) -> None:
+def train_variant(variant: str, seed: int, overrides: list[str], log_path: Path) -> None:
     cfg = load_config(CONFIG, overrides + VARIANTS[variant] + [f"seed={seed}"])
     torch.set_num_threads(cfg["train"]["num_threads"] or 1)
     train_set, val_set = build_split(cfg, train=True), build_split(cfg, train=False)
@@ -208,7 +212,13 @@ def report(records: list[dict], epochs: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> int:
+    """Train and report as the command line says; raises on errors (``main`` reports them)."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/label_path", help="folder of log.jsonl")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
                     keep = [r for r in load_log(log_path) if not (r["variant"] == variant and r["seed"] == seed)]
                     log_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
                 print(f"== {variant}, seed {seed}", flush=True)
-                run(variant, seed, overrides, log_path)
+                train_variant(variant, seed, overrides, log_path)
     print(report(load_log(log_path), epochs))
     return 0
 

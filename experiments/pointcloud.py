@@ -31,6 +31,8 @@ rate halved every ``--step`` epochs. Data: the built-in synthetic shapes
 
 Prints one line per epoch and a table (accuracy per seed, mean and standard
 deviation over seeds, seconds per training epoch); ``--out`` also writes it as JSON.
+A mistake in an option or missing data stops with one line, ``error: ...``
+(exit status 2; --debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ from torch import Tensor, nn
 from torch_geometric.loader import DataLoader
 from torch_geometric.nn import MLP, EdgeConv, global_max_pool
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python experiments/pointcloud.py): import gkg_pyg from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gkg_pyg import DynamicGroupMaxRelConv, GroupMaxRelConv  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
 from gkg_pyg.data.pointcloud import SyntheticShapes, load_modelnet  # noqa: E402
 from gkg_pyg.metrics import summarise_seeds  # noqa: E402
 
@@ -164,10 +168,14 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv=None) -> int:
+    """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> list:
+    """Run the comparison the command line asks for; returns the table's rows. Raises on errors."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="synthetic", choices=("synthetic", "modelnet10", "modelnet40"))
     parser.add_argument("--root", default=None, help="ModelNet folder (default data/ModelNet10 or 40)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
@@ -210,4 +218,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

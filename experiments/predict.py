@@ -3,6 +3,7 @@
     python experiments/predict.py --checkpoint runs/demo/checkpoint_best.pth photos/ "more/**/*.png" one.jpg
     python experiments/predict.py --checkpoint CKPT photos/ --output predictions.csv --topk 5
     python experiments/predict.py --checkpoint CKPT img.jpg --json --threshold 0.3
+    gkg-predict --checkpoint CKPT photos/                        # the same, installed as a command
 
 Sources are image files, folders (searched recursively for image files)
 and glob patterns (quote them; ``**`` spans folders). Images are read in
@@ -12,8 +13,10 @@ Everything else comes from the checkpoint: the model (its config), the
 class names, the preprocessing (input size, normalisation: the checkpoint's
 ``preprocess`` entry, else its config's model.img_size with the package's
 normalisation) and the decision thresholds that ``evaluate.py
---choose-thresholds`` stored (per class; --threshold global or a number
-overrides them; without stored thresholds 0.5). --config is needed only
+--choose-thresholds`` stored (per class, where a class had enough
+positives on the calibration split, else the global one; --threshold
+global or a number in [0, 1] overrides them; without stored thresholds
+0.5). Which thresholds apply is printed on stderr. --config is needed only
 for weights without a config (e.g. the authors' checkpoints).
 
 Output, one record per image (in the order found): ``image``, ``labels``
@@ -27,6 +30,10 @@ does not apply); its preprocessing is timm's resize and centre crop.
 --label-delimiter, default "|"), error, top1, score1, ... topK, scoreK;
 --output FILE.json (or --json on stdout) writes a list of records; without
 either, one line per image is printed.
+
+A mistake in an option or the checkpoint stops with one line, ``error:
+...`` (exit status 2; --debug adds the traceback); images that cannot be
+read are reported and skipped (exit status 1 when no image could be read).
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -42,16 +48,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if not __package__:  # run as a file (python experiments/predict.py): import gkg_pyg from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gkg_pyg.builder import load_trained_model  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
+from gkg_pyg.config import check_option  # noqa: E402
+from gkg_pyg.errors import MissingFileError, UsageError  # noqa: E402
 from gkg_pyg.data import checkpoint_preprocess, find_images, load_rgb  # noqa: E402
 from gkg_pyg.data import transform_from_preprocess  # noqa: E402
-from gkg_pyg.thresholds import read_thresholds  # noqa: E402
+from gkg_pyg.thresholds import describe_thresholds, read_thresholds  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="IMAGE", help="image files, folders (recursive), glob patterns")
     p.add_argument("--checkpoint", required=True, help="trained weights")
     p.add_argument("--config", help="YAML config (default: the one saved in the checkpoint)")
@@ -59,22 +69,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threshold",
         default="per-class",
         help="'per-class' (the thresholds stored by evaluate.py --choose-thresholds, else 0.5), "
-        "'global' (the stored global one) or a number",
+        "'global' (the stored global one) or a number in [0, 1] (as eval.threshold)",
     )
     p.add_argument("--topk", type=int, default=5, help="report the k best labels with their scores (default 5)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--output", help="write FILE.csv or FILE.json (default: print)")
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     p.add_argument("--label-delimiter", default="|", help="joins the labels in the CSV output (default |)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (as eval.batch_size)")
     p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in this process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.topk < 1:
         p.error(f"--topk must be >= 1, got {args.topk}")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    args.batch_size = check_option("eval.batch_size", args.batch_size, "--batch-size")
+    if args.threshold not in ("per-class", "global"):  # a number: the checks of eval.threshold
+        args.threshold = check_option("eval.threshold", args.threshold, "--threshold")
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         p.error(f"--output must end in .csv or .json, got {args.output}")
     return args
@@ -88,24 +99,28 @@ def load_model(args: argparse.Namespace):
 
 
 def decision_thresholds(args, checkpoint: dict, class_names: list[str]) -> tuple[torch.Tensor, str]:
-    """(L,) thresholds and a note on where they come from."""
+    """(L,) thresholds and a note on which they are and where they come from.
+    ``args.threshold`` is "per-class", "global" or a number ``parse_args`` checked."""
     record = read_thresholds(checkpoint, "ema" if args.ema else "model", class_names)
     if args.threshold == "per-class":
         if record is None:
-            return torch.full((len(class_names),), 0.5, dtype=torch.float64), "0.5 (no thresholds stored)"
-        return torch.as_tensor(record["per_class"], dtype=torch.float64), "per-class (stored)"
+            return torch.full((len(class_names),), 0.5, dtype=torch.float64), (
+                f"0.5 for every class ({args.checkpoint} holds no thresholds; evaluate.py --choose-thresholds "
+                "chooses them)"
+            )
+        return torch.as_tensor(record["per_class"], dtype=torch.float64), (
+            f"{describe_thresholds(record)}, from {args.checkpoint}"
+        )
     if args.threshold == "global":
         if record is None:
-            raise ValueError(f"--threshold global: {args.checkpoint} holds no thresholds "
+            raise UsageError(f"--threshold global: {args.checkpoint} holds no thresholds "
                              f"(choose them with evaluate.py --choose-thresholds)")  # fmt: skip
-        return torch.full((len(class_names),), float(record["global"]), dtype=torch.float64), "global (stored)"
-    try:
-        value = float(args.threshold)
-    except ValueError:
-        raise ValueError(f"--threshold must be 'per-class', 'global' or a number, got {args.threshold!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"--threshold must be finite, got {value}")
-    return torch.full((len(class_names),), value, dtype=torch.float64), f"{value:g}"
+        value = float(record["global"])
+        return torch.full((len(class_names),), value, dtype=torch.float64), (
+            f"global {value:.4f} for every class, from {args.checkpoint}"
+        )
+    value = float(args.threshold)
+    return torch.full((len(class_names),), value, dtype=torch.float64), f"{value:g} for every class (--threshold)"
 
 
 class ImageFiles(Dataset):
@@ -176,15 +191,21 @@ def write_csv(records: list[dict], path: Path, topk: int, delimiter: str) -> Non
 
 
 def main(argv=None) -> int:
+    """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> int:
+    """Predict as the command line says; raises on errors (``main`` reports them)."""
     args = parse_args(argv)
     paths = find_images(args.sources)
     if not paths:
-        raise ValueError(f"no image files found in {args.sources}")
+        raise MissingFileError(f"no image files found in {args.sources}")
     model, class_names, preprocess, checkpoint, single = load_model(args)
-    if single:
-        thresholds, rule = None, "single-label: the most probable class"
-    else:
+    thresholds = None  # single-label: the most probable class
+    if not single:
         thresholds, rule = decision_thresholds(args, checkpoint, class_names)
+        print(f"thresholds: {rule}", file=sys.stderr)
     dataset = ImageFiles(paths, transform_from_preprocess(preprocess))
     records = predict(model, dataset, thresholds, class_names, args, single)
     failed = sum(r["error"] is not None for r in records)
@@ -195,7 +216,7 @@ def main(argv=None) -> int:
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(records, indent=2))
-        print(f"wrote {len(records)} predictions to {out} (threshold: {rule})", file=sys.stderr)
+        print(f"wrote {len(records)} predictions to {out}", file=sys.stderr)
     elif args.json:
         print(json.dumps(records, indent=2))
     else:

@@ -13,6 +13,8 @@ flips; evaluation: top-1 on the validation split after the last epoch.
 
 Prints one line per epoch and a table (top-1 per seed, mean and standard
 deviation, seconds per training epoch); ``--out`` also writes it as JSON.
+A mistake in an option or the data stops with one line, ``error: ...``
+(exit status 2; --debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python experiments/pvig_groups.py): import gkg_pyg from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gkg_pyg  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
 from gkg_pyg.data.single_label import ImageFolderDataset, collate_single_label, ensure_synthetic_shapes  # noqa: E402
 from gkg_pyg.data.transforms import MEAN, STD  # noqa: E402
 from gkg_pyg.metrics import summarise_seeds  # noqa: E402
@@ -104,10 +108,14 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv=None) -> int:
+    """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> list:
+    """Run the comparison the command line asks for; returns the table's rows. Raises on errors."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/synthetic_shapes", help="where the data set is (generated if needed)")
     parser.add_argument("--model", default="pvig_ti", choices=gkg_pyg.list_models("pvig_*"))
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2])
@@ -150,4 +158,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

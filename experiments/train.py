@@ -4,6 +4,7 @@
     python experiments/train.py CONFIG.yaml --set train.epochs=3 --set optim.lr=2e-4
     python experiments/train.py CONFIG.yaml --resume            # continue runs/<name>/
     torchrun --nproc_per_node 8 experiments/train.py experiments/configs/coco_576.yaml
+    gkg-train CONFIG.yaml ...                                    # the same, installed as a command
 
 Everything is checked before the run folder is touched: the config, the
 data sets (non-empty, same labels, image files present), the model (its
@@ -17,21 +18,31 @@ folders, CIFAR) the loss is cross-entropy with label smoothing (and
 Mixup/CutMix when configured), checkpoint_best.pth keeps the best top-1,
 and the run ends with metrics.json (top-1, top-5, mean class accuracy next
 to the majority-class baseline) and confusion_matrix.csv.
+
+A mistake in the config, the data or a checkpoint stops the run with one
+line, ``error: ...`` (exit status 2; --debug adds the traceback). --compile
+runs the training step and the evaluation forward pass through
+``torch.compile`` (the checkpoints are the same; the first steps are slow
+while it compiles).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if not __package__:  # run as a file (python experiments/train.py): import gkg_pyg from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, add_compile_backend_argument, compiled, run_cli  # noqa: E402
+from gkg_pyg.errors import CheckpointError, DataError, RunExistsError  # noqa: E402
 from gkg_pyg.config import add_override_argument, config_diff, load_config, save_config  # noqa: E402
 from gkg_pyg.training.distributed import (  # noqa: E402
     DistInfo, cleanup_distributed, convert_sync_batchnorm, init_distributed,
@@ -56,7 +67,7 @@ SUMMARY = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (experiments/configs/*.yaml)")
     add_override_argument(p, help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument(
@@ -73,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="skip missing or unreadable images (data.skip_bad_images) and count them",
     )
+    p.add_argument("--compile", action="store_true", help="run the training step and evaluation under torch.compile")
+    add_compile_backend_argument(p)
     return p.parse_args(argv)
 
 
@@ -84,7 +97,7 @@ def summary(metrics: dict) -> dict:
 def check_run_folder(run_dir: Path, resuming: bool) -> None:
     """Refuse to start a fresh run over an existing one (its files would be lost)."""
     if not resuming and (run_dir / "checkpoint_last.pth").exists():
-        raise FileExistsError(
+        raise RunExistsError(
             f"{run_dir} already holds a run (checkpoint_last.pth); continue it with --resume, "
             f"or choose another folder (--output or --set name=...)"
         )
@@ -125,7 +138,7 @@ def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
     train_set = build_split(cfg, train=True)
     val_set = build_split(cfg, train=False)
     if val_set.class_names != train_set.class_names:
-        raise ValueError(
+        raise DataError(
             f"the training and evaluation splits have different labels: {len(train_set.class_names)} "
             f"({train_set.class_names[:5]}...) vs {len(val_set.class_names)} ({val_set.class_names[:5]}...)"
         )
@@ -145,7 +158,7 @@ def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
     if resume_path is not None:
         resume_state = load_training_checkpoint(resume_path)
         if resume_state["class_names"] != train_set.class_names:
-            raise ValueError(f"{resume_path} was trained on other labels than the data set of {args.config}")
+            raise CheckpointError(f"{resume_path} was trained on other labels than the data set of {args.config}")
         changed = config_diff(resume_state["config"], cfg)
         if changed and info.is_main:
             print(f"note: the config differs from the checkpoint's in {', '.join(changed)}")
@@ -177,17 +190,25 @@ def final_report(cfg, run_dir, class_names, train_targets, results: dict, info) 
 
 
 def main(argv=None) -> int:
+    """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> int:
+    """Train as the command line says; raises on errors (``main`` reports them)."""
     args = parse_args(argv)
     info = init_distributed()
-    run = prepare(args, info)
-    cfg, run_dir, train_set, val_set = run["cfg"], run["run_dir"], run["train_set"], run["val_set"]
+    if not info.is_main:  # one copy of the library's messages: rank 0's
+        logging.getLogger("gkg_pyg").setLevel(logging.ERROR)
+    parts = prepare(args, info)
+    cfg, run_dir, train_set, val_set = parts["cfg"], parts["run_dir"], parts["train_set"], parts["val_set"]
     tcfg, main_rank = cfg["train"], info.is_main
-    if main_rank and any(run["missing"].values()):
-        print(f"left out missing or unreadable images (data.skip_bad_images): {run['missing']['train']} training, "
-              f"{run['missing']['val']} evaluation")  # fmt: skip
+    if main_rank and any(parts["missing"].values()):
+        print(f"left out missing or unreadable images (data.skip_bad_images): {parts['missing']['train']} "
+              f"training, {parts['missing']['val']} evaluation")  # fmt: skip
 
     # Model, optimiser, schedule, precision, EMA.
-    model = run["model"].to(info.device)
+    model = parts["model"].to(info.device)
     if info.distributed and cfg["train"]["sync_bn"]:
         if info.device.type == "cuda":
             model = convert_sync_batchnorm(model)
@@ -202,17 +223,20 @@ def main(argv=None) -> int:
         ids = [info.local_rank] if info.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ema = build_ema(cfg, model)  # after DDP's broadcast: the same on every rank
+    # torch.compile wraps what the steps run; checkpoints, the optimizer and the EMA keep the plain model.
+    stepped = compiled(model, args)
+    ema_eval = None if ema is None else compiled(ema.module, args)
     single = cfg["task"] == "single_label"
     criterion = SingleLabelLoss(cfg["loss"]["label_smoothing"]) if single else GKGNetLoss(**cfg["loss"])
     mix = mixup_from_config(cfg, len(train_set.class_names)) if single else None
 
     first_epoch, best_map = 0, -1.0
-    if run["resume_state"] is not None:
+    if parts["resume_state"] is not None:
         first_epoch, best_map = restore_training_state(
-            run["resume_state"], model, optimizer, schedule, precision, ema, info
+            parts["resume_state"], model, optimizer, schedule, precision, ema, info
         )
         if main_rank:
-            print(f"resumed from {run['resume_path']} after epoch {first_epoch}")
+            print(f"resumed from {parts['resume_path']} after epoch {first_epoch}")
 
     # Only now is anything written.
     log_path = run_dir / "log.jsonl"
@@ -236,17 +260,17 @@ def main(argv=None) -> int:
     for epoch in range(first_epoch, epochs):
         start_epoch(train_batches, cfg["seed"], epoch, info.rank)
         stats = train_one_epoch(
-            model, train_batches, criterion, optimizer, schedule, precision, info, tcfg["clip_grad"], ema,
+            stepped, train_batches, criterion, optimizer, schedule, precision, info, tcfg["clip_grad"], ema,
             tcfg["accumulate"], desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["output"]["progress"],
             batch_transform=mix,
         )  # fmt: skip
         record = {"epoch": epoch + 1, "step": schedule.step_count, **stats}
         results = None
         if (epoch + 1) % cfg["eval"]["interval"] == 0 or epoch + 1 == epochs:
-            results = {"model": evaluate(model, val_batches, info, precision, "eval",
+            results = {"model": evaluate(stepped, val_batches, info, precision, "eval",
                                                 cfg["output"]["progress"], cfg["task"])}  # fmt: skip
             if ema is not None:
-                results["ema"] = evaluate(ema.module, val_batches, info, precision, "eval EMA",
+                results["ema"] = evaluate(ema_eval, val_batches, info, precision, "eval EMA",
                                                  cfg["output"]["progress"], cfg["task"])  # fmt: skip
             for name, res in results.items():
                 prefix = "" if name == "model" else "ema_"
@@ -282,9 +306,9 @@ def main(argv=None) -> int:
             return 0
 
     if results is None:  # resumed after the last epoch: evaluate once more
-        results = {"model": evaluate(model, val_batches, info, precision, task=cfg["task"])}
+        results = {"model": evaluate(stepped, val_batches, info, precision, task=cfg["task"])}
         if ema is not None:
-            results["ema"] = evaluate(ema.module, val_batches, info, precision, task=cfg["task"])
+            results["ema"] = evaluate(ema_eval, val_batches, info, precision, task=cfg["task"])
     if single:  # metrics.json and confusion_matrix.csv
         single_label_report(run_dir, train_set.class_names, train_set.labels, results, write=main_rank)
     else:

@@ -11,11 +11,14 @@ model's ``filter_checkpoint`` (the key maps of foreign layouts live next to
 the model, e.g. ``gkg_pyg.models.gkgnet.checkpoint_filter_fn``), checks every
 shape before anything is loaded, and loads strictly by default: a missing or
 unexpected tensor is an error that lists them. ``strict=False`` loads what
-fits and reports the rest (always printed when ``verbose``).
+fits and reports the rest. With ``verbose`` the report (what was used,
+skipped, missing, resized) goes to the ``gkg_pyg.checkpoint`` logger at INFO
+level, which the scripts print.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import zipfile
@@ -24,14 +27,13 @@ from typing import Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointError, MissingFileError
+
 __all__ = ["read_checkpoint", "torch_load_weights", "convert_checkpoint", "load_checkpoint", "format_report",
            "CheckpointError"]  # fmt: skip
 
 PathOrState = Union[str, os.PathLike, Mapping]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or that does not fit the model."""
+log = logging.getLogger(__name__)
 
 
 def torch_load_weights(path: Union[str, os.PathLike]) -> dict:
@@ -39,7 +41,7 @@ def torch_load_weights(path: Union[str, os.PathLike]) -> dict:
     the file and say what is wrong with it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
@@ -102,7 +104,7 @@ def convert_checkpoint(model: nn.Module, path_or_state_dict: PathOrState, source
     if hasattr(model, "filter_checkpoint"):
         return model.filter_checkpoint(state, source)
     if source != "auto":
-        raise ValueError(f"unknown checkpoint source {source!r}: {type(model).__name__} reads its own layout only")
+        raise CheckpointError(f"unknown checkpoint source {source!r}: {type(model).__name__} reads its own layout only")
     return dict(source="state_dict", state_dict=dict(state), names={k: k for k in state}, skipped=[], absent=[],
                 resized=[], num_classes=None)  # fmt: skip
 
@@ -124,7 +126,7 @@ def load_checkpoint(
             fits and report the rest.
         name: how errors name the checkpoint (default: its path, or "the
             checkpoint" for a dict; pass the file a dict was read from).
-        verbose: print the report.
+        verbose: log the report (INFO, logger ``gkg_pyg.checkpoint``).
     Returns:
         ``{"source", "used", "skipped", "unexpected", "missing", "resized"}``:
         checkpoint keys used, deliberately skipped, unknown; model keys not
@@ -166,7 +168,7 @@ def load_checkpoint(
     report = dict(source=filtered["source"], used=used, skipped=list(filtered["skipped"]), unexpected=unexpected,
                   missing=missing, resized=list(filtered["resized"]))  # fmt: skip
     if verbose:
-        print(format_report(report))
+        log.info(format_report(report))
     return report
 
 

@@ -24,7 +24,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .models.gkgnet import min_input_size
+from .errors import ConfigError, MissingFileError
+from .models.geometry import min_input_size
 
 # Every valid key with its default. A None default accepts any value;
 # otherwise a value must have the default's type (an int is accepted for a
@@ -164,7 +165,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {
         "batch_size": 32,
-        "threshold": 0.5,
+        "threshold": 0.5,  # in [0, 1]: a label is predicted when its score is >= the threshold
+        # evaluate.py --choose-thresholds: a class gets its own threshold only with at least this many
+        # positives in the calibration split; the others use the global one (gkg_pyg.thresholds).
+        "min_positives": 10,
         "interval": 1,  # evaluate every this many epochs (and after the last)
     },
     "output": {
@@ -191,10 +195,6 @@ CHOICES = {
     "model.knn_backend": ("auto", "dense", "torch_cluster"),
     "model.init_classifier": ("auto", "reset", "keep"),
 }
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -274,7 +274,7 @@ def _yaml_float(value: Any) -> Any:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFileError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -330,6 +330,30 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         for part in reversed(key.split(".")):
             update = {part: update}
         _merge(cfg, update, DEFAULTS, f"override {item!r}")
+    return cfg
+
+
+def check_option(key: str, value: Any, option: str) -> Any:
+    """Check a command-line option that stands for config key ``key`` (e.g.
+    predict.py's ``--threshold`` for ``eval.threshold``) with the very checks
+    a config value gets: the key's type, then ``check_values``' range.
+
+    Returns the value as a config holds it (``"0.3"`` -> 0.3 for a float key).
+    Raises ConfigError naming the option, e.g. ``--threshold 1.5:
+    eval.threshold must be in [0, 1], got 1.5``.
+    """
+    update: Any = value
+    for part in reversed(key.split(".")):
+        update = {part: update}
+    cfg = default_config()
+    try:
+        _merge(cfg, update, DEFAULTS, f"option {option}")
+        check_values(cfg)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if option in message else f"{option} {value}: {message}") from None
+    for part in key.split("."):
+        cfg = cfg[part]
     return cfg
 
 
@@ -418,7 +442,8 @@ def check_values(cfg: dict) -> None:
         finite = not isinstance(value, float) or math.isfinite(value)
         _require(finite, f"{key} must be a finite number, got {value}")
     _require(o["eps"] > 0, f"optim.eps must be > 0, got {o['eps']}")
-    _require(0 < e["threshold"] < 1, f"eval.threshold must be in (0, 1), got {e['threshold']}")
+    _require(0 <= e["threshold"] <= 1, f"eval.threshold must be in [0, 1], got {e['threshold']}")
+    _require(e["min_positives"] >= 1, f"eval.min_positives must be >= 1, got {e['min_positives']}")
     _require(threshold is None or threshold <= 1, f"data.class_balanced_threshold must be <= 1, got {threshold}")
     _require(
         m["num_classes"] is None or m["num_classes"] >= 1, f"model.num_classes must be >= 1, got {m['num_classes']}"

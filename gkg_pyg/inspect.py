@@ -45,6 +45,7 @@ from torch_geometric.data import HeteroData
 from tqdm import tqdm
 
 from .data.images import load_rgb
+from .errors import UsageError
 from .data.transforms import MEAN, STD, build_test_transform
 from .graph import neighbour_table, stack_group_edges
 
@@ -125,17 +126,17 @@ class CapturedGraphs:
     def graph(self, stage: int) -> HeteroData:
         """The :class:`HeteroData` of ``stage`` (1-based)."""
         if not 1 <= stage <= len(self.graphs):
-            raise ValueError(f"stage must be in 1..{len(self.graphs)}, got {stage}")
+            raise UsageError(f"stage must be in 1..{len(self.graphs)}, got {stage}")
         return self.graphs[stage - 1]
 
     def label_index(self, label: Union[int, str]) -> int:
         """A label given by index or name -> its index."""
         if isinstance(label, str):
             if label not in self.class_names:
-                raise ValueError(f"unknown label {label!r}; the labels are {self.class_names}")
+                raise UsageError(f"unknown label {label!r}; the labels are {self.class_names}")
             return self.class_names.index(label)
         if not 0 <= int(label) < len(self.class_names):
-            raise ValueError(f"label index {label} out of range 0..{len(self.class_names) - 1}")
+            raise UsageError(f"label index {label} out of range 0..{len(self.class_names) - 1}")
         return int(label)
 
 
@@ -360,7 +361,7 @@ class PatchSummary:
 def _patch_index(data: HeteroData, stage: int, row: int, col: int) -> int:
     h, w = data["patch"].grid
     if not (0 <= row < h and 0 <= col < w):
-        raise ValueError(f"patch ({row}, {col}) is outside the {h}x{w} grid of stage {stage}")
+        raise UsageError(f"patch ({row}, {col}) is outside the {h}x{w} grid of stage {stage}")
     return row * w + col
 
 
@@ -407,7 +408,7 @@ class NeighbourCounts:
 
     def _select(self, stage: int, present_only: bool) -> List[Tensor]:
         if not 1 <= stage <= self.counts.shape[1]:
-            raise ValueError(f"stage must be in 1..{self.counts.shape[1]}, got {stage}")
+            raise UsageError(f"stage must be in 1..{self.counts.shape[1]}, got {stage}")
         counts = self.counts[:, stage - 1]
         if not present_only:
             return list(counts.t())

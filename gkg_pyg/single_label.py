@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from typing import Optional, Sequence, Union
 
@@ -31,6 +32,8 @@ __all__ = [
     "topk_accuracy",
     "write_confusion_matrix",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class SingleLabelLoss(nn.Module):
@@ -214,7 +217,8 @@ def single_label_report(
     """The final report of a single-label run: for every evaluated model in
     ``results`` (``{"model": evaluate(...), "ema": ...}`` with softmax
     ``scores`` (N, C), ``targets`` (N,), ``num_skipped``) the metrics next to
-    the majority-class baseline (when ``train_labels`` are given), printed;
+    the majority-class baseline (when ``train_labels`` are given), logged
+    (INFO, ``gkg_pyg.single_label``: the scripts print it);
     with ``write``, ``metrics.json`` and ``confusion_matrix.csv``
     (``confusion_matrix_ema.csv``) in ``run_dir``. Returns the JSON content."""
     import json
@@ -238,15 +242,14 @@ def single_label_report(
         out[name] = dict(scalars(metrics), num_images=metrics["num_images"], num_skipped=res.get("num_skipped", 0))
         if write:
             against = " vs the majority-class baseline" if base is not None else ""
-            print(f"\n{name}{against} ({metrics['num_images']} images):")
-            print(format_single_label_table(metrics, base))
+            log.info(f"\n{name}{against} ({metrics['num_images']} images):\n{format_single_label_table(metrics, base)}")
             suffix = "" if name == "model" else f"_{name}"
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             write_confusion_matrix(Path(run_dir) / f"confusion_matrix{suffix}.csv", metrics["confusion"], class_names)
     if write:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "metrics.json").write_text(json.dumps(out, indent=2))
-        print(f"\nsaved {Path(run_dir) / 'metrics.json'} and {Path(run_dir) / 'confusion_matrix.csv'}")
+        log.info(f"\nsaved {Path(run_dir) / 'metrics.json'} and {Path(run_dir) / 'confusion_matrix.csv'}")
     return out
 
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from gkg_pyg.builder import build_model, init_from_checkpoint
-from gkg_pyg.config import DEFAULTS, ConfigError, config_diff, load_config, save_config, validate_config
+from gkg_pyg.config import (
+    DEFAULTS, ConfigError, check_option, config_diff, load_config, save_config, validate_config,
+)  # fmt: skip
+from gkg_pyg.errors import GkgError, MissingFileError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -86,9 +89,9 @@ def test_type_and_range_errors(tmp_path):
         ("optim.lr=-1e-4", "optim.lr must be > 0"),
         ("optim.weight_decay=.inf", "optim.weight_decay must be a finite number"),
         ("optim.eps=0", "optim.eps must be > 0"),
-        ("eval.threshold=0", r"eval.threshold must be in \(0, 1\), got 0"),
-        ("eval.threshold=1", r"eval.threshold must be in \(0, 1\)"),
-        ("eval.threshold=1.5", r"eval.threshold must be in \(0, 1\)"),
+        ("eval.threshold=-0.1", r"eval.threshold must be in \[0, 1\], got -0.1"),
+        ("eval.threshold=1.5", r"eval.threshold must be in \[0, 1\], got 1.5"),
+        ("eval.min_positives=0", "eval.min_positives must be >= 1, got 0"),
         ("data.class_balanced_threshold=2", "data.class_balanced_threshold must be <= 1"),
         ("train.accumulate=0", "train.accumulate must be >= 1"),
         ("train.clip_grad=.inf", "train.clip_grad must be a finite number"),
@@ -109,6 +112,47 @@ def test_values_that_cannot_work(override, message):
         load_config(None, [override])
     with pytest.raises(ConfigError, match="may not both be 0"):
         load_config(None, ["loss.bce_weight=0", "loss.asl_weight=0"])
+
+
+def test_threshold_bounds_are_inclusive():
+    """0 predicts every label, 1 only certain ones: both are usable thresholds."""
+    assert load_config(None, ["eval.threshold=0"])["eval"]["threshold"] == 0
+    assert load_config(None, ["eval.threshold=1"])["eval"]["threshold"] == 1
+
+
+@pytest.mark.parametrize(
+    "key, value, option, message",
+    [
+        ("eval.threshold", "1.5", "--threshold", r"--threshold 1.5: eval.threshold must be in \[0, 1\], got 1.5"),
+        ("eval.threshold", "-1", "--threshold", r"eval.threshold must be in \[0, 1\]"),
+        ("eval.threshold", "nan", "--threshold", "eval.threshold must be a finite number, got nan"),
+        ("eval.threshold", "half", "--threshold", "eval.threshold must be a float.*half.*option --threshold"),
+        ("eval.batch_size", 0, "--batch-size", "--batch-size 0: eval.batch_size must be >= 1"),
+        ("eval.min_positives", 0, "--min-positives", "--min-positives 0: eval.min_positives must be >= 1"),
+    ],
+)
+def test_command_line_options_get_the_config_checks(key, value, option, message):
+    """A command-line option that stands for a config key is refused exactly where the key would be."""
+    with pytest.raises(ConfigError, match=message):
+        check_option(key, value, option)
+    with pytest.raises(ConfigError):  # the same value as a config override
+        load_config(None, [f"{key}={value}"])
+
+
+def test_command_line_options_take_the_config_types():
+    assert check_option("eval.threshold", "0.25", "--threshold") == 0.25
+    assert check_option("eval.threshold", "0", "--threshold") == 0.0
+    assert check_option("eval.min_positives", 3, "--min-positives") == 3
+
+
+def test_user_errors_are_gkg_errors(tmp_path):
+    """Config mistakes are GkgErrors (one line in the scripts) and keep their builtin bases."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epoch=3"])
+    assert isinstance(err.value, GkgError) and isinstance(err.value, ValueError)
+    with pytest.raises(MissingFileError, match="config file not found") as err:
+        load_config(tmp_path / "nothere.yaml")
+    assert isinstance(err.value, FileNotFoundError)
 
 
 def test_overrides_are_yaml_values():
@@ -171,7 +215,7 @@ def test_shipped_configs_load():
 
     recipe = cfgs["coco_576"]
     assert recipe["model"]["name"] == "gkgnet_s" and recipe["model"]["img_size"] == 576
-    assert recipe["model"]["drop_path"] == 0.1 and recipe["model"]["pretrained"].startswith("data/pretrained/")
+    assert recipe["model"]["drop_path"] == 0.1 and recipe["model"]["pretrained"] == "imagenet"  # published weights
     assert recipe["optim"] == {"name": "adamw", "lr": 1e-4, "momentum": 0.9, "betas": [0.9, 0.999],
                                "weight_decay": 0.05, "eps": 1e-8, "decay_embeddings": True}  # fmt: skip
     assert recipe["schedule"]["milestones"] == [10, 50] and recipe["schedule"]["warmup_epochs"] == 5

@@ -19,24 +19,10 @@ from gkg_pyg.data import (
     collate, csv_class_names, dataset_from_config, find_bad_images, read_class_list,
 )  # fmt: skip
 
-
-def write_image(path: Path, colour=(200, 30, 30), size=(20, 14)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-    return path
+from helpers import CATEGORIES, TINY_MODEL, build_format, coco_json, run_script, write_image
 
 
 # ---------------------------------------------------------------------- COCO
-CATEGORIES = [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
-
-
-def coco_json(images, annotations, categories=CATEGORIES) -> dict:
-    return {"images": [{"id": i, "file_name": f, "width": 20, "height": 14} for i, f in images],
-            "annotations": [{"id": n, "image_id": i, "category_id": c, "area": a, "bbox": [0, 0, 4, 5],
-                             "iscrowd": 0} for n, (i, c, a) in enumerate(annotations)],
-            "categories": categories}  # fmt: skip
-
-
 def write_coco_split(root: Path, name: str, image_dir: Path | None = None, n_images=3) -> Path:
     """annotations/instances_<name>.json + images in <name>/ (or image_dir)."""
     images = [(i + 1, f"{name}_{i}.jpg") for i in range(n_images)]
@@ -105,9 +91,11 @@ def test_coco_explicit_files(tmp_path):
         CocoDataset(root, "train", ann_file="labels/nope.json", image_dir="pics")
 
 
-def test_coco_empty_label_policies(tmp_path):
+def test_coco_empty_label_policies(tmp_path, caplog):
     root = write_coco_split(tmp_path / "c", "train2017")
-    assert len(CocoDataset(root, "train")) == 2
+    with caplog.at_level("INFO", logger="gkg_pyg"):
+        assert len(CocoDataset(root, "train")) == 2
+    assert "dropped 1 of the 3 images of" in caplog.text and "instances_train2017.json" in caplog.text
     kept = CocoDataset(root, "train", empty_labels="keep")
     assert len(kept) == 3 and kept.targets[2].tolist() == [0, 0, 0] and kept.image_ids == [1, 2, 3]
     with pytest.raises(ValueError, match="1 of the 3 images.*have no label.*train2017_2.jpg"):
@@ -227,12 +215,24 @@ def test_csv_errors_name_file_and_line(tmp_path):
         make("image,labels\na.jpg,dog|cat\n", label_delimiter="")
 
 
-def test_csv_empty_label_sets(tmp_path):
+def test_csv_empty_label_sets(tmp_path, caplog):
     text = "image,labels\na.jpg,dog\nb.jpg,\nc.jpg,cat\n"
     path = write_csv(tmp_path / "e.csv", text)
-    dropped = CsvDataset(path)
+    with caplog.at_level("INFO", logger="gkg_pyg"):
+        dropped = CsvDataset(path)
     assert [Path(p).name for p in dropped.paths] == ["a.jpg", "c.jpg"] and dropped.num_without_labels == 1
-    kept = CsvDataset(path, empty_labels="keep")
+    # Never silently: the count, the file and the option that keeps them.
+    (record,) = [r for r in caplog.records if r.name.startswith("gkg_pyg.data")]
+    assert record.levelname == "INFO"
+    assert record.message.startswith(f"dropped 1 of the 3 rows of {path} without any label")
+    assert "data.empty_labels: keep" in record.message
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gkg_pyg"):
+        CsvDataset(write_csv(tmp_path / "full.csv", "image,labels\na.jpg,dog\n"))
+    assert not caplog.records  # nothing left out, nothing said
+    with caplog.at_level("INFO", logger="gkg_pyg"):
+        kept = CsvDataset(path, empty_labels="keep")
+    assert "kept 1 of the 3 rows" in caplog.text and "all-negative" in caplog.text
     assert kept.targets.tolist() == [[0, 1], [0, 0], [1, 0]]
     with pytest.raises(ValueError, match=r"1 of the 3 images of .*e.csv have no label \(line 3 'b.jpg'\)"):
         CsvDataset(path, empty_labels="error")
@@ -340,92 +340,20 @@ def test_unreadable_image_mid_epoch_names_path_or_is_counted(tmp_path):
 
 
 # --------------------------------------------------- training on each format
-REPO = Path(__file__).resolve().parents[1]
-
-TINY_MODEL = """\
-name: {name}
-seed: 0
-model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.0}}
-data:
-  root: {root}
-  num_workers: 0
-  class_balanced_threshold: null
-  augment: {{cropmix_prob: 0.0, color_jitter: 0.0, trivial_augment: false, random_erasing: 0.0}}
-{data}
-train: {{epochs: 1, batch_size: 4, amp: none, num_threads: 1}}
-schedule: {{name: cosine, warmup_epochs: 0}}
-eval: {{batch_size: 4}}
-output: {{dir: {runs}, progress: false}}
-"""
-
-
-def load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_script(name: str, *args) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return load_script(name).main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def noise_image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def build_format(kind: str, root: Path) -> str:
-    """Write a 4 + 2 image data set of ``kind`` under root; return the config's data lines."""
-    labels = {"train": [["cat"], ["dog", "cat"], ["bird"], ["dog"]], "val": [["cat", "bird"], ["dog"]]}
-    if kind.startswith("coco"):
-        cats = [{"id": 5, "name": "dog"}, {"id": 2, "name": "cat"}, {"id": 9, "name": "bird"}]
-        ids = {c["name"]: c["id"] for c in cats}
-        for role in ("train", "val"):
-            name = f"{role}2017" if kind == "coco2017" else role
-            folder = root / name if kind == "coco2017" else root / "pictures" / role
-            images, anns = [], []
-            for i, names in enumerate(labels[role]):
-                noise_image(folder / f"{i}.jpg", i + 100 * (role == "val"))
-                images.append((i + 1, f"{i}.jpg"))
-                anns += [(i + 1, ids[n], 100.0) for n in names]
-            ann = root / "annotations" / (f"instances_{name}.json" if kind == "coco2017" else f"my_{role}.json")
-            ann.parent.mkdir(parents=True, exist_ok=True)
-            ann.write_text(json.dumps(coco_json(images, anns, cats)))
-        if kind == "coco2017":
-            return "  name: coco"
-        return (
-            "  name: coco\n  ann_file: {train: annotations/my_train.json, val: annotations/my_val.json}\n"
-            "  image_dir: {train: pictures/train, val: pictures/val}"
-        )
-    classes = ["bird", "cat", "dog"]
-    for role in ("train", "val"):
-        rows = []
-        for i, names in enumerate(labels[role]):
-            noise_image(root / "imgs" / role / f"{i}.png", i + 100 * (role == "val"))
-            if kind == "csv_names":
-                rows.append(f"imgs/{role}/{i}.png,{'|'.join(names)}")
-            else:
-                rows.append(f"imgs/{role}/{i}.png," + ",".join("1" if c in names else "0" for c in classes))
-        header = "image,labels" if kind == "csv_names" else "image," + ",".join(classes)
-        (root / f"{role}.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
-    fmt = "names" if kind == "csv_names" else "columns"
-    return f"  name: csv\n  csv: {{train: train.csv, val: val.csv, format: {fmt}, label_delimiter: '|'}}"
-
-
 @pytest.mark.parametrize("kind", ["coco2017", "coco_files", "csv_names", "csv_columns"])
-def test_train_one_step_on_each_format(tmp_path, kind):
+def test_train_one_step_on_each_format(tmp_path, kind, capsys):
     root = tmp_path / "data"
     config = tmp_path / f"{kind}.yaml"
     config.write_text(TINY_MODEL.format(name=kind, root=root, runs=tmp_path / "runs", data=build_format(kind, root)))
+    if kind == "csv_names":  # a fifth training row without labels: left out, and the run says so
+        with (root / "train.csv").open("a") as f:
+            f.write("imgs/train/0.png_unlabelled.png,\n")
     assert run_script("train", config) == 0
+    printed = capsys.readouterr().out
+    assert "4 training images" in printed
+    if kind == "csv_names":
+        assert f"dropped 1 of the 5 rows of {root / 'train.csv'} without any label" in printed
+        assert printed.index("dropped 1 of the 5 rows") < printed.index("4 training images")
     run = tmp_path / "runs" / kind
     state = torch.load(run / "checkpoint_last.pth", weights_only=True)
     # COCO: category-id order (cat 2, dog 5, bird 9); CSV: sorted names / header order.

@@ -20,6 +20,7 @@ from PIL import Image
 import gkg_pyg
 from gkg_pyg import inspect as gi
 from gkg_pyg.data import SYNTHETIC_CLASSES, build_test_transform, make_synthetic_coco
+from gkg_pyg.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG_SIZE = 128  # every stage then has more than K patches (stage 4: 4x4)
@@ -312,26 +313,30 @@ def test_histogram_figure(model, captured, tmp_path):
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def chromium():
+    """The headless browser the viewer tests drive; no test installs it (``./setup.sh --test`` does)."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("chromium is missing and cannot be installed (needs root and apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        try:
-            subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600, env=env)
-            subprocess.run(
-                ["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900, env=env
-            )
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"chromium could not be installed with apt-get: {err}")
-        path = shutil.which("chromium")
-        if path is None:
-            pytest.skip("apt-get installed chromium but it is not on PATH")
+        pytest.skip("chromium is not installed (/usr/bin/chromium missing; ./setup.sh --test installs it)")
     return path
 
 
-def page_state(chromium, page, query, tmp_path):
-    """Load ``page?query`` in headless Chromium and return the JSON state the page wrote."""
+# Appended to a copy of the page under test: reports what the browser shows of the state element.
+VISIBILITY_PROBE = """<script>
+(function () {
+  const e = document.getElementById("state"), style = window.getComputedStyle(e);
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({display: style.display, boxes: e.getClientRects().length,
+                                    height: e.offsetHeight, text: e.textContent.length,
+                                    windowState: typeof window.viewerState});
+  document.body.appendChild(out);
+})();
+</script>
+"""
+
+
+def dump_dom(chromium, page, query, tmp_path) -> str:
+    """The DOM of ``page?query`` after its scripts ran, from headless Chromium."""
     cmd = [
         chromium,
         "--headless",
@@ -347,9 +352,35 @@ def page_state(chromium, page, query, tmp_path):
         f"{page.as_uri()}?{query}",
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    match = re.search(r'<pre id="state">(.*?)</pre>', run.stdout, re.S)
-    assert match, f"no state in the page; chromium printed: {run.stdout[:500]} {run.stderr[-1500:]}"
+    assert "<pre id=" in run.stdout, f"chromium printed no page: {run.stdout[:500]} {run.stderr[-1500:]}"
+    return run.stdout
+
+
+def page_state(chromium, page, query, tmp_path):
+    """Load ``page?query`` in headless Chromium and return the JSON state the page wrote."""
+    dom = dump_dom(chromium, page, query, tmp_path)
+    match = re.search(r'<pre id="state"[^>]*>(.*?)</pre>', dom, re.S)
+    assert match, f"no state in the page: {dom[:500]}"
     return json.loads(html.unescape(match.group(1)))
+
+
+def test_viewer_state_element_is_hidden_markup(captured, tmp_path):
+    """Without a browser: the state element carries ``hidden`` and no heading introduces it."""
+    text = gi.write_html_viewer(captured, tmp_path / "viewer.html").read_text()
+    assert re.search(r'<pre id="state" hidden></pre>', text) and "<h3>State</h3>" not in text
+
+
+def test_viewer_hides_its_state_from_the_user(captured, chromium, tmp_path):
+    """The JSON state stays in the page for scripts and tests, but the browser shows none of it."""
+    page = gi.write_html_viewer(captured, tmp_path / "viewer.html")
+    text = page.read_text()
+    assert "<h3>State</h3>" not in text
+    probed = tmp_path / "probed.html"
+    probed.write_text(text.replace("</body>", VISIBILITY_PROBE + "</body>"))
+    dom = dump_dom(chromium, probed, "stage=2", tmp_path)
+    probe = json.loads(html.unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1)))
+    assert probe["text"] > 0 and probe["windowState"] == "object"  # the state is there ...
+    assert probe["display"] == "none" and probe["boxes"] == 0 and probe["height"] == 0  # ... and not shown
 
 
 def test_html_viewer_in_chromium(captured, chromium, tmp_path):
@@ -400,7 +431,7 @@ def test_cli_with_checkpoint_and_html(synthetic, tmp_path):
     torch.save({"model": trained.state_dict(), "class_names": list(SYNTHETIC_CLASSES)}, checkpoint)
     images = sorted((synthetic / "val2014").glob("*.jpg"))
     out = tmp_path / "out"
-    summary = cli.main(
+    summary = cli.run(
         [
             "--config",
             str(config),
@@ -445,7 +476,7 @@ def test_cli_random_weights(synthetic, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  name: gkgnet_ti\n  num_classes: 3\n  img_size: 96\n")
     image = sorted((synthetic / "val2014").glob("*.jpg"))[0]
-    summary = cli.main(
+    summary = cli.run(
         [
             "--config",
             str(config),
@@ -464,7 +495,7 @@ def test_cli_random_weights(synthetic, tmp_path):
     assert summary["note"] == gi.RANDOM_WEIGHTS_NOTE
     assert "random weights" in (tmp_path / "out" / "label_label_1_stage3.svg").read_text()
     assert [s["name"] for s in summary["labels"]] == ["label_0", "label_1", "label_2"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--patch needs --stage"):  # one line from main, not argparse's usage
         cli.parse_args(["--config", "c", "--image", "i", "--out", "o", "--patch", "1", "2"])
     (tmp_path / "bad.yaml").write_text("model:\n  num_clases: 3\n")
     with pytest.raises(ValueError, match="num_classes"):  # unknown key, nearest valid one suggested
@@ -477,7 +508,7 @@ def test_cli_config_without_num_classes_or_checkpoint(synthetic, tmp_path):
     cli = load_cli()
     image = sorted((synthetic / "val2014").glob("*.jpg"))[0]
     demo = ROOT / "experiments" / "configs" / "demo.yaml"
-    summary = cli.main(["--config", str(demo), "--image", str(image), "--stage", "2", "--label", "circle",
+    summary = cli.run(["--config", str(demo), "--image", str(image), "--stage", "2", "--label", "circle",
                         "--out", str(tmp_path / "out")])  # fmt: skip
     assert summary["note"] == gi.RANDOM_WEIGHTS_NOTE and list(summary["scores"]) == list(SYNTHETIC_CLASSES)
     assert (tmp_path / "out" / "label_circle_stage2.png").is_file()

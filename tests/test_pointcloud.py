@@ -105,7 +105,7 @@ def test_dgcnn_variants_forward_and_train(variant):
 def test_script_runs_end_to_end(tmp_path, capsys):
     script = load_script()
     out = tmp_path / "runs.json"
-    rows = script.main(
+    rows = script.run(
         [
             "--variants",
             "edgeconv,maxrel_g2",
@@ -134,8 +134,9 @@ def test_script_runs_end_to_end(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert len(saved["runs"]) == 4 and saved["summary"][0]["variant"] == "edgeconv"
     assert "| variant | parameters |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        script.main(["--variants", "edgeconv,nope"])
+    capsys.readouterr()
+    assert script.main(["--variants", "edgeconv,nope"]) == 2  # one line, argparse's exit status
+    assert capsys.readouterr().err.startswith("error: unknown variant(s) ['nope']")
 
 
 def write_modelnet(root):

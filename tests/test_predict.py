@@ -18,7 +18,7 @@ from gkg_pyg.config import load_config
 from gkg_pyg.data import build_test_transform, load_rgb
 from gkg_pyg.thresholds import choose_thresholds
 
-from test_formats import TINY_MODEL, build_format, noise_image, run_script
+from helpers import TINY_MODEL, build_format, noise_image, run_script
 
 CLASSES = ["bird", "cat", "dog"]
 
@@ -44,17 +44,30 @@ def scores_by_hand(ckpt: Path, paths) -> torch.Tensor:
         return torch.sigmoid(model.eval()(x))
 
 
-def test_evaluate_chooses_and_stores_thresholds(trained, tmp_path):
+def test_evaluate_chooses_and_stores_thresholds(trained, tmp_path, capsys):
     # in the module's folder: the next test predicts with it, and a passing test's tmp_path is removed
     ckpt = trained["tmp"] / "with_thresholds.pth"
     shutil.copy(trained["ckpt"], ckpt)
     out = tmp_path / "eval"
-    assert run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--output", out, "--choose-thresholds") == 0
+    # Two validation images, one positive per class: by default every class keeps the global threshold,
+    # and the run warns that the split is small for them.
+    assert run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--output", out, "--choose-thresholds",
+                      "--no-store") == 0  # fmt: skip
+    printed = capsys.readouterr()
+    assert "warning: the calibration split is small for 3 of the 3 classes" in printed.err
+    assert "bird (1), cat (1), dog (1)" in printed.err
+    assert "0 of 3 classes their own, 3 with fewer than 10 positives the global" in printed.out
+    floor = json.loads((out / "thresholds.json").read_text())["model"]
+    assert floor["min_positives"] == 10 and {v["threshold"] for v in floor["per_class"].values()} == {floor["global"]}
+    # --min-positives 1 (the check of eval.min_positives): every class its own threshold.
+    assert run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--output", out, "--choose-thresholds",
+                      "--min-positives", "1") == 0  # fmt: skip
     stored = torch.load(ckpt, weights_only=True)["thresholds"]["model"]
+    assert stored["min_positives"] == 1 and stored["num_positives"].tolist() == [1, 1, 1]
     # The same choice from scores computed independently.
     val = [str(trained["root"] / "imgs" / "val" / f"{i}.png") for i in range(2)]
     targets = torch.tensor([[1, 1, 0], [0, 0, 1]], dtype=torch.float64)  # val: cat+bird, dog
-    expected = choose_thresholds(scores_by_hand(ckpt, val), targets, CLASSES)
+    expected = choose_thresholds(scores_by_hand(ckpt, val), targets, CLASSES, min_positives=1)
     assert torch.allclose(stored["per_class"], expected["per_class"], atol=1e-5)
     assert stored["global"] == pytest.approx(expected["global"], abs=1e-5)
     assert stored["class_names"] == CLASSES and stored["num_images"] == 2
@@ -75,11 +88,14 @@ def test_evaluate_chooses_and_stores_thresholds(trained, tmp_path):
     before = ckpt.read_bytes()
     copy = tmp_path / "copy.pth"
     run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--output", out, "--choose-thresholds",
-               "--thresholds-output", copy)  # fmt: skip
+               "--min-positives", "1", "--thresholds-output", copy)  # fmt: skip
     assert ckpt.read_bytes() == before and "thresholds" in torch.load(copy, weights_only=True)
     run_script("evaluate", trained["config"], "--checkpoint", trained["ckpt"], "--output", out,
                "--choose-thresholds", "--no-store")  # fmt: skip
     assert "thresholds" not in torch.load(trained["ckpt"], weights_only=True)
+    capsys.readouterr()
+    assert run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--min-positives", "0") == 2
+    assert capsys.readouterr().err == "error: --min-positives 0: eval.min_positives must be >= 1, got 0\n"
     trained["with_thresholds"] = ckpt
 
 
@@ -95,13 +111,20 @@ def test_predict_files_folders_globs_and_bad_files(trained, tmp_path, capsys):
     code = run_script("predict", "--checkpoint", ckpt, images, str(images / "sub" / "*.jpg"), "--output", out_json,
                       "--topk", "2", "--batch-size", "3", "--workers", "0", "--no-progress")  # fmt: skip
     assert code == 0
+    # Which thresholds apply, and where they come from, is said on stderr.
+    said = capsys.readouterr().err
+    if "with_thresholds" in trained:
+        assert f"thresholds: per-class (chosen on csv val.csv under {trained['root']}" in said
+        assert "3 of 3 classes their own, 0 with fewer than 1 positives" in said and str(ckpt) in said
+    else:
+        assert "thresholds: 0.5 for every class" in said
     records = json.loads(out_json.read_text())
     names = [Path(r["image"]).name for r in records]
     # The folder (recursive, sorted, only image files), then the glob's files not seen yet: none.
     assert names == ["broken.jpg", "deep.png", "p0.jpg", "p2.jpg", "p4.jpg", "p1.jpg", "p3.jpg"]
     bad = records[0]
     assert "broken.jpg" in bad["error"] and bad["labels"] == [] and bad["top"] == []
-    assert "broken.jpg" in capsys.readouterr().err
+    assert "broken.jpg" in said
     good = [r for r in records if r["error"] is None]
     scores = scores_by_hand(ckpt, [r["image"] for r in good])
     state = torch.load(ckpt, weights_only=True)
@@ -122,9 +145,14 @@ def test_predict_files_folders_globs_and_bad_files(trained, tmp_path, capsys):
     assert rows[1]["labels"] == "" and "broken.jpg" in rows[1]["error"]
     # Only unreadable files: exit status 1.
     assert run_script("predict", "--checkpoint", ckpt, images / "broken.jpg", "--no-progress", "--workers", "0") == 1
-    with pytest.raises(FileNotFoundError, match="nothing_here"):
-        run_script("predict", "--checkpoint", ckpt, tmp_path / "nothing_here")
     capsys.readouterr()
+    # User errors: one line each, exit status 2.
+    assert run_script("predict", "--checkpoint", ckpt, tmp_path / "nothing_here") == 2
+    assert capsys.readouterr().err == f"error: no such file or folder: {tmp_path / 'nothing_here'}\n"
+    assert run_script("predict", "--checkpoint", ckpt, images / "p0.jpg", "--threshold", "1.5") == 2
+    assert capsys.readouterr().err == "error: --threshold 1.5: eval.threshold must be in [0, 1], got 1.5\n"
+    with pytest.raises(FileNotFoundError, match="nothing_here"):  # run() raises; the builtin base is kept
+        run_script("predict", "--checkpoint", ckpt, tmp_path / "nothing_here", raising=True)
     if "thresholds" in state:
         run_script("predict", "--checkpoint", ckpt, images / "p0.jpg", "--threshold", "global", "--json",
                    "--workers", "0", "--no-progress")  # fmt: skip

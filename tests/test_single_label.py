@@ -29,44 +29,12 @@ from gkg_pyg.single_label import (
     write_confusion_matrix,
 )
 
+from helpers import write_cifar
+
 
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
-def write_cifar(root, name, images_per_file=6, seed=0):
-    """A miniature CIFAR-10 or -100 in its python format; returns {split: (pixels (N, 32, 32, 3), labels)}."""
-    rng = np.random.default_rng(seed)
-    if name == "cifar10":
-        folder, files = (
-            root / "cifar-10-batches-py",
-            {"train": ["data_batch_%d" % i for i in range(1, 6)], "test": ["test_batch"]},
-        )
-        classes, label_key = [f"class{i}".encode() for i in range(10)], b"labels"
-        folder.mkdir(parents=True)
-        with open(folder / "batches.meta", "wb") as f:
-            pickle.dump({b"label_names": classes, b"num_cases_per_batch": images_per_file, b"num_vis": 3072}, f)
-    else:
-        folder, files = root / "cifar-100-python", {"train": ["train"], "test": ["test"]}
-        classes, label_key = [f"fine{i}".encode() for i in range(100)], b"fine_labels"
-        folder.mkdir(parents=True)
-        with open(folder / "meta", "wb") as f:
-            pickle.dump({b"fine_label_names": classes, b"coarse_label_names": [b"c"] * 20}, f)
-    expected = {}
-    for split, names in files.items():
-        pixels, labels = [], []
-        for file in names:
-            img = rng.integers(0, 256, (images_per_file, 32, 32, 3), dtype=np.uint8)
-            lab = rng.integers(0, len(classes), images_per_file).tolist()
-            data = img.transpose(0, 3, 1, 2).reshape(images_per_file, 3072)  # R plane, G plane, B plane
-            batch = {b"batch_label": b"x", b"data": data, label_key: lab, b"filenames": [b"f.png"] * images_per_file}
-            if name == "cifar100":
-                batch[b"coarse_labels"] = [0] * images_per_file
-            with open(folder / file, "wb") as f:
-                pickle.dump(batch, f, protocol=2)
-            pixels.append(img)
-            labels += lab
-        expected[split] = (np.concatenate(pixels), labels)
-    return expected
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -226,7 +194,7 @@ def test_groups_experiment_script_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("pvig_groups", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(
+    rows = module.run(
         [
             "--root",
             str(tmp_path / "shapes"),

@@ -13,7 +13,7 @@ import torch
 from gkg_pyg.builder import build_model
 from gkg_pyg.config import ConfigError, load_config
 from gkg_pyg.training.optim import build_optimizer
-from test_single_label import write_cifar
+from helpers import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"
@@ -202,4 +202,4 @@ def test_predict_and_export_on_a_single_label_checkpoint(tmp_path):
     _, _, preprocess, _, single = predict.load_model(predict.parse_args(["--checkpoint", str(old), str(images[0])]))
     assert single and preprocess["resize"] == "bicubic_center_crop"
     with pytest.raises(ValueError, match="single-label checkpoint"):
-        script("export").main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "m.onnx")])
+        script("export").run(["--checkpoint", str(ckpt), "--output", str(tmp_path / "m.onnx")])

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from gkg_pyg.errors import CheckpointError
 from gkg_pyg.metrics import multilabel_metrics
 from gkg_pyg.thresholds import (
-    best_f1_threshold, choose_thresholds, metrics_at_thresholds, read_thresholds, store_thresholds,
+    MIN_POSITIVES, best_f1_threshold, choose_thresholds, describe_thresholds, fallback_classes,
+    metrics_at_thresholds, read_thresholds, store_thresholds, thresholds_json,
 )  # fmt: skip
 
 
@@ -143,3 +145,58 @@ def test_store_refuses_pickled_objects(tmp_path):
     torch.save({"model": {}, "extra": np.dtype("float32")}, path)
     with pytest.raises(ValueError, match="weights_only"):
         store_thresholds(path, {"model": {"per_class": torch.zeros(1), "global": 0.5}})
+
+
+def test_classes_with_few_positives_keep_the_global_threshold(caplog):
+    """A class gets its own threshold only with min_positives positives on the calibration split.
+
+    Class 1 has one positive with a low score: its own F1-optimal threshold would sit just below
+    that score and predict the class on most images; it keeps the global threshold instead.
+    """
+    rng = np.random.default_rng(11)
+    n = 300
+    targets = np.zeros((n, 5))
+    targets[:60, 0] = 1  # 60 positives: its own threshold
+    targets[7, 1] = 1  # 1 positive
+    targets[100:109, 2] = 1  # 9 positives: one short of the default floor
+    targets[200:210, 3] = 1  # exactly 10: its own
+    targets[rng.random(n) < 0.2, 4] = 1
+    scores = np.clip(0.3 * targets + rng.random((n, 5)) * 0.7, 0, 1)
+    scores[7, 1] = 0.02  # the lone positive scores low
+    names = ["often", "once", "nine", "ten", "other"]
+    with caplog.at_level("WARNING", logger="gkg_pyg"):
+        rec = choose_thresholds(scores, targets, names)
+    assert rec["min_positives"] == MIN_POSITIVES == 10
+    assert rec["num_positives"].tolist() == [60, 1, 9, 10, int(targets[:, 4].sum())]
+    for c in (0, 3, 4):  # their own F1-optimal thresholds, as brute force finds them
+        best = _brute_best_f1(scores[:, c], targets[:, c] == 1)
+        assert _f1(scores[:, c], targets[:, c] == 1, rec["per_class"][c].item()) == pytest.approx(best)
+        assert rec["per_class"][c].item() != rec["global"]
+    for c in (1, 2):  # the global threshold, and the F1 they get there
+        assert rec["per_class"][c].item() == rec["global"]
+        assert rec["f1_per_class"][c].item() == pytest.approx(_f1(scores[:, c], targets[:, c] == 1, rec["global"]))
+    assert fallback_classes(rec) == [(1, "once"), (2, "nine")]
+    # The warning names the classes, their positives and the option.
+    (warning,) = [r for r in caplog.records if r.name.startswith("gkg_pyg")]
+    assert warning.levelname == "WARNING"
+    assert "2 of the 5 classes" in warning.message and "once (1), nine (9)" in warning.message
+    assert "eval.min_positives" in warning.message
+    assert "2 with fewer than 10 positives" in describe_thresholds(rec)
+    as_json = thresholds_json(rec)["per_class"]
+    assert as_json["once"]["positives"] == 1 and as_json["once"]["own"] is False and as_json["ten"]["own"] is True
+
+    # Without the floor the lone positive drags its threshold below 0.02: the class would flood predictions.
+    caplog.clear()
+    loose = choose_thresholds(scores, targets, names, min_positives=1)
+    assert loose["per_class"][1].item() < 0.02 and (scores[:, 1] >= loose["per_class"][1].item()).mean() > 0.9
+    assert fallback_classes(loose) == [] and not caplog.records
+    with pytest.raises(ValueError, match="min_positives"):
+        choose_thresholds(scores, targets, names, min_positives=0)
+
+
+def test_read_thresholds_refuses_values_outside_0_1():
+    rec = {"per_class": torch.tensor([0.3, 1.5]), "global": 0.4, "class_names": ["a", "b"]}
+    with pytest.raises(CheckpointError, match=r"must lie in \[0, 1\]"):
+        read_thresholds({"thresholds": {"model": rec}}, "model", ["a", "b"])
+    old = {"per_class": torch.tensor([0.3, 0.5]), "global": 0.4, "class_names": ["a", "b"]}  # stored before the floor
+    assert fallback_classes(old) == [] and "stored without a floor" in describe_thresholds(old)

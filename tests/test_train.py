@@ -36,7 +36,8 @@ from gkg_pyg.metrics import multilabel_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "experiments"
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+       "PYTHONWARNINGS": "ignore"}  # fmt: skip
 RUN_TIMEOUT = 240
 
 TINY = """\
@@ -232,16 +233,45 @@ def test_predict_json(tiny, capsys):
     predict.main(["--checkpoint", str(ckpt), "--ema", "--threshold", "0.99", str(images[0])])
     assert capsys.readouterr().out.startswith(f"{images[0]}: ")
     with pytest.raises(ValueError, match="holds no config"):
-        predict.main(["--checkpoint", str(tiny["tmp"] / "weights_only.pth"), str(images[0])])
+        predict.run(["--checkpoint", str(tiny["tmp"] / "weights_only.pth"), str(images[0])])
+
+
+@pytest.mark.slow
+def test_compile_flag(tiny, tmp_path):
+    """--compile runs the training step and the evaluation forward pass under torch.compile (here its
+    eager backend: the graph capture without code generation, which inductor's compile time on 2 CPU
+    cores would make a 5-minute test): the run trains what the plain run trains, its checkpoint holds
+    the plain model's names, and evaluate.py --compile measures what evaluate.py measures."""
+    common = ("--set", "train.epochs=1", "--set", "train.ema=false")
+    compiled_run, plain_run = tmp_path / "compiled", tmp_path / "plain"
+    script("train", tiny["config"], "--output", compiled_run, "--compile", "--compile-backend", "eager", *common)
+    script("train", tiny["config"], "--output", plain_run, *common)
+    state = torch.load(compiled_run / "checkpoint_last.pth", weights_only=True)
+    plain = torch.load(plain_run / "checkpoint_last.pth", weights_only=True)
+    assert state["model"].keys() == plain["model"].keys()  # no _orig_mod. prefix
+    for key, value in plain["model"].items():
+        torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    measured = {}
+    for flags in (("--compile", "--compile-backend", "eager"), ()):
+        folder = tmp_path / f"eval{len(flags)}"
+        script("evaluate", tiny["config"], "--checkpoint", compiled_run / "checkpoint_last.pth", "--output", folder,
+               *flags)  # fmt: skip
+        measured[bool(flags)] = json.loads((folder / "metrics.json").read_text())["model"]
+    for key in ("mAP", "CF1", "OF1"):
+        assert measured[True][key] == pytest.approx(measured[False][key], abs=1e-6), key
+    bad = script("train", tiny["config"], "--output", tmp_path / "bad", "--compile", "--compile-backend", "nope",
+                 check=False)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
 
 
 # ---------------------------------------------------------------------------
 # Bad input: clear errors before training, nothing written
 # ---------------------------------------------------------------------------
 def run_train_inprocess(*args):
+    """train.py's run(): errors propagate (main() would print them as one line)."""
     threads = torch.get_num_threads()
     try:
-        return load_script("train").main([*map(str, args), "--set", "train.num_threads=null"])
+        return load_script("train").run([*map(str, args), "--set", "train.num_threads=null"])
     finally:
         torch.set_num_threads(threads)
 

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from .base import EMPTY_LABELS, ImageLabelDataset
 from .check import (
     CHECK_LEVELS, BadImagesError, ImageCheck, MissingImagesError, check_dataset, find_bad_images,
@@ -89,8 +90,10 @@ def build_dataset(
             arguments; only "file" is required).
 
     Raises:
-        ValueError: unknown name, empty data set, unknown category or label.
-        FileNotFoundError: missing annotation file, CSV file or image folder.
+        ConfigError / DataError (ValueErrors): unknown name, empty data set,
+            unknown category or label.
+        MissingFileError (a FileNotFoundError): missing annotation file, CSV
+            file or image folder.
     """
     if name in ("coco", "synthetic"):
         if name == "synthetic" and (synthetic is not None or synthetic_params(root) is None):
@@ -102,12 +105,12 @@ def build_dataset(
     if name == "csv":
         options = dict(csv or {})
         if not options.get("file"):
-            raise ValueError(f"data set 'csv', split {split!r}: no CSV file given (data.csv.{split})")
+            raise ConfigError(f"data set 'csv', split {split!r}: no CSV file given (data.csv.{split})")
         csv_file = Path(root) / options.pop("file")
         image_root = Path(root) / image_dir if image_dir is not None else Path(root)
         return CsvDataset(csv_file, image_root, transform, skip_bad_images, fmt=options.pop("format", "names"),
                           empty_labels=empty_labels, **options)  # fmt: skip
-    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
+    raise ConfigError(f"unknown data set {name!r}; expected one of {DATASETS}")
 
 
 def dataset_from_config(data: dict, role: str, transform: Callable | None = None) -> ImageLabelDataset:
@@ -159,7 +162,7 @@ def class_names_from_config(data: dict) -> list[str]:
             classes = c["classes"]
             return read_class_list(str(Path(data["root"]) / classes) if isinstance(classes, str) else classes)
         if not c.get("train"):
-            raise ValueError("data.csv.train is not set, so the CSV class list is unknown (set data.csv.classes)")
+            raise ConfigError("data.csv.train is not set, so the CSV class list is unknown (set data.csv.classes)")
         return csv_class_names(Path(data["root"]) / c["train"], c["format"], c["image_column"], c["labels_column"],
                                c["delimiter"], c["label_delimiter"])  # fmt: skip
     if name == "coco":

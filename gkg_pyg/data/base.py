@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .images import load_rgb
 
 EMPTY_LABELS = ("drop", "keep", "error")
+log = logging.getLogger(__name__)
 
 
 class ImageLabelDataset(Dataset):
@@ -49,7 +52,7 @@ class ImageLabelDataset(Dataset):
         skip_bad_images: bool = False,
     ) -> None:
         if targets.shape != areas.shape or targets.shape != (len(paths), len(class_names)):
-            raise ValueError(
+            raise DataError(
                 f"targets {tuple(targets.shape)} and areas {tuple(areas.shape)} must both be "
                 f"({len(paths)} images, {len(class_names)} classes)"
             )
@@ -109,22 +112,35 @@ class ImageLabelDataset(Dataset):
         )
 
 
-def handle_empty_rows(targets, policy: str, what: str, describe: Callable[[int], str]) -> tuple[list[int], list[int]]:
+def handle_empty_rows(
+    targets, policy: str, what: str, describe: Callable[[int], str], unit: str = "images"
+) -> tuple[list[int], list[int]]:
     """(rows to keep, rows without any label) of an (N, L) label array under
     ``policy`` for rows without a label (``data.empty_labels``): "drop" them,
-    "keep" them (all-negative images) or "error" (ValueError naming the first
+    "keep" them (all-negative images) or "error" (DataError naming the first
     few with ``describe(row)``, e.g. their file names).
+
+    Dropped and kept rows are counted in an INFO record of the
+    ``gkg_pyg.data`` logger naming ``what`` (the file) and the option, so
+    that a run never loses images without a word. ``unit`` names the rows
+    ("images", "rows").
     """
     if policy not in EMPTY_LABELS:
-        raise ValueError(f"empty_labels must be one of {EMPTY_LABELS}, got {policy!r}")
+        raise DataError(f"empty_labels must be one of {EMPTY_LABELS}, got {policy!r}")
     has_label = (torch.as_tensor(targets) != 0).any(dim=1).tolist() if len(targets) else []
     empty = [i for i, has in enumerate(has_label) if not has]
     if policy == "error" and empty:
         shown = ", ".join(describe(i) for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
-        raise ValueError(
+        raise DataError(
             f"{len(empty)} of the {len(targets)} images of {what} have no label ({shown}); "
             f"data.empty_labels=drop leaves them out, =keep trains on them as all-negative images"
         )
     if policy == "keep":
+        if empty:
+            log.info(f"kept {len(empty)} of the {len(targets)} {unit} of {what} without any label as all-negative "
+                     "images (data.empty_labels: keep)")  # fmt: skip
         return list(range(len(targets))), empty
+    if empty:
+        log.info(f"dropped {len(empty)} of the {len(targets)} {unit} of {what} without any label; set "
+                 "data.empty_labels: keep to keep them as all-negative images (or error to stop)")  # fmt: skip
     return [i for i, has in enumerate(has_label) if has], empty

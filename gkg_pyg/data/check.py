@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from ..errors import ImageError, MissingFileError
 from .base import ImageLabelDataset
 from .images import CHECK_LEVELS, check_image
 
 __all__ = ["CHECK_LEVELS", "BadImagesError", "ImageCheck", "MissingImagesError", "check_dataset", "find_bad_images"]
 
 
-class BadImagesError(OSError):
+class BadImagesError(ImageError):
     """Images of a data set that are missing or cannot be decoded."""
 
     def __init__(self, message: str, bad: list[tuple[str, str]] | None = None) -> None:
@@ -31,7 +32,7 @@ class BadImagesError(OSError):
         self.bad = bad or []
 
 
-class MissingImagesError(BadImagesError, FileNotFoundError):
+class MissingImagesError(BadImagesError, MissingFileError):
     """Images of a data set that are all missing (none exists but cannot be decoded)."""
 
 
@@ -72,8 +73,9 @@ def check_dataset(
     """Check every image of ``dataset`` at ``level`` (see ``check_image``).
 
     Raises:
-        BadImagesError (an OSError; a FileNotFoundError-like message for
-            missing files): some images are bad and not ``skip_bad_images``;
+        BadImagesError (an OSError and a gkg_pyg.errors.ImageError;
+            MissingImagesError, also a FileNotFoundError, when all are
+            missing): some images are bad and not ``skip_bad_images``;
             the message gives their number, the first few paths with the
             reason, and how to skip them.
     With ``skip_bad_images`` the bad images are removed from the data set

@@ -4,7 +4,7 @@ Labels follow the usual multi-label COCO protocol (ASL, ML-GCN, the GKGNet
 authors' data lists): an image is labelled with every category that has at
 least one instance annotation, crowd annotations (``iscrowd=1``) included;
 by default only images with at least one label are kept (82,081 train /
-40,137 val images for COCO 2014). For the small / medium / large breakdown
+40,137 val images for COCO 2014; how many were left out is logged). For the small / medium / large breakdown
 each label also carries the largest annotation ``area`` (segmentation area
 in original-image pixels, the field COCO's own scale buckets use).
 
@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import DataError, MissingFileError
 from .base import EMPTY_LABELS, ImageLabelDataset, handle_empty_rows
 from .images import load_rgb
 
@@ -66,16 +67,16 @@ def coco_split_files(root: str | Path, split: str) -> tuple[Path, Path]:
         return found[0]
     if found:
         years = ", ".join(f"{a.name} + {i.relative_to(root)}/" for a, i in found)
-        raise ValueError(
+        raise DataError(
             f"COCO split {split!r} is ambiguous under {root}: {years}; name the split with its year "
             f"(e.g. data.train_split=train2017) or give data.ann_file / data.image_dir"
         )
     anns = sorted({str(a) for a, _ in tried if a.is_file()})
     if anns:  # an annotation file without its image folder
         folders = ", ".join(str(i) for a, i in tried if str(a) in anns)
-        raise FileNotFoundError(f"COCO image folder not found for {', '.join(anns)}: looked for {folders}")
+        raise MissingFileError(f"COCO image folder not found for {', '.join(anns)}: looked for {folders}")
     looked = ", ".join(dict.fromkeys(str(a.relative_to(root)) for a, _ in tried))
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"COCO annotation file not found under {root} for split {split!r}: looked for {looked} "
         f"(or give data.ann_file and data.image_dir)"
     )
@@ -86,12 +87,12 @@ def _read_json(ann_file: Path) -> dict:
         with ann_file.open("rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{ann_file} is not valid JSON: {err}") from err
+        raise DataError(f"{ann_file} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file} is not a COCO annotation file (top level is not an object)")
+        raise DataError(f"{ann_file} is not a COCO annotation file (top level is not an object)")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{ann_file} is not a COCO instances file: it has no {key!r} list")
+            raise DataError(f"{ann_file} is not a COCO instances file: it has no {key!r} list")
     return data
 
 
@@ -99,13 +100,13 @@ def _sorted_categories(data: dict, ann_file: Path) -> list[dict]:
     """The categories in increasing id order; their names must be unique."""
     categories = sorted(data["categories"], key=lambda c: c["id"])
     if not categories:
-        raise ValueError(f"{ann_file} has no categories")
+        raise DataError(f"{ann_file} has no categories")
     if len({c["id"] for c in categories}) != len(categories):
-        raise ValueError(f"{ann_file} lists a category id twice")
+        raise DataError(f"{ann_file} lists a category id twice")
     names = [str(c["name"]) for c in categories]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"{ann_file} has several categories named {', '.join(map(repr, twice))}")
+        raise DataError(f"{ann_file} has several categories named {', '.join(map(repr, twice))}")
     return categories
 
 
@@ -113,7 +114,7 @@ def coco_category_names(ann_file: str | Path) -> list[str]:
     """The class names of an instances JSON, in increasing category-id order."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+        raise MissingFileError(f"COCO annotation file not found: {ann_file}")
     return [str(c["name"]) for c in _sorted_categories(_read_json(ann_file), ann_file)]
 
 
@@ -159,21 +160,21 @@ class CocoDataset(ImageLabelDataset):
         empty_labels: str = "drop",
     ) -> None:
         if empty_labels not in EMPTY_LABELS:
-            raise ValueError(f"empty_labels must be one of {EMPTY_LABELS}, got {empty_labels!r}")
+            raise DataError(f"empty_labels must be one of {EMPTY_LABELS}, got {empty_labels!r}")
         base = Path(root) if root is not None else Path(".")
         if (ann_file is None) != (image_dir is None):
             given, other = ("ann_file", "image_dir") if ann_file is not None else ("image_dir", "ann_file")
-            raise ValueError(f"COCO split {split!r}: {given} is given but {other} is not; give both or neither")
+            raise DataError(f"COCO split {split!r}: {given} is given but {other} is not; give both or neither")
         if ann_file is None:
             if root is None:
-                raise ValueError("CocoDataset needs a root or ann_file and image_dir")
+                raise DataError("CocoDataset needs a root or ann_file and image_dir")
             ann_path, image_path = coco_split_files(base, split)
         else:
             ann_path, image_path = base / ann_file, base / image_dir
             if not ann_path.is_file():
-                raise FileNotFoundError(f"COCO annotation file not found: {ann_path}")
+                raise MissingFileError(f"COCO annotation file not found: {ann_path}")
             if not image_path.is_dir():
-                raise FileNotFoundError(f"COCO image folder not found: {image_path}")
+                raise MissingFileError(f"COCO image folder not found: {image_path}")
         data = _read_json(ann_path)
 
         categories = _sorted_categories(data, ann_path)
@@ -183,12 +184,12 @@ class CocoDataset(ImageLabelDataset):
         by_image: dict = {}
         for ann in data["annotations"]:
             if ann["category_id"] not in column:
-                raise ValueError(
+                raise DataError(
                     f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_path} has "
                     f"category_id {ann['category_id']}, which is not in its categories {sorted(column)}"
                 )
             if ann["image_id"] not in images:
-                raise ValueError(
+                raise DataError(
                     f"annotation {ann.get('id')} in {ann_path} refers to image_id {ann['image_id']}, "
                     f"which is not in its images"
                 )
@@ -208,7 +209,7 @@ class CocoDataset(ImageLabelDataset):
         )
         image_ids = [all_ids[r] for r in keep]
         if not image_ids:
-            raise ValueError(
+            raise DataError(
                 f"COCO split {split!r} ({ann_path}) has no image with at least one label"
                 + (" (data.empty_labels=keep keeps unlabelled images)" if empty else "")
             )

@@ -27,7 +27,9 @@ training CSV for ``names``, the header's class columns in their order for
 Errors name the file and the row: an unknown label name (not in a given or
 training class list), a value other than 0/1 in a class column, a missing
 column, an empty image path, an image listed twice. Rows without any label
-follow ``empty_labels`` ("drop", "keep" as all-negative, or "error").
+follow ``empty_labels`` ("drop", "keep" as all-negative, or "error"); the
+rows dropped or kept are counted in an INFO record of the ``gkg_pyg.data``
+logger, which the scripts print.
 Missing or undecodable image files are the up-front image check's business
 (``gkg_pyg.data.check_dataset``: an error naming them, or with
 ``skip_bad_images`` left out and counted).
@@ -43,6 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import DataError, MissingFileError
 from .base import EMPTY_LABELS, ImageLabelDataset, handle_empty_rows
 
 __all__ = ["CSV_FORMATS", "CsvDataset", "read_class_list", "csv_class_names"]
@@ -58,7 +61,7 @@ def read_class_list(classes: Sequence[str] | str | os.PathLike | None) -> list[s
     if isinstance(classes, (str, os.PathLike)):
         path = Path(classes)
         if not path.is_file():
-            raise FileNotFoundError(f"class list file not found: {path}")
+            raise MissingFileError(f"class list file not found: {path}")
         names = [line.strip() for line in path.read_text().splitlines()]
         names = [n for n in names if n and not n.startswith("#")]
         source = str(path)
@@ -66,19 +69,19 @@ def read_class_list(classes: Sequence[str] | str | os.PathLike | None) -> list[s
         names = [str(n).strip() for n in classes]
         source = "the given class list"
     if not names:
-        raise ValueError(f"{source} is empty")
+        raise DataError(f"{source} is empty")
     if any(not n for n in names):
-        raise ValueError(f"{source} holds an empty class name")
+        raise DataError(f"{source} holds an empty class name")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"{source} lists {', '.join(map(repr, twice))} more than once")
+        raise DataError(f"{source} lists {', '.join(map(repr, twice))} more than once")
     return names
 
 
 def _read_rows(csv_file: Path, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(header, [(line number, cells)]) of a CSV file; blank rows skipped."""
     if not csv_file.is_file():
-        raise FileNotFoundError(f"CSV file not found: {csv_file}")
+        raise MissingFileError(f"CSV file not found: {csv_file}")
     with csv_file.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
         reader = csv.reader(f, delimiter=delimiter)
         header = None
@@ -91,13 +94,13 @@ def _read_rows(csv_file: Path, delimiter: str) -> tuple[list[str], list[tuple[in
             else:
                 rows.append((reader.line_num, cells))
     if header is None:
-        raise ValueError(f"{csv_file} is empty (it needs a header row)")
+        raise DataError(f"{csv_file} is empty (it needs a header row)")
     return header, rows
 
 
 def _column(header: list[str], name: str, csv_file: Path, key: str) -> int:
     if name not in header:
-        raise ValueError(f"{csv_file} has no column {name!r} (data.csv.{key}); its columns: {header}")
+        raise DataError(f"{csv_file} has no column {name!r} (data.csv.{key}); its columns: {header}")
     return header.index(name)
 
 
@@ -118,17 +121,17 @@ def csv_class_names(
     if fmt == "columns":
         names = [h for i, h in enumerate(header) if i != image_col]
         if not names:
-            raise ValueError(f"{csv_file} has no class column besides {image_column!r}")
+            raise DataError(f"{csv_file} has no class column besides {image_column!r}")
         return read_class_list(names)
     if fmt != "names":
-        raise ValueError(f"unknown CSV format {fmt!r}; expected one of {CSV_FORMATS}")
+        raise DataError(f"unknown CSV format {fmt!r}; expected one of {CSV_FORMATS}")
     label_col = _column(header, labels_column, csv_file, "labels_column")
     names = set()
     for _, cells in rows:
         if label_col < len(cells):
             names.update(_split_names(cells[label_col], label_delimiter))
     if not names:
-        raise ValueError(f"{csv_file} holds no label name at all")
+        raise DataError(f"{csv_file} holds no label name at all")
     return sorted(names)
 
 
@@ -165,14 +168,14 @@ class CsvDataset(ImageLabelDataset):
         empty_labels: str = "drop",
     ) -> None:
         if fmt not in CSV_FORMATS:
-            raise ValueError(f"unknown CSV format {fmt!r}; expected one of {CSV_FORMATS}")
+            raise DataError(f"unknown CSV format {fmt!r}; expected one of {CSV_FORMATS}")
         if empty_labels not in EMPTY_LABELS:
-            raise ValueError(f"empty_labels must be one of {EMPTY_LABELS}, got {empty_labels!r}")
+            raise DataError(f"empty_labels must be one of {EMPTY_LABELS}, got {empty_labels!r}")
         if len(delimiter) != 1:
-            raise ValueError(f"the CSV delimiter must be one character, got {delimiter!r}")
+            raise DataError(f"the CSV delimiter must be one character, got {delimiter!r}")
         if label_delimiter == "":
             # YAML reads a bare | (e.g. --set data.csv.label_delimiter=|) as an empty block scalar.
-            raise ValueError('the label delimiter is empty; in YAML and --set quote it: label_delimiter: "|"')
+            raise DataError('the label delimiter is empty; in YAML and --set quote it: label_delimiter: "|"')
         csv_file = Path(csv_file)
         root = Path(image_root) if image_root is not None else csv_file.parent
         names = read_class_list(classes)
@@ -186,28 +189,28 @@ class CsvDataset(ImageLabelDataset):
         else:
             missing = [n for n in names if n not in header]
             if missing:
-                raise ValueError(f"{csv_file} has no column for the classes {missing}; its columns: {header}")
+                raise DataError(f"{csv_file} has no column for the classes {missing}; its columns: {header}")
             class_cols = [header.index(n) for n in names]
         if not rows:
-            raise ValueError(f"{csv_file} lists no image")
+            raise DataError(f"{csv_file} lists no image")
 
         targets = np.zeros((len(rows), len(names)), dtype=np.float32)
         paths, lines, first_line = [], [], {}
         for row, (line, cells) in enumerate(rows):
             where = f"{csv_file}, line {line}"
             if len(cells) != len(header):
-                raise ValueError(f"{where}: {len(cells)} cells for {len(header)} columns")
+                raise DataError(f"{where}: {len(cells)} cells for {len(header)} columns")
             rel = cells[image_col].strip()
             if not rel:
-                raise ValueError(f"{where}: empty image path")
+                raise DataError(f"{where}: empty image path")
             path = str(root / rel)
             if path in first_line:
-                raise ValueError(f"{where}: image {rel!r} is listed twice (first on line {first_line[path]})")
+                raise DataError(f"{where}: image {rel!r} is listed twice (first on line {first_line[path]})")
             first_line[path] = line
             if fmt == "names":
                 for name in _split_names(cells[label_col], label_delimiter):
                     if name not in column:
-                        raise ValueError(
+                        raise DataError(
                             f"{where}: unknown label {name!r} (the {len(names)} classes: "
                             f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
                         )
@@ -216,16 +219,17 @@ class CsvDataset(ImageLabelDataset):
                 for name, col in zip(names, class_cols):
                     value = cells[col].strip()
                     if value not in ("0", "1"):
-                        raise ValueError(f"{where}: column {name!r} holds {value!r}; class columns hold 0 or 1")
+                        raise DataError(f"{where}: column {name!r} holds {value!r}; class columns hold 0 or 1")
                     targets[row, column[name]] = float(value)
             paths.append(path)
             lines.append(line)
 
         keep, empty = handle_empty_rows(
-            targets, empty_labels, str(csv_file), lambda r: f"line {lines[r]} {rows[r][1][image_col].strip()!r}"
-        )
+            targets, empty_labels, str(csv_file), lambda r: f"line {lines[r]} {rows[r][1][image_col].strip()!r}",
+            unit="rows",
+        )  # fmt: skip
         if not keep:
-            raise ValueError(f"{csv_file}: no image has a label")
+            raise DataError(f"{csv_file}: no image has a label (data.empty_labels=keep keeps unlabelled rows)")
         super().__init__(
             [paths[r] for r in keep],
             torch.from_numpy(targets[keep]),

@@ -43,6 +43,8 @@ from typing import Sequence
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from ..errors import ImageError, MissingFileError
+
 __all__ = [
     "BACKGROUND", "CHECK_LEVELS", "IMAGE_SUFFIXES", "UnreadableImageError", "check_image", "exif_upright",
     "find_images", "load_rgb", "to_rgb",
@@ -57,8 +59,9 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = {"LA": "LA", "La": "LA", "PA": "RGBA", "RGBA": "RGBA", "RGBa": "RGBA"}
 
 
-class UnreadableImageError(OSError):
-    """An image file that exists but cannot be decoded; ``path`` is the file.
+class UnreadableImageError(ImageError):
+    """An image file that exists but cannot be decoded (an ``OSError`` and a
+    ``gkg_pyg.errors.ImageError``); ``path`` is the file.
 
     Built as ``UnreadableImageError.for_path(path, reason)``; the plain
     one-message constructor is kept so that a DataLoader worker can re-raise
@@ -184,7 +187,8 @@ def load_rgb(path: str | os.PathLike, background: Sequence[int] = BACKGROUND, ex
         background: the colour transparent pixels are composited over.
         exif: apply the EXIF orientation.
     Raises:
-        FileNotFoundError: the file does not exist (its ``filename`` is the path).
+        MissingFileError (a FileNotFoundError): the file does not exist; the
+            message names it.
         UnreadableImageError (an OSError): the file is not a decodable image
             (truncated, corrupt, not an image, too large for PIL's
             decompression-bomb limit); the message names the path.
@@ -195,7 +199,7 @@ def load_rgb(path: str | os.PathLike, background: Sequence[int] = BACKGROUND, ex
             upright = exif_upright(image) if exif else image
             return to_rgb(upright, background)
     except FileNotFoundError:
-        raise
+        raise MissingFileError(f"image not found: {os.fspath(path)}") from None
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
@@ -246,7 +250,8 @@ def find_images(sources: Sequence[str | os.PathLike], suffixes: Sequence[str] = 
     files whose ending is in ``suffixes`` (case-insensitive).
 
     Raises:
-        FileNotFoundError: a source that is no file or folder and matches nothing.
+        MissingFileError (a FileNotFoundError): a source that is no file or
+            folder and matches nothing.
     """
     out: list[str] = []
     seen: set[str] = set()
@@ -274,7 +279,7 @@ def find_images(sources: Sequence[str | os.PathLike], suffixes: Sequence[str] = 
                     for found in find_images([path], suffixes):
                         add(found)
             if not matches:
-                raise FileNotFoundError(f"no file matches {source!r}")
+                raise MissingFileError(f"no file matches {source!r}")
         else:
-            raise FileNotFoundError(f"no such file or folder: {source}")
+            raise MissingFileError(f"no such file or folder: {source}")
     return out

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
+from ..errors import MissingFileError, UsageError
+
 __all__ = ["MODELNET10_CLASSES", "SHAPE_CLASSES", "SyntheticShapes", "load_modelnet", "sample_shape"]
 
 SHAPE_CLASSES = ("sphere", "bumpy_sphere", "cube", "octahedron", "cylinder", "cone", "torus", "wavy_torus")
@@ -190,11 +192,11 @@ def load_modelnet(root: str | os.PathLike, name: str = "10", train: bool = True,
     from torch_geometric.datasets import ModelNet
 
     if name not in ("10", "40"):
-        raise ValueError(f"ModelNet name must be '10' or '40', got {name!r}")
+        raise UsageError(f"ModelNet name must be '10' or '40', got {name!r}")
     raw = Path(root) / "raw"
     missing = [c for c in MODELNET10_CLASSES if not (raw / c).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"ModelNet{name} not found under {root}: {raw} lacks the class folders {missing[:4]}"
             f"{' ...' if len(missing) > 4 else ''} (expected the unpacked ModelNet{name}.zip as {raw}/<class>/"
             "{train,test}/<class>_*.off). Nothing is downloaded here."

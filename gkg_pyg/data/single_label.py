@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, DataError, MissingFileError
 from .images import IMAGE_SUFFIXES, load_rgb
 
 __all__ = [
@@ -73,7 +74,7 @@ class SingleLabelDataset(Dataset):
         if len(labels) != count:
             raise ValueError(f"{len(labels)} labels for {count} images")
         if count == 0:
-            raise ValueError(f"no images in {source or 'the data set'}")
+            raise DataError(f"no images in {source or 'the data set'}")
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if self.labels.min() < 0 or self.labels.max() >= len(class_names):
             raise ValueError(
@@ -148,18 +149,18 @@ class ImageFolderDataset(SingleLabelDataset):
     ):
         folder = Path(root) / split
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"image folder split not found: {folder} (expected {Path(root)}/{split}/<class>/<image>)"
             )
         found = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not found:
-            raise FileNotFoundError(f"no class folders in {folder} (expected {folder}/<class>/<image>)")
+            raise MissingFileError(f"no class folders in {folder} (expected {folder}/<class>/<image>)")
         if class_names is None:
             class_names = found
         else:
             extra = [c for c in found if c not in class_names]
             if extra:
-                raise ValueError(
+                raise DataError(
                     f"{folder} has class folders that are not among the {len(class_names)} classes: {extra[:5]}"
                 )
         suffixes = tuple(s.lower() for s in IMAGE_SUFFIXES)
@@ -169,7 +170,7 @@ class ImageFolderDataset(SingleLabelDataset):
                 continue
             files = sorted(p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not files:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"class folder {folder / name} holds no image (endings {', '.join(IMAGE_SUFFIXES)})"
                 )
             paths += [str(p) for p in files]
@@ -201,14 +202,14 @@ _CIFAR = {
 
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"CIFAR file not found: {path}")
+        raise MissingFileError(f"CIFAR file not found: {path}")
     try:
         with open(path, "rb") as f:
             out = pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise ValueError(f"cannot read CIFAR file {path}: not a python pickle ({err})") from None
+        raise DataError(f"cannot read CIFAR file {path}: not a python pickle ({err})") from None
     if not isinstance(out, dict):
-        raise ValueError(f"CIFAR file {path} holds a {type(out).__name__}, expected a dict")
+        raise DataError(f"CIFAR file {path} holds a {type(out).__name__}, expected a dict")
     return out
 
 
@@ -216,7 +217,7 @@ def _key(d: dict, key: bytes, path: Path):
     for k in (key, key.decode()):  # files re-pickled under Python 3 may use str keys
         if k in d:
             return d[k]
-    raise ValueError(f"CIFAR file {path} has no {key!r} entry (keys: {sorted(map(str, d))[:6]})")
+    raise DataError(f"CIFAR file {path} has no {key!r} entry (keys: {sorted(map(str, d))[:6]})")
 
 
 class CIFARDataset(SingleLabelDataset):
@@ -232,7 +233,7 @@ class CIFARDataset(SingleLabelDataset):
         root = Path(root)
         folder = root / folder_name if (root / folder_name).is_dir() else root
         if not (folder / meta_name).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{name} not found under {root}: expected {root / folder_name / meta_name} "
                 f"(the python version of the data set, unpacked)"
             )
@@ -246,9 +247,9 @@ class CIFARDataset(SingleLabelDataset):
             batch = _unpickle(path)
             data, batch_labels = np.asarray(_key(batch, b"data", path)), list(_key(batch, label_key, path))
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                raise ValueError(f"CIFAR file {path}: b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+                raise DataError(f"CIFAR file {path}: b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
             if len(batch_labels) != len(data):
-                raise ValueError(f"CIFAR file {path}: {len(batch_labels)} labels for {len(data)} images")
+                raise DataError(f"CIFAR file {path}: {len(batch_labels)} labels for {len(data)} images")
             arrays.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # planes -> (N, 32, 32, RGB)
             labels += batch_labels
         super().__init__(
@@ -332,7 +333,7 @@ def single_label_dataset(data: dict, role: str, transform: Optional[Callable] = 
         raise ValueError(f"role must be 'train' or 'val', got {role!r}")
     name, root, split = data["name"], Path(data["root"]), data[f"{role}_split"]
     if name not in SINGLE_LABEL_DATASETS:
-        raise ValueError(f"unknown single-label data set {name!r}; expected one of {SINGLE_LABEL_DATASETS}")
+        raise ConfigError(f"unknown single-label data set {name!r}; expected one of {SINGLE_LABEL_DATASETS}")
     if name in ("cifar10", "cifar100"):
         return CIFARDataset(root, split, name, transform)
     if name == "synthetic_shapes":

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from ..errors import DataError
 from .coco import coco_paths
 
 GENERATOR = "gkg-pyg synthetic shapes"
@@ -458,7 +459,7 @@ def _generate(root: Path, params: dict, progress: bool, workers: int | None) -> 
     for split in ("train", "val"):
         info = _read_info(coco_paths(root, split)[0])
         if info is not None and info.get("description") != GENERATOR:
-            raise ValueError(
+            raise DataError(
                 f"{coco_paths(root, split)[0]} exists and was not written by the synthetic "
                 f"generator; refusing to overwrite {root}"
             )

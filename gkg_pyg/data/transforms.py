@@ -28,6 +28,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from ..errors import CheckpointError
+
 MEAN = (123.675 / 255.0, 116.28 / 255.0, 103.53 / 255.0)
 STD = (58.395 / 255.0, 57.12 / 255.0, 57.375 / 255.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect range
@@ -245,5 +247,5 @@ def transform_from_preprocess(info: dict) -> T.Compose:
         options = {"eval_crop_pct": info["crop_pct"]}
         return single_label_transform(int(info["img_size"]), False, info["mean"], info["std"], options)
     if info.get("resize", "bicubic") != "bicubic":
-        raise ValueError(f"unsupported resize {info['resize']!r} in the checkpoint's preprocess entry")
+        raise CheckpointError(f"unsupported resize {info['resize']!r} in the checkpoint's preprocess entry")
     return build_test_transform(int(info["img_size"]), info["mean"], info["std"])

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import DataError, MissingFileError
 from .base import ImageLabelDataset
 
 VOC_CLASSES = (
@@ -37,7 +38,7 @@ def parse_voc_objects(xml_file: Path) -> list[tuple[str, bool]]:
     try:
         tree = ET.parse(xml_file)
     except ET.ParseError as err:
-        raise ValueError(f"malformed VOC annotation {xml_file}: {err}") from err
+        raise DataError(f"malformed VOC annotation {xml_file}: {err}") from err
     objects = []
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
@@ -65,26 +66,26 @@ class VOC2007Dataset(ImageLabelDataset):
         base = voc2007_dir(root)
         split_file = base / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"VOC split file not found: {split_file} (root {root} must hold "
                 f"VOCdevkit/VOC2007 or be the VOC2007 folder)"
             )
         for folder in ("Annotations", "JPEGImages"):
             if not (base / folder).is_dir():
-                raise FileNotFoundError(f"VOC folder not found: {base / folder}")
+                raise MissingFileError(f"VOC folder not found: {base / folder}")
         image_ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
         if not image_ids:
-            raise ValueError(f"VOC split {split!r} under {root} is empty ({split_file})")
+            raise DataError(f"VOC split {split!r} under {root} is empty ({split_file})")
 
         column = {name: i for i, name in enumerate(VOC_CLASSES)}
         targets = np.zeros((len(image_ids), len(VOC_CLASSES)), dtype=np.float32)
         for row, image_id in enumerate(image_ids):
             xml_file = base / "Annotations" / f"{image_id}.xml"
             if not xml_file.is_file():
-                raise FileNotFoundError(f"VOC annotation file not found: {xml_file}")
+                raise MissingFileError(f"VOC annotation file not found: {xml_file}")
             for name, difficult in parse_voc_objects(xml_file):
                 if name not in column:
-                    raise ValueError(f"unknown VOC class {name!r} in {xml_file}")
+                    raise DataError(f"unknown VOC class {name!r} in {xml_file}")
                 col = column[name]
                 if not difficult:
                     targets[row, col] = 1.0

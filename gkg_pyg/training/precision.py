@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 
 @dataclass
 class Precision:
@@ -28,11 +30,11 @@ def build_precision(amp: str, device: torch.device) -> Precision:
     CPU (fp16 there runs float32: CPUs have no fast fp16 matrix products);
     float32 for amp "none"."""
     if amp not in ("fp16", "bf16", "none"):
-        raise ValueError(f"amp must be 'fp16', 'bf16' or 'none', got {amp!r}")
+        raise ConfigError(f"amp must be 'fp16', 'bf16' or 'none', got {amp!r}")
     dtype = None
     if device.type == "cuda" and amp != "none":
         if amp == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ValueError("train.amp=bf16 but this GPU does not support bfloat16; use fp16")
+            raise ConfigError("train.amp=bf16 but this GPU does not support bfloat16; use fp16")
         dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     elif device.type == "cpu" and amp == "bf16":
         dtype = torch.bfloat16

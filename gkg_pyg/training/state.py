@@ -4,6 +4,7 @@ atomically, loadable with ``torch.load(..., weights_only=True)``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,11 +15,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import torch_load_weights
+from ..errors import CheckpointError
 from ..data import preprocess_for_config
 from .distributed import DistInfo, unwrap
 from .optim import LRSchedule
 from .precision import Precision
 from .rng import derived_seed, rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -88,10 +92,10 @@ def load_training_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by ``training_state`` (on the CPU)."""
     state = torch_load_weights(path)  # tensors and plain containers only; errors name the file
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a gkg-pyg training checkpoint (it holds a {type(state).__name__})")
+        raise CheckpointError(f"{path} is not a gkg-pyg training checkpoint (it holds a {type(state).__name__})")
     missing = [k for k in ("model", "optimizer", "schedule", "epoch", "config", "rng") if k not in state]
     if missing:
-        raise ValueError(f"{path} is not a gkg-pyg training checkpoint (it lacks {missing})")
+        raise CheckpointError(f"{path} is not a gkg-pyg training checkpoint (it lacks {missing})")
     return state
 
 
@@ -108,7 +112,7 @@ def restore_training_state(
         precision.scaler.load_state_dict(state["scaler"])
     if ema is not None:
         if state["ema"] is None:
-            print("the checkpoint has no EMA weights: the EMA restarts from the current weights")
+            log.info("the checkpoint has no EMA weights: the EMA restarts from the current weights")
             ema.module.load_state_dict(unwrap(model).state_dict())
         else:
             ema.module.load_state_dict(state["ema"])
@@ -116,7 +120,7 @@ def restore_training_state(
     if len(rngs) == info.world_size:
         set_rng_state(rngs[info.rank])
     else:
-        print(f"the checkpoint holds RNG states of {len(rngs)} processes, this run has {info.world_size}: "
-              "reseeding (the data order stays that of (seed, epoch), augmentations differ)")  # fmt: skip
+        log.info(f"the checkpoint holds RNG states of {len(rngs)} processes, this run has {info.world_size}: "
+                 "reseeding (the data order stays that of (seed, epoch), augmentations differ)")  # fmt: skip
         seed_everything(derived_seed(state["config"]["seed"], state["epoch"], info.rank))
     return int(state["epoch"]), float(state["best_map"])

@@ -1,0 +1,237 @@
+"""The command lines' contract: a user mistake (config, data, checkpoint,
+image, option) is one line on stderr, ``error: <message>``, and exit status
+2; ``--debug`` adds the traceback; any other exception keeps its traceback.
+Also: the library's log messages as the scripts print them, and the console
+commands (gkg-train, ...) of the installed package."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkg_pyg.builder import build_model
+from gkg_pyg.cli import one_line, run_cli, setup_logging
+from gkg_pyg.config import load_config
+from gkg_pyg.data import UnreadableImageError
+from gkg_pyg.errors import ConfigError, GkgError, ImageError
+
+from helpers import REPO, TINY_MODEL, build_format, noise_image, run_script
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+       "PYTHONWARNINGS": "ignore"}  # fmt: skip
+COMMANDS = {"gkg-train": "train", "gkg-evaluate": "evaluate", "gkg-predict": "predict", "gkg-export": "export",
+            "gkg-inspect": "inspect_graphs"}  # fmt: skip
+
+
+def one_error_line(capsys) -> str:
+    """What the last command wrote to stderr, which must be exactly one ``error:`` line."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 4 + 2 image CSV data set, its config, a checkpoint of the tiny model and an image."""
+    tmp = tmp_path_factory.mktemp("cli")
+    root = tmp / "data"
+    config = tmp / "tiny.yaml"
+    config.write_text(TINY_MODEL.format(name="cli", root=root, runs=tmp / "runs", data=build_format("csv_names", root)))
+    cfg = load_config(config)
+    model = build_model(cfg, ["bird", "cat", "dog"], load_weights=False)
+    ckpt = tmp / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "config": cfg, "class_names": ["bird", "cat", "dog"]}, ckpt)
+    return {"tmp": tmp, "root": root, "config": config, "ckpt": ckpt, "image": root / "imgs" / "val" / "0.png"}
+
+
+# ---------------------------------------------------------------------------
+# Every script: one line and exit status 2
+# ---------------------------------------------------------------------------
+def test_train_bad_config_key(tiny, capsys):
+    assert run_script("train", tiny["config"], "--set", "train.epoch=3") == 2
+    line = one_error_line(capsys)
+    assert line == "error: unknown config key 'train.epoch' in override 'train.epoch=3'; did you mean 'train.epochs'?"
+
+
+def test_train_bad_csv(tiny, tmp_path, capsys):
+    root = tmp_path / "data"
+    data = build_format("csv_names", root)
+    (root / "val.csv").write_text("image,labels\nimgs/val/0.png,cat|zebra\n")
+    config = tmp_path / "bad_csv.yaml"
+    config.write_text(TINY_MODEL.format(name="bad", root=root, runs=tmp_path / "runs", data=data))
+    assert run_script("train", config) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {root / 'val.csv'}, line 2: unknown label 'zebra'")
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_evaluate_missing_checkpoint(tiny, capsys):
+    missing = tiny["tmp"] / "nothere.pth"
+    assert run_script("evaluate", tiny["config"], "--checkpoint", missing) == 2
+    assert one_error_line(capsys) == f"error: checkpoint not found: {missing}"
+
+
+def test_evaluate_image_broken_after_the_check(tiny, tmp_path, capsys):
+    """An image that breaks inside a DataLoader worker: the worker's traceback stays out of the line."""
+    root = tmp_path / "data"
+    data = build_format("csv_names", root)
+    (root / "imgs" / "val" / "1.png").write_bytes(b"\x89PNG not really")
+    config = tmp_path / "workers.yaml"
+    config.write_text(TINY_MODEL.format(name="w", root=root, runs=tmp_path / "runs", data=data))
+    code = run_script("evaluate", config, "--checkpoint", tiny["ckpt"], "--output", tmp_path / "eval",
+                      "--set", "data.check_images=exists", "--set", "data.num_workers=1")  # fmt: skip
+    assert code == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: cannot read image {root / 'imgs' / 'val' / '1.png'}:")
+    assert "Traceback" not in line and "DataLoader" not in line
+
+
+def test_predict_missing_checkpoint_and_bad_option(tiny, capsys):
+    assert run_script("predict", "--checkpoint", tiny["tmp"] / "nothere.pth", tiny["image"]) == 2
+    assert one_error_line(capsys) == f"error: checkpoint not found: {tiny['tmp'] / 'nothere.pth'}"
+    assert run_script("predict", "--checkpoint", tiny["ckpt"], tiny["image"], "--topk", "x") == 2
+    assert one_error_line(capsys).startswith("error: argument --topk: invalid int value: 'x' (see ")
+
+
+def test_export_missing_checkpoint(tiny, capsys):
+    missing = tiny["tmp"] / "nothere.pth"
+    assert run_script("export", "--checkpoint", missing, "--output", tiny["tmp"] / "m.onnx") == 2
+    assert one_error_line(capsys) == f"error: checkpoint not found: {missing}"
+
+
+def test_inspect_bad_image(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    code = run_script("inspect_graphs", "--config", tiny["config"], "--checkpoint", tiny["ckpt"], "--image", bad,
+                      "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    assert one_error_line(capsys).startswith(f"error: cannot read image {bad}:")
+    assert run_script("inspect_graphs", "--config", tiny["config"], "--checkpoint", tiny["ckpt"], "--image",
+                      tmp_path / "nothere.png", "--out", tmp_path / "out") == 2  # fmt: skip
+    assert one_error_line(capsys) == f"error: image not found: {tmp_path / 'nothere.png'}"
+
+
+def test_pointcloud_missing_data(tmp_path, capsys):
+    assert run_script("pointcloud", "--data", "modelnet10", "--root", tmp_path / "ModelNet10") == 2
+    assert one_error_line(capsys).startswith(f"error: ModelNet10 not found under {tmp_path / 'ModelNet10'}")
+
+
+def test_label_path_experiment_bad_override(tmp_path, capsys):
+    assert run_script("label_path_experiment", "--out", tmp_path, "--set", "train.epoch=3") == 2
+    assert one_error_line(capsys).startswith("error: unknown config key 'train.epoch'")
+
+
+def test_pvig_groups_bad_option(tmp_path, capsys):
+    assert run_script("pvig_groups", "--root", tmp_path, "--k", "0") == 2
+    assert one_error_line(capsys).startswith("error: --epochs, --batch-size and --k must be positive")
+
+
+# ---------------------------------------------------------------------------
+# As real processes: the exit status, and --debug
+# ---------------------------------------------------------------------------
+def command(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_exit_status_and_debug_traceback(tiny):
+    script = REPO / "experiments" / "train.py"
+    plain = command(script, tiny["config"], "--set", "train.epoch=3")
+    assert plain.returncode == 2, plain.stderr
+    assert plain.stderr.splitlines() == [
+        "error: unknown config key 'train.epoch' in override 'train.epoch=3'; did you mean 'train.epochs'?"
+    ]
+    debug = command(script, tiny["config"], "--set", "train.epoch=3", "--debug")
+    assert debug.returncode == 2
+    assert debug.stderr.startswith("Traceback (most recent call last):")
+    assert "gkg_pyg.errors.ConfigError: unknown config key 'train.epoch'" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[0]
+
+
+def test_unexpected_errors_keep_their_traceback(capsys):
+    """A bug is not a user error: run_cli lets it through (Python prints the traceback, status 1)."""
+
+    def buggy(argv):
+        raise KeyError("internal")
+
+    with pytest.raises(KeyError):
+        run_cli(buggy, [])
+    assert capsys.readouterr().err == ""
+
+    def mistaken(argv):
+        raise ConfigError("a\nmulti-line   message")
+
+    assert run_cli(mistaken, []) == 2
+    assert capsys.readouterr().err == "error: a multi-line   message\n"
+    assert run_cli(lambda argv: None, []) == 0 and run_cli(lambda argv: 1, []) == 1
+
+
+def test_one_line_of_a_dataloader_worker_error():
+    """torch re-raises a worker's exception as the same type with the worker's traceback as message."""
+    message = (
+        "Caught UnreadableImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 3, in f\n    raise err\n'
+        "gkg_pyg.data.images.UnreadableImageError: cannot read image a.png: broken data stream"
+    )
+    err = UnreadableImageError(message)
+    assert isinstance(err, ImageError) and isinstance(err, OSError) and isinstance(err, GkgError)
+    assert one_line(err) == "cannot read image a.png: broken data stream"
+
+
+def test_library_messages_print_like_the_scripts(capsys):
+    """INFO records of the gkg_pyg loggers go to stdout as plain text, warnings to stderr with a prefix."""
+    logger = setup_logging()
+    setup_logging()  # once only, however often it is called
+    assert sum(type(h).__name__ == "_ConsoleHandler" for h in logger.handlers) == 1
+    logging.getLogger("gkg_pyg.data.base").info("dropped 1 of the 40 rows")
+    logging.getLogger("gkg_pyg.thresholds").warning("the calibration split is small")
+    logging.getLogger("gkg_pyg.checkpoint").debug("not shown at INFO")
+    printed = capsys.readouterr()
+    assert printed.out == "dropped 1 of the 40 rows\n"
+    assert printed.err == "warning: the calibration split is small\n"
+
+
+# ---------------------------------------------------------------------------
+# Console commands of the installed package
+# ---------------------------------------------------------------------------
+def test_console_commands_resolve():
+    try:
+        importlib.metadata.distribution("gkg-pyg")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("gkg-pyg is not installed (pip install -e .): no console commands to check")
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name in COMMANDS}
+    assert set(found) == set(COMMANDS), "console commands missing: re-run pip install -e ."
+    for name, script in COMMANDS.items():
+        main = found[name].load()
+        assert callable(main) and main.__name__ == "main"
+        assert Path(sys.modules[main.__module__].__file__).resolve() == REPO / "experiments" / f"{script}.py"
+
+
+def test_console_command_runs(tiny):
+    """gkg-predict, as installed: the same one-line error as the script."""
+    exe = Path(sys.executable).with_name("gkg-predict")
+    if not exe.exists():
+        pytest.skip(f"{exe} is not installed (pip install -e .)")
+    missing = tiny["tmp"] / "nothere.pth"
+    proc = subprocess.run([str(exe), "--checkpoint", str(missing), str(tiny["image"])], env=ENV,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr == f"error: checkpoint not found: {missing}\n"
+
+
+def test_predict_json_output_stays_clean(tiny, capsys):
+    """The threshold note and the library's messages stay off stdout, so --json output parses."""
+    noise_image(tiny["tmp"] / "p.jpg", 3)
+    code = run_script("predict", "--checkpoint", tiny["ckpt"], tiny["tmp"] / "p.jpg", "--json", "--workers", "0",
+                      "--no-progress")  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)[0]["image"] == str(tiny["tmp"] / "p.jpg")
+    assert "thresholds: 0.5 for every class" in printed.err
