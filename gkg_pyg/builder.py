@@ -24,8 +24,8 @@ from typing import Sequence
 
 from torch import nn
 
-from .config import DEFAULTS, ConfigError
-from .errors import MissingFileError
+from .config import DEFAULTS
+from .errors import CheckpointError, ConfigError, MissingFileError
 from .checkpoint import convert_checkpoint, format_report, load_checkpoint, read_checkpoint
 from .models import create_model
 from .models.hub import load_pretrained, load_resetting_classifier
@@ -57,11 +57,11 @@ def model_kwargs(cfg: dict, class_names: Sequence[str] | None = None) -> dict:
     num_classes = section["num_classes"]
     if class_names is not None:
         if num_classes is not None and num_classes != len(class_names):
-            raise ValueError(f"model.num_classes is {num_classes} but the data set has {len(class_names)} labels")
+            raise ConfigError(f"model.num_classes is {num_classes} but the data set has {len(class_names)} labels")
         kwargs["num_classes"] = len(class_names)
         kwargs["class_names"] = list(class_names)
     elif num_classes is None:
-        raise ValueError("model.num_classes is not set and no class names were given")
+        raise ConfigError("model.num_classes is not set and no class names were given")
     else:
         kwargs["num_classes"] = num_classes
     return kwargs
@@ -85,14 +85,14 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, verbose: bool = Tru
     also listed as ``"missing"``).
     """
     if classifier not in INIT_CLASSIFIER:
-        raise ValueError(f"model.init_classifier must be one of {INIT_CLASSIFIER}, got {classifier!r}")
+        raise ConfigError(f"model.init_classifier must be one of {INIT_CLASSIFIER}, got {classifier!r}")
     state, outer = read_checkpoint(path)  # read once, used twice
     filtered = convert_checkpoint(model, state)
     theirs, ours, names = filtered["num_classes"], model.num_classes, model.class_names
     their_names = outer.get("class_names")
     other_labels = theirs != ours or (their_names is not None and names is not None and list(their_names) != names)
     if classifier == "keep" and theirs is not None and theirs != ours:
-        raise ValueError(f"model.init_classifier=keep but {path} has {theirs} labels and the model {ours}")
+        raise CheckpointError(f"model.init_classifier=keep but {path} has {theirs} labels and the model {ours}")
     reset = theirs is not None and (classifier == "reset" or (classifier == "auto" and other_labels))
     name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the checkpoint"
     report = load_resetting_classifier(model, state, theirs if reset else None, name=name, source=filtered["source"])
@@ -123,8 +123,9 @@ def build_model(
         verbose: log what the weights loading used and skipped (INFO,
             loggers ``gkg_pyg.*``, which the scripts print).
     Raises:
-        ValueError: a label-count mismatch or a checkpoint that does not fit.
-        FileNotFoundError: a missing weights file.
+        ConfigError (a ValueError): a label-count mismatch or a bad model section.
+        CheckpointError (a ValueError): a checkpoint that does not fit.
+        MissingFileError (a FileNotFoundError): a missing weights file.
     """
     section = cfg["model"]
     weights = section["pretrained"] if load_weights else None
@@ -164,13 +165,13 @@ def load_trained_model(checkpoint_path: str | Path, config_path: str | Path | No
     elif isinstance(checkpoint.get("config"), dict):
         cfg = validate_config(checkpoint["config"])
     else:
-        raise ValueError(f"{checkpoint_path} holds no config (not a gkg-pyg training checkpoint): pass --config")
+        raise CheckpointError(f"{checkpoint_path} holds no config (not a gkg-pyg training checkpoint): pass --config")
     class_names = list(checkpoint.get("class_names") or class_names_from_config(cfg["data"]))
     model = build_model(cfg, class_names, load_weights=False, verbose=False)
     weights = checkpoint
     if ema:
         if not isinstance(checkpoint.get("ema"), dict):
-            raise ValueError(f"--ema: {checkpoint_path} holds no EMA weights")
+            raise CheckpointError(f"--ema: {checkpoint_path} holds no EMA weights")
         weights = checkpoint["ema"]
     load_checkpoint(model, weights, verbose=False, name=f"{checkpoint_path}{' (EMA weights)' if ema else ''}")
     return model.eval(), class_names, cfg, checkpoint

@@ -252,7 +252,7 @@ def source_type(data: HeteroData) -> str:
 
 def _require_labels(data: HeteroData) -> None:
     if "label" not in data.node_types:
-        raise ValueError("these graphs have no label nodes (a model built with cross_level=False)")
+        raise UsageError("these graphs have no label nodes (a model built with cross_level=False)")
 
 
 def label_neighbours(captured: CapturedGraphs, stage: int) -> Tensor:
@@ -496,7 +496,7 @@ def neighbour_count_distribution(
         model.train(was_training)
         bar.close()
     if not counts:
-        raise ValueError("no images to count over")
+        raise UsageError("no images to count over")
     stacked_targets = None
     if all(t is not None for t in targets):
         stacked_targets = torch.stack([torch.as_tensor(t) for t in targets]).cpu()

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import DataError
+
 # COCO object-size boundaries, in pixels of the original image.
 SMALL_AREA_MAX = 32**2
 LARGE_AREA_MIN = 96**2
@@ -239,7 +241,7 @@ def multilabel_metrics(scores, targets, threshold=0.5, areas=None, class_names=N
     ap = _average_precision(ranking, targets == 1, valid)
     has_pos = ~np.isnan(ap)
     if not has_pos.any():
-        raise ValueError("no class has a positive label: mAP is undefined")
+        raise DataError("no class has a positive label: mAP is undefined")
     missing = np.flatnonzero(~has_pos).tolist()
     if class_names is not None:
         missing = [class_names[i] for i in missing]

@@ -197,7 +197,7 @@ def metrics_at_thresholds(scores, targets, thresholds) -> dict:
         raise ValueError("thresholds must be finite")
     has_pos = (targets == 1).any(axis=0)
     if not has_pos.any():
-        raise ValueError("no class has a positive label")
+        raise DataError("no class has a positive label")
     above = scores >= thresholds
     out = _precision_recall(above, targets, has_pos)
     top = _precision_recall(above & _top_k_mask(scores, TOP_K), targets, has_pos)

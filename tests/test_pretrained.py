@@ -175,7 +175,7 @@ def left_in(folder: Path):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def test_download_loads_the_served_weights_and_caches_them(server, hub_dir, monkeypatch, published, capsys, caplog):
+def test_download_loads_the_served_weights_and_caches_them(server, hub_dir, monkeypatch, published, caplog):
     path = serve(server, monkeypatch, published)
     torch.manual_seed(0)
     fresh = gkg_pyg.create_model("pvig_ti", num_classes=1000, **SMALL)
@@ -186,8 +186,8 @@ def test_download_loads_the_served_weights_and_caches_them(server, hub_dir, monk
     assert_same(model, published[0])  # every tensor, the ImageNet classifier included
     assert left_in(hub_dir) == [PVIG_FILE]  # the whole file under its published name, no temporary left
     assert (hub_dir / PVIG_FILE).read_bytes() == published[1]
-    err = capsys.readouterr().err
-    assert server.url(path) in err and str(hub_dir / PVIG_FILE) in err  # what is downloaded, to where
+    notice = [r.getMessage() for r in caplog.records if r.name == "gkg_pyg.models.hub" and r.levelno == logging.WARNING]
+    assert len(notice) == 1 and server.url(path) in notice[0] and str(hub_dir / PVIG_FILE) in notice[0]  # what, where
     assert "pyramid_vig layout" in caplog.text and "pvig_ti.imagenet" in caplog.text  # the loader's report
     cfg = model.pretrained_cfg
     assert (cfg["architecture"], cfg["tag"], cfg["url"], cfg["loads"]) == (

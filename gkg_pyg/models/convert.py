@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import CheckpointError
+
 __all__ = [
     "LAYOUTS",
     "authors_key_map",
@@ -97,7 +99,7 @@ def detect_layout(state_dict: Dict[str, Tensor]) -> str:
         return "gkg_pyg"
     if "stem.convs.0.weight" in state_dict and any(k.startswith("backbone.") for k in keys):
         return "pyramid_vig"
-    raise ValueError(
+    raise CheckpointError(
         "cannot tell the checkpoint layout from its keys (first keys: "
         f"{keys[:5]}); pass source='gkg_pyg', 'gkgnet_mmcls' or 'pyramid_vig'"
     )
@@ -119,7 +121,7 @@ def filter_checkpoint(state_dict: Dict[str, Tensor], model: nn.Module, source: s
     Keys of the checkpoint that are neither used nor skipped are unexpected.
     """
     if source not in ("auto",) + LAYOUTS:
-        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {('auto',) + LAYOUTS}")
+        raise CheckpointError(f"unknown checkpoint source {source!r}; expected one of {('auto',) + LAYOUTS}")
     if source == "auto":
         source = detect_layout(state_dict)
     own = model.state_dict()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+from ..errors import InputSizeError
+
 __all__ = ["POOL", "stage_grids", "too_small", "min_input_size", "check_input_size"]
 
 POOL = (4, 2, 1, 1)  # source pooling factor r of the patch-level graph per stage
@@ -59,8 +61,9 @@ def min_input_size(k: int = 9) -> int:
 
 
 def check_input_size(height: int, width: int, k: int, what: str = "input") -> List[Grid]:
-    """The stage grids of a ``height x width`` input; a ``ValueError`` that names
-    the stage too small for ``k`` neighbours and the smallest square size that fits.
+    """The stage grids of a ``height x width`` input; an :class:`InputSizeError`
+    (a ``ValueError``) that names the stage too small for ``k`` neighbours and
+    the smallest square size that fits.
 
     ``what`` names the size in the message: ``"input"`` for images given to a
     forward pass, ``"img_size"`` for a model's construction size."""
@@ -74,5 +77,5 @@ def check_input_size(height: int, width: int, k: int, what: str = "input") -> Li
             if what == "input"
             else f"the smallest square size is {smallest}"
         )
-        raise ValueError(f"{size} is too small for k={k}: {problem}; {hint}")
+        raise InputSizeError(f"{size} is too small for k={k}: {problem}; {hint}")
     return grids

@@ -33,12 +33,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..knn import batched_group_knn
 from .convert import export_authors_checkpoint, filter_checkpoint
-from .geometry import POOL, min_input_size, stage_grids
+from .geometry import min_input_size, stage_grids
 from .layers import FFN, init_conv_like
-from .positions import relative_position_table
-from .pvig import VARIANTS, Grapher, PyramidViGBackbone, Stage, stage_graph
+from .pvig import VARIANTS, Grapher, PyramidViGBackbone, stage_graph
 from .registry import create_model, list_models, register_model
 
 __all__ = [
@@ -50,12 +50,6 @@ __all__ = [
     "pretrained_cfgs",
     "checkpoint_filter_fn",
     "export_authors_checkpoint",
-    # re-exported from the modules they live in, for callers of the names here
-    "POOL",
-    "VARIANTS",
-    "Stage",
-    "relative_position_table",
-    "stage_grids",
 ]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -155,9 +149,9 @@ class GKGNet(PyramidViGBackbone):
         class_names: Optional[Sequence[str]] = None,
     ):
         if num_classes < 1 or num_gcn < 1:
-            raise ValueError(f"num_classes and num_gcn must be positive, got {num_classes} and {num_gcn}")
+            raise ConfigError(f"num_classes and num_gcn must be positive, got {num_classes} and {num_gcn}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         super().__init__(variant, img_size, k=k, groups=groups, drop_path=drop_path, knn_backend=knn_backend)
         self.num_classes, self.class_names = num_classes, list(class_names) if class_names else None
         self.cross_level = cross_level
@@ -213,9 +207,9 @@ class GKGNet(PyramidViGBackbone):
         labels: the label embedding and both heads (timm's ``reset_classifier``;
         e.g. to fine-tune a COCO model on VOC)."""
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         like = self.head_patch.weight
         self.num_classes, self.class_names = num_classes, list(class_names) if class_names else None
         if self.cross_level:

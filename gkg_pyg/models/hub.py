@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, convert_checkpoint, format_report, load_checkpoint, torch_load_weights
-from ..errors import GkgError, MissingFileError
+from ..errors import ConfigError, GkgError, MissingFileError
 
 __all__ = [
     "PRETRAINED",
@@ -155,7 +155,7 @@ def resolve_pretrained_cfg(
     if tag is None:
         tag = tags[0] if tags else None
     elif tag not in tags:
-        raise ValueError(f"{arch} has no pretrained tag {tag!r}; its tags: {tags or 'none'}")
+        raise ConfigError(f"{arch} has no pretrained tag {tag!r}; its tags: {tags or 'none'}")
     cfg = dict(base or {})
     # ``file`` is timm's local checkpoint path, set by the overlay only; the table names downloads ``filename``.
     cfg.update(architecture=arch, tag=tag, url=None, file=None)
@@ -169,7 +169,7 @@ def resolve_pretrained_cfg(
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown pretrained_cfg_overlay key {key!r}{hint}; known: {sorted(allowed)}")
+                raise ConfigError(f"unknown pretrained_cfg_overlay key {key!r}{hint}; known: {sorted(allowed)}")
         for key in ("file", "url"):
             if overlay.get(key) is not None and not isinstance(overlay[key], (str, os.PathLike)):
                 raise TypeError(f"pretrained_cfg_overlay {key} must be a path or string, got {overlay[key]!r}")
@@ -179,7 +179,7 @@ def resolve_pretrained_cfg(
         if overlay.get("file") is not None:
             cfg["file"] = os.fspath(overlay["file"])
     if cfg.get("loads", "full") not in LOADS:
-        raise ValueError(f"pretrained_cfg loads must be one of {LOADS}, got {cfg['loads']!r}")
+        raise ConfigError(f"pretrained_cfg loads must be one of {LOADS}, got {cfg['loads']!r}")
     return cfg
 
 
@@ -188,8 +188,8 @@ def cache_path(cfg: Mapping) -> Path:
     the filename defaulting to the last part of the URL's path."""
     name = cfg.get("filename") or os.path.basename(urlparse(cfg["url"]).path)
     if not name or name in (".", ".."):
-        raise ValueError(f"cannot name a cache file after the URL {cfg['url']!r}: pass pretrained_cfg_overlay "
-                         "filename=...")  # fmt: skip
+        raise ConfigError(f"cannot name a cache file after the URL {cfg['url']!r}: pass pretrained_cfg_overlay "
+                          "filename=...")  # fmt: skip
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
@@ -302,7 +302,8 @@ def fetch_pretrained(cfg: Mapping, progress: Optional[bool] = None, verbose: boo
                 f"downloads it again): {err}"
             ) from None
     if verbose:
-        print(f"downloading the pretrained weights of {_what(cfg)}: {url} -> {dst}", file=sys.stderr)
+        # WARNING, not INFO: shown on stderr (like torch.hub's notice) even where no logging is set up.
+        log.warning(f"downloading the pretrained weights of {_what(cfg)}: {url} -> {dst}")
     try:
         tmp = download(url, dst, progress)
     except PretrainedWeightsError as err:
@@ -365,14 +366,13 @@ def load_pretrained(model: nn.Module, cfg: Mapping, progress: Optional[bool] = N
 
     Returns the loading report (see :func:`load_resetting_classifier`);
     ``verbose`` logs it (INFO, logger ``gkg_pyg.models.hub``, which the
-    scripts print) and announces a download on stderr, as ``torch.hub`` does.
+    scripts print) and announces a download (WARNING, so that it reaches
+    stderr without any logging set up, as ``torch.hub``'s notice does).
     """
     checkpoint, where = fetch_pretrained(cfg, progress, verbose)
     try:
         theirs = convert_checkpoint(model, checkpoint)["num_classes"]
-    except CheckpointError:
-        raise
-    except ValueError as err:  # a layout the model does not know
+    except CheckpointError as err:  # e.g. a layout the model does not know: the message names no file
         raise CheckpointError(f"{where}: {err}") from None
     reset_to = theirs if theirs is not None and theirs != model.num_classes else None
     report = load_resetting_classifier(model, checkpoint, reset_to, name=where)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conv import GroupMaxRelConv
+from ..errors import ConfigError, InputSizeError
 from ..graph import build_stage_graph, flat_neighbour_table, table_edges
 from ..knn import PositionBias, batched_group_knn, resolve_backend
 from .convert import filter_checkpoint
@@ -296,15 +297,15 @@ class PyramidViGBackbone(nn.Module):
     ):
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+            raise ConfigError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
         spec = VARIANTS[variant]
         if groups < 1:
-            raise ValueError(f"groups must be positive, got {groups}")
+            raise ConfigError(f"groups must be positive, got {groups}")
         for c in spec.channels:
             if c % groups:
-                raise ValueError(f"groups={groups} does not divide the stage width {c} of variant {variant!r}")
+                raise ConfigError(f"groups={groups} does not divide the stage width {c} of variant {variant!r}")
         if k < 1:
-            raise ValueError(f"k must be positive, got {k}")
+            raise ConfigError(f"k must be positive, got {k}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.variant, self.k, self.groups = variant, k, groups
         grids = check_input_size(*self.img_size, k, what="img_size")
@@ -358,10 +359,10 @@ class PyramidViGBackbone(nn.Module):
                 module.knn_backend = backend
 
     def check_input(self, images: Tensor) -> List[Tuple[int, int]]:
-        """The stage grids of ``(B, 3, H, W)`` images; a ``ValueError`` for any other
-        shape or an input too small for ``k`` neighbours."""
+        """The stage grids of ``(B, 3, H, W)`` images; an :class:`InputSizeError` (a
+        ``ValueError``) for any other shape or an input too small for ``k`` neighbours."""
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (batch, 3, height, width), got {tuple(images.shape)}")
+            raise InputSizeError(f"expected images of shape (batch, 3, height, width), got {tuple(images.shape)}")
         return check_input_size(images.shape[2], images.shape[3], self.k)
 
     def forward_features(self, images: Tensor, return_graphs: bool = False):
@@ -439,11 +440,11 @@ class PyramidViG(PyramidViGBackbone):
     ):
         super().__init__(variant, img_size, k=k, groups=groups, drop_path=drop_path, knn_backend=knn_backend)
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+            raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.num_classes, self.class_names = num_classes, list(class_names) if class_names else None
         self.drop_rate = drop_rate
         self.head_patch = nn.Sequential(
@@ -466,9 +467,9 @@ class PyramidViG(PyramidViGBackbone):
         """A new, freshly initialised last layer for ``num_classes`` classes
         (timm's ``reset_classifier``, e.g. to fine-tune ImageNet weights)."""
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         old = self.head_patch[-1]
         new = nn.Linear(old.in_features, num_classes)
         nn.init.kaiming_normal_(new.weight)

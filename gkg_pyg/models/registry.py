@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..errors import MissingFileError
+from ..errors import ConfigError, MissingFileError
 from .hub import check_available, load_pretrained, pretrained_tags, resolve_pretrained_cfg
 
 __all__ = ["create_model", "get_pretrained_cfg", "list_models", "register_model", "resolve_pretrained"]
@@ -42,9 +42,9 @@ def _split_name(name: str) -> Tuple[str, Optional[str]]:
     if arch not in _MODELS:
         close = difflib.get_close_matches(arch, list(_MODELS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; available: {list_models()}")
+        raise ConfigError(f"unknown model {name!r}{hint}; available: {list_models()}")
     if dot and tag not in pretrained_tags(arch):
-        raise ValueError(f"{arch} has no pretrained tag {tag!r}; its tags: {pretrained_tags(arch) or 'none'}")
+        raise ConfigError(f"{arch} has no pretrained tag {tag!r}; its tags: {pretrained_tags(arch) or 'none'}")
     return arch, (tag if dot else None)
 
 
@@ -75,7 +75,7 @@ def _pretrained_request(arch: str, name_tag: Optional[str], pretrained) -> Tuple
     tags = pretrained_tags(arch)
     if isinstance(pretrained, str) and value in tags and not os.path.isfile(value):
         if name_tag is not None and value != name_tag:
-            raise ValueError(f"model {arch}.{name_tag} with pretrained={value!r}: two different tags")
+            raise ConfigError(f"model {arch}.{name_tag} with pretrained={value!r}: two different tags")
         return value, None, True
     if not os.path.isfile(value):
         raise MissingFileError(
@@ -83,7 +83,7 @@ def _pretrained_request(arch: str, name_tag: Optional[str], pretrained) -> Tuple
             f"{arch}: {tags or 'it has none'})"
         )
     if name_tag is not None:
-        raise ValueError(f"model {arch}.{name_tag} names published weights, but pretrained is a path ({value})")
+        raise ConfigError(f"model {arch}.{name_tag} names published weights, but pretrained is a path ({value})")
     return None, value, True
 
 
@@ -99,11 +99,11 @@ def resolve_pretrained(
     overlay = dict(pretrained_cfg_overlay or {})
     names_weights = overlay.get("file") is not None or overlay.get("url") is not None
     if not load and names_weights:
-        raise ValueError(
+        raise ConfigError(
             "pretrained_cfg_overlay names weights (file= or url=) but pretrained is False: pass pretrained=True"
         )
     if path is not None and names_weights:
-        raise ValueError(f"pretrained={path!r} is a path: pretrained_cfg_overlay file= or url= would be ignored")
+        raise ConfigError(f"pretrained={path!r} is a path: pretrained_cfg_overlay file= or url= would be ignored")
     cfg = resolve_pretrained_cfg(arch, tag, base=_MODELS[arch][1], overlay=overlay)
     if load and path is None:
         check_available(cfg)  # weights with no direct download: say where to get them, before building
@@ -138,8 +138,10 @@ def create_model(name: str, pretrained=False, pretrained_cfg_overlay: Optional[d
     ``gkg_pyg``, INFO).
 
     Raises:
-        ValueError: an unknown name or tag.
-        FileNotFoundError: ``pretrained`` neither a tag nor an existing file.
+        gkg_pyg.errors.ConfigError (a ValueError): an unknown name or tag, or
+            a ``pretrained`` / ``pretrained_cfg_overlay`` that contradict each other.
+        gkg_pyg.errors.MissingFileError (a FileNotFoundError): ``pretrained``
+            neither a tag nor an existing file.
         gkg_pyg.models.hub.PretrainedWeightsError: weights with no direct
             download (the error says where to get them), or a download that
             failed (naming the URL, the cache file and the offline way).
