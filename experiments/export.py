@@ -76,6 +76,7 @@ from gkg_pyg.builder import load_trained_model  # noqa: E402
 from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
 from gkg_pyg.data import checkpoint_preprocess, load_rgb  # noqa: E402
 from gkg_pyg.errors import MissingFileError, UsageError  # noqa: E402
+from gkg_pyg.ops import plain_decompositions  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds, thresholds_json  # noqa: E402
 
 
@@ -382,6 +383,9 @@ def export(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         wrapped(example)  # builds the position tables before tracing
     program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    # The gkg_pyg:: operators as plain ATen operations: the ONNX exporter knows only those, and the
+    # saved program then runs without gkg_pyg installed.
+    program = program.run_decompositions(plain_decompositions())
     if args.torch_export:
         torch.export.save(program, args.torch_export)
         print(f"wrote {args.torch_export} (torch.export program)")

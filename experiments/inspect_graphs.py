@@ -132,6 +132,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.patch and args.stage is None:
         p.error("--patch needs --stage (ROW and COL index that stage's patch grid)")
+    if args.max_images < 1:
+        p.error(f"--max-images must be at least 1, got {args.max_images}")
     return args
 
 

@@ -140,7 +140,12 @@ def load_checkpoint(
         is_path = isinstance(path_or_state_dict, (str, os.PathLike))
         name = os.fspath(path_or_state_dict) if is_path else "the checkpoint"
     state, _ = read_checkpoint(path_or_state_dict)
-    filtered = convert_checkpoint(model, state, source)
+    try:
+        filtered = convert_checkpoint(model, state, source)
+    except CheckpointError as error:  # a layout problem: say which file
+        if name in str(error):
+            raise
+        raise CheckpointError(f"{name}: {error}") from None
     own = model.state_dict()
     converted, names = filtered["state_dict"], filtered["names"]
     for ours, tensor in converted.items():

@@ -369,7 +369,7 @@ def test_grouped_linear_onednn_path_matches_plain_products(groups, shape, stride
     float32 rounding, the gradients, the shape and a contiguous output, also
     for non-contiguous rows; it is not taken with one thread, in float64,
     under autocast, for a grouped map with autograd, or for small inputs."""
-    from gkg_pyg.conv import _onednn_pays, grouped_linear
+    from gkg_pyg.ops.linear import _onednn_pays, grouped_linear
 
     torch.manual_seed(0)
     x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2] if strided else torch.randn(*shape)
@@ -429,7 +429,7 @@ def test_linear_weight_grad_matches_float64_product(rows, out_channels, in_chann
     or in float64."""
     from torch.profiler import profile
 
-    from gkg_pyg.conv import linear_weight_grad
+    from gkg_pyg.ops.linear import linear_weight_grad
 
     torch.manual_seed(0)
     grad_out = torch.randn(rows, out_channels)
@@ -448,3 +448,117 @@ def test_linear_weight_grad_matches_float64_product(rows, out_channels, in_chann
             torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("act,norm", [("gelu", "batch"), ("relu", "batch"), (None, "batch"), ("gelu", None)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_eval_fold_equals_the_modules(act, norm, grad):
+    """In evaluation the conv folds the BatchNorm into the grouped map and runs
+    the activation in place where no gradient flows: float32 values within
+    rounding of the unfused modules (and of float64), the same gradients when
+    one flows, and the modules' own path in training."""
+    torch.manual_seed(19)
+    conv = GroupMaxRelConv(40, 80, groups=2, conv_groups=4, act=act, norm=norm)
+    if norm == "batch":
+        with torch.no_grad():
+            conv.nn[1].running_mean.normal_()
+            conv.nn[1].running_var.uniform_(0.5, 2.0)
+            conv.nn[1].weight.normal_()
+            conv.nn[1].bias.normal_()
+    conv.eval()
+    gen = torch.Generator().manual_seed(20)
+    x = torch.randn(300, 40, generator=gen).requires_grad_(grad)
+    neighbors = torch.randint(0, 300, (2, 300, 9), generator=gen)
+    with torch.set_grad_enabled(grad):
+        got = conv(x, neighbors=neighbors)
+        features = conv._aggregate(x, neighbors=neighbors)
+        want = conv.nn(features)  # the modules one by one
+        exact = conv.double().nn(features.double())
+    conv.float()
+    assert got.shape == (300, 80)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    if grad:
+        (grad_got,) = torch.autograd.grad(got.sum(), x)
+        (grad_want,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-5)
+    conv.train()  # training: the modules (batch statistics), so the fold must not apply
+    with torch.no_grad():
+        trained = conv(x, neighbors=neighbors)
+        torch.testing.assert_close(trained, conv.nn(conv._aggregate(x, neighbors=neighbors)), rtol=0, atol=0)
+    if norm == "batch":
+        assert not torch.allclose(trained, got, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("graph", ["shared", "grouped", "neighbors", "bipartite", "sparse"])
+def test_empty_graph_gives_an_empty_output(mode, graph):
+    """A graph without nodes or edges: an empty ``(0, out_channels)`` output for
+    every input form, and in training the BatchNorm statistics stay finite."""
+    torch.manual_seed(21)
+    conv = GroupMaxRelConv(8, 16, groups=2, conv_groups=4)
+    getattr(conv, mode)()
+    x = torch.empty(0, 8, requires_grad=True)
+    no_edges = torch.empty(2, 0, dtype=torch.long)
+    if graph == "shared":
+        out = conv(x, no_edges)
+    elif graph == "grouped":
+        out = conv(x, torch.empty(2, 2, 0, dtype=torch.long))
+    elif graph == "neighbors":
+        out = conv(x, neighbors=torch.empty(2, 0, 3, dtype=torch.long))
+    elif graph == "bipartite":  # sources, but no destinations
+        out = conv((torch.randn(5, 8), x), no_edges)
+    else:
+        out = conv(x, torch.sparse_coo_tensor(no_edges, torch.ones(0), (0, 0)))
+    assert out.shape == (0, 16) and out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.shape == (0, 8)
+    assert torch.isfinite(conv.nn[1].running_mean).all() and torch.isfinite(conv.nn[1].running_var).all()
+    dynamic = DynamicGroupMaxRelConv(8, 16, k=3, groups=2)
+    getattr(dynamic, mode)()
+    assert dynamic(torch.empty(0, 8)).shape == (0, 16)
+    assert dynamic(torch.empty(0, 8), torch.empty(0, dtype=torch.long)).shape == (0, 16)
+
+
+def test_user_mistakes_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"in_channels and out_channels must be positive, got in_channels=0"):
+        GroupMaxRelConv(0, 16)
+    with pytest.raises(ValueError, match=r"in_channels and out_channels must be positive"):
+        DynamicGroupMaxRelConv(0, 16, k=3)
+    conv = GroupMaxRelConv(8, 16, groups=2)
+    edges = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"floating-point node features, got torch.int64 \(source\)"):
+        conv(torch.zeros(5, 8, dtype=torch.long), edges)
+    with pytest.raises(ValueError, match=r"floating-point node features, got torch.bool \(destination\)"):
+        conv((torch.zeros(5, 8), torch.zeros(5, 8, dtype=torch.bool)), edges)
+    with pytest.raises(ValueError, match=r"floating-point node features, got torch.int32"):
+        DynamicGroupMaxRelConv(8, 16, k=2)(torch.zeros(5, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"expects 8 channels, got 0 \(source\) and 0 \(destination\)"):
+        conv(torch.zeros(5, 0), edges)
+    with pytest.raises(ValueError, match=r"node features \(N, 8\), got \(5, 2, 4\)"):
+        conv(torch.zeros(5, 2, 4), edges)
+    with pytest.raises(ValueError, match=r"neighbors must hold int64 \(or int32\) source indices, got torch.float32"):
+        conv(torch.zeros(5, 8), neighbors=torch.zeros(2, 5, 3))
+
+
+def test_neighbor_table_indices_are_checked():
+    """An index outside 0 .. N_src - 1 is a ValueError naming it, its place and
+    the valid range; ``check_neighbors=False`` skips the check (then PyTorch's
+    own index error, never a silent value)."""
+    torch.manual_seed(22)
+    conv = GroupMaxRelConv(8, 16, groups=2).eval()
+    x_src, x_dst = torch.randn(30, 8), torch.randn(20, 8)
+    neighbors = torch.randint(0, 30, (2, 20, 4))
+    conv((x_src, x_dst), neighbors=neighbors)
+    for bad, value in (((1, 7, 2), 30), ((0, 3, 0), -1), ((1, 19, 3), 1000)):
+        table = neighbors.clone()
+        table[bad] = value
+        where = ", ".join(map(str, bad))
+        with pytest.raises(
+            ValueError, match=rf"neighbors\[{where}\] = {value} is out of range for 30 source nodes \(valid: 0 to 29\)"
+        ):
+            conv((x_src, x_dst), neighbors=table)
+    unchecked = GroupMaxRelConv(8, 16, groups=2, check_neighbors=False).eval()
+    assert not unchecked.check_neighbors
+    with pytest.raises((IndexError, RuntimeError), match="out of range|index"):
+        unchecked((x_src, x_dst), neighbors=table)

@@ -260,3 +260,25 @@ def test_dynamic_conv_pairs_and_batches():
     edges = group_knn(x1, x2, 2, 2, batch_src=batch1, batch_dst=batch2)
     assert torch.allclose(out22, GroupMaxRelConv.forward(conv, (x1, x2), edges), atol=1e-12)
     assert not torch.allclose(out22, out21)
+
+
+def test_dynamic_conv_batch_with_an_empty_graph():
+    """A PyG Batch whose second and last graphs have no nodes: the conv on the
+    batch equals the conv on each graph alone (the empty ones give 0 rows)."""
+    from torch_geometric.data import Batch, Data
+
+    torch.manual_seed(5)
+    conv = DynamicGroupMaxRelConv(16, 32, k=3, groups=2).double()
+    gen = torch.Generator().manual_seed(6)
+    sizes = [7, 0, 9, 0]
+    graphs = [Data(x=torch.randn(n, 16, generator=gen, dtype=torch.float64)) for n in sizes]
+    batch = Batch.from_data_list(graphs)
+    assert batch.num_graphs == 4 and batch.x.shape == (16, 16)
+    conv.eval()
+    out = conv(batch.x, batch.batch)
+    parts = [conv(g.x) for g in graphs]
+    assert [p.shape for p in parts] == [(n, 32) for n in sizes]
+    assert out.shape == (16, 32) and torch.allclose(out, torch.cat(parts), rtol=0, atol=1e-12)
+    conv.train()  # batch statistics over the 16 nodes: finite, the empty graphs add nothing
+    out = conv(batch.x, batch.batch)
+    assert out.shape == (16, 32) and torch.isfinite(out).all() and torch.isfinite(conv.nn[1].running_var).all()

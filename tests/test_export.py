@@ -214,7 +214,7 @@ def test_torch_export_takes_any_batch_size():
     distances cannot hide a difference), also with several dense-kNN blocks
     of images in eager mode."""
     from gkg_pyg import create_model
-    from gkg_pyg import knn as knn_module
+    from gkg_pyg.ops import knn as knn_module
 
     torch.manual_seed(0)
     model = create_model("gkgnet_ti", num_classes=5, img_size=96).double().eval()

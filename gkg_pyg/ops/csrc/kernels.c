@@ -1,10 +1,10 @@
-/* CPU kernels for gkg_pyg.native (float32, plain C, no torch headers).
+/* CPU kernels for gkg_pyg.ops (float32, plain C, no torch headers).
  *
  * gkg_smallest_k: exact k smallest entries of every row of a matrix.
  * gkg_knn: the dense kNN (distances from products, then gkg_smallest_k's selection), tile by tile.
  * gkg_max_relative: the interleaved max-relative features of a regular neighbour table.
  * gkg_bn_gelu, gkg_bn_gelu_backward, gkg_bn_backward: the elementwise passes of the backward of
- *   linear(GELU(BatchNorm(h))) (models/gkgnet.py), three passes over h instead of about ten.
+ *   linear(GELU(BatchNorm(h))) (gkg_pyg::bn_gelu_linear), three passes over h instead of about ten.
  *
  * The selection, per row of n values and k <= 32 (M = 32 buckets for k <= 16, else 64):
  *   1. the minimum of each of M strided buckets (index mod M), in vector registers;

@@ -1,0 +1,47 @@
+"""The operator layer of gkg-pyg's fast paths: PyTorch operators in the
+``gkg_pyg`` namespace (``torch.library.custom_op``) over compiled CPU kernels.
+
+=========================================  ==========================================================
+``torch.ops.gkg_pyg.smallest_k``           row-wise top-k indices (:func:`smallest_k`)
+``torch.ops.gkg_pyg.knn_smallest_k``       the dense kNN in one pass (:func:`knn_smallest_k`)
+``torch.ops.gkg_pyg.max_relative``         neighbour maximum + interleave, with autograd (:func:`max_relative`)
+``torch.ops.gkg_pyg.max_relative_backward``  its winner scatter, itself differentiable
+``torch.ops.gkg_pyg.bn_gelu_linear``       ``linear(GELU(BatchNorm(h)))``, with autograd (:func:`bn_gelu_linear`)
+``torch.ops.gkg_pyg.bn_gelu_linear_backward``  its backward pass (no second derivative)
+=========================================  ==========================================================
+
+Each operator's real implementation runs the compiled kernel where it
+applies (float32 CPU tensors, sizes where the kernel pays) and the PyTorch
+path otherwise, inside the operator: a call always returns its result.  The
+fake implementations give shapes, dtypes and devices for any device, so
+``torch.compile`` keeps each operator as one opaque call whose real kernel
+runs, ``torch.export`` records it, and the profiler and dispatch modes see it
+by name (FLOP counters count the products of the kNN and of
+``bn_gelu_linear``).  :func:`grouped_linear` and :func:`linear_weight_grad` are
+plain ATen calls that route large float32 CPU maps to oneDNN;
+:func:`plain_decompositions` turns the operators of an exported program back
+into ATen operations for exporters that know only those (ONNX).
+
+The kernels (``csrc/kernels.c``) are compiled on first use with the system C
+compiler; without one, or with ``GKG_PYG_NATIVE=0``, every operator runs its
+PyTorch path (one warning).  This package imports nothing from gkg_pyg
+outside itself.
+"""
+
+from ._native import native_available
+from .fused import bn_gelu_linear
+from .knn import knn_smallest_k, smallest_k
+from .linear import grouped_linear, linear_weight_grad
+from .aggregate import max_relative
+from .decompositions import plain_decompositions
+
+__all__ = [
+    "smallest_k",
+    "knn_smallest_k",
+    "max_relative",
+    "bn_gelu_linear",
+    "grouped_linear",
+    "linear_weight_grad",
+    "native_available",
+    "plain_decompositions",
+]

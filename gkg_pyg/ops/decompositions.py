@@ -1,0 +1,120 @@
+"""The ``gkg_pyg::`` operators as plain ATen operations, for exporters.
+
+``torch.export`` keeps each ``gkg_pyg::`` operator as one call (the program
+then needs ``gkg_pyg.ops`` imported wherever it is loaded or run).  An
+exporter that knows only ATen operators (``torch.onnx.export``) needs them
+decomposed first::
+
+    program = torch.export.export(model, args, dynamic_shapes=...)
+    program = program.run_decompositions(gkg_pyg.ops.plain_decompositions())
+    torch.onnx.export(program, args, "model.onnx", dynamo=True)
+
+Each decomposition is the operator's PyTorch path (the values the operator
+gives without its compiled kernels): ``topk`` for the selections, blocked
+matrix products for the dense kNN (every block holding all graphs, so that
+the graph count stays symbolic), the gathers and maxima of the neighbour
+maximum.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .aggregate import _max_relative_backward_pytorch, _no_rank, interleaved
+from .fused import _stat_dtype
+from .knn import DENSE_BLOCK_ELEMENTS
+
+__all__ = ["plain_decompositions"]
+
+
+def _topk_smallest(dist: Tensor, k: int) -> Tensor:
+    return dist.topk(k, dim=-1, largest=False).indices
+
+
+def _max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor, with_rank: bool):
+    """The running maximum of the operator's PyTorch path without in-place steps
+    (a decomposition must be functional) and without viewing ``x_src`` as
+    sub-rows (an exported program fixes a view to the strides it was traced
+    with): one column slice per group, the same maxima and ranks."""
+    g, n_dst, k = neighbors.shape
+    cg = x_src.shape[1] // g
+    bests, ranks = [], []
+    for group in range(g):
+        cols, index = x_src[:, group * cg : (group + 1) * cg], neighbors[group]
+        best = cols.index_select(0, index[:, 0])
+        for j in range(1, k):
+            best = torch.maximum(best, cols.index_select(0, index[:, j]))
+        bests.append(best)
+        if with_rank:  # the number of ranks whose running maximum is still below the final one
+            running = cols.index_select(0, index[:, 0])
+            rank = torch.lt(running, best).to(torch.uint8 if k <= 256 else torch.long)
+            for j in range(1, k - 1):
+                running = torch.maximum(running, cols.index_select(0, index[:, j]))
+                rank = rank + torch.lt(running, best).to(rank.dtype)
+            ranks.append(rank)
+    out = interleaved(x_dst, torch.cat(bests, dim=1) - x_dst)
+    return out, torch.cat(ranks, dim=1) if with_rank else _no_rank(x_src)
+
+
+def _knn_smallest_k(dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bias: Optional[Tensor], k: int):
+    """The blocked PyTorch path of :func:`gkg_pyg.ops.knn.knn_smallest_k` out of
+    place (the same operations, so the same values): blocks of destination rows,
+    each holding all graphs, so that the graph count stays symbolic."""
+    groups, _, n_dst, _ = dst.shape
+    n_src = src.shape[2]
+    rows = max(1, DENSE_BLOCK_ELEMENTS // max(1, groups * n_src))
+    src_t, src_sq = src.transpose(-1, -2), src_sq.unsqueeze(-2)
+    blocks = []
+    for r0 in range(0, n_dst, rows):
+        dist = torch.matmul(dst[:, :, r0 : r0 + rows], src_t) * -2 + dst_sq[:, :, r0 : r0 + rows].unsqueeze(-1)
+        dist = dist + src_sq
+        if bias is not None:
+            dist = dist - bias[r0 : r0 + rows].to(src.dtype)
+        blocks.append(_topk_smallest(dist, k))
+    if not blocks:
+        return torch.empty(*dst.shape[:3], k, dtype=torch.long, device=dst.device)
+    return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
+
+
+def _bn_gelu_linear(h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``gkg_pyg::bn_gelu_linear`` with ATen's functional BatchNorm variants (the same
+    kernels as ``native_batch_norm``) and an out-of-place GELU."""
+    empty = (h.new_empty(0), h.new_empty(0))
+    if not training:
+        z, _, _ = torch.ops.aten._native_batch_norm_legit_no_training(
+            h, bn_weight, bn_bias, running_mean, running_var, momentum, eps
+        )
+        stats, updated = (running_mean.clone(), running_var.clone()), empty
+    elif running_mean is None:
+        z, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(h, bn_weight, bn_bias, True, momentum, eps)
+        stats, updated = (mean, invstd), empty
+    else:
+        z, mean, invstd, new_mean, new_var = torch.ops.aten._native_batch_norm_legit_functional(
+            h, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps
+        )
+        stats, updated = (mean, invstd), (new_mean, new_var)
+    if training:
+        dtype = _stat_dtype(h, bn_weight)
+        stats = tuple(t.to(dtype) for t in stats)
+    a = F.gelu(z)
+    out = F.linear(a if a.dtype == weight.dtype else a.to(weight.dtype), weight, bias)
+    return (out, *stats, *updated)
+
+
+def plain_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
+    """``{operator: function}`` for ``ExportedProgram.run_decompositions``: every
+    forward ``gkg_pyg::`` operator (and ``max_relative_backward``) as its PyTorch
+    path, and nothing else (ATen operators stay as they are, so an exporter
+    applies its own decompositions to them).  ``bn_gelu_linear_backward`` has
+    none: export the model for inference."""
+    return {
+        torch.ops.gkg_pyg.smallest_k.default: _topk_smallest,
+        torch.ops.gkg_pyg.knn_smallest_k.default: _knn_smallest_k,
+        torch.ops.gkg_pyg.max_relative.default: _max_relative,
+        torch.ops.gkg_pyg.max_relative_backward.default: _max_relative_backward_pytorch,
+        torch.ops.gkg_pyg.bn_gelu_linear.default: _bn_gelu_linear,
+    }
