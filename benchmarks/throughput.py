@@ -1,11 +1,12 @@
-"""Throughput and peak memory of gkg-pyg against the dense reference.
+"""Throughput and peak memory of gkg-pyg per kNN backend, eager and compiled.
 
 Prints one table: images/s and peak memory for an eval forward pass and for
 a training step (forward, backward, AdamW step) of GKGNet as built by this
-library, once per kNN backend (dense, and torch-cluster when installed), and
-of the plain-PyTorch dense reference in tests/reference_gkgnet.py (same
-architecture, same weights), plus the first stage's group kNN alone for each
-backend.  For gkg-pyg rows a second, separately timed pass measures the share
+library, once per kNN backend (dense, and torch-cluster when installed),
+with ``--compile`` also under ``torch.compile`` (the first, compiling step
+is timed separately and printed), plus the first stage's group kNN alone for
+each backend.  For the comparison with the authors' implementation see
+benchmarks/authors.py.  For gkg-pyg rows a second, separately timed pass measures the share
 of the step spent in the group kNN (the kNN calls timed one by one, with
 device synchronisation around them, so that pass is not the one whose
 images/s is printed).  Every row runs in a fresh process so that peak memory
@@ -17,8 +18,8 @@ noisy.
 close the row comes to the dense-matrix-product rate of the device, which the
 header gives (the best of a few 2048^3 products in the row's dtype).
 
-    python experiments/benchmark.py --model gkgnet_s --img-size 224 --batch 8 --device cpu
-    python experiments/benchmark.py --img-size 448 --batch 16 --device cuda --amp fp16
+    python benchmarks/throughput.py --model gkgnet_s --img-size 224 --batch 8 --device cpu
+    python benchmarks/throughput.py --img-size 448 --batch 16 --device cuda --amp fp16 --compile
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed
 steps; on the CPU the process's maximum resident set (model, warm-up step and
@@ -42,18 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build(impl: str, variant: str, img_size: int, num_classes: int, backend: str):
+def build(variant: str, img_size: int, num_classes: int, backend: str):
     import gkg_pyg
 
-    model = gkg_pyg.create_model(f"gkgnet_{variant}", num_classes=num_classes, img_size=img_size, knn_backend=backend)
-    if impl == "reference":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from reference_gkgnet import ReferenceGKGNet
-
-        ref = ReferenceGKGNet(variant, num_classes=num_classes, img_size=img_size)
-        ref.load_state_dict(gkg_pyg.export_authors_checkpoint(model)["state_dict"])
-        return ref
-    return model
+    return gkg_pyg.create_model(f"gkgnet_{variant}", num_classes=num_classes, img_size=img_size, knn_backend=backend)
 
 
 def sync(device):
@@ -68,13 +61,14 @@ def autocast(args, device):
 
 
 class KnnTimer:
-    """Wraps the model's ``batched_group_knn`` and adds up its wall time."""
+    """Wraps the models' ``batched_group_knn`` (the patch path's in models.pvig, the
+    label path's in models.gkgnet) and adds up its wall time."""
 
     def __init__(self, device):
-        import gkg_pyg.models.gkgnet as gk
+        from gkg_pyg.models import gkgnet, pvig
 
-        self.module, self.device, self.seconds = gk, device, 0.0
-        self.original = gk.batched_group_knn
+        self.modules, self.device, self.seconds = (gkgnet, pvig), device, 0.0
+        self.original = pvig.batched_group_knn
 
     def __enter__(self):
         def timed(*args, **kwargs):
@@ -85,11 +79,13 @@ class KnnTimer:
             self.seconds += time.perf_counter() - start
             return out
 
-        self.module.batched_group_knn = timed
+        for module in self.modules:
+            module.batched_group_knn = timed
         return self
 
     def __exit__(self, *exc):
-        self.module.batched_group_knn = self.original
+        for module in self.modules:
+            module.batched_group_knn = self.original
 
 
 def measure(args, impl: str, task: str, queue):
@@ -97,11 +93,15 @@ def measure(args, impl: str, task: str, queue):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    backend = impl[impl.index("[") + 1 : impl.index("]")]  # "gkg_pyg[dense]+compile" -> "dense"
     if task == "knn":
-        queue.put(measure_knn(args, impl, device))
+        queue.put(measure_knn(args, backend, device))
         return
-    name, backend = (impl, None) if impl == "reference" else impl.rstrip("]").split("[")
-    model = build(name, args.variant, args.img_size, args.num_classes, backend or "dense").to(device)
+    compiled = impl.endswith("+compile")
+    model = build(args.variant, args.img_size, args.num_classes, backend).to(device)
+    module = model
+    if compiled:
+        model = torch.compile(model)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     targets = (torch.rand(args.batch, args.num_classes, device=device) < 0.1).float()
     if task == "train":
@@ -124,8 +124,10 @@ def measure(args, impl: str, task: str, queue):
             with torch.no_grad(), autocast(args, device):
                 model(images)
 
-    step()  # warm-up (also builds the position tables)
+    start = time.perf_counter()
+    step()  # warm-up (also builds the position tables; compiles a compiled row)
     sync(device)
+    first_step = time.perf_counter() - start
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -140,15 +142,17 @@ def measure(args, impl: str, task: str, queue):
         peak = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
     # Counted with autograd on: the counter's module tracking fails under no_grad on some models
     # (torch's ModuleTracker), and an eval forward does the same products either way.
-    with FlopCounterMode(display=False) as flops:
+    # Counted on the eager module (a compiled one runs the same products) with autograd on: the
+    # counter's module tracking fails under no_grad on some models, and an eval forward does the
+    # same products either way.
+    with FlopCounterMode(display=False) as flops, autocast(args, device):
+        out = module(images)
         if task == "train":
-            step()
-        else:
-            with autocast(args, device):
-                model(images)
+            out.float().sum().backward()
+    module.zero_grad(set_to_none=True)
     gflop = flops.get_total_flops() / 1e9
     knn_share = float("nan")
-    if name == "gkg_pyg":  # a second pass, timing the kNN calls one by one
+    if not compiled:  # a second pass, timing the kNN calls one by one
         with KnnTimer(device) as timer:
             start = time.perf_counter()
             for _ in range(args.iters):
@@ -164,6 +168,7 @@ def measure(args, impl: str, task: str, queue):
             peak_mib=peak,
             gflops=gflop / seconds,
             knn_share=knn_share,
+            first_step_s=first_step,
         )
     )
 
@@ -171,13 +176,14 @@ def measure(args, impl: str, task: str, queue):
 def measure_knn(args, backend: str, device):
     """The first stage's patch-level group kNN for the whole batch, with the
     position term the model passes to that backend."""
-    import gkg_pyg.models.gkgnet as gk
     from gkg_pyg.knn import batched_group_knn
+    from gkg_pyg.models.geometry import POOL, stage_grids
+    from gkg_pyg.models.pvig import VARIANTS, Stage
 
-    grid = gk.stage_grids(args.img_size, args.img_size)[0]
-    channels = gk.VARIANTS[args.variant].channels[0]
-    stage = gk.Stage(channels, channels, grid, gk.POOL[0], [1], [0.0], 9, 2, backend, downsample=False).to(device)
-    n, n_src = grid[0] * grid[1], (grid[0] // gk.POOL[0]) * (grid[1] // gk.POOL[0])
+    grid = stage_grids(args.img_size, args.img_size)[0]
+    channels = VARIANTS[args.variant].channels[0]
+    stage = Stage(channels, channels, grid, POOL[0], [1], [0.0], 9, 2, backend, downsample=False).to(device)
+    n, n_src = grid[0] * grid[1], (grid[0] // POOL[0]) * (grid[1] // POOL[0])
     dtype = AMP_DTYPES.get(args.amp, torch.float32) if device.type == "cuda" else torch.float32
     bias = stage.knn_position_bias(grid, backend, dtype)
     x_dst = torch.randn(args.batch, n, channels, device=device, dtype=dtype)
@@ -220,7 +226,7 @@ def run_isolated(args, impl, task):
     if proc.exitcode != 0:
         print(f"# {impl} {task}: the measuring process failed (exit code {proc.exitcode})", file=sys.stderr)
         nan = float("nan")
-        return dict(impl=impl, task=task, ms=nan, ips=nan, peak_mib=nan, gflops=nan, knn_share=nan)
+        return dict(impl=impl, task=task, ms=nan, ips=nan, peak_mib=nan, gflops=nan, knn_share=nan, first_step_s=nan)
     return queue.get()
 
 
@@ -240,7 +246,7 @@ def gemm_rate(args, device) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gkgnet_s", help="gkgnet_ti | gkgnet_s | gkgnet_m | gkgnet_b")
     parser.add_argument("--img-size", type=int, default=224)
@@ -259,8 +265,8 @@ def main():
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--skip-reference", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--compile", action="store_true", help="also time every gkg-pyg row under torch.compile")
+    args = parser.parse_args(argv)
     args.variant = args.model.replace("gkgnet_", "")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(
@@ -294,20 +300,21 @@ def main():
     for task in ("eval", "train") if not args.skip_train else ("eval",):
         for backend in backends:
             rows.append(run_isolated(args, f"gkg_pyg[{backend}]", task))
-        if not args.skip_reference:
-            rows.append(run_isolated(args, "reference", task))
+            if args.compile:
+                rows.append(run_isolated(args, f"gkg_pyg[{backend}]+compile", task))
     for backend in backends:
-        rows.append(run_isolated(args, backend, "knn"))
+        rows.append(run_isolated(args, f"group_knn[{backend}]", "knn"))
     print(
         f"| {'implementation':<24} | {'task':<12} | {'ms/iter':>9} | {'images/s':>9} | {'peak MiB':>9} "
-        f"| {'GFLOP/s':>9} | {'kNN share':>9} |"
+        f"| {'GFLOP/s':>9} | {'kNN share':>9} | {'first step s':>12} |"
     )
-    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 14}|")
     for r in rows:
         share = "" if r["knn_share"] != r["knn_share"] else f"{100 * r['knn_share']:.0f}%"
+        first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else ""
         print(
             f"| {r['impl']:<24} | {r['task']:<12} | {r['ms']:>9.1f} | {r['ips']:>9.2f} | {r['peak_mib']:>9.0f} "
-            f"| {r['gflops']:>9.0f} | {share:>9} |"
+            f"| {r['gflops']:>9.0f} | {share:>9} | {first:>12} |"
         )
 
 

@@ -4,8 +4,6 @@ cases, and of the README's PyG usage snippet."""
 from __future__ import annotations
 
 import random
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,6 @@ from torch_geometric.data import HeteroData
 
 from gkg_pyg import build_stage_graph, group_knn, stack_group_edges
 from gkg_pyg.graph import neighbour_table
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_HEADING = "## Use the Group KNN conv in your own PyG graph"
 
 
 def test_patch_nodes_hand_case():
@@ -151,22 +146,3 @@ def test_neighbour_table():
     table = neighbour_table(stack_group_edges(data, "pooled_patch", "patch"), 48)
     assert table.shape == (2, 48, 4)
     assert torch.equal(table, patch_edges[:, 0].view(2, 48, 4))
-
-
-def readme_snippet(text: str) -> str:
-    """The first ```python block of the README section titled README_HEADING."""
-    if README_HEADING not in text:
-        pytest.fail(f"{README} has no heading {README_HEADING!r}")
-    section = text.split(README_HEADING, 1)[1]
-    block = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
-    # The block must belong to this section: no markdown heading before it.
-    if block is None or re.search(r"^#{1,6} ", section[: block.start()], flags=re.M):
-        pytest.fail(f"the README section {README_HEADING!r} has no ```python block")
-    return block.group(1)
-
-
-def test_readme_snippet_runs():
-    if not README.is_file():
-        pytest.fail(f"{README} does not exist")
-    code = readme_snippet(README.read_text(encoding="utf-8"))
-    exec(compile(code, f"{README}:snippet", "exec"), {"__name__": "readme_snippet"})

@@ -175,32 +175,21 @@ def test_errors():
     assert repr(GroupKNNGraph(9, 2, dilation=3)) == "GroupKNNGraph(k=9, groups=2, dilation=3, loop=False)"
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "conv.md"
 
 
-def readme_block(heading: str) -> str:
-    """The first ```python block under ``heading`` in the README (before the next heading)."""
-    text = README.read_text(encoding="utf-8")
-    assert heading in text, f"README has no heading {heading!r}"
-    section = text.split(heading, 1)[1]
-    block = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
-    assert block is not None and not re.search(r"^#{1,6} ", section[: block.start()], flags=re.M), (
-        f"no ```python block under {heading!r}"
-    )
-    return block.group(1)
+def guide_namespace() -> dict:
+    """The names left by docs/conv.md's python examples, run in order (tests/test_docs.py runs every page)."""
+    namespace = {"__name__": "docs_example"}
+    for code in re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(encoding="utf-8"), flags=re.S | re.M):
+        exec(compile(code, str(GUIDE), "exec"), namespace)
+    return namespace
 
 
-def test_readme_transform_snippet_runs():
-    namespace = {"__name__": "readme_snippet"}
-    exec(compile(readme_block("### Build the graphs once, in a data pipeline"), "README:transform", "exec"), namespace)
-    batch, out, hetero = namespace["batch"], namespace["out"], namespace["hetero"]
+def test_guide_examples_build_what_they_say():
+    namespace = guide_namespace()
+    batch, out, hetero, table_ = namespace["batch"], namespace["out"], namespace["hetero"], namespace["table"]
     assert batch.group_edge_index.shape == (2, 2, 1000) and out.shape == (125, 64)
     assert torch.equal(batch.group_edge_index[:, 1], torch.arange(125).repeat_interleave(8).expand(2, -1))
     assert stack_group_edges(hetero, "point", "point").shape == (2, 2, 320)
-
-
-def test_readme_batched_snippet_runs():
-    namespace = {"__name__": "readme_snippet"}
-    exec(compile(readme_block("### Equal-sized graphs as dense tensors"), "README:batched", "exec"), namespace)
-    table_ = namespace["table"]
     assert table_.shape == (2, 4, 196, 9) and int(table_.min()) >= 0 and int(table_.max()) < 49
