@@ -27,7 +27,7 @@ Backends
 --------
 ``"dense"``: on the CPU in float32, one compiled pass that forms the
 distances tile by tile and ranks each row at once
-(:func:`gkg_pyg.native.knn_smallest_k`; ties to the lower source index);
+(:func:`gkg_pyg.ops.knn_smallest_k`; ties to the lower source index);
 elsewhere blocked matrix products and ``topk`` (chunked so that one distance
 block holds at most :data:`DENSE_BLOCK_ELEMENTS` values).  The two round
 the products' sums in different orders, so in float32 sources whose
@@ -35,13 +35,19 @@ distances lie within a few units in the last place may swap ranks.
 Both backends rank in at least float32, also for half-precision features
 and under autocast (the features are upcast; the graph costs little next
 to the model, and half-precision distances would reorder close neighbours).
-``"torch_cluster"``: ``torch_cluster.knn`` on augmented coordinates that fold
-the position bias in, then an exact re-ranking of its ``k * dilation``
-candidates from the small features (see :func:`_cluster_knn`).
-``"auto"``: the dense backend on the CPU, where it measured 5-9x faster
-(README, Benchmark; ``experiments/benchmark_knn.py``); on CUDA torch-cluster
-when installed and ``k * dilation <= 100`` (the design's choice for GPU edge
-sets; not yet measured against the dense backend there).
+``"torch_cluster"``: ``torch_cluster.knn`` (through the operator
+``gkg_pyg::cluster_knn``, which has a fake implementation and a static
+``(E, n, k)`` shape) on augmented coordinates that fold the position bias
+in, then an exact re-ranking of its ``k * dilation`` candidates from the
+small features (see :func:`_cluster_knn`).
+``"auto"``: see :func:`resolve_backend` and docs/knn_backends.md (the
+measurements behind the rule).
+
+Host reads: :func:`batched_group_knn` reads no value back to the host, on any
+device.  :func:`group_knn` with batch vectors reads the graph sizes back once
+per call (one synchronisation on CUDA, with the features' finiteness check
+folded into the same transfer); without batch vectors it reads nothing on a
+GPU (the finiteness check then runs on CPU tensors only).
 """
 
 from __future__ import annotations
@@ -53,13 +59,11 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-from .native import knn_smallest_k, smallest_k
-
-try:  # compiled from source; optional so that a plain `pip install` works
-    import torch_cluster
-except ImportError:  # pragma: no cover - depends on the environment
-    torch_cluster = None
+from .ops import knn_smallest_k, smallest_k
+from .ops.cluster import CUDA_MAX_K, cluster_knn
+from .ops.cluster import torch_cluster  # None without the package (compiled from source, optional)
 
 __all__ = ["group_knn", "batched_group_knn", "dense_position_bias", "has_torch_cluster", "resolve_backend"]
 
@@ -74,7 +78,7 @@ DENSE_BLOCK_ELEMENTS = 1 << 21
 # (augmented coordinates, torch-cluster's result, the re-ranked candidates).
 CLUSTER_CHUNK_BYTES = 1 << 28
 # torch-cluster's CUDA kernel keeps at most 100 neighbours per query.
-CLUSTER_CUDA_MAX_K = 100
+CLUSTER_CUDA_MAX_K = CUDA_MAX_K
 INSTALL_HINT = "pip install --no-build-isolation torch-cluster (./setup.sh compiles it)"
 
 _warned_no_cluster = False
@@ -88,10 +92,13 @@ def resolve_backend(backend: str, device: torch.device, needed: Optional[int] = 
     """Map a requested backend to the one that runs for ``needed = k * dilation``
     neighbours on ``device``.
 
-    ``"auto"`` is the dense backend on the CPU (it measured 5-9x faster
-    than torch-cluster there) and torch-cluster on CUDA when it is installed
-    and ``needed`` fits its CUDA kernel (else the dense backend, with a one-time
-    warning when the package is missing).  An explicit ``"torch_cluster"``
+    ``"auto"`` is the dense backend on the CPU (faster there than
+    torch-cluster's single-threaded KD-tree search even when that runs on
+    every core: GKGNet-S at 448 px, see docs/knn_backends.md) and
+    torch-cluster on CUDA when it is installed and ``needed`` fits its CUDA
+    kernel (else the dense backend, with a one-time warning when the package
+    is missing); the CUDA choice is the design's, not yet measured there
+    (``benchmarks/gpu.sh`` measures both).  An explicit ``"torch_cluster"``
     never falls back: without the package it raises an ``ImportError``.
     """
     global _warned_no_cluster
@@ -261,8 +268,7 @@ def group_knn(
     if x_dst.shape[1] != channels:
         raise ValueError(f"x_src has {channels} channels but x_dst has {x_dst.shape[1]}")
     _check_arguments(channels, k, groups, dilation)
-    sizes_src = _graph_sizes(batch_src, x_src.shape[0], "batch_src")
-    sizes_dst = _graph_sizes(batch_dst, x_dst.shape[0], "batch_dst")
+    sizes_src, sizes_dst, finite = _read_graphs(x_src, x_dst, batch_src, batch_dst)
     num_graphs = max(len(sizes_src), len(sizes_dst))
     sizes_src += [0] * (num_graphs - len(sizes_src))
     sizes_dst += [0] * (num_graphs - len(sizes_dst))
@@ -280,7 +286,7 @@ def group_knn(
                 f"position_bias is ({n_dst}, {n_src}) but the graphs have "
                 f"{sizes_dst} destinations and {sizes_src} sources"
             )
-    if not (_all_finite(x_src) and _all_finite(x_dst)):
+    if not finite:
         raise ValueError("group_knn got non-finite (NaN or inf) node features")
 
     backend = resolve_backend(backend, x_dst.device, needed)
@@ -317,23 +323,73 @@ def group_knn(
         return torch.stack([nbr.reshape(groups, -1), dst.reshape(groups, -1)], dim=1)
 
 
-def _graph_sizes(batch: Optional[Tensor], num_nodes: int, name: str) -> List[int]:
-    if batch is None:
-        return [num_nodes]
-    if batch.dim() != 1 or batch.numel() != num_nodes:
+def _read_graphs(
+    x_src: Tensor, x_dst: Tensor, batch_src: Optional[Tensor], batch_dst: Optional[Tensor]
+) -> Tuple[List[int], List[int], bool]:
+    """The graph sizes of ``batch_src`` and ``batch_dst`` (checked: vectors of the
+    nodes' length, sorted) and whether the features are finite, read back to the
+    host at most once.
+
+    With batch vectors the sizes must reach the host (they set the problems'
+    shapes): the vectors, and on CUDA the features' finiteness flag with them,
+    come back in one transfer (one synchronisation per call on CUDA).  Without
+    batch vectors nothing is read on a GPU, so the features' finiteness is
+    checked on the CPU only (there the check costs one pass and no
+    synchronisation).  Tensors without data (fake or meta) cannot give sizes:
+    with batch vectors that is an error naming :func:`batched_group_knn`.
+    """
+    vectors = []
+    for batch, num_nodes, name in ((batch_src, x_src.shape[0], "batch_src"), (batch_dst, x_dst.shape[0], "batch_dst")):
+        if batch is not None and (batch.dim() != 1 or batch.numel() != num_nodes):
+            raise ValueError(
+                f"{name} must be a vector of length {num_nodes} (one graph id per node), got shape {tuple(batch.shape)}"
+            )
+        vectors.append(batch)
+    on_cpu = x_src.device.type == "cpu" and x_dst.device.type == "cpu"
+    readable = not any(_has_no_data(t) for t in (x_src, x_dst, *[b for b in vectors if b is not None]))
+    if not any(b is not None for b in vectors):
+        finite = _all_finite(x_src) and _all_finite(x_dst) if on_cpu and readable else True
+        return [x_src.shape[0]], [x_dst.shape[0]], finite
+    if not readable:
         raise ValueError(
-            f"{name} must be a vector of length {num_nodes} (one graph id per node), got shape {tuple(batch.shape)}"
+            "group_knn with batch vectors reads the graph sizes back to the host, which tensors "
+            "without data (fake or meta) cannot do; use batched_group_knn on (B, N, C) tensors"
         )
-    if num_nodes > 1 and bool((batch[1:] < batch[:-1]).any()):
-        raise ValueError(f"{name} must be sorted (nodes of one graph stored contiguously)")
-    return torch.bincount(batch.cpu()).tolist() if num_nodes else []
+    parts = [b.reshape(-1).long() for b in vectors if b is not None]
+    if on_cpu:
+        finite = _all_finite(x_src) and _all_finite(x_dst)
+    else:  # the flag travels with the batch vectors
+        parts.append(~(_finite_flag(x_src) & _finite_flag(x_dst)).long().view(1))
+    host = torch.cat([p.to(parts[0].device) for p in parts]).cpu()
+    if not on_cpu:
+        finite, host = not bool(host[-1]), host[:-1]
+    sizes = []
+    for batch, num_nodes, name in ((batch_src, x_src.shape[0], "batch_src"), (batch_dst, x_dst.shape[0], "batch_dst")):
+        if batch is None:
+            sizes.append([num_nodes])
+            continue
+        ids, host = host[:num_nodes], host[num_nodes:]
+        if num_nodes > 1 and bool((ids[1:] < ids[:-1]).any()):
+            raise ValueError(f"{name} must be sorted (nodes of one graph stored contiguously)")
+        sizes.append(torch.bincount(ids).tolist() if num_nodes else [])
+    return sizes[0], sizes[1], finite
+
+
+def _has_no_data(t: Tensor) -> bool:
+    """Fake or meta tensors: shapes without values to read."""
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _finite_flag(x: Tensor) -> Tensor:
+    """A 0-dim bool tensor on ``x``'s device: all of ``x`` finite (no host read)."""
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    lo, hi = torch.aminmax(x)  # one pass; NaN and inf propagate to the extremes
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def _all_finite(x: Tensor) -> bool:
-    if x.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(x)  # one pass; NaN and inf propagate to the extremes
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return bool(_finite_flag(x))
 
 
 # ---------------------------------------------------------------------------
@@ -406,28 +462,29 @@ def _bias_rows(position_bias: PositionBias, r0: int, r1: int) -> Tensor:
 
 
 def _cluster_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[PositionBias]) -> Tensor:
-    """``torch_cluster.knn`` for the candidates, then an exact re-ranking.
+    """``gkg_pyg::cluster_knn`` (torch-cluster) for the candidates, then an exact re-ranking.
 
     Every (group, graph) pair is one torch-cluster example.  A position bias
-    turns the biased cosine order into a plain euclidean order by the
-    reduction from maximum inner product search to nearest-neighbour search:
-    destinations become ``p = [a, U_i, 1, 0]``, sources
-    ``q = [2b, V_j, -|b|^2, sqrt(M - |q'|^2)]``, so that
-    ``|p - q|^2 = const_i - 2 (2 a.b + B_ij - |b|^2)`` orders sources exactly
-    like ``|a - b|^2 - B_ij``.  A factored bias adds ``r`` coordinates; a dense
-    one is factored as ``B @ I`` (``n_src`` coordinates).
+    ``B = U V^T`` turns the biased cosine order into a plain euclidean order by
+    appending coordinates: destinations become ``p = [a, U_i / sqrt 2, 0]`` and
+    sources ``q = [b, V_j / sqrt 2, sqrt(M - |V_j|^2 / 2)]`` (``M`` the largest
+    ``|V_j|^2 / 2``), so that ``|p - q|^2 = |a - b|^2 - B_ij + |U_i|^2 / 2 + M``
+    orders the sources of destination ``i`` exactly like ``|a - b|^2 - B_ij``
+    (``c + r + 1`` coordinates for a factored bias with ``r`` columns; a dense
+    bias is factored as ``B @ I``: ``c + n_src`` coordinates, the last one
+    being 0).  The sources' coordinates are built once per call.
 
     The ``needed`` candidates of each destination are then ranked by
     ``|a - b|^2 - B_ij`` computed from the small normalised features and the
-    bias (never from the augmented coordinates), ties broken by the lower
-    source index.  The work runs in chunks of (group, graph) pairs, or of
-    destinations when one pair is too large, whose temporaries stay below
-    about :data:`CLUSTER_CHUNK_BYTES`: the augmented coordinates of the chunk
-    and, per candidate edge, torch-cluster's indices and the gathered
-    features and bias factors.  Peak memory is therefore the inputs, the
-    ``(groups, B, N_dst, needed)`` output and one chunk, for any batch.
-    The computation runs in at least float32 (half-precision augmented
-    coordinates would lose the order).
+    bias rows (never from the appended coordinates), ties broken by the lower
+    source index.  A factored bias is multiplied out once per block of
+    destination rows, for all examples together (one product instead of
+    gathering ``r`` factor values per candidate edge).  The work runs in
+    chunks of (group, graph) pairs, or of destinations when one pair is too
+    large, whose temporaries stay below about :data:`CLUSTER_CHUNK_BYTES`.
+    Peak memory is therefore the inputs, the sources' coordinates, the
+    ``(groups, B, N_dst, needed)`` output and one chunk, for any batch.  The computation runs in at least
+    float32 (half-precision coordinates would lose the order).
     """
     groups, num_graphs, n_src, c = src.shape
     n_dst = dst.shape[2]
@@ -440,82 +497,58 @@ def _cluster_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[
         u = position_bias.to(dtype)
     elif position_bias is not None:
         u, v = position_bias[0].to(dtype), position_bias[1].to(dtype)
-    r = 0 if u is None else u.shape[1]
-    width = c if u is None else c + r + 2
-    # Bytes per candidate edge: torch-cluster's row/col and their sorted copies
-    # (int64), the gathered source features and bias factors.
-    per_edge = 16 * 8 + (c + (r if v is not None else 1)) * dtype.itemsize
-    per_dst, per_src = width * dtype.itemsize + needed * per_edge, width * dtype.itemsize
-    per_entry = n_src * per_src + n_dst * per_dst
-    count = max(1, CLUSTER_CHUNK_BYTES // max(1, per_entry))
-    rows = (
-        n_dst
-        if count > 1 or per_entry <= CLUSTER_CHUNK_BYTES
-        else max(1, (CLUSTER_CHUNK_BYTES - n_src * per_src) // per_dst)
-    )
+    extra_src = None if u is None else _source_bias_coordinates(v, n_src, dtype, src.device)
+    width = c + (0 if extra_src is None else extra_src.shape[1])
+    size = dtype.itemsize
+    # Bytes per candidate edge: the operator's indices and their sorted copies (int64), the
+    # gathered source features, the candidates' bias and distances.
+    per_edge = 12 * 8 + (c + 4) * size
+    per_dst, per_src = width * size + needed * per_edge, width * size
+    bias_row = 0 if u is None else n_src * size  # one row of the bias, shared by a chunk's examples
+    whole = n_src * per_src + n_dst * per_dst  # one example, all destinations
+    if whole + n_dst * bias_row <= CLUSTER_CHUNK_BYTES:
+        rows, count = n_dst, max(1, (CLUSTER_CHUNK_BYTES - n_dst * bias_row) // whole)
+    else:  # one example at a time, in blocks of destinations
+        rows, count = max(1, (CLUSTER_CHUNK_BYTES - n_src * per_src) // (per_dst + bias_row)), 1
+    # The sources' coordinates, once for all examples (n_src is at most n_dst in the models: small
+    # next to the destinations' side), reused by every block of destination rows.
+    q_all = src if extra_src is None else torch.cat([src, extra_src.expand(entries, -1, -1)], dim=-1)
     out = torch.empty(entries, n_dst, needed, dtype=torch.long, device=dst.device)
-    for e0 in range(0, entries, count):
-        s = src[e0 : e0 + count]
-        q = s if u is None else _augment_sources(s, v)
-        for r0 in range(0, n_dst, rows):
-            d = dst[e0 : e0 + count, r0 : r0 + rows]
-            p = d if u is None else _augment_destinations(d, u[r0 : r0 + rows])
-            cand = _cluster_candidates(q, p, needed)  # (count, rows, needed), ascending source index
-            out[e0 : e0 + count, r0 : r0 + rows] = _rank_candidates(s, d, cand, u, v, r0)
+    for r0 in range(0, n_dst, rows):
+        bias = extra_dst = None
+        if u is not None:  # rows r0:r0 + rows of the bias, for every example
+            bias = _bias_rows(position_bias if v is None else (u, v), r0, r0 + rows).to(dtype)
+            extra_dst = u[r0 : r0 + rows] * 0.5**0.5
+            if v is not None:
+                extra_dst = torch.cat([extra_dst, torch.zeros_like(extra_dst[:, :1])], dim=-1)
+        for e0 in range(0, entries, count):
+            s, d = src[e0 : e0 + count], dst[e0 : e0 + count, r0 : r0 + rows]
+            p = d if extra_dst is None else torch.cat([d, extra_dst.expand(d.shape[0], -1, -1)], dim=-1)
+            cand = cluster_knn(q_all[e0 : e0 + count], p, needed)  # (count, rows, needed), ascending index
+            out[e0 : e0 + count, r0 : r0 + rows] = _rank_candidates(s, d, cand, bias)
     return out.view(groups, num_graphs, n_dst, needed)
 
 
-def _augment_sources(s: Tensor, v: Optional[Tensor]) -> Tensor:
-    """``q = [2b, V_j, -|b|^2, sqrt(M - |q'|^2)]`` (``V = I`` for a dense bias)."""
-    count, n_src, _ = s.shape
+def _source_bias_coordinates(v: Optional[Tensor], n_src: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The sources' appended coordinates ``[V_j / sqrt 2, sqrt(M - |V_j|^2 / 2)]``
+    ``(n_src, r + 1)``; for a dense bias (``V = I``) ``I / sqrt 2`` alone (the
+    norm coordinate would be 0)."""
     if v is None:
-        v = torch.eye(n_src, dtype=s.dtype, device=s.device)
-    b_sq = (s * s).sum(-1, keepdim=True)
-    q = torch.cat([2 * s, v.expand(count, -1, -1), -b_sq], dim=-1)
-    q_sq = (q * q).sum(-1, keepdim=True)
-    return torch.cat([q, (q_sq.amax(dim=1, keepdim=True) - q_sq).clamp_min(0).sqrt()], dim=-1)
+        return torch.eye(n_src, dtype=dtype, device=device) * 0.5**0.5
+    half = v * 0.5**0.5
+    sq = (half * half).sum(-1, keepdim=True)
+    return torch.cat([half, (sq.amax() - sq).clamp_min(0).sqrt()], dim=-1)
 
 
-def _augment_destinations(d: Tensor, u: Tensor) -> Tensor:
-    """``p = [a, U_i, 1, 0]``."""
-    ones = torch.ones_like(d[..., :1])
-    return torch.cat([d, u.expand(d.shape[0], -1, -1), ones, torch.zeros_like(ones)], dim=-1)
-
-
-def _cluster_candidates(q: Tensor, p: Tensor, needed: int) -> Tensor:
-    """The ``needed`` nearest of ``q`` ``(E, n_src, D)`` for every row of ``p``
-    ``(E, n, D)``, example by example: ``(E, n, needed)`` local source indices
-    in ascending index order."""
-    count, n_src, width = q.shape
-    n = p.shape[1]
-    example = torch.arange(count, device=q.device).view(-1, 1)
-    row, col = torch_cluster.knn(
-        q.reshape(-1, width),
-        p.reshape(-1, width),
-        needed,
-        example.expand(count, n_src).reshape(-1),
-        example.expand(count, n).reshape(-1),
-        batch_size=count,
-    )
-    if row.numel() != count * n * needed:  # a shape, known on the host: no synchronisation
-        raise RuntimeError(
-            f"torch_cluster.knn returned {row.numel()} neighbours instead of {count * n * needed} "
-            "(non-finite features, or on CUDA distances beyond its 1e10 limit?)"
-        )
-    # torch-cluster does not promise an order: group by destination, then by source index.
-    col = col[torch.argsort(row)].view(count, n, needed) - example.view(-1, 1, 1) * n_src
-    return col.sort(dim=-1).values
-
-
-def _rank_candidates(s: Tensor, d: Tensor, cand: Tensor, u: Optional[Tensor], v: Optional[Tensor], r0: int) -> Tensor:
+def _rank_candidates(s: Tensor, d: Tensor, cand: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Order the candidates ``(E, n, needed)`` of destinations ``d`` ``(E, n, c)``
-    by ``|a - b|^2 - B_ij`` (``B`` from ``U`` rows ``r0:`` and ``V``, or the
-    dense bias ``U``), stable: equal distances keep the lower source index first."""
+    by ``|a - b|^2 - B_ij`` (``bias``: the destinations' ``(n, n_src)`` rows of
+    ``B``, or ``None``), stable: equal distances keep the lower source index first."""
     count, n, needed = cand.shape
-    b = s.gather(1, cand.view(count, n * needed, 1).expand(-1, -1, s.shape[-1])).view(count, n, needed, -1)
+    n_src, c = s.shape[1], s.shape[2]
+    rows = (cand + torch.arange(count, device=cand.device).view(-1, 1, 1) * n_src).view(-1)
+    b = s.reshape(-1, c).index_select(0, rows).view(count, n, needed, c)  # whole rows: faster than gather
     dist = (d * d).sum(-1, keepdim=True) - 2 * (b @ d.unsqueeze(-1)).squeeze(-1) + (b * b).sum(-1)
-    if v is not None:  # factored: B_ij = U_i . V_j for the candidates only
-        dist = dist - (v[cand] @ u[r0 : r0 + n].unsqueeze(-1)).squeeze(-1)
-    elif u is not None:  # dense (n_dst, n_src) bias
-        dist = dist - u[r0 : r0 + n].expand(count, -1, -1).gather(2, cand)
+    if bias is not None:
+        dist = dist - bias.expand(count, -1, -1).gather(2, cand)
     return cand.gather(-1, dist.sort(dim=-1, stable=True).indices)

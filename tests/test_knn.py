@@ -431,27 +431,31 @@ def test_batched_dense_never_reads_values():
     assert out.shape == (2, 3, 196, 9) and out.device.type == "meta"
 
 
-def test_batched_cluster_code_never_reads_values(monkeypatch):
-    """The same for the torch-cluster backend's own code, with torch_cluster.knn
-    replaced by a stand-in returning meta tensors of its result's shape (its
-    CUDA op itself synchronises once, in a masked_select)."""
-
-    class FakeCluster:
-        @staticmethod
-        def knn(x, y, k, batch_x, batch_y, batch_size):
-            assert x.device.type == "meta" and batch_size >= 1
-            return torch.empty(2, y.shape[0] * k, dtype=torch.long, device="meta").unbind(0)
-
-    monkeypatch.setattr(knn_module, "torch_cluster", FakeCluster())
+@pytest.mark.parametrize("bias_kind", [None, "dense", "factored"])
+def test_batched_cluster_code_never_reads_values(monkeypatch, bias_kind):
+    """The same for the torch-cluster backend: its code around the search and the
+    search itself (the operator gkg_pyg::cluster_knn, whose fake implementation
+    gives the table's shape) on meta tensors, in several chunks."""
+    pytest.importorskip("torch_cluster")
     monkeypatch.setattr(knn_module, "CLUSTER_CHUNK_BYTES", 200_000)  # several chunks
     x_src, x_dst = torch.empty(3, 49, 32, device="meta"), torch.empty(3, 196, 32, device="meta")
-    for bias in (
-        None,
-        torch.empty(196, 49, device="meta"),
-        (torch.empty(196, 32, device="meta"), torch.empty(49, 32, device="meta")),
-    ):
-        out = batched_group_knn(x_src, x_dst, 9, 2, dilation=2, position_bias=bias, backend="torch_cluster")
-        assert out.shape == (2, 3, 196, 9)
+    bias = {
+        None: None,
+        "dense": torch.empty(196, 49, device="meta"),
+        "factored": (torch.empty(196, 32, device="meta"), torch.empty(49, 32, device="meta")),
+    }[bias_kind]
+    out = batched_group_knn(x_src, x_dst, 9, 2, dilation=2, position_bias=bias, backend="torch_cluster")
+    assert out.shape == (2, 3, 196, 9) and out.device.type == "meta"
+
+
+def test_group_knn_reads_no_values_without_batch_vectors():
+    """One graph (no batch vectors) on tensors without data: shapes only. With
+    batch vectors the sizes need values: an error naming the batched API."""
+    x_src, x_dst = torch.empty(49, 32, device="meta"), torch.empty(196, 32, device="meta")
+    assert group_knn(x_src, x_dst, 9, 2, backend="dense").shape == (2, 2, 196 * 9)
+    batch = torch.zeros(49, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match=r"batch vectors reads the graph sizes.*batched_group_knn"):
+        group_knn(x_src, x_src, 9, 2, batch_src=batch, batch_dst=batch)
 
 
 @pytest.mark.parametrize("budget", [1, 5_000, 60_000, 1 << 30])
@@ -514,3 +518,121 @@ def test_half_precision_features_rank_in_float32(backend, autocast):
     b = torch.nn.functional.normalize(x_src.view(2, 196, 2, 8), dim=-1).permute(2, 0, 1, 3)
     in_bf16 = (-2 * a @ b.transpose(-1, -2) - bias).topk(9, dim=-1, largest=False).indices
     assert (in_bf16 != want).float().mean() > 0.05
+
+
+# ---------------------------------------------------------------------------
+# The operator gkg_pyg::cluster_knn (torch-cluster with a static shape)
+# ---------------------------------------------------------------------------
+def cluster_problem(seed, count, n_src, n, width, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(count, n_src, width, generator=gen, dtype=dtype),
+        torch.randn(count, n, width, generator=gen, dtype=dtype),
+    )
+
+
+def brute_force_sets(sources, queries, k):
+    """The k nearest sources of every query as sorted index sets (float64 distances)."""
+    dist = torch.cdist(queries.double(), sources.double())
+    return dist.topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
+
+
+def test_cluster_knn_operator_matches_brute_force():
+    pytest.importorskip("torch_cluster")
+    from gkg_pyg.ops.cluster import cluster_knn
+
+    sources, queries = cluster_problem(0, 3, 40, 25, 7)
+    got = cluster_knn(sources, queries, 6)
+    assert got.dtype == torch.long and got.shape == (3, 25, 6)
+    assert torch.equal(got, brute_force_sets(sources, queries, 6))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_cluster_knn_threaded_pieces_are_identical(monkeypatch, threads, count):
+    """On the CPU the queries are searched in one piece per thread (whole
+    examples, or row ranges of one example): the same table as one call."""
+    pytest.importorskip("torch_cluster")
+    from gkg_pyg.ops import cluster
+
+    sources, queries = cluster_problem(1 + count, count, 30, 17, 5)
+    whole = cluster._search(sources, queries, 4)
+    monkeypatch.setattr(cluster.torch, "get_num_threads", lambda: threads)
+    pieces = cluster._pieces(count, 17, threads)
+    assert len(pieces) > 1
+    covered = torch.zeros(count, 17, dtype=torch.long)
+    for e0, e1, r0, r1 in pieces:
+        covered[e0:e1, r0:r1] += 1
+    assert bool((covered == 1).all()), "the pieces must cover every query once"
+    assert torch.equal(cluster.cluster_knn(sources, queries, 4), whole)
+    assert torch.equal(whole, brute_force_sets(sources, queries, 4))
+
+
+def test_cluster_knn_opcheck():
+    """torch.library.opcheck: schema, fake implementation (shape, dtype, device
+    match the real one), and tracing by torch.compile's machinery."""
+    pytest.importorskip("torch_cluster")
+    from gkg_pyg.ops.cluster import cluster_knn  # noqa: F401  (registers the operator)
+
+    for dtype in (torch.float32, torch.float64):
+        sources, queries = cluster_problem(2, 2, 20, 9, 6, dtype)
+        torch.library.opcheck(torch.ops.gkg_pyg.cluster_knn.default, (sources, queries, 5))
+
+
+def test_cluster_knn_fake_shape_and_errors():
+    pytest.importorskip("torch_cluster")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gkg_pyg.ops.cluster import cluster_knn
+
+    with FakeTensorMode(), torch.device("cuda"):
+        out = cluster_knn(torch.randn(4, 50, 12), torch.randn(4, 70, 12), 27)
+        assert out.shape == (4, 70, 27) and out.dtype == torch.long and out.device.type == "cuda"
+        with pytest.raises(ValueError, match=r"at most 100 neighbours, got k=101"):
+            cluster_knn(torch.randn(1, 200, 3), torch.randn(1, 5, 3), 101)
+    sources, queries = cluster_problem(3, 2, 10, 4, 3)
+    with pytest.raises(ValueError, match=r"k=11 nearest sources requested, but the examples have 10"):
+        cluster_knn(sources, queries, 11)
+    with pytest.raises(ValueError, match=r"sources \(E, n_src, D\) and queries \(E, n, D\)"):
+        cluster_knn(sources[0], queries, 3)
+    with pytest.raises(ValueError, match="sources have 3 coordinates, queries 2"):
+        cluster_knn(sources, queries[..., :2], 3)
+    with pytest.raises(ValueError, match="one dtype"):
+        cluster_knn(sources, queries.float(), 3)
+    bad = queries.clone()
+    bad[1, 2, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"returned \d+ neighbours instead of \d+ \(non-finite"):
+        cluster_knn(sources, bad, 3)
+
+
+def test_cluster_knn_empty():
+    pytest.importorskip("torch_cluster")
+    from gkg_pyg.ops.cluster import cluster_knn
+
+    sources, queries = cluster_problem(4, 2, 10, 0, 3)
+    assert cluster_knn(sources, queries, 3).shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("bias_kind", ["dense", "factored"])
+def test_cluster_bias_coordinates_order_like_the_biased_distance(bias_kind):
+    """The appended coordinates: |p - q|^2 - |a - b|^2 + B_ij is the same for all
+    sources of a destination (so the euclidean order is the biased order)."""
+    gen = torch.Generator().manual_seed(9)
+    a = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(11, 8, generator=gen, dtype=torch.float64), dim=-1)
+    if bias_kind == "dense":
+        u, v = torch.randn(6, 11, generator=gen, dtype=torch.float64), None
+        dense = u
+    else:
+        u, v = (
+            torch.randn(6, 4, generator=gen, dtype=torch.float64),
+            torch.randn(11, 4, generator=gen, dtype=torch.float64),
+        )
+        dense = u @ v.t()
+    extra_src = knn_module._source_bias_coordinates(v, 11, torch.float64, torch.device("cpu"))
+    extra_dst = u * 0.5**0.5
+    if v is not None:
+        extra_dst = torch.cat([extra_dst, torch.zeros(6, 1, dtype=torch.float64)], dim=-1)
+    p, q = torch.cat([a, extra_dst], -1), torch.cat([b, extra_src], -1)
+    offset = torch.cdist(p, q) ** 2 - (torch.cdist(a, b) ** 2 - dense)
+    torch.testing.assert_close(offset, offset[:, :1].expand(-1, 11), rtol=0, atol=1e-12)

@@ -791,3 +791,35 @@ def test_plain_decompositions_equal_the_operators():
     grad_out = torch.randn(20, 16, generator=gen(4), dtype=torch.float64)
     op = torch.ops.gkg_pyg.max_relative_backward.default
     assert torch.equal(table[op](grad_out, neighbors, rank, 30), op(grad_out, neighbors, rank, 30))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_onednn_linear_operator(groups):
+    """The oneDNN map that compiled inference calls as one operator: opcheck, the
+    values of F.linear / the grouped map, and its plain decomposition."""
+    from gkg_pyg.ops.decompositions import _onednn_linear
+
+    x = torch.randn(3, 50, 16, generator=gen(31))
+    weight, bias = torch.randn(8, 16 // groups, generator=gen(32)), torch.randn(8, generator=gen(33))
+    opcheck(torch.ops.gkg_pyg.onednn_linear.default, (x, weight, bias, groups), test_utils=QUICK)
+    got = torch.ops.gkg_pyg.onednn_linear(x, weight, bias, groups)
+    torch.testing.assert_close(got, _onednn_linear(x, weight, bias, groups), rtol=1e-5, atol=1e-5)
+    if groups == 1:
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_inference_calls_the_onednn_operator():
+    """Under torch.compile without gradients a large float32 map stays one oneDNN call
+    (the compiler's layout choices made it slower than eager); with gradients it does not."""
+    if not (torch.backends.mkldnn.is_available() and torch.get_num_threads() >= 2):
+        pytest.skip("needs oneDNN and two threads")
+    x = torch.randn(4096, 64, generator=gen(34))
+    weight, bias = torch.randn(1024, 64, generator=gen(35)), torch.randn(1024, generator=gen(36))
+    compiled = torch.compile(ops.grouped_linear, backend="eager", fullgraph=True)
+    with torch.no_grad(), profile() as prof:
+        got = compiled(x, weight, bias, 1)
+    assert "gkg_pyg::onednn_linear" in {e.name for e in prof.events()}
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+    with profile() as prof:
+        compiled(x, weight.requires_grad_(), bias, 1)
+    assert "gkg_pyg::onednn_linear" not in {e.name for e in prof.events()}

@@ -146,7 +146,10 @@ class Grapher(nn.Module):
         indices within each image -> ``(B, N, C)``."""
         c = y.shape[-1]
         table = flat_neighbour_table(neighbors, sources.shape[1])
-        m = self.graph_conv((sources.reshape(-1, c), y.reshape(-1, c)), neighbors=table)
+        # Under autocast a cross-level module's label features are half precision and the patches
+        # float32: the aggregation runs in the promoted dtype, as y_j - y_i would.
+        dtype = torch.promote_types(sources.dtype, y.dtype)
+        m = self.graph_conv((sources.reshape(-1, c).to(dtype), y.reshape(-1, c).to(dtype)), neighbors=table)
         return residual(x, self.drop_path(self.fc2(m).view(x.shape)))
 
 

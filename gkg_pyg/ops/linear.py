@@ -19,6 +19,29 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 __all__ = ["grouped_linear", "linear_weight_grad"]
 
 
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+    """:func:`grouped_linear` as a oneDNN 1x1 convolution over a channels-last view of the rows (no copy)."""
+    m, n = x.numel() // x.shape[-1], weight.shape[0]
+    rows = x.reshape(1, m, 1, x.shape[-1]).permute(0, 3, 1, 2)  # (1, in, M, 1), channels-last strides
+    out = F.conv2d(rows, weight.reshape(n, weight.shape[1], 1, 1), bias, groups=groups)
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("gkg_pyg::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+    """:func:`_onednn_linear` as one operator, for compiled inference (no autograd formula: compiled
+    code with gradients takes the compiler's own products)."""
+    return _onednn_linear(x, weight, bias, groups)
+
+
+@_onednn_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def _recorded() -> bool:
     """Whether a compiler, exporter, tracer or dispatch mode (a FLOP counter, fake
     tensors) records or intercepts the call: the oneDNN routing then steps aside,
@@ -48,10 +71,9 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     ``F.linear`` to float32 rounding (a different summation order).
     """
     if _onednn_pays(x, weight, bias, groups):
-        m, n = x.numel() // x.shape[-1], weight.shape[0]
-        rows = x.reshape(1, m, 1, x.shape[-1]).permute(0, 3, 1, 2)  # (1, in, M, 1), channels-last strides
-        out = F.conv2d(rows, weight.reshape(n, weight.shape[1], 1, 1), bias, groups=groups)
-        return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], n)
+        if torch.compiler.is_compiling():  # one opaque call: the compiler's layout choices would copy the rows
+            return torch.ops.gkg_pyg.onednn_linear(x, weight, bias, groups)
+        return _onednn_linear(x, weight, bias, groups)
     if groups == 1:
         return F.linear(x, weight, bias)
     out_channels, in_per_group = weight.shape
@@ -60,9 +82,9 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
     if bias is None:
         return out
-    # In place (out is bmm's fresh result or a copy of it; autograd keeps neither) unless the sum
-    # promotes, as a half-precision out and a float32 bias do under autocast.
-    return out.add_(bias) if bias.dtype == out.dtype else out + bias
+    # In place (out is bmm's fresh result or a copy of it; autograd keeps neither). Under autocast the
+    # bias is cast to the half-precision out, as F.linear and conv2d do, so the output stays half.
+    return out.add_(bias.to(out.dtype))
 
 
 # (rows, multiply-adds) from which oneDNN's faster kernel outweighs its per-call overhead (measured here:
@@ -92,11 +114,16 @@ def _onednn_usable(x: Tensor) -> bool:
     and on, more than one thread (with one, ATen runs its own slower 1x1
     kernel), not under autocast (whose half-precision ``linear`` is oneDNN
     already), and nothing recording the call (:func:`_recorded`)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or _recorded():
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
-    if torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
+    if torch.compiler.is_compiling():
+        # Compiled inference calls the oneDNN map as one operator (the thread count and oneDNN's switch
+        # are no values a graph can read: those of the process hold); with gradients the compiler's
+        # own products.
+        return _ONEDNN_BUILT and not torch.compiler.is_exporting() and not torch.is_grad_enabled()
+    if _recorded() or torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
         return False
-    return torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+    return torch.backends.mkldnn.enabled
 
 
 # Rows and outputs from which oneDNN's weight gradient beat MKL's (measured here, 2 threads: 4096 to

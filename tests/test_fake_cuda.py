@@ -1,0 +1,132 @@
+"""GKGNet-S and Pyramid ViG-S on CUDA without a GPU: models built as fake CUDA
+tensors (``FakeTensorMode``), forward in evaluation and training mode and the
+backward pass, at 224, 448 and 576 px, batch 16, per kNN backend, in float32
+and under fp16 and bf16 CUDA autocast.
+
+A fake tensor has no data, so any read back to the host (``.item()``,
+``.tolist()``, ``bool(tensor)``) raises: a case that passes synchronises
+nowhere.  Each case also checks that the output and every parameter gradient
+are on the GPU, with the expected shapes and dtypes.  The backward pass runs
+through ``benchmarks/fake_cuda.py``'s re-implementation of the engine's loop
+(the engine itself needs a CUDA context); its gradients are checked against
+``torch.autograd`` on real CPU tensors below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import gkg_pyg
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("fake_cuda", ROOT / "benchmarks" / "fake_cuda.py")
+fc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fc)
+
+BATCH, CLASSES = 16, 80
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def backend_param(name):
+    marks = [] if name == "dense" or gkg_pyg.knn.has_torch_cluster() else [pytest.mark.skip("needs torch-cluster")]
+    return pytest.param(name, marks=marks)
+
+
+def size_param(size, mode):
+    # about a second a case; the paper's sizes together are the slow part of the matrix
+    return pytest.param(size, mode, marks=[pytest.mark.slow] if size > 224 else [], id=f"{size}-{mode}")
+
+
+CASES = [size_param(size, mode) for size in (224, 448, 576) for mode in ("eval", "train", "backward")]
+
+
+def build(name: str, size: int, backend: str):
+    """The model's parameters and buffers made as fake CUDA tensors (built in fake mode)."""
+    mode = fc.fake_mode()
+    with mode, torch.device("cuda"):
+        model = gkg_pyg.create_model(name, num_classes=CLASSES, img_size=size, knn_backend=backend)
+    return model, mode
+
+
+def check_on_gpu(tensors, what):
+    wrong = [name for name, t in tensors if t.device.type != "cuda"]
+    assert not wrong, f"{what} not on the GPU: {wrong[:5]}"
+
+
+@pytest.mark.parametrize("size, mode", CASES)
+@pytest.mark.parametrize("amp", ["fp32", "fp16", pytest.param("bf16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", [backend_param("dense"), backend_param("torch_cluster")])
+@pytest.mark.parametrize("name", ["gkgnet_s", "pvig_s"])
+def test_fake_cuda(name, backend, amp, size, mode):
+    model, fake = build(name, size, backend)
+    dtype = AUTOCAST[amp]
+    with fake:
+        check_on_gpu(list(model.named_parameters()) + list(model.named_buffers()), "parameters and buffers")
+        x = torch.randn(BATCH, 3, size, size, device="cuda")
+        model.train(mode != "eval")
+        with torch.set_grad_enabled(mode != "eval"), fc.fake_cuda_autocast(dtype):
+            out = model(x)
+        assert out.shape == (BATCH, CLASSES) and out.device.type == "cuda"
+        # Under autocast the logits come out of a linear map in the autocast dtype (or float32 where
+        # the model sums in float32); without it, in float32.
+        assert out.dtype in ({torch.float32} if dtype is None else {dtype, torch.float32}), out.dtype
+        assert out.requires_grad == (mode != "eval")
+        if mode != "backward":
+            return
+        loss = out.float().sigmoid().mean()
+        del out
+        fc.backward([loss])
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"parameters without a gradient: {missing[:5]}"
+        grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        check_on_gpu(grads, "gradients")
+        wrong = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.dtype != p.dtype]
+        assert not wrong, f"gradients of another dtype than their parameter: {wrong[:5]}"
+
+
+def test_backward_matches_autograd_on_real_tensors():
+    """The backward pass used above gives torch.autograd's gradients on real CPU
+    tensors (GKGNet-Ti, training mode, custom operators included)."""
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=48, k=4).train()
+    x = torch.randn(2, 3, 48, 48)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model(x).square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    fc.backward([model(x).square().mean()])
+    for n, p in model.named_parameters():
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_a_host_read_on_fake_cuda_fails():
+    """What the cases above rely on: reading a fake tensor's value raises."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    with fc.fake_mode(), torch.device("cuda"):
+        x = torch.randn(4)
+        with pytest.raises(DataDependentOutputException):
+            x.sum().item()
+        with pytest.raises(DataDependentOutputException):
+            bool((x > 0).any())
+
+
+@pytest.mark.parametrize("backend", [backend_param("dense"), backend_param("torch_cluster")])
+def test_group_knn_api_on_fake_cuda(backend):
+    """The library API without batch vectors reads nothing back on fake CUDA;
+    with batch vectors it names the problem (graph sizes need values)."""
+    with fc.fake_mode(), torch.device("cuda"):
+        x_src, x_dst = torch.randn(300, 16), torch.randn(500, 16)
+        edges = gkg_pyg.group_knn(x_src, x_dst, 9, 2, backend=backend)
+        assert edges.shape == (2, 2, 500 * 9) and edges.device.type == "cuda"
+        table = gkg_pyg.batched_group_knn(x_src.view(3, 100, 16), x_dst.view(5, 100, 16)[:3], 9, 2, backend=backend)
+        assert table.shape == (2, 3, 100, 9) and table.device.type == "cuda"
+        batch = torch.zeros(300, dtype=torch.long)
+        with pytest.raises(ValueError, match="batched_group_knn"):
+            gkg_pyg.group_knn(x_src, x_src, 9, 2, batch_src=batch, batch_dst=batch, backend=backend)
