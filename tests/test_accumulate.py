@@ -18,6 +18,9 @@ from gkg_pyg.config import load_config
 from gkg_pyg.loss import GKGNetLoss
 from gkg_pyg.training import distributed, loops, optim, precision
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 SINGLE = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
 NUM_CLASSES = 5
 

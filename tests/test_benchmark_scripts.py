@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -57,7 +60,8 @@ def test_throughput_prints_its_table_with_flop_rates():
     rows = table_rows(out)
     assert set(rows) == {"gkg_pyg[dense]", "group_knn[dense]"}
     for cells in rows.values():
-        assert float(cells[3]) > 0 and float(cells[5]) > 0  # images/s, GFLOP/s
+        assert float(cells[3]) > 0 and float(cells[5]) >= 0  # images/s, GFLOP/s
+    assert float(rows["gkg_pyg[dense]"][5]) > 0  # the flop counter saw the model's products
     assert 0 < float(rows["gkg_pyg[dense]"][6].rstrip("%")) < 100  # kNN share
 
 

@@ -268,7 +268,7 @@ def test_checkpoint_mistakes_are_one_line(tiny, capsys):
     path = tiny["tmp"] / "odd_layout.pth"
     torch.save({"foo.weight": torch.zeros(2)}, path)
     assert run_script("train", tiny["config"], "--set", f"model.pretrained={path}") == 2
-    assert one_error_line(capsys).startswith("error: cannot tell the checkpoint layout from its keys")
+    assert one_error_line(capsys).startswith(f"error: {path}: cannot tell the checkpoint layout from its keys")
 
 
 # ---------------------------------------------------------------------------

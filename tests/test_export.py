@@ -19,6 +19,9 @@ from gkg_pyg.thresholds import choose_thresholds
 
 from helpers import load_script, noise_image, run_script
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 onnx = pytest.importorskip("onnx")
 numpy_helper = pytest.importorskip("onnx.numpy_helper")
 ort = pytest.importorskip("onnxruntime")

@@ -21,6 +21,9 @@ from gkg_pyg.data import (
 
 from helpers import CATEGORIES, TINY_MODEL, build_format, coco_json, run_script, write_image
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 
 # ---------------------------------------------------------------------- COCO
 def write_coco_split(root: Path, name: str, image_dir: Path | None = None, n_images=3) -> Path:

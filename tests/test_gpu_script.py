@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
 

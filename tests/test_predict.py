@@ -20,6 +20,9 @@ from gkg_pyg.thresholds import choose_thresholds
 
 from helpers import TINY_MODEL, build_format, noise_image, run_script
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 CLASSES = ["bird", "cat", "dog"]
 
 

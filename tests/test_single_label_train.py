@@ -15,6 +15,9 @@ from gkg_pyg.config import ConfigError, load_config
 from gkg_pyg.training.optim import build_optimizer
 from helpers import write_cifar
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"
 

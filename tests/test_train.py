@@ -34,6 +34,9 @@ from gkg_pyg.data import build_test_transform, load_rgb, make_synthetic_coco
 from gkg_pyg.loss import GKGNetLoss
 from gkg_pyg.metrics import multilabel_metrics
 
+# End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "experiments"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
