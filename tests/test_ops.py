@@ -808,11 +808,9 @@ def test_onednn_linear_operator(groups):
         torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_code_calls_the_onednn_operator():
-    """Under torch.compile a large float32 map stays one oneDNN call with oneDNN's
-    backward (the compiler's layout choices around a traced convolution made it
-    slower than eager): the values and gradients of F.linear; a second derivative
-    is a clear error."""
+def test_compiled_inference_calls_the_onednn_operator():
+    """Under torch.compile without gradients a large float32 map stays one oneDNN call
+    (the compiler's layout choices made it slower than eager); with gradients it does not."""
     if not (torch.backends.mkldnn.is_available() and torch.get_num_threads() >= 2):
         pytest.skip("needs oneDNN and two threads")
     x = torch.randn(4096, 64, generator=gen(34))
@@ -822,16 +820,6 @@ def test_compiled_code_calls_the_onednn_operator():
         got = compiled(x, weight, bias, 1)
     assert "gkg_pyg::onednn_linear" in {e.name for e in prof.events()}
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    want = torch.autograd.grad(F.linear(*leaves).square().sum(), leaves)
     with profile() as prof:
-        out = compiled(*leaves, 1)
-        got = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
-    assert {"gkg_pyg::onednn_linear", "gkg_pyg::onednn_linear_backward"} <= {e.name for e in prof.events()}
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-2)
-    with pytest.raises(RuntimeError, match="second derivative of gkg_pyg::onednn_linear"):
-        torch.autograd.grad(got[1].sum(), leaves[0])
-    grad = torch.randn(3, 50, 8, generator=gen(37))
-    x3, w3 = torch.randn(3, 50, 16, generator=gen(38)), torch.randn(8, 16, generator=gen(39))
-    opcheck(torch.ops.gkg_pyg.onednn_linear_backward.default, (grad, x3, w3, 1, [True, True, True]), test_utils=QUICK)
+        compiled(x, weight.requires_grad_(), bias, 1)
+    assert "gkg_pyg::onednn_linear" not in {e.name for e in prof.events()}
