@@ -44,7 +44,7 @@ def make_inputs(args) -> None:
     """Runs in its own process: the stage-1 problem, saved to ``args.inputs``."""
     import torch
 
-    from gkg_pyg.models.geometry import stage_grids
+    from gkg_pyg.geometry import stage_grids
     from gkg_pyg.models.positions import relative_position_table
     from gkg_pyg.models.pvig import VARIANTS
 

@@ -177,7 +177,7 @@ def measure_knn(args, backend: str, device):
     """The first stage's patch-level group kNN for the whole batch, with the
     position term the model passes to that backend."""
     from gkg_pyg.knn import batched_group_knn
-    from gkg_pyg.models.geometry import POOL, stage_grids
+    from gkg_pyg.geometry import POOL, stage_grids
     from gkg_pyg.models.pvig import VARIANTS, Stage
 
     grid = stage_grids(args.img_size, args.img_size)[0]

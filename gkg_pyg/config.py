@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from .errors import ConfigError, MissingFileError
-from .models.geometry import min_input_size
+from .geometry import min_input_size
 
 # Every valid key with its default. A None default accepts any value;
 # otherwise a value must have the default's type (an int is accepted for a

@@ -22,7 +22,7 @@ from gkg_pyg.errors import CheckpointError, ConfigError, DataError, GkgError, In
 from gkg_pyg.metrics import multilabel_metrics
 from gkg_pyg.models import hub
 from gkg_pyg.models.convert import detect_layout, filter_checkpoint
-from gkg_pyg.models.geometry import check_input_size
+from gkg_pyg.geometry import check_input_size
 from gkg_pyg.models.pvig import PyramidViG, PyramidViGBackbone
 from gkg_pyg.thresholds import metrics_at_thresholds
 
@@ -70,7 +70,7 @@ def tiny(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------
-# InputSizeError: models/geometry.py and PyramidViGBackbone.check_input
+# InputSizeError: gkg_pyg/geometry.py and PyramidViGBackbone.check_input
 # ---------------------------------------------------------------------------
 def test_too_small_input_is_an_input_size_error(tiny):
     """Below the smallest size the model refuses the images; the size the message
@@ -351,7 +351,8 @@ def test_download_notice_is_a_warning_record(tmp_path, monkeypatch, caplog, caps
 
 
 def test_gkgnet_exports_its_own_names_only():
-    from gkg_pyg.models import geometry, gkgnet, positions, pvig
+    from gkg_pyg import geometry
+    from gkg_pyg.models import gkgnet, positions, pvig
 
     moved = {"POOL": geometry, "stage_grids": geometry, "relative_position_table": positions, "VARIANTS": pvig,
              "Stage": pvig}  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gkg_pyg import GroupMaxRelConv, group_knn
-from gkg_pyg.models.geometry import stage_grids
+from gkg_pyg.geometry import stage_grids
 from gkg_pyg.models.positions import relative_position_factors, relative_position_table
 from gkg_pyg.models.pvig import Stage
 

@@ -3,7 +3,7 @@
 * :mod:`.pvig`: Pyramid ViG, the backbone (:class:`PyramidViGBackbone`) and the
   ImageNet classifier (:class:`PyramidViG`);
 * :mod:`.gkgnet`: GKGNet, the Pyramid ViG backbone plus the label path;
-* their parts: :mod:`.geometry` (stage grids, input sizes), :mod:`.positions`
+* their parts: :mod:`gkg_pyg.geometry` (stage grids, input sizes), :mod:`.positions`
   (the relative-position term), :mod:`.layers` (node-feature layers),
   :mod:`.convert` (the authors' checkpoint layouts).
 
@@ -11,7 +11,7 @@ Importing this package registers every model name (:func:`create_model`).
 """
 
 from .registry import create_model, list_models, register_model
-from .geometry import min_input_size
+from ..geometry import min_input_size
 from .pvig import PyramidViG, PyramidViGBackbone
 from .gkgnet import GKGNet, pretrained_cfgs
 from .convert import export_authors_checkpoint

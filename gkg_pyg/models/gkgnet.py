@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..knn import batched_group_knn
 from .convert import export_authors_checkpoint, filter_checkpoint
-from .geometry import min_input_size, stage_grids
+from ..geometry import min_input_size, stage_grids
 from .layers import FFN, init_conv_like
 from .pvig import VARIANTS, Grapher, PyramidViGBackbone, stage_graph
 from .registry import create_model, list_models, register_model

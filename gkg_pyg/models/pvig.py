@@ -45,7 +45,7 @@ from ..errors import ConfigError, InputSizeError
 from ..graph import build_stage_graph, flat_neighbour_table, table_edges
 from ..knn import PositionBias, batched_group_knn, resolve_backend
 from .convert import filter_checkpoint
-from .geometry import POOL, check_input_size, stage_grids
+from ..geometry import POOL, check_input_size, stage_grids
 from .layers import (
     FFN,
     DropPath,

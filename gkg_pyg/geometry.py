@@ -9,14 +9,14 @@ patch-level kNN of stage ``i`` takes its sources averaged over ``r x r``
 patches, ``r = POOL[i]``.
 
 Pure Python on integers: nothing here imports a model (``gkg_pyg.config``
-validates sizes with it) or reads a tensor.
+validates sizes with it, and ``gkg_pyg.models`` builds on it) or reads a tensor.
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-from ..errors import InputSizeError
+from .errors import InputSizeError
 
 __all__ = ["POOL", "stage_grids", "too_small", "min_input_size", "check_input_size"]
 
