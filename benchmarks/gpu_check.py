@@ -227,15 +227,15 @@ def step_bench(args, device) -> None:
     """benchmarks/throughput.py at each size: one summary row per backend and task."""
     for size in args.sizes:
         cmd = [sys.executable, "benchmarks/throughput.py", "--img-size", size, "--batch", args.batch]
-        cmd += ["--device", device.type, "--amp", amp_name(device), "--skip-reference", "--iters", args.iters]
+        cmd += ["--device", device.type, "--amp", amp_name(device), "--iters", args.iters]
         proc = run(cmd)
         if proc.returncode != 0:
             row(f"GKGNet-S {size} px b{args.batch} {amp_name(device)}", "FAIL", last_line(proc))
             continue
         for line in proc.stdout.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 7 and cells[0].startswith("gkg_pyg["):
-                impl, task, _, ips, peak, _, share = cells
+            if len(cells) == 8 and cells[0].startswith("gkg_pyg["):
+                impl, task, _, ips, peak, _, share, _ = cells
                 name = f"GKGNet-S {size} px b{args.batch} {amp_name(device)} {task}, {impl[8:-1]}"
                 if ips == "nan":  # the row's process failed (its error is in the log above)
                     row(name, "FAIL", "the measuring process failed")

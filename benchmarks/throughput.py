@@ -88,6 +88,22 @@ class KnnTimer:
             module.batched_group_knn = self.original
 
 
+def timed_steps(step, iters: int, device) -> tuple:
+    """``(seconds per step, peak MiB)`` over ``iters`` calls of a warmed-up ``step``: on CUDA
+    ``torch.cuda.max_memory_allocated`` over them, on the CPU the process's maximum resident set
+    (model, warm-up and interpreter included)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / iters
+    if device.type == "cuda":
+        return seconds, torch.cuda.max_memory_allocated() / 2**20
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(args, impl: str, task: str, queue):
     torch.manual_seed(0)
     if args.threads:
@@ -128,20 +144,7 @@ def measure(args, impl: str, task: str, queue):
     step()  # warm-up (also builds the position tables; compiles a compiled row)
     sync(device)
     first_step = time.perf_counter() - start
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.iters
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:  # max resident set of this process (includes the model and the warm-up)
-        peak = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
-    # Counted with autograd on: the counter's module tracking fails under no_grad on some models
-    # (torch's ModuleTracker), and an eval forward does the same products either way.
+    seconds, peak = timed_steps(step, args.iters, device)
     # Counted on the eager module (a compiled one runs the same products) with autograd on: the
     # counter's module tracking fails under no_grad on some models, and an eval forward does the
     # same products either way.
@@ -194,16 +197,7 @@ def measure_knn(args, backend: str, device):
 
     step()
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.iters
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
+    seconds, peak = timed_steps(step, args.iters, device)
     with FlopCounterMode(display=False) as flops:
         step()
     return dict(

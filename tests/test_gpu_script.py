@@ -88,3 +88,5 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     ):
         assert step in report, f"no {step!r} row:\n{report}\n{proc.stdout[-3000:]}"
     assert proc.returncode == report.count("| FAIL |"), report
+    # The throughput step parsed its table: a measured row per task (a FAIL row also names the size).
+    assert "| GKGNet-S 224 px b1 bf16 eval, dense | ok |" in report, report
