@@ -13,6 +13,7 @@ from torch_geometric.utils import is_sparse, to_edge_index
 from .knn import group_knn
 from .ops.linear import grouped_linear
 from .ops.aggregate import interleaved, max_relative
+from .ops.fused import batchnorm_gelu, fusable
 
 PairTensor = Tuple[Tensor, Tensor]
 
@@ -140,11 +141,16 @@ class GroupMaxRelConv(MessagePassing):
     it, its group and the node count); that check reads a few numbers back to
     the host and is skipped under ``torch.compile``.
 
-    In evaluation, with the default update map (:class:`GroupedLinear`, an
-    evaluating ``BatchNorm1d`` and GELU, ReLU or no activation), the
-    BatchNorm's running statistics are folded into the grouped linear map
-    (one pass over the features instead of two) and the activation runs in
-    place where no gradient flows: the values of the modules to rounding.
+    With the default update map (:class:`GroupedLinear`, ``BatchNorm1d`` and an
+    activation) two paths give the modules' values with less work: in
+    training with autograd, BatchNorm and the exact GELU run as the operator
+    ``gkg_pyg::bn_gelu_linear``, which keeps only the map's output for the
+    backward pass (not also the normalised tensor) and recomputes the rest
+    there in two compiled passes (derivatives of any order, higher ones
+    through the plain modules); in evaluation the BatchNorm's running
+    statistics are folded into the grouped linear map (one pass over the
+    features instead of two) and the activation runs in place where no
+    gradient flows (equal to rounding).
     """
 
     def __init__(
@@ -216,13 +222,18 @@ class GroupMaxRelConv(MessagePassing):
         return interleaved(x_dst, rel)
 
     def _update(self, features: Tensor) -> Tensor:
-        """``self.nn(features)``; in evaluation with the default map one grouped linear
+        """``self.nn(features)``; with the default map, in training with autograd the
+        BatchNorm and exact GELU as one operator, in evaluation one grouped linear
         map with the BatchNorm folded in, then the activation (in place where no
         gradient flows)."""
-        if self.training or len(self.nn) != 3:
+        if len(self.nn) != 3 or type(self.nn[0]) is not GroupedLinear:
             return self.nn(features)
         linear, norm, act = self.nn
-        if type(linear) is not GroupedLinear or type(act) not in (nn.GELU, nn.ReLU, nn.Identity):
+        if self.training:
+            if torch.is_grad_enabled() and fusable(norm, act):
+                return batchnorm_gelu(linear(features), norm)
+            return self.nn(features)
+        if type(act) not in (nn.GELU, nn.ReLU, nn.Identity):
             return self.nn(features)
         if type(norm) is nn.BatchNorm1d and not norm.training and norm.running_mean is not None:
             scale = torch.rsqrt(norm.running_var + norm.eps)

@@ -4,6 +4,7 @@ and a small point-cloud classifier that has to learn."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -488,6 +489,49 @@ def test_eval_fold_equals_the_modules(act, norm, grad):
         torch.testing.assert_close(trained, conv.nn(conv._aggregate(x, neighbors=neighbors)), rtol=0, atol=0)
     if norm == "batch":
         assert not torch.allclose(trained, got, atol=1e-3)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_training_update_equals_the_modules(grad):
+    """In training with autograd the default update's BatchNorm and GELU run as
+    the operator gkg_pyg::bn_gelu_linear (seen by the profiler): the modules'
+    output, running statistics and batch count, and gradients for the input and
+    every parameter as close to float64 autograd through the modules as the
+    float32 modules' own.  Without autograd the modules run as they are."""
+    from torch.profiler import profile
+
+    torch.manual_seed(23)
+    conv = GroupMaxRelConv(40, 80, groups=2, conv_groups=4).train()
+    plain, reference = copy.deepcopy(conv), copy.deepcopy(conv).double()
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(700, 40, generator=gen)
+    neighbors = torch.randint(0, 700, (2, 700, 9), generator=gen)
+    inputs = [x.clone().requires_grad_(grad) for _ in range(2)] + [x.double().requires_grad_(grad)]
+    with torch.set_grad_enabled(grad):
+        with profile() as prof:
+            got = conv(inputs[0], neighbors=neighbors)
+        modules = [m.nn(m._aggregate(xi, neighbors=neighbors)) for m, xi in zip((plain, reference), inputs[1:])]
+    assert ("gkg_pyg::bn_gelu_linear" in {e.key for e in prof.key_averages()}) == grad
+    torch.testing.assert_close(got, modules[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.double(), modules[1], rtol=1e-5, atol=1e-5)
+    bn, bn64 = conv.nn[1], reference.nn[1]
+    torch.testing.assert_close(bn.running_mean.double(), bn64.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), bn64.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == int(bn64.num_batches_tracked) == 1
+    if not grad:
+        return
+    grad_out = torch.randn(got.shape, generator=gen)
+    for out in (got, modules[0], modules[1]):
+        out.backward(grad_out.to(out.dtype))
+    named = [("x", inputs)] + [
+        (name, [dict(m.named_parameters())[name] for m in (conv, plain, reference)])
+        for name, _ in conv.named_parameters()
+    ]
+    for name, (fused, float32, exact) in named:
+        scale = exact.grad.abs().max().item()
+        fused_error = (fused.grad.double() - exact.grad).abs().max().item()
+        modules_error = (float32.grad.double() - exact.grad).abs().max().item()
+        assert fused_error <= 4 * modules_error + 2e-6 * scale, (name, fused_error, modules_error, scale)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -192,6 +192,8 @@ def test_opcheck_bn_gelu_linear(dtype, training):
     for i, case in enumerate(cases):
         for grad in (False, True):
             args = bn_gelu_linear_args(dtype=dtype, grad=grad, training=training, **case)
+            if i == 1:  # GroupMaxRelConv's update: no linear map
+                args = args[:3] + (None, None) + args[5:]
             if case["n"] < 2 and training:
                 continue  # batch statistics of fewer than two rows: undefined variance
             full = i == 0 and grad and dtype == torch.float64 and training
@@ -331,8 +333,10 @@ def test_user_mistakes_raise_clear_errors():
     with pytest.raises(ValueError, match=r"one dtype, got torch.float32 and torch.float64"):
         ops.max_relative(x, x.double(), torch.zeros(2, 6, 2, dtype=torch.long))
     args = bn_gelu_linear_args(10, 4, 3, torch.float32, False, True)
-    with pytest.raises(ValueError, match=r"weight \(C_out, C\); got h \(10, 4\), .* weight \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"weight \(C_out, C\) or None; got h \(10, 4\), .* weight \(3, 5\)"):
         ops.bn_gelu_linear(*args[:3], torch.zeros(3, 5), *args[4:])
+    with pytest.raises(ValueError, match="a bias without a weight"):
+        ops.bn_gelu_linear(*args[:3], None, *args[4:])
     with pytest.raises(ValueError, match="affine BatchNorm"):
         ops.bn_gelu_linear(args[0], None, *args[2:])
 
@@ -552,40 +556,47 @@ def test_max_relative_double_backward_gradcheck():
 # bn_gelu_linear
 # ---------------------------------------------------------------------------
 def modules_float64(h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training):
-    h, bn_weight, bn_bias, weight, bias = (
-        t.detach().double().requires_grad_(True) for t in (h, bn_weight, bn_bias, weight, bias)
-    )
+    leaves = [t.detach().double().requires_grad_(True) for t in (h, bn_weight, bn_bias, weight, bias) if t is not None]
     rm, rv = running_mean.double().clone(), running_var.double().clone()
-    out = F.linear(F.gelu(F.batch_norm(h, rm, rv, bn_weight, bn_bias, training, 0.1, 1e-5)), weight, bias)
-    return out, (h, bn_weight, bn_bias, weight, bias), (rm, rv)
+    out = F.gelu(F.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5))
+    if weight is not None:
+        out = F.linear(out, *leaves[3:])
+    return out, leaves, (rm, rv)
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("rows,c,c_out", [(6272, 320, 80), (1000, 37, 19)])
+@pytest.mark.parametrize("rows,c,c_out", [(6272, 320, 80), (1000, 37, 19), (3136, 160, None)])
 def test_bn_gelu_linear_matches_the_modules(counting, no_kernels, training, rows, c, c_out):
-    """Values equal F.linear(F.gelu(F.batch_norm(...))) (the same ATen kernels), the
+    """Values equal F.linear(F.gelu(F.batch_norm(...))) (the same ATen kernels;
+    ``c_out=None``: without the linear map, F.gelu(F.batch_norm(...))), the
     running statistics are updated alike, and every gradient (the compiled passes,
     then the PyTorch path) is within float32 rounding of float64 autograd."""
-    args = bn_gelu_linear_args(rows, c, c_out, torch.float32, True, training, seed=rows + c)
+    args = bn_gelu_linear_args(rows, c, c_out or 1, torch.float32, True, training, seed=rows + c)
     h, bn_weight, bn_bias, weight, bias, running_mean, running_var = args[:7]
-    grad_out = torch.randn(rows, c_out, generator=gen(7))
-    want, leaves, want_running = modules_float64(*args[:8])
+    names = ("h", "bn_weight", "bn_bias", "weight", "bias")
+    if c_out is None:
+        weight = bias = None
+        names = names[:3]
+    grad_out = torch.randn(rows, c_out or c, generator=gen(7))
+    want, leaves, want_running = modules_float64(h, bn_weight, bn_bias, weight, bias, *args[5:8])
     want.backward(grad_out.double())
     plain_running = running_mean.clone(), running_var.clone()
-    normalized = F.batch_norm(h, *plain_running, bn_weight, bn_bias, training, 0.1, 1e-5)
-    plain = ops.grouped_linear(F.gelu(normalized), weight, bias, 1)  # the map the operator runs (oneDNN or MKL)
+    plain = F.gelu(F.batch_norm(h, *plain_running, bn_weight, bn_bias, training, 0.1, 1e-5))
+    if c_out is not None:
+        plain = ops.grouped_linear(plain, weight, bias, 1)  # the map the operator runs (oneDNN or MKL)
     for kernels in (True, False):
         if not kernels:
             no_kernels()
         running = running_mean.clone(), running_var.clone()
-        params = [t.detach().clone().requires_grad_(True) for t in (h, bn_weight, bn_bias, weight, bias)]
-        out = ops.bn_gelu_linear(*params, *running, training, 0.1, 1e-5)
+        params = [t.detach().clone().requires_grad_(True) for t in (h, bn_weight, bn_bias)]
+        maps = [t.detach().clone().requires_grad_(True) for t in (weight, bias)] if c_out else [None, None]
+        out = ops.bn_gelu_linear(*params, *maps, *running, training, 0.1, 1e-5)
         assert torch.equal(out, plain.detach())
         assert all(torch.equal(a, b) for a, b in zip(running, plain_running))
         out.backward(grad_out)
-        if kernels:
-            assert counting.calls == (3 if training else 2)
-        for name, got, leaf in zip(("h", "bn_weight", "bn_bias", "weight", "bias"), params, leaves):
+        if kernels:  # gkg_bn_gelu (for the weight's gradient), gkg_bn_gelu_backward, gkg_bn_backward (batch stats)
+            assert counting.calls == (c_out is not None) + 1 + training
+        for name, got, leaf in zip(names, params + maps, leaves):
             error = (got.grad.double() - leaf.grad).abs().max() / leaf.grad.abs().max()
             assert got.grad.dtype == torch.float32 and error < 2e-5, (name, kernels, error.item())
     for a, b in zip(want_running, plain_running):
@@ -607,12 +618,48 @@ def test_bn_gelu_linear_under_autocast_and_leading_dimensions():
     assert h.grad.dtype == torch.float32 and args[3].grad.dtype == torch.float32
 
 
-def test_bn_gelu_linear_second_derivative_raises():
-    args = bn_gelu_linear_args(64, 8, 4, torch.float64, True, True)
-    out = ops.bn_gelu_linear(*args)
-    (grad_h,) = torch.autograd.grad(out.square().sum(), args[0], create_graph=True)
-    with pytest.raises(RuntimeError, match=r"second derivative of gkg_pyg::bn_gelu_linear is not supported"):
-        torch.autograd.grad(grad_h.square().sum(), args[0])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("linear", [True, False])
+def test_bn_gelu_linear_higher_derivatives_are_the_modules(training, linear):
+    """With create_graph the gradients are recomputed through the plain modules:
+    gradgradcheck passes in float64, and a second derivative in float32 on a
+    size the kernels take equals the modules' (the backward operator itself, called
+    directly, has no derivative: a clear error)."""
+    args = list(bn_gelu_linear_args(12, 5, 3, torch.float64, True, training))
+    if not linear:
+        args[3:5] = [None, None]
+    running = args[5:7]
+
+    def fused(h, bn_weight, bn_bias, *maps):
+        return ops.bn_gelu_linear(h, bn_weight, bn_bias, *(maps or (None, None)), *running, training, 0.1, 1e-5)
+
+    inputs = [t for t in args[:5] if t is not None]
+    assert torch.autograd.gradgradcheck(fused, inputs)
+
+    args32 = list(bn_gelu_linear_args(2000, 24, 8, torch.float32, True, training, seed=5))
+    if not linear:
+        args32[3:5] = [None, None]
+    h = args32[0]
+    results = []
+    for plain in (False, True):
+        rm, rv = args32[5].clone(), args32[6].clone()
+        if plain:
+            out = F.gelu(F.batch_norm(h, rm, rv, *args32[1:3], training, 0.1, 1e-5))
+            out = F.linear(out, *args32[3:5]) if linear else out
+        else:
+            out = ops.bn_gelu_linear(*args32[:5], rm, rv, training, 0.1, 1e-5)
+        (grad_h,) = torch.autograd.grad(out.square().sum(), h, create_graph=True)
+        results.append(torch.autograd.grad(grad_h.square().sum(), h)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4 * results[1].abs().max().item())
+
+    with torch.no_grad():
+        out, a, b, _, _ = torch.ops.gkg_pyg.bn_gelu_linear.default(*args)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, requires_grad=True)
+    backward = torch.ops.gkg_pyg.bn_gelu_linear_backward.default(
+        grad_out, args[0], a, b, args[1], args[2], args[3], training, 1e-5
+    )
+    with pytest.raises(RuntimeError, match=r"bn_gelu_linear_backward has no derivative of its own"):
+        torch.autograd.grad(backward[0].sum(), grad_out)
 
 
 # ---------------------------------------------------------------------------

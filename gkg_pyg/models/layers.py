@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conv import GroupedLinear
-from ..ops import bn_gelu_linear, grouped_linear
+from ..ops import grouped_linear
+from ..ops.fused import batchnorm_gelu, fusable
 
 __all__ = [
     "NodeBatchNorm",
@@ -147,34 +148,12 @@ def residual(x: Tensor, branch: Tensor) -> Tensor:
 
 def bn_act_linear(h: Tensor, bn: nn.BatchNorm1d, act: nn.Module, linear: nn.Linear) -> Tensor:
     """``linear(act(bn(h)))`` for ``(..., C)`` node features; with a plain
-    BatchNorm, exact GELU and autograd on (and no SyncBatchNorm, whose
-    statistics need its own forward) through :func:`gkg_pyg.ops.bn_gelu_linear`,
+    BatchNorm, exact GELU and autograd on through :func:`gkg_pyg.ops.bn_gelu_linear`,
     which keeps only ``h`` and the batch statistics for the backward pass,
     also under autocast."""
-    fused = (
-        torch.is_grad_enabled()
-        and _plain_batchnorm(bn)
-        and bn.track_running_stats
-        and bn.momentum is not None
-        and isinstance(act, nn.GELU)
-        and act.approximate == "none"
-    )
-    if not fused:
-        return linear(act(bn(h)))
-    if bn.training:
-        bn.num_batches_tracked.add_(1)  # as _BatchNorm.forward does
-    return bn_gelu_linear(
-        h,
-        bn.weight,
-        bn.bias,
-        linear.weight,
-        linear.bias,
-        bn.running_mean,
-        bn.running_var,
-        bn.training,
-        bn.momentum,
-        bn.eps,
-    )
+    if torch.is_grad_enabled() and fusable(bn, act, (NodeBatchNorm, nn.BatchNorm1d)):
+        return batchnorm_gelu(h, bn, linear)
+    return linear(act(bn(h)))
 
 
 # ---------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _declare(library: ctypes.CDLL) -> None:
         "gkg_max_relative": [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, c_int],
         "gkg_max_relative_backward": [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, c_int],
         "gkg_bn_gelu": [ptr, i64, i64, ptr, ptr, ptr, c_int],
-        "gkg_bn_gelu_backward": [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int],
+        "gkg_bn_gelu_backward": [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int],
         "gkg_bn_backward": [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, c_int],
     }
     for name, argtypes in signatures.items():

@@ -82,8 +82,8 @@ def _knn_smallest_k(dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bi
 
 
 def _bn_gelu_linear(h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training, momentum, eps):
-    """``gkg_pyg::bn_gelu_linear`` with ATen's functional BatchNorm variants (the same
-    kernels as ``native_batch_norm``) and an out-of-place GELU."""
+    """``gkg_pyg::bn_gelu_linear`` (with or without its linear map) with ATen's functional
+    BatchNorm variants (the same kernels as ``native_batch_norm``) and an out-of-place GELU."""
     empty = (h.new_empty(0), h.new_empty(0))
     if not training:
         z, _, _ = torch.ops.aten._native_batch_norm_legit_no_training(
@@ -101,8 +101,9 @@ def _bn_gelu_linear(h, bn_weight, bn_bias, weight, bias, running_mean, running_v
     if training:
         dtype = _stat_dtype(h, bn_weight)
         stats = tuple(t.to(dtype) for t in stats)
-    a = F.gelu(z)
-    out = F.linear(a if a.dtype == weight.dtype else a.to(weight.dtype), weight, bias)
+    out = F.gelu(z)
+    if weight is not None:
+        out = F.linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias)
     return (out, *stats, *updated)
 
 

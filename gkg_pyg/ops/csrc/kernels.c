@@ -4,7 +4,8 @@
  * gkg_knn: the dense kNN (distances from products, then gkg_smallest_k's selection), tile by tile.
  * gkg_max_relative: the interleaved max-relative features of a regular neighbour table.
  * gkg_bn_gelu, gkg_bn_gelu_backward, gkg_bn_backward: the elementwise passes of the backward of
- *   linear(GELU(BatchNorm(h))) (gkg_pyg::bn_gelu_linear), three passes over h instead of about ten.
+ *   GELU(BatchNorm(h)) and linear(GELU(BatchNorm(h))) (gkg_pyg::bn_gelu, gkg_pyg::bn_gelu_linear), two
+ *   or three passes over h instead of about ten.
  *
  * The selection, per row of n values and k <= 32 (M = 32 buckets for k <= 16, else 64):
  *   1. the minimum of each of M strided buckets (index mod M), in vector registers;
@@ -513,8 +514,9 @@ static inline vfw loadw(const float *p) { vfw v; memcpy(&v, p, sizeof v); return
 /* gkg_bn_gelu*: with z = h * alpha + beta per channel (a BatchNorm as an affine map) on a contiguous
  * (rows, c) float32 h, the three elementwise passes of the backward of linear(GELU(z)):
  *   gkg_bn_gelu:          out = GELU(z)                                  (for the weight's gradient)
- *   gkg_bn_gelu_backward: grad <- grad * GELU'(z) (times scale if given), in place, with the per-channel
- *                         sums of the unscaled grad * GELU'(z) and of it times (h - mean), in double
+ *   gkg_bn_gelu_backward: grad <- grad_in * GELU'(z) (times scale if given; grad_in may be grad), with the
+ *                         per-channel sums of the unscaled grad_in * GELU'(z) and of it times (h - mean),
+ *                         in double
  *   gkg_bn_backward:      grad <- grad * scale + (h - mean) * xmu_scale + shift, in place
  * GELU is PyTorch's vectorised one in form: GELU(z) = z cdf(z), GELU'(z) = cdf(z) + z pdf(z), with
  * cdf(z) = (1 + erf(z / sqrt 2)) / 2 from erf's rational approximation 7.1.26 of Abramowitz and Stegun
@@ -560,8 +562,8 @@ static inline void geluw(vfw z, vfw *gelu, vfw *grad) {
 }
 
 struct bn_gelu_args {
-    const float *h;
-    float *out; /* gkg_bn_gelu's output, or the gradient updated in place */
+    const float *h, *in; /* in: gkg_bn_gelu_backward's incoming gradient (may be out) */
+    float *out; /* gkg_bn_gelu's output, or the gradient (updated in place by gkg_bn_backward) */
     int64_t c;
     const float *alpha, *beta, *mean, *scale, *xmu_scale, *shift;
     double *sums; /* per job: 2c partial sums */
@@ -608,7 +610,7 @@ static void *run_bn_gelu_backward(void *arg) {
             for (int64_t t = 0; t < c; t += GW) {
                 vfw x = load_part(a->h + i * c, t, c), d;
                 geluw(fmaw(x, load_part(a->alpha, t, c), load_part(a->beta, t, c)), NULL, &d);
-                vfw g = load_part(a->out + i * c, t, c) * d;
+                vfw g = load_part(a->in + i * c, t, c) * d;
                 vfw s = loadw(part + t) + g, p = fmaw(g, x - load_part(a->mean, t, c), loadw(part + c8 + t));
                 memcpy(part + t, &s, sizeof s);
                 memcpy(part + c8 + t, &p, sizeof p);
@@ -641,18 +643,19 @@ static void *run_bn_backward(void *arg) {
 /* h, out (rows, c); alpha, beta (c). Returns 0. */
 int gkg_bn_gelu(const float *h, int64_t rows, int64_t c, const float *alpha, const float *beta, float *out,
                 int threads) {
-    struct bn_gelu_args args = {h, out, c, alpha, beta, NULL, NULL, NULL, NULL, NULL};
+    struct bn_gelu_args args = {h, NULL, out, c, alpha, beta, NULL, NULL, NULL, NULL, NULL};
     return run_rows(run_bn_gelu, &args, rows, threads);
 }
 
-/* h, grad (rows, c); alpha, beta, mean (c); scale (c) or NULL; sums (2c) receives the sums of
- * grad * GELU'(z) and of grad * GELU'(z) * (h - mean) over the rows. Returns 0; 3 if memory ran out. */
-int gkg_bn_gelu_backward(const float *h, float *grad, int64_t rows, int64_t c, const float *alpha, const float *beta,
-                         const float *mean, const float *scale, double *sums, int threads) {
+/* h, grad_in, grad (rows, c); alpha, beta, mean (c); scale (c) or NULL; sums (2c) receives the sums of
+ * grad_in * GELU'(z) and of grad_in * GELU'(z) * (h - mean) over the rows. Returns 0; 3 if memory ran out. */
+int gkg_bn_gelu_backward(const float *h, const float *grad_in, float *grad, int64_t rows, int64_t c,
+                         const float *alpha, const float *beta, const float *mean, const float *scale, double *sums,
+                         int threads) {
     threads = job_count(rows, threads); /* one block of partial sums per job of run_rows */
     double *partial = calloc(2 * c * threads, sizeof(double));
     if (!partial) return 3;
-    struct bn_gelu_args args = {h, grad, c, alpha, beta, mean, scale, NULL, NULL, partial};
+    struct bn_gelu_args args = {h, grad_in, grad, c, alpha, beta, mean, scale, NULL, NULL, partial};
     int status = run_rows(run_bn_gelu_backward, &args, rows, threads);
     for (int64_t t = 0; t < 2 * c; ++t) {
         double s = 0.0;
@@ -666,6 +669,6 @@ int gkg_bn_gelu_backward(const float *h, float *grad, int64_t rows, int64_t c, c
 /* h, grad (rows, c); mean, scale, xmu_scale, shift (c). Returns 0. */
 int gkg_bn_backward(const float *h, float *grad, int64_t rows, int64_t c, const float *mean, const float *scale,
                     const float *xmu_scale, const float *shift, int threads) {
-    struct bn_gelu_args args = {h, grad, c, NULL, NULL, mean, scale, xmu_scale, shift, NULL};
+    struct bn_gelu_args args = {h, NULL, grad, c, NULL, NULL, mean, scale, xmu_scale, shift, NULL};
     return run_rows(run_bn_backward, &args, rows, threads);
 }
