@@ -842,31 +842,60 @@ def test_plain_decompositions_equal_the_operators():
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_onednn_linear_operator(groups):
-    """The oneDNN map that compiled inference calls as one operator: opcheck, the
-    values of F.linear / the grouped map, and its plain decomposition."""
+    """The oneDNN map that compiled code calls as one operator: opcheck with and
+    without gradients, the values of F.linear / the grouped map and its plain
+    decomposition, gradients equal to the plain map's (its backward operator),
+    and higher derivatives through the plain map (gradgradcheck in float64)."""
     from gkg_pyg.ops.decompositions import _onednn_linear
 
-    x = torch.randn(3, 50, 16, generator=gen(31))
-    weight, bias = torch.randn(8, 16 // groups, generator=gen(32)), torch.randn(8, generator=gen(33))
-    opcheck(torch.ops.gkg_pyg.onednn_linear.default, (x, weight, bias, groups), test_utils=QUICK)
+    for grad in (False, True):
+        x = torch.randn(3, 50, 16, generator=gen(31)).requires_grad_(grad)
+        weight, bias = torch.randn(8, 16 // groups, generator=gen(32)), torch.randn(8, generator=gen(33))
+        weight.requires_grad_(grad), bias.requires_grad_(grad)
+        opcheck(torch.ops.gkg_pyg.onednn_linear.default, (x, weight, bias, groups), test_utils=QUICK)
     got = torch.ops.gkg_pyg.onednn_linear(x, weight, bias, groups)
-    torch.testing.assert_close(got, _onednn_linear(x, weight, bias, groups), rtol=1e-5, atol=1e-5)
+    plain = _onednn_linear(x, weight, bias, groups)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
     if groups == 1:
         torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(got.shape, generator=gen(37))
+    for a, b in zip(
+        torch.autograd.grad(got, (x, weight, bias), grad_out), torch.autograd.grad(plain, (x, weight, bias), grad_out)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    x64, weight64, bias64 = (
+        t.detach()[:8].double().requires_grad_() if t is x else t.detach().double().requires_grad_()
+        for t in (x, weight, bias)
+    )
+    assert torch.autograd.gradgradcheck(lambda *a: torch.ops.gkg_pyg.onednn_linear(*a, groups), (x64, weight64, bias64))
 
 
-def test_compiled_inference_calls_the_onednn_operator():
-    """Under torch.compile without gradients a large float32 map stays one oneDNN call
-    (the compiler's layout choices made it slower than eager); with gradients it does not."""
+def test_compiled_code_calls_the_onednn_operators():
+    """Under torch.compile a large float32 map stays one oneDNN call (the compiler's
+    layout choices made it slower than eager), with gradients its backward pass
+    another (oneDNN's convolution backward, as eager autograd runs it); a grouped
+    map with gradients keeps the compiler's products (oneDNN's grouped backward
+    is slower than bmm's), as in eager code."""
     if not (torch.backends.mkldnn.is_available() and torch.get_num_threads() >= 2):
         pytest.skip("needs oneDNN and two threads")
     x = torch.randn(4096, 64, generator=gen(34))
     weight, bias = torch.randn(1024, 64, generator=gen(35)), torch.randn(1024, generator=gen(36))
-    compiled = torch.compile(ops.grouped_linear, backend="eager", fullgraph=True)
+    compiled = torch.compile(ops.grouped_linear, backend="aot_eager", fullgraph=True)
     with torch.no_grad(), profile() as prof:
         got = compiled(x, weight, bias, 1)
     assert "gkg_pyg::onednn_linear" in {e.name for e in prof.events()}
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     with profile() as prof:
-        compiled(x, weight.requires_grad_(), bias, 1)
+        out = compiled(*leaves, 1)
+        out.square().sum().backward()
+    assert {"gkg_pyg::onednn_linear", "gkg_pyg::onednn_linear_backward"} <= {e.name for e in prof.events()}
+    want = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    F.linear(*want).square().sum().backward()
+    for got_leaf, want_leaf in zip(leaves, want):  # float32 sums over 4096 rows in another order
+        scale = want_leaf.grad.abs().max().item()
+        torch.testing.assert_close(got_leaf.grad, want_leaf.grad, rtol=1e-4, atol=1e-5 * scale)
+    grouped = torch.randn(1024, 16, generator=gen(38), requires_grad=True)
+    with profile() as prof:
+        compiled(x, grouped, bias, 4)
     assert "gkg_pyg::onednn_linear" not in {e.name for e in prof.events()}

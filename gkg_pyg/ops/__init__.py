@@ -8,7 +8,7 @@
 ``torch.ops.gkg_pyg.max_relative_backward``  its winner scatter, itself differentiable
 ``torch.ops.gkg_pyg.bn_gelu_linear``       ``[linear](GELU(BatchNorm(h)))``, with autograd (:func:`bn_gelu_linear`)
 ``torch.ops.gkg_pyg.bn_gelu_linear_backward``  its backward pass (higher derivatives: the plain modules')
-``torch.ops.gkg_pyg.onednn_linear``        a large float32 CPU linear map as one oneDNN call (compiled inference)
+``torch.ops.gkg_pyg.onednn_linear``        a large float32 CPU linear map as one oneDNN call (compiled code)
 ``torch.ops.gkg_pyg.cluster_knn``          torch-cluster's kNN as a fixed-size table (``gkg_pyg.ops.cluster``)
 =========================================  ==========================================================
 

@@ -119,8 +119,8 @@ def plain_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     """``{operator: function}`` for ``ExportedProgram.run_decompositions``: every
     forward ``gkg_pyg::`` operator (and ``max_relative_backward``) as its PyTorch
     path, and nothing else (ATen operators stay as they are, so an exporter
-    applies its own decompositions to them).  ``bn_gelu_linear_backward`` has
-    none: export the model for inference."""
+    applies its own decompositions to them).  ``bn_gelu_linear_backward`` and
+    ``onednn_linear_backward`` have none: export the model for inference."""
     return {
         torch.ops.gkg_pyg.smallest_k.default: _topk_smallest,
         torch.ops.gkg_pyg.knn_smallest_k.default: _knn_smallest_k,

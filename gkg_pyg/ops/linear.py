@@ -1,15 +1,17 @@
 """Linear maps on node features routed to oneDNN where that pays.
 
-Plain ATen calls (no custom operator): :func:`grouped_linear` and
-:func:`linear_weight_grad` choose between MKL's matrix products and oneDNN's
-1x1 convolutions by size.  That choice is skipped while a compiler, exporter,
-tracer or dispatch mode records the call (:func:`_recorded`): a compiled or
-exported graph keeps a plain matrix product and its compiler's own choices.
+:func:`grouped_linear` and :func:`linear_weight_grad` choose between MKL's
+matrix products and oneDNN's 1x1 convolutions by size.  In eager code they
+are plain ATen calls.  Under ``torch.compile`` a map routed to oneDNN is the
+operator ``gkg_pyg::onednn_linear`` (its backward pass the operator
+``gkg_pyg::onednn_linear_backward``), so that the compiler's own layout
+choices around a traced convolution do not copy the rows; exporters, tracers
+and dispatch modes (:func:`_recorded`) see the plain matrix product.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +34,85 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
 
 @torch.library.custom_op("gkg_pyg::onednn_linear", mutates_args=())
 def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-    """:func:`_onednn_linear` as one operator, for compiled inference (no autograd formula: compiled
-    code with gradients takes the compiler's own products)."""
-    return _onednn_linear(x, weight, bias, groups)
+    """:func:`_onednn_linear` as one operator, for compiled code: the compiler's own layout choices
+    around a traced convolution would copy the rows."""
+    return _onednn_linear(x, weight, bias, groups).contiguous()
 
 
 @_onednn_linear_op.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("gkg_pyg::onednn_linear_backward", mutates_args=())
+def _onednn_linear_backward_op(
+    grad_out: Tensor, x: Tensor, weight: Tensor, groups: int, output_mask: List[bool]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of ``gkg_pyg::onednn_linear`` from oneDNN's 1x1 convolution
+    backward over the same channels-last views (what autograd runs for :func:`_onednn_linear` in eager
+    code); an output left out by ``output_mask`` is empty."""
+    m, n = x.numel() // x.shape[-1], weight.shape[0]
+    rows = x.reshape(1, m, 1, x.shape[-1]).permute(0, 3, 1, 2)
+    grad_rows = grad_out.reshape(1, m, 1, n).permute(0, 3, 1, 2)
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_rows, rows, weight.reshape(n, weight.shape[1], 1, 1), [n], [1, 1], [0, 0], [1, 1], False, [0, 0],
+        groups, output_mask,
+    )  # fmt: skip
+    empty = x.new_empty(0)
+    return (
+        grad_x.permute(0, 2, 3, 1).reshape(x.shape).contiguous() if output_mask[0] else empty,
+        grad_weight.reshape(weight.shape).contiguous() if output_mask[1] else empty.clone(),
+        grad_bias if output_mask[2] else empty.clone(),
+    )
+
+
+@_onednn_linear_backward_op.register_fake
+def _(grad_out, x, weight, groups, output_mask):
+    return (
+        x.new_empty(x.shape) if output_mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0),
+        weight.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0),
+    )
+
+
+def _plain_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+    """The grouped map with ``bmm`` (``groups == 1``: ``F.linear``)."""
+    if groups == 1:
+        return F.linear(x, weight, bias)
+    out_channels, in_per_group = weight.shape
+    w = weight.view(groups, out_channels // groups, in_per_group)
+    out = torch.bmm(x.reshape(-1, groups, in_per_group).transpose(0, 1), w.transpose(1, 2))
+    out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def _onednn_setup(ctx, inputs, output) -> None:
+    x, weight, bias, groups = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.groups = groups
+
+
+def _onednn_backward(ctx, grad_out: Tensor):
+    x, weight, bias = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    if torch.is_grad_enabled():  # the backward pass is itself recorded (create_graph): the plain map's gradients
+        wanted = [t for t, need in zip((x, weight, bias), mask) if need]
+        out = _plain_grouped_linear(x, weight, bias, ctx.groups)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+        return tuple(next(grads) if need else None for need in mask) + (None,)
+    grads = torch.ops.gkg_pyg.onednn_linear_backward(grad_out, x, weight, ctx.groups, mask)
+    return tuple(g if need else None for g, need in zip(grads, mask)) + (None,)
+
+
+def _no_second_derivative(ctx, *grads):
+    raise RuntimeError(
+        "gkg_pyg::onednn_linear_backward has no derivative of its own: differentiate gkg_pyg::onednn_linear "
+        "with create_graph=True instead"
+    )
+
+
+_onednn_linear_op.register_autograd(_onednn_backward, setup_context=_onednn_setup)
+_onednn_linear_backward_op.register_autograd(_no_second_derivative)
 
 
 def _recorded() -> bool:
@@ -117,10 +190,9 @@ def _onednn_usable(x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
     if torch.compiler.is_compiling():
-        # Compiled inference calls the oneDNN map as one operator (the thread count and oneDNN's switch
-        # are no values a graph can read: those of the process hold). With gradients the compiler's own
-        # products: the operator with oneDNN's backward measured slower there (0.89x against 0.94x eager).
-        return _ONEDNN_BUILT and not torch.compiler.is_exporting() and not torch.is_grad_enabled()
+        # Compiled code calls the oneDNN map as one operator, with its backward pass as another (the
+        # thread count and oneDNN's switch are no values a graph can read: those of the process hold).
+        return _ONEDNN_BUILT and not torch.compiler.is_exporting()
     if _recorded() or torch.get_num_threads() < 2 or not torch.backends.mkldnn.is_available():
         return False
     return torch.backends.mkldnn.enabled
