@@ -846,7 +846,7 @@ def test_onednn_linear_operator(groups):
     without gradients, the values of F.linear / the grouped map and its plain
     decomposition, gradients equal to the plain map's (its backward operator),
     and higher derivatives through the plain map (gradgradcheck in float64)."""
-    from gkg_pyg.ops.decompositions import _onednn_linear
+    from gkg_pyg.ops.linear import _plain_grouped_linear
 
     for grad in (False, True):
         x = torch.randn(3, 50, 16, generator=gen(31)).requires_grad_(grad)
@@ -854,7 +854,7 @@ def test_onednn_linear_operator(groups):
         weight.requires_grad_(grad), bias.requires_grad_(grad)
         opcheck(torch.ops.gkg_pyg.onednn_linear.default, (x, weight, bias, groups), test_utils=QUICK)
     got = torch.ops.gkg_pyg.onednn_linear(x, weight, bias, groups)
-    plain = _onednn_linear(x, weight, bias, groups)
+    plain = _plain_grouped_linear(x, weight, bias, groups)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
     if groups == 1:
         torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)

@@ -27,7 +27,7 @@ from torch import Tensor
 from .aggregate import _max_relative_backward_pytorch, _no_rank, interleaved
 from .fused import _stat_dtype
 from .knn import DENSE_BLOCK_ELEMENTS
-from .linear import _onednn_linear_op  # noqa: F401  (registers gkg_pyg::onednn_linear)
+from .linear import _plain_grouped_linear
 
 __all__ = ["plain_decompositions"]
 
@@ -107,14 +107,6 @@ def _bn_gelu_linear(h, bn_weight, bn_bias, weight, bias, running_mean, running_v
     return (out, *stats, *updated)
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-    out_channels, in_per_group = weight.shape
-    w = weight.view(groups, out_channels // groups, in_per_group)
-    out = torch.bmm(x.reshape(-1, groups, in_per_group).transpose(0, 1), w.transpose(1, 2))
-    out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
-    return out if bias is None else out + bias
-
-
 def plain_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     """``{operator: function}`` for ``ExportedProgram.run_decompositions``: every
     forward ``gkg_pyg::`` operator (and ``max_relative_backward``) as its PyTorch
@@ -127,5 +119,5 @@ def plain_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
         torch.ops.gkg_pyg.max_relative.default: _max_relative,
         torch.ops.gkg_pyg.max_relative_backward.default: _max_relative_backward_pytorch,
         torch.ops.gkg_pyg.bn_gelu_linear.default: _bn_gelu_linear,
-        torch.ops.gkg_pyg.onednn_linear.default: _onednn_linear,
+        torch.ops.gkg_pyg.onednn_linear.default: _plain_grouped_linear,
     }

@@ -75,15 +75,22 @@ def _(grad_out, x, weight, groups, output_mask):
     )
 
 
-def _plain_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-    """The grouped map with ``bmm`` (``groups == 1``: ``F.linear``)."""
+def _plain_grouped_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int, bias_in_place: bool = False
+) -> Tensor:
+    """The grouped map with ``bmm`` (``groups == 1``: ``F.linear``).  ``bias_in_place``: the bias
+    is added into the product (a fresh tensor autograd does not keep), not into a new tensor;
+    without it the map is functional (what decompositions need).  Under autocast the bias is cast
+    to the half-precision product, as ``F.linear`` and ``conv2d`` do, so the output stays half."""
     if groups == 1:
         return F.linear(x, weight, bias)
     out_channels, in_per_group = weight.shape
     w = weight.view(groups, out_channels // groups, in_per_group)
     out = torch.bmm(x.reshape(-1, groups, in_per_group).transpose(0, 1), w.transpose(1, 2))
     out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
-    return out if bias is None else out + bias.to(out.dtype)
+    if bias is None:
+        return out
+    return out.add_(bias.to(out.dtype)) if bias_in_place else out + bias.to(out.dtype)
 
 
 def _onednn_setup(ctx, inputs, output) -> None:
@@ -147,17 +154,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
         if torch.compiler.is_compiling():  # one opaque call: the compiler's layout choices would copy the rows
             return torch.ops.gkg_pyg.onednn_linear(x, weight, bias, groups)
         return _onednn_linear(x, weight, bias, groups)
-    if groups == 1:
-        return F.linear(x, weight, bias)
-    out_channels, in_per_group = weight.shape
-    w = weight.view(groups, out_channels // groups, in_per_group)
-    out = torch.bmm(x.reshape(-1, groups, in_per_group).transpose(0, 1), w.transpose(1, 2))
-    out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
-    if bias is None:
-        return out
-    # In place (out is bmm's fresh result or a copy of it; autograd keeps neither). Under autocast the
-    # bias is cast to the half-precision out, as F.linear and conv2d do, so the output stays half.
-    return out.add_(bias.to(out.dtype))
+    return _plain_grouped_linear(x, weight, bias, groups, bias_in_place=True)
 
 
 # (rows, multiply-adds) from which oneDNN's faster kernel outweighs its per-call overhead (measured here:
