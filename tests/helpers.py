@@ -4,6 +4,7 @@ this process. (Test modules import from here, never from each other.)"""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import pickle
@@ -103,6 +104,25 @@ def run_script(name: str, *args, raising: bool = False):
         return (module.run if raising else module.main)([str(a) for a in args])
     finally:
         torch.set_num_threads(threads)
+
+
+def end_failed_loader_workers() -> None:
+    """End now the worker processes of DataLoader iterators that a worker's exception left
+    behind (held in reference cycles through the exception's frames).
+
+    torch shuts such an iterator down when the garbage collector frees it and waits up to
+    ``MP_STATUS_CHECK_INTERVAL`` (5 s) for each worker to join before terminating it; after a
+    batch that raised in the worker the wait runs out (measured: 5.0 s), in whichever later
+    test the collection happens to run. Here it is collected at once, with a short wait.
+    """
+    from torch.utils.data import _utils as data_utils
+
+    interval = data_utils.MP_STATUS_CHECK_INTERVAL
+    data_utils.MP_STATUS_CHECK_INTERVAL = 0.1
+    try:
+        gc.collect()
+    finally:
+        data_utils.MP_STATUS_CHECK_INTERVAL = interval
 
 
 def noise_image(path: Path, seed: int) -> None:

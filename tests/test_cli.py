@@ -23,7 +23,7 @@ from gkg_pyg.config import load_config
 from gkg_pyg.data import UnreadableImageError
 from gkg_pyg.errors import ConfigError, GkgError, ImageError
 
-from helpers import REPO, TINY_MODEL, build_format, noise_image, run_script
+from helpers import REPO, TINY_MODEL, build_format, end_failed_loader_workers, noise_image, run_script
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
        "PYTHONWARNINGS": "ignore"}  # fmt: skip
@@ -93,6 +93,7 @@ def test_evaluate_image_broken_after_the_check(tiny, tmp_path, capsys):
     line = one_error_line(capsys)
     assert line.startswith(f"error: cannot read image {root / 'imgs' / 'val' / '1.png'}:")
     assert "Traceback" not in line and "DataLoader" not in line
+    end_failed_loader_workers()
 
 
 def test_predict_missing_checkpoint_and_bad_option(tiny, capsys):

@@ -19,7 +19,7 @@ from gkg_pyg.data import (
     collate, csv_class_names, dataset_from_config, find_bad_images, read_class_list,
 )  # fmt: skip
 
-from helpers import CATEGORIES, TINY_MODEL, build_format, coco_json, run_script, write_image
+from helpers import CATEGORIES, TINY_MODEL, build_format, coco_json, end_failed_loader_workers, run_script, write_image
 
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
@@ -336,6 +336,7 @@ def test_unreadable_image_mid_epoch_names_path_or_is_counted(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate)
     with pytest.raises(OSError, match="b.jpg"):
         next(iter(loader))
+    end_failed_loader_workers()
     ds.skip_bad_images = True
     with pytest.warns(UserWarning, match="b.jpg"):
         batch = collate([ds[i] for i in range(3)])

@@ -73,10 +73,13 @@ def test_summary_is_one_markdown_table(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
-    """The whole script on the CPU at tiny sizes (a few minutes): every step
-    leaves a row, and the report is written."""
+    """The whole script on the CPU at tiny sizes: every step leaves a row, and the
+    report is written. The training demo runs without --compile (compiling it takes
+    minutes on 2 cores; torch.compile of the model and of the training scripts is
+    tested in test_model.py, test_train.py and test_benchmark_scripts.py)."""
     harness = os.environ.get("GKG_PYG_AUTHORS_HARNESS", "/work/authors_harness")
     args = ["--dry-run"] + (["--harness", harness] if Path(harness, "peak_memory.py").exists() else [])
+    args += ["--no-compile"]  # gpu.sh's own options first: the rest goes to gpu_check.py
     proc = bash(*args, out=tmp_path, timeout=1800)
     report = (tmp_path / "gpu_report.md").read_text()
     for step in (

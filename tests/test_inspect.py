@@ -522,6 +522,9 @@ def test_cli_config_without_num_classes_or_checkpoint(synthetic, tmp_path):
 # ---------------------------------------------------------------------------
 # Notebook
 # ---------------------------------------------------------------------------
+# An end-to-end run of the notebook in a fresh kernel: the functions it calls are tested one by one
+# above in the quick run.
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom():
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

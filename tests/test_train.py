@@ -244,27 +244,42 @@ def test_compile_flag(tiny, tmp_path):
     """--compile runs the training step and the evaluation forward pass under torch.compile (here its
     eager backend: the graph capture without code generation, which inductor's compile time on 2 CPU
     cores would make a 5-minute test): the run trains what the plain run trains, its checkpoint holds
-    the plain model's names, and evaluate.py --compile measures what evaluate.py measures."""
+    the plain model's names, and evaluate.py --compile measures what evaluate.py measures.
+
+    The runs are processes of one thread each, started as soon as what they need exists (the
+    evaluations need the plain run's checkpoint, which the compiled run's equals), so that the
+    second core works while the compiled run traces the model."""
     common = ("--set", "train.epochs=1", "--set", "train.ema=false")
     compiled_run, plain_run = tmp_path / "compiled", tmp_path / "plain"
-    script("train", tiny["config"], "--output", compiled_run, "--compile", "--compile-backend", "eager", *common)
-    script("train", tiny["config"], "--output", plain_run, *common)
+    compiled = start("train", tiny["config"], "--output", compiled_run, "--compile", "--compile-backend", "eager",
+                     *common)  # fmt: skip
+    bad = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "train.py"), str(tiny["config"]), "--output", str(tmp_path / "bad"),
+         "--compile", "--compile-backend", "nope"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    finish(start("train", tiny["config"], "--output", plain_run, *common))
+    # One evaluation batch of the 11 images: the compiled model traced for one batch size.
+    evals = {}
+    for flags in (("--compile", "--compile-backend", "eager"), ()):
+        folder = tmp_path / f"eval{len(flags)}"
+        proc = start("evaluate", tiny["config"], "--checkpoint", plain_run / "checkpoint_last.pth", "--output", folder,
+                     "--set", "eval.batch_size=11", *flags)  # fmt: skip
+        evals[bool(flags)] = folder, proc
+    _, bad_err = bad.communicate(timeout=RUN_TIMEOUT)
+    assert bad.returncode == 2 and bad_err.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
+    finish(compiled)
     state = torch.load(compiled_run / "checkpoint_last.pth", weights_only=True)
     plain = torch.load(plain_run / "checkpoint_last.pth", weights_only=True)
     assert state["model"].keys() == plain["model"].keys()  # no _orig_mod. prefix
     for key, value in plain["model"].items():
         torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     measured = {}
-    for flags in (("--compile", "--compile-backend", "eager"), ()):
-        folder = tmp_path / f"eval{len(flags)}"
-        script("evaluate", tiny["config"], "--checkpoint", compiled_run / "checkpoint_last.pth", "--output", folder,
-               *flags)  # fmt: skip
-        measured[bool(flags)] = json.loads((folder / "metrics.json").read_text())["model"]
+    for was_compiled, (folder, proc) in evals.items():
+        finish(proc)
+        measured[was_compiled] = json.loads((folder / "metrics.json").read_text())["model"]
     for key in ("mAP", "CF1", "OF1"):
         assert measured[True][key] == pytest.approx(measured[False][key], abs=1e-6), key
-    bad = script("train", tiny["config"], "--output", tmp_path / "bad", "--compile", "--compile-backend", "nope",
-                 check=False)  # fmt: skip
-    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
 
 
 # ---------------------------------------------------------------------------
