@@ -214,7 +214,8 @@ def step_tests(args) -> None:
     else:
         suites = [("tests: not slow", ["-m", "not slow"]), ("tests: fake CUDA", ["tests/test_fake_cuda.py"])]
     for name, selection in suites:
-        proc = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection])
+        # One pytest process, no workers: pytest-xdist may be missing on the GPU machine.
+        proc = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", *selection])
         summary = next(
             (line for line in reversed(proc.stdout.splitlines()) if re.search(r"\d+ (passed|failed|error)", line)),
             last_line(proc),

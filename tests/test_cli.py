@@ -143,18 +143,18 @@ def command(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def test_exit_status_and_debug_traceback(tiny):
-    script = REPO / "experiments" / "train.py"
-    plain = command(script, tiny["config"], "--set", "train.epoch=3")
+def test_exit_status_and_debug_traceback(tiny, capsys):
+    """As a process: exit status 2 and the one line. --debug puts the traceback before that line."""
+    plain = command(REPO / "experiments" / "train.py", tiny["config"], "--set", "train.epoch=3")
     assert plain.returncode == 2, plain.stderr
     assert plain.stderr.splitlines() == [
         "error: unknown config key 'train.epoch' in override 'train.epoch=3'; did you mean 'train.epochs'?"
     ]
-    debug = command(script, tiny["config"], "--set", "train.epoch=3", "--debug")
-    assert debug.returncode == 2
-    assert debug.stderr.startswith("Traceback (most recent call last):")
-    assert "gkg_pyg.errors.ConfigError: unknown config key 'train.epoch'" in debug.stderr
-    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[0]
+    assert run_script("train", tiny["config"], "--set", "train.epoch=3", "--debug") == 2
+    debug = capsys.readouterr().err
+    assert debug.startswith("Traceback (most recent call last):")
+    assert "gkg_pyg.errors.ConfigError: unknown config key 'train.epoch'" in debug
+    assert debug.splitlines()[-1] == plain.stderr.splitlines()[0]
 
 
 def test_unexpected_errors_keep_their_traceback(capsys):

@@ -16,6 +16,9 @@ from torch_geometric.nn import global_max_pool, global_mean_pool
 
 from gkg_pyg import DynamicGroupMaxRelConv, GroupMaxRelConv, build_stage_graph, group_knn, stack_group_edges
 
+# The oneDNN routing and the kernels' threading are what these tests are about (conftest.py).
+pytestmark = pytest.mark.usefixtures("two_threads")
+
 
 def naive_conv(conv, x_src, x_dst, edge_index):
     """The layer written out with loops: per destination and group the max of

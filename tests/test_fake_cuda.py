@@ -62,7 +62,7 @@ def check_on_gpu(tensors, what):
 @pytest.mark.parametrize("size, mode", CASES)
 @pytest.mark.parametrize("amp", ["fp32", "fp16", pytest.param("bf16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("backend", [backend_param("dense"), backend_param("torch_cluster")])
-@pytest.mark.parametrize("name", ["gkgnet_s", "pvig_s"])
+@pytest.mark.parametrize("name", ["gkgnet_s", pytest.param("pvig_s", marks=pytest.mark.slow)])
 def test_fake_cuda(name, backend, amp, size, mode):
     model, fake = build(name, size, backend)
     dtype = AUTOCAST[amp]

@@ -15,6 +15,9 @@ from gkg_pyg.geometry import stage_grids
 from gkg_pyg.models.positions import relative_position_factors, relative_position_table
 from gkg_pyg.models.pvig import Stage
 
+# The oneDNN routing and the kernels' threading are what these tests are about (conftest.py).
+pytestmark = pytest.mark.usefixtures("two_threads")
+
 
 def conv_pair_grads(conv, x_src, x_dst, edges, neighbors, weight_out):
     """Outputs and gradients (sources, destinations, every parameter) of both

@@ -18,7 +18,13 @@ from gkg_pyg.data.images import (
     UnreadableImageError, check_image, exif_upright, find_images, load_rgb, to_rgb,
 )  # fmt: skip
 
-RNG = np.random.default_rng(0)
+
+@pytest.fixture
+def rng():
+    """Each test's own generator: its values do not depend on which tests ran before it."""
+    return np.random.default_rng(0)
+
+
 WHITE = np.array([255, 255, 255])
 
 
@@ -48,8 +54,8 @@ def _save(image: Image.Image, path: Path, **kwargs) -> Path:
 
 
 # ----------------------------------------------------------------- plain modes
-def test_rgb_jpeg_unchanged(tmp_path):
-    path = _save(Image.fromarray(RNG.integers(0, 256, (17, 23, 3), dtype=np.uint8)), tmp_path / "a.jpg")
+def test_rgb_jpeg_unchanged(tmp_path, rng):
+    path = _save(Image.fromarray(rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)), tmp_path / "a.jpg")
     with Image.open(path) as im:
         expected = np.asarray(im.convert("RGB")).astype(np.int64)
     out = load_rgb(path)
@@ -58,18 +64,18 @@ def test_rgb_jpeg_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["png", "bmp", "tiff"])
-def test_bilevel_and_gray(tmp_path, fmt):
-    bits = RNG.integers(0, 2, (9, 13)).astype(bool)
-    gray = RNG.integers(0, 256, (9, 13), dtype=np.uint8)
+def test_bilevel_and_gray(tmp_path, fmt, rng):
+    bits = rng.integers(0, 2, (9, 13)).astype(bool)
+    gray = rng.integers(0, 256, (9, 13), dtype=np.uint8)
     out1 = load_rgb(_save(Image.fromarray(bits), tmp_path / f"b.{fmt}"))
     assert np.array_equal(_rgb(out1), np.repeat(bits[..., None] * 255, 3, axis=-1))
     outl = load_rgb(_save(Image.fromarray(gray), tmp_path / f"g.{fmt}"))
     assert np.array_equal(_rgb(outl), np.repeat(gray[..., None], 3, axis=-1).astype(np.int64))
 
 
-def test_palette_without_transparency(tmp_path):
-    palette = RNG.integers(0, 256, (256, 3), dtype=np.uint8)
-    index = RNG.integers(0, 256, (8, 11), dtype=np.uint8)
+def test_palette_without_transparency(tmp_path, rng):
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (8, 11), dtype=np.uint8)
     im = Image.fromarray(index, "P")
     im.putpalette(palette.tobytes())
     for name in ("p.png", "p.gif", "p.bmp"):
@@ -79,9 +85,9 @@ def test_palette_without_transparency(tmp_path):
 
 # ------------------------------------------------------------- high bit depths
 @pytest.mark.parametrize("fmt", ["png", "tiff"])
-def test_sixteen_bit_gray(tmp_path, fmt):
+def test_sixteen_bit_gray(tmp_path, fmt, rng):
     values = np.concatenate([[0, 1, 128, 129, 255, 256, 257, 32767, 32768, 65534, 65535],
-                             RNG.integers(0, 65536, 53)]).astype(np.uint16).reshape(8, 8)  # fmt: skip
+                             rng.integers(0, 65536, 53)]).astype(np.uint16).reshape(8, 8)  # fmt: skip
     path = _save(Image.fromarray(values), tmp_path / f"s.{fmt}")
     with Image.open(path) as im:
         assert im.mode.startswith("I;16"), im.mode
@@ -91,8 +97,8 @@ def test_sixteen_bit_gray(tmp_path, fmt):
         assert (np.asarray(im.convert("RGB"))[..., 0] == 255).mean() > 0.5
 
 
-def test_sixteen_bit_big_endian_tiff(tmp_path):
-    values = RNG.integers(0, 65536, (6, 7)).astype(np.uint16)
+def test_sixteen_bit_big_endian_tiff(tmp_path, rng):
+    values = rng.integers(0, 65536, (6, 7)).astype(np.uint16)
     im = Image.frombytes("I;16B", (7, 6), values.astype(">u2").tobytes())
     path = _save(im, tmp_path / "be.tiff")
     with Image.open(path) as reread:
@@ -101,8 +107,8 @@ def test_sixteen_bit_big_endian_tiff(tmp_path):
     assert np.array_equal(_rgb(to_rgb(im)), _gray_ref(values, 0, 65535))
 
 
-def test_sixteen_bit_pgm_opens_as_I(tmp_path):
-    values = RNG.integers(0, 65536, (5, 6)).astype(np.uint16)
+def test_sixteen_bit_pgm_opens_as_I(tmp_path, rng):
+    values = rng.integers(0, 65536, (5, 6)).astype(np.uint16)
     path = tmp_path / "s.pgm"
     path.write_bytes(b"P5\n6 5\n65535\n" + values.astype(">u2").tobytes())
     with Image.open(path) as im:
@@ -119,8 +125,8 @@ def test_int32_tiff_uses_declared_range(tmp_path):
     assert np.array_equal(_rgb(load_rgb(path)), _gray_ref(values, -(2**31), 2**31 - 1))
 
 
-def test_int32_in_memory_ranges():
-    sixteen = RNG.integers(0, 65536, (4, 5)).astype(np.int32)
+def test_int32_in_memory_ranges(rng):
+    sixteen = rng.integers(0, 65536, (4, 5)).astype(np.int32)
     assert np.array_equal(_rgb(to_rgb(Image.fromarray(sixteen))), _gray_ref(sixteen, 0, 65535))
     wide = np.array([[-5, 0, 70000, 1_000_000]], dtype=np.int32)  # no fixed range: min..max
     assert np.array_equal(_rgb(to_rgb(Image.fromarray(wide))), _gray_ref(wide, -5, 1_000_000))
@@ -152,9 +158,9 @@ def test_float_nan_and_inf():
     assert out.tolist() == [0, 128, 0, 255, 255]
 
 
-def test_sixteen_bit_rgb_png_within_one_level(tmp_path):
+def test_sixteen_bit_rgb_png_within_one_level(tmp_path, rng):
     # PIL reads 48-bit PNGs as 8-bit RGB itself (the high byte): written by hand here.
-    values = RNG.integers(0, 65536, (5, 4, 3)).astype(np.uint16)
+    values = rng.integers(0, 65536, (5, 4, 3)).astype(np.uint16)
     raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)
 
     def chunk(kind, data):
@@ -169,9 +175,9 @@ def test_sixteen_bit_rgb_png_within_one_level(tmp_path):
 
 
 # ----------------------------------------------------------------- transparency
-def test_rgba_and_la_png_composited_over_background(tmp_path):
-    colour = RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)
-    alpha = RNG.integers(0, 256, (6, 9), dtype=np.uint8)
+def test_rgba_and_la_png_composited_over_background(tmp_path, rng):
+    colour = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (6, 9), dtype=np.uint8)
     alpha[0, :3] = (0, 255, 128)
     rgba = _save(Image.fromarray(np.dstack([colour, alpha]), "RGBA"), tmp_path / "a.png")
     assert np.array_equal(_rgb(load_rgb(rgba)), _composite_ref(colour, alpha))
@@ -184,15 +190,15 @@ def test_rgba_and_la_png_composited_over_background(tmp_path):
     assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == colour[0, 1].tolist()
 
 
-def test_webp_rgba(tmp_path):
-    colour = RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)
-    alpha = RNG.integers(0, 256, (6, 9), dtype=np.uint8)
+def test_webp_rgba(tmp_path, rng):
+    colour = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (6, 9), dtype=np.uint8)
     path = _save(Image.fromarray(np.dstack([colour, alpha]), "RGBA"), tmp_path / "a.webp", lossless=True)
     assert np.array_equal(_rgb(load_rgb(path)), _composite_ref(colour, alpha))
 
 
-def test_premultiplied_modes():
-    colour = RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+def test_premultiplied_modes(rng):
+    colour = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
     alpha = np.full((4, 5), 255, dtype=np.uint8)
     alpha[0] = 0
     rgba = Image.fromarray(np.dstack([colour, alpha]), "RGBA")
@@ -204,9 +210,9 @@ def test_premultiplied_modes():
 
 
 @pytest.mark.parametrize("name", ["t.png", "t.gif"])
-def test_palette_with_transparent_index(tmp_path, name):
-    palette = RNG.integers(0, 256, (16, 3), dtype=np.uint8)
-    index = RNG.integers(0, 16, (7, 8), dtype=np.uint8)
+def test_palette_with_transparent_index(tmp_path, name, rng):
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    index = rng.integers(0, 16, (7, 8), dtype=np.uint8)
     index[0, 0] = 5
     im = Image.fromarray(index, "P")
     im.putpalette(palette.tobytes())
@@ -215,10 +221,10 @@ def test_palette_with_transparent_index(tmp_path, name):
     assert np.array_equal(_rgb(load_rgb(path)), _composite_ref(palette[index], alpha))
 
 
-def test_palette_with_alpha_table_png(tmp_path):
-    palette = RNG.integers(0, 256, (4, 3), dtype=np.uint8)
+def test_palette_with_alpha_table_png(tmp_path, rng):
+    palette = rng.integers(0, 256, (4, 3), dtype=np.uint8)
     alphas = np.array([0, 90, 200, 255])
-    index = RNG.integers(0, 4, (5, 6), dtype=np.uint8)
+    index = rng.integers(0, 4, (5, 6), dtype=np.uint8)
     im = Image.fromarray(index, "P")
     im.putpalette(palette.tobytes())
     path = _save(im, tmp_path / "pa.png", transparency=bytes(alphas.astype(np.uint8)))
@@ -228,13 +234,13 @@ def test_palette_with_alpha_table_png(tmp_path):
     assert np.array_equal(_rgb(to_rgb(pa)), _composite_ref(palette[index], alphas[index]))
 
 
-def test_gray_and_rgb_with_transparent_colour(tmp_path):
-    gray = RNG.integers(0, 256, (5, 6), dtype=np.uint8)
+def test_gray_and_rgb_with_transparent_colour(tmp_path, rng):
+    gray = rng.integers(0, 256, (5, 6), dtype=np.uint8)
     gray[0, 0] = 77
     path = _save(Image.fromarray(gray), tmp_path / "l.png", transparency=77)
     alpha = np.where(gray == 77, 0, 255)
     assert np.array_equal(_rgb(load_rgb(path)), _composite_ref(gray, alpha))
-    colour = RNG.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    colour = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
     colour[1, 1] = (1, 2, 3)
     path = _save(Image.fromarray(colour), tmp_path / "rgb.png", transparency=(1, 2, 3))
     alpha = np.where((colour == (1, 2, 3)).all(-1), 0, 255)
@@ -242,8 +248,8 @@ def test_gray_and_rgb_with_transparent_colour(tmp_path):
 
 
 # ----------------------------------------------------------------- colour spaces
-def test_cmyk(tmp_path):
-    cmyk = RNG.integers(0, 256, (6, 7, 4), dtype=np.uint8)
+def test_cmyk(tmp_path, rng):
+    cmyk = rng.integers(0, 256, (6, 7, 4), dtype=np.uint8)
     expected = np.round((255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255.0)
     path = _save(Image.fromarray(cmyk, "CMYK"), tmp_path / "c.tiff")
     assert np.abs(_rgb(load_rgb(path)) - expected).max() <= 1
@@ -255,8 +261,8 @@ def test_cmyk(tmp_path):
     assert np.abs(_rgb(load_rgb(jpeg)) - expected).max() <= 1
 
 
-def test_ycbcr():
-    ycc = RNG.integers(16, 240, (5, 6, 3)).astype(np.float64)
+def test_ycbcr(rng):
+    ycc = rng.integers(16, 240, (5, 6, 3)).astype(np.float64)
     y, cb, cr = ycc[..., 0], ycc[..., 1] - 128, ycc[..., 2] - 128
     expected = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
     expected = np.clip(np.round(expected), 0, 255)
@@ -264,9 +270,10 @@ def test_ycbcr():
     assert np.abs(out - expected).max() <= 1
 
 
-def _lab_reference(lab: np.ndarray) -> np.ndarray:
+def _lab_reference(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CIELAB (D50; PIL's 8-bit encoding: L * 255 / 100, a and b as signed bytes) -> sRGB:
-    XYZ, Bradford D50 -> D65, sRGB gamma."""
+    XYZ, Bradford D50 -> D65, sRGB gamma. Also which pixels lie inside the sRGB gamut (outside
+    it a converter's clipping is its own choice: PIL's differs from clipping linear RGB)."""
     L = lab[..., 0].astype(np.float64) * 100.0 / 255.0
     a, b = lab[..., 1].view(np.int8).astype(np.float64), lab[..., 2].view(np.int8).astype(np.float64)
     fy = (L + 16.0) / 116.0
@@ -280,34 +287,40 @@ def _lab_reference(lab: np.ndarray) -> np.ndarray:
                          [0.0122982, -0.0204830, 1.3299098]])  # fmt: skip
     to_rgb_matrix = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560],
                               [0.0556434, -0.2040259, 1.0572252]])  # fmt: skip
-    linear = np.clip(xyz @ bradford.T @ to_rgb_matrix.T, 0.0, 1.0)
+    linear = xyz @ bradford.T @ to_rgb_matrix.T
+    in_gamut = ((linear >= 0.0) & (linear <= 1.0)).all(axis=-1)
+    linear = np.clip(linear, 0.0, 1.0)
     srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-    return np.round(srgb * 255.0)
+    return np.round(srgb * 255.0), in_gamut
 
 
-def test_lab(tmp_path):
-    # In-gamut colours: L 20..90, |a|, |b| <= 25.
-    lab = np.stack([RNG.integers(51, 230, (6, 6)), RNG.integers(-25, 26, (6, 6)) & 0xFF,
-                    RNG.integers(-25, 26, (6, 6)) & 0xFF], axis=-1).astype(np.uint8)  # fmt: skip
+def test_lab(tmp_path, rng):
+    # L 20..90, |a|, |b| <= 25; compared where the colour lies inside the sRGB gamut.
+    lab = np.stack([rng.integers(51, 230, (16, 16)), rng.integers(-25, 26, (16, 16)) & 0xFF,
+                    rng.integers(-25, 26, (16, 16)) & 0xFF], axis=-1).astype(np.uint8)  # fmt: skip
     im = Image.fromarray(lab, "LAB")
-    expected = _lab_reference(lab)
+    expected, in_gamut = _lab_reference(lab)
+    assert in_gamut.mean() > 0.5
     # Mid grey and white land where they should.
     grey_white = Image.fromarray(np.array([[[128, 0, 0], [255, 0, 0]]], dtype=np.uint8), "LAB")
     assert np.abs(_rgb(to_rgb(grey_white))[0] - [[119, 119, 119], [255, 255, 255]]).max() <= 1
-    assert np.abs(_rgb(to_rgb(im)) - expected).max() <= 3
-    path = _save(im, tmp_path / "lab.tiff")
-    assert np.abs(_rgb(load_rgb(path)) - expected).max() <= 3
+    # PIL's conversion is within a level or two of the formula for most colours and further off
+    # (up to about 20 levels) for a few percent, dark red components; a missing conversion, or
+    # another white point, moves every colour.
+    for image in (to_rgb(im), load_rgb(_save(im, tmp_path / "lab.tiff"))):
+        error = np.abs(_rgb(image) - expected)[in_gamut]
+        assert error.mean() < 1 and (error <= 3).mean() > 0.9, (error.mean(), (error <= 3).mean())
 
 
-def test_hsv():
-    hsv = RNG.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+def test_hsv(rng):
+    hsv = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
     expected = np.array([[colorsys.hsv_to_rgb(*(px / 255.0)) for px in row] for row in hsv]) * 255.0
     out = _rgb(to_rgb(Image.fromarray(hsv, "HSV")))
     assert np.abs(out - expected).max() <= 1
 
 
-def test_rgbx():
-    rgbx = RNG.integers(0, 256, (3, 4, 4), dtype=np.uint8)
+def test_rgbx(rng):
+    rgbx = rng.integers(0, 256, (3, 4, 4), dtype=np.uint8)
     assert np.array_equal(_rgb(to_rgb(Image.fromarray(rgbx, "RGBX"))), rgbx[..., :3].astype(np.int64))
 
 
@@ -339,9 +352,9 @@ ORIENTATIONS = {
 
 
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
-def test_exif_orientation(tmp_path, orientation):
+def test_exif_orientation(tmp_path, orientation, rng):
     # Blocks of 8 px make the JPEG nearly lossless and the layout unmistakable.
-    blocks = RNG.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)
     pixels = np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8))
     im = Image.fromarray(pixels)
     exif = im.getexif()
@@ -357,14 +370,14 @@ def test_exif_orientation(tmp_path, orientation):
 
 
 # ------------------------------------------------------------------ bad files
-def _jpeg_bytes() -> bytes:
+def _jpeg_bytes(rng) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
 
 
-def test_unreadable_files_name_the_path(tmp_path):
-    data = _jpeg_bytes()
+def test_unreadable_files_name_the_path(tmp_path, rng):
+    data = _jpeg_bytes(rng)
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.jpg").write_bytes(b"not an image")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -383,8 +396,8 @@ def test_decompression_bomb_is_reported_with_path(tmp_path, monkeypatch):
         load_rgb(path)
 
 
-def test_check_levels(tmp_path):
-    data = _jpeg_bytes()
+def test_check_levels(tmp_path, rng):
+    data = _jpeg_bytes(rng)
     good = tmp_path / "good.jpg"
     good.write_bytes(data)
     trunc = tmp_path / "trunc.jpg"
@@ -415,8 +428,8 @@ def test_check_levels(tmp_path):
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.6, 0.95, 0.995])
-def test_decode_check_finds_truncated_jpeg_like_load_rgb(tmp_path, cut):
-    data = _jpeg_bytes()
+def test_decode_check_finds_truncated_jpeg_like_load_rgb(tmp_path, cut, rng):
+    data = _jpeg_bytes(rng)
     path = tmp_path / "t.jpg"
     path.write_bytes(data[: int(len(data) * cut)])
     with pytest.raises(UnreadableImageError):

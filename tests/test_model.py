@@ -257,14 +257,15 @@ def test_drop_path_rates_are_torch_linspaces_values(blocks):
         assert drop_path_rates(rate, blocks) == torch.linspace(0, rate, blocks).tolist(), rate
 
 
-@pytest.mark.parametrize("backend", ["auto", "dense"])  # on CUDA "auto" is torch-cluster's kNN where installed
+# On CUDA "auto" is torch-cluster's kNN where installed; test_fake_cuda.py runs each backend quickly.
+@pytest.mark.parametrize("backend", ["auto", pytest.param("dense", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["gkgnet_ti", "pvig_ti"])
 def test_models_build_and_run_on_fake_cuda_tensors(name, backend):
     """Building a model and its forward pass read no tensor value (no ``.item()``,
     ``.tolist()``), so both run on fake tensors: the model built inside
     ``FakeTensorMode`` on a fake ``cuda`` device (``Module.to`` cannot move
-    parameters made under the mode), its lazily built position tables
-    following it there; on a machine with a GPU also the backward pass."""
+    parameters made under the mode), its position tables built there with it;
+    on a machine with a GPU also the backward pass."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cuda"):
@@ -277,11 +278,53 @@ def test_models_build_and_run_on_fake_cuda_tensors(name, backend):
             evaluated = model(torch.randn(2, 3, 112, 96))  # another size: resampled tables
     for out in (logits, evaluated):
         assert isinstance(out, FakeTensor) and out.shape == (2, 5) and out.device.type == "cuda"
-    if model.knn_backend == "dense":  # the dense kNN's position table (torch-cluster takes factors)
-        table = model.stages[0].position.relative_pos
-        assert isinstance(table, FakeTensor) and table.device.type == "cuda" and table.dtype == torch.float32
+    position = model.stages[0].position  # the dense kNN's table, torch-cluster's factors
+    for term, dtype in ((position.relative_pos, torch.float32), (position.factor_u, torch.float64)):
+        assert isinstance(term, FakeTensor) and term.device.type == "cuda" and term.dtype == dtype
     if torch.cuda.is_available():
         assert all(p.grad is not None and p.grad.device.type == "cuda" for p in model.stages[0].parameters())
+
+
+@pytest.mark.parametrize("train", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_compiled_model_compiles_once(train):
+    """The first call of a compiled model changes no module state (the position
+    terms exist from construction), so later calls reuse its graph: one
+    compilation, not a second one on the second call."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96, knn_backend="dense").train(train)
+    compiled = torch.compile(model, backend=counting_backend)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.set_grad_enabled(train):
+        outs = [compiled(x) for _ in range(3)]
+    assert len(graphs) == 1
+    if not train:
+        torch.testing.assert_close(outs[0], model(x))
+
+
+def test_position_terms_are_rebuilt_not_cast_twice():
+    """Changing the model's dtype recomputes the position terms: float32 table
+    values in any dtype, float64 factors, also after a trip through half
+    precision or off the meta device."""
+    from gkg_pyg.models.positions import relative_position_factors, relative_position_table
+
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96)
+    position = model.stages[0].position
+    table = relative_position_table(position.grid, position.channels, position.pool)
+    u, _ = relative_position_factors(position.grid, position.channels, position.pool)
+    model.half().float()
+    assert torch.equal(position.relative_pos, table) and torch.equal(position.factor_u, u)
+    model.double()
+    assert torch.equal(position.relative_pos, table.double()) and position.factor_u.dtype == torch.float64
+    with torch.device("meta"):
+        meta = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96)
+    meta.to_empty(device="cpu")
+    assert torch.equal(meta.stages[0].position.relative_pos, table)
 
 
 @pytest.mark.slow

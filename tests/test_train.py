@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import importlib.util
 import json
 import math
 import os
@@ -33,6 +32,8 @@ from gkg_pyg.training import distributed, loaders, loops, optim, precision, rng,
 from gkg_pyg.data import build_test_transform, load_rgb, make_synthetic_coco
 from gkg_pyg.loss import GKGNetLoss
 from gkg_pyg.metrics import multilabel_metrics
+
+from helpers import load_script, run_script
 
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
@@ -59,13 +60,6 @@ schedule: {{name: step, warmup_epochs: 1, warmup_ratio: 0.1, milestones: [1]}}
 eval: {{batch_size: 4}}
 output: {{dir: {runs}, progress: false}}
 """
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
@@ -240,7 +234,7 @@ def test_predict_json(tiny, capsys):
 
 
 @pytest.mark.slow
-def test_compile_flag(tiny, tmp_path):
+def test_compile_flag(tiny, tmp_path, capsys):
     """--compile runs the training step and the evaluation forward pass under torch.compile (here its
     eager backend: the graph capture without code generation, which inductor's compile time on 2 CPU
     cores would make a 5-minute test): the run trains what the plain run trains, its checkpoint holds
@@ -253,11 +247,6 @@ def test_compile_flag(tiny, tmp_path):
     compiled_run, plain_run = tmp_path / "compiled", tmp_path / "plain"
     compiled = start("train", tiny["config"], "--output", compiled_run, "--compile", "--compile-backend", "eager",
                      *common)  # fmt: skip
-    bad = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "train.py"), str(tiny["config"]), "--output", str(tmp_path / "bad"),
-         "--compile", "--compile-backend", "nope"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     finish(start("train", tiny["config"], "--output", plain_run, *common))
     # One evaluation batch of the 11 images: the compiled model traced for one batch size.
     evals = {}
@@ -266,8 +255,9 @@ def test_compile_flag(tiny, tmp_path):
         proc = start("evaluate", tiny["config"], "--checkpoint", plain_run / "checkpoint_last.pth", "--output", folder,
                      "--set", "eval.batch_size=11", *flags)  # fmt: skip
         evals[bool(flags)] = folder, proc
-    _, bad_err = bad.communicate(timeout=RUN_TIMEOUT)
-    assert bad.returncode == 2 and bad_err.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
+    bad_backend = ("--compile", "--compile-backend", "nope")
+    assert run_script("train", tiny["config"], "--output", tmp_path / "bad", *bad_backend) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
     finish(compiled)
     state = torch.load(compiled_run / "checkpoint_last.pth", weights_only=True)
     plain = torch.load(plain_run / "checkpoint_last.pth", weights_only=True)

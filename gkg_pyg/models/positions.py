@@ -13,9 +13,9 @@ the flattened source index to the ``r x r``-pooled sources, ``(n, n / r^2)``.
 At another runtime grid the table is resampled again to ``(N, N / r^2)``.  The
 kNN distance is ``dist - T``: nearer patches are preferred.
 
-:class:`RelativePosition` holds one stage's term: the dense table (built on
-first use, then moved by ``.to()`` like any buffer) for the dense kNN, and
-the rank-``C`` factors ``(U, V)``, ``U V^T = T``, for torch-cluster's kNN.
+:class:`RelativePosition` holds one stage's term: the dense table for the
+dense kNN and the rank-``C`` factors ``(U, V)``, ``U V^T = T``, for
+torch-cluster's kNN (buffers built with the module, moved by ``.to()``).
 """
 
 from __future__ import annotations
@@ -111,32 +111,55 @@ class RelativePosition(nn.Module):
     factors).
 
     Nothing here is part of a checkpoint (the authors' stored tables are
-    recomputed, never read).  The construction table is a non-persistent
-    buffer built on first use (it is large: 20736 x 1296 at 576 px), computed
-    on the CPU (the same values whatever the default device) and moved to the
-    device and dtype of the ``like`` tensor the caller passes (the stage's
-    weights); ``.to()`` moves it like any buffer.  The resampled table and the
-    factors of the last runtime grid are cached.  No value is read back to the
-    host, so the term can be built on fake or meta tensors.
+    recomputed, never read).  The construction grid's table and factors are
+    non-persistent buffers built with the module, in the default device and
+    dtype (the factors in float64), and ``.to()`` moves them like any buffer.
+    They exist before the first forward pass so that a compiled model's first
+    call changes no module state (that would make its second call compile
+    again).  A change of dtype rebuilds them (the table's values stay float32
+    values, the factors float64), as does leaving the meta device.  The
+    resampled table and the factors of the last runtime grid are cached.  No
+    value is read back to the host, so the term can be built on fake or meta
+    tensors.
     """
 
     def __init__(self, grid: Grid, channels: int, pool: int):
         super().__init__()
         self.grid, self.channels, self.pool = tuple(grid), channels, pool
-        self.register_buffer("relative_pos", None, persistent=False)
+        device = torch.empty(0).device  # the default device (a torch.device context included)
+        self.register_buffer("relative_pos", self._table().to(device, torch.get_default_dtype()), persistent=False)
+        u, v = self._factors()
+        self.register_buffer("factor_u", u.to(device), persistent=False)
+        self.register_buffer("factor_v", v.to(device), persistent=False)
         self._bias_cache: Dict[tuple, Tensor] = {}
         self._factor_cache: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+
+    def _table(self) -> Tensor:
+        return relative_position_table(self.grid, self.channels, self.pool)
+
+    def _factors(self) -> Tuple[Tensor, Tensor]:
+        return relative_position_factors(self.grid, self.channels, self.pool)
+
+    def _apply(self, fn, recurse=True):
+        before = self.relative_pos
+        super()._apply(fn, recurse)
+        table, u = self.relative_pos, self.factor_u
+        if table.dtype != before.dtype or before.is_meta:  # recomputed, not converted twice (or made up)
+            self.relative_pos = self._table().to(table.device, table.dtype)
+        if u.dtype != torch.float64 or before.is_meta:
+            self.factor_u, self.factor_v = (f.to(u.device) for f in self._factors())
+        self._bias_cache.clear()
+        self._factor_cache.clear()
+        return self
 
     def num_sources(self, grid: Grid) -> int:
         """Sources of the patch-level graph at ``grid``: ``(h // r) (w // r)``."""
         return (grid[0] // self.pool) * (grid[1] // self.pool)
 
     def table(self, like: Tensor) -> Tensor:
-        """The ``(n, n_src)`` term at the construction grid, built in ``like``'s
-        device and dtype if it does not exist yet."""
-        if self.relative_pos is None:
-            self.relative_pos = relative_position_table(self.grid, self.channels, self.pool).to(like)
-        return self.relative_pos
+        """The ``(n, n_src)`` term at the construction grid in ``like``'s device and
+        dtype (the buffer itself where they are the buffer's)."""
+        return self.relative_pos.to(like)
 
     def bias(self, grid: Grid, like: Tensor) -> Tensor:
         """The ``(N, N_src)`` term at a runtime grid (resampled bicubically from
@@ -159,12 +182,13 @@ class RelativePosition(nn.Module):
         ``U @ V.T`` the term at a runtime grid before float32 rounding
         (:func:`relative_position_factors`, resampled like :meth:`bias`)."""
         grid = tuple(grid)
+        if grid == self.grid:
+            return self.factor_u.to(device), self.factor_v.to(device)
         key = (grid, device)
         if key not in self._factor_cache:
             self._factor_cache.clear()
-            u, v = relative_position_factors(self.grid, self.channels, self.pool)
-            if grid != self.grid:  # bicubic resampling is separable: resample the factor rows
-                u, v = resample_rows(u, grid[0] * grid[1]), resample_rows(v, self.num_sources(grid))
+            u, v = self._factors()  # bicubic resampling is separable: resample the factor rows
+            u, v = resample_rows(u, grid[0] * grid[1]), resample_rows(v, self.num_sources(grid))
             self._factor_cache[key] = (u.to(device), v.to(device))
         return self._factor_cache[key]
 
