@@ -66,7 +66,8 @@ def relative_position_table(grid: Grid, channels: int, pool: int, rows_per_chunk
     out = torch.empty(n, n_src, device="cpu")
     for r0 in range(0, n, rows_per_chunk):
         r, c = rows[r0 : r0 + rows_per_chunk], cols[r0 : r0 + rows_per_chunk]
-        chunk = (ty[r][:, rows] + tx[c][:, cols]).float()
+        # source j = (a, b) at flat index a * w + b: a broadcast sum, no gather
+        chunk = (ty[r][:, :, None] + tx[c][:, None, :]).reshape(len(r), n).float()
         if n_src == n:
             out[r0 : r0 + len(r)] = chunk
         else:
