@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# The environment of the scripts the tests start as processes: the checkout importable, warnings quiet.
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+              "PYTHONWARNINGS": "ignore"}  # fmt: skip
 
 
 def write_image(path: Path, colour=(200, 30, 30), size=(20, 14)) -> Path:

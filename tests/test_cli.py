@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +22,8 @@ from gkg_pyg.config import load_config
 from gkg_pyg.data import UnreadableImageError
 from gkg_pyg.errors import ConfigError, GkgError, ImageError
 
-from helpers import REPO, TINY_MODEL, build_format, end_failed_loader_workers, noise_image, run_script
+from helpers import REPO, SCRIPT_ENV, TINY_MODEL, build_format, end_failed_loader_workers, noise_image, run_script
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-       "PYTHONWARNINGS": "ignore"}  # fmt: skip
 COMMANDS = {"gkg-train": "train", "gkg-evaluate": "evaluate", "gkg-predict": "predict", "gkg-export": "export",
             "gkg-inspect": "inspect_graphs"}  # fmt: skip
 
@@ -140,7 +137,9 @@ def test_pvig_groups_bad_option(tmp_path, capsys):
 # As real processes: the exit status, and --debug
 # ---------------------------------------------------------------------------
 def command(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], env=SCRIPT_ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_exit_status_and_debug_traceback(tiny, capsys):
@@ -222,7 +221,7 @@ def test_console_command_runs(tiny):
     if not exe.exists():
         pytest.skip(f"{exe} is not installed (pip install -e .)")
     missing = tiny["tmp"] / "nothere.pth"
-    proc = subprocess.run([str(exe), "--checkpoint", str(missing), str(tiny["image"])], env=ENV,
+    proc = subprocess.run([str(exe), "--checkpoint", str(missing), str(tiny["image"])], env=SCRIPT_ENV,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr == f"error: checkpoint not found: {missing}\n"
 

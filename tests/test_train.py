@@ -33,15 +33,13 @@ from gkg_pyg.data import build_test_transform, load_rgb, make_synthetic_coco
 from gkg_pyg.loss import GKGNetLoss
 from gkg_pyg.metrics import multilabel_metrics
 
-from helpers import load_script, run_script
+from helpers import SCRIPT_ENV, load_script, run_script
 
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "experiments"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-       "PYTHONWARNINGS": "ignore"}  # fmt: skip
 RUN_TIMEOUT = 240
 
 TINY = """\
@@ -65,7 +63,7 @@ output: {{dir: {runs}, progress: false}}
 def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
-        env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        env=SCRIPT_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT,
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{name}.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -75,7 +73,7 @@ def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
 def start(name: str, *args) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 
@@ -415,7 +413,7 @@ def test_torchrun_train_script(tiny, tmp_path):
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", str(SCRIPTS / "train.py"), str(tiny["config"]),
          "--output", str(tmp_path / "run"), "--set", "train.epochs=1", "--set", "train.ema=false"],
-        env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        env=SCRIPT_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("run folder") == 1  # rank 0 alone reports
