@@ -393,6 +393,25 @@ def test_source_pooling_equals_avg_pool2d_and_keeps_nothing(shape):
     assert kept_a == 0 and kept_b >= x.numel() * 4
 
 
+@pytest.mark.parametrize("grid, pool", [((8, 12), 2), ((9, 11), 2), ((12, 12), 4)])
+def test_source_pooling_gradient_comes_back_in_node_layout(grid, pool):
+    """The model pools a view of ``(B, N, C)`` nodes (:func:`to_image`, channels
+    last): the gradient of that image is channels last too, so it reaches the
+    nodes without a transposed copy, with F.avg_pool2d's values bit for bit."""
+    from gkg_pyg.models.layers import avg_pool, to_image, to_nodes
+
+    torch.manual_seed(0)
+    nodes = torch.randn(2, grid[0] * grid[1], 5)
+    weight = torch.randn(2, (grid[0] // pool) * (grid[1] // pool), 5)
+    grads = []
+    for pooling in (avg_pool, lambda t, p: torch.nn.functional.avg_pool2d(t, p, p)):
+        image = to_image(nodes.clone().requires_grad_(True), grid)
+        (grad,) = torch.autograd.grad((to_nodes(pooling(image, pool)) * weight).sum(), image)
+        grads.append(grad)
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].flatten(2).transpose(1, 2).is_contiguous()  # the (B, N, C) node layout, as a view
+
+
 def test_evaluation_in_place_steps_equal_the_plain_ones(monkeypatch):
     """Without autograd the evaluation path runs its GELUs and residual sums in
     place (no fresh hidden-width tensors): the logits equal those of the plain

@@ -243,9 +243,13 @@ class _AvgPool(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         p, (b, c, h, w) = ctx.p, ctx.shape
         hp, wp = grad.shape[-2:]
-        spread = (grad / (p * p)).reshape(b, c, hp, 1, wp, 1).expand(b, c, hp, p, wp, p)
-        spread = spread.reshape(b, c, hp * p, wp * p)
-        return F.pad(spread, (0, w - wp * p, 0, h - hp * p)), None  # rows and columns past the last window: 0
+        # Spread in channels-last order: the pooled image is a view of (B, N, C) nodes, so the
+        # gradient goes back to the nodes without a transposed copy.
+        spread = (grad / (p * p)).permute(0, 2, 3, 1).reshape(b, hp, 1, wp, 1, c).expand(b, hp, p, wp, p, c)
+        spread = spread.reshape(b, hp * p, wp * p, c)
+        if (hp * p, wp * p) != (h, w):  # rows and columns past the last window: 0
+            spread = F.pad(spread, (0, 0, 0, w - wp * p, 0, h - hp * p))
+        return spread.permute(0, 3, 1, 2), None
 
 
 def avg_pool(x: Tensor, p: int) -> Tensor:
