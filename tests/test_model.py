@@ -2,6 +2,8 @@
 reference in tests/reference_gkgnet.py (same weights, through the authors'
 checkpoint layout)."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -305,6 +307,47 @@ def test_compiled_model_compiles_once(train):
     assert len(graphs) == 1
     if not train:
         torch.testing.assert_close(outs[0], model(x))
+
+
+def test_compiled_training_batch_norms_are_atens_as_one_operator():
+    """In compiled training every BatchNorm of the patch path (images and node
+    features) is the operator ``gkg_pyg::batch_norm`` and its backward
+    ``gkg_pyg::batch_norm_backward``: outputs, gradients, running statistics
+    and batch counts equal eager code's bit for bit; evaluation keeps the modules."""
+    from torch.profiler import profile
+
+    from gkg_pyg.models.layers import ImageBatchNorm, NodeBatchNorm, to_nodes
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image_bn, self.node_bn = ImageBatchNorm(4), NodeBatchNorm(4)
+
+        def forward(self, x):
+            return self.node_bn(to_nodes(self.image_bn(x)))
+
+    torch.manual_seed(0)
+    eager = Net()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.uniform_(0.5, 1.5)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x, weight = torch.randn(3, 4, 5, 6), torch.randn(3, 30, 4)
+    for _ in range(2):
+        with profile() as prof:
+            (compiled(x) * weight).sum().backward()
+        (eager(x) * weight).sum().backward()
+        assert {"gkg_pyg::batch_norm", "gkg_pyg::batch_norm_backward"} <= {e.name for e in prof.events()}
+    for (name, a), b in zip(eager.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(eager.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    eager.eval(), twin.eval()
+    with torch.no_grad(), profile() as prof:
+        out = compiled(x)
+    assert "gkg_pyg::batch_norm" not in {e.name for e in prof.events()}
+    torch.testing.assert_close(out, eager(x), rtol=0, atol=0)
 
 
 def test_position_terms_are_rebuilt_not_cast_twice():

@@ -28,9 +28,11 @@ from torch import Tensor, nn
 from ..conv import GroupedLinear
 from ..ops import grouped_linear
 from ..ops.fused import batchnorm_gelu, fusable
+from ..ops.norm import batch_norm, opaque_batch_norm
 
 __all__ = [
     "NodeBatchNorm",
+    "ImageBatchNorm",
     "DropPath",
     "drop_path_rates",
     "NodeLinear",
@@ -52,7 +54,16 @@ class NodeBatchNorm(nn.BatchNorm1d):
     """BatchNorm over all nodes of all images: ``(..., C)`` in and out."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+        rows = x.reshape(-1, x.shape[-1])
+        return (batch_norm(rows, self) if opaque_batch_norm(self) else super().forward(rows)).view_as(x)
+
+
+class ImageBatchNorm(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` on ``(B, C, H, W)`` images (the stem and the downsamplings);
+    in compiled training one operator (:func:`gkg_pyg.ops.norm.batch_norm`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return batch_norm(x, self) if opaque_batch_norm(self) else super().forward(x)
 
 
 class DropPath(nn.Module):

@@ -49,6 +49,7 @@ from ..geometry import POOL, check_input_size, stage_grids
 from .layers import (
     FFN,
     DropPath,
+    ImageBatchNorm,
     LinearBatchNorm,
     avg_pool,
     drop_path_rates,
@@ -185,7 +186,7 @@ class Stage(nn.Module):
         self.downsample = (
             None
             if not downsample
-            else nn.Sequential(nn.Conv2d(cin, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels))
+            else nn.Sequential(nn.Conv2d(cin, channels, 3, stride=2, padding=1), ImageBatchNorm(channels))
         )
         self.blocks = nn.ModuleList(
             nn.ModuleDict(dict(grapher=Grapher(channels, groups, dp), ffn=FFN(channels, dp))) for dp in drop_paths
@@ -317,13 +318,13 @@ class PyramidViGBackbone(nn.Module):
         self.stem = nn.Module()
         self.stem.convs = nn.Sequential(
             nn.Conv2d(3, c0 // 2, 3, stride=2, padding=1),
-            nn.BatchNorm2d(c0 // 2),
+            ImageBatchNorm(c0 // 2),
             nn.GELU(),
             nn.Conv2d(c0 // 2, c0, 3, stride=2, padding=1),
-            nn.BatchNorm2d(c0),
+            ImageBatchNorm(c0),
             nn.GELU(),
             nn.Conv2d(c0, c0, 3, stride=1, padding=1),
-            nn.BatchNorm2d(c0),
+            ImageBatchNorm(c0),
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, c0, *grids[0]))
         total = sum(depths)

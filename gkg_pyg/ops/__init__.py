@@ -9,6 +9,7 @@
 ``torch.ops.gkg_pyg.bn_gelu_linear``       ``[linear](GELU(BatchNorm(h)))``, with autograd (:func:`bn_gelu_linear`)
 ``torch.ops.gkg_pyg.bn_gelu_linear_backward``  its backward pass (higher derivatives: the plain modules')
 ``torch.ops.gkg_pyg.onednn_linear``        a large float32 CPU linear map as one oneDNN call (compiled code)
+``torch.ops.gkg_pyg.batch_norm``           ATen's training BatchNorm as one call in compiled code (``gkg_pyg.ops.norm``)
 ``torch.ops.gkg_pyg.cluster_knn``          torch-cluster's kNN as a fixed-size table (``gkg_pyg.ops.cluster``)
 =========================================  ==========================================================
 

@@ -28,6 +28,7 @@ from .aggregate import _max_relative_backward_pytorch, _no_rank, interleaved
 from .fused import _stat_dtype
 from .knn import DENSE_BLOCK_ELEMENTS
 from .linear import _plain_grouped_linear
+from .norm import batch_norm_with_statistics
 
 __all__ = ["plain_decompositions"]
 
@@ -111,8 +112,8 @@ def plain_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     """``{operator: function}`` for ``ExportedProgram.run_decompositions``: every
     forward ``gkg_pyg::`` operator (and ``max_relative_backward``) as its PyTorch
     path, and nothing else (ATen operators stay as they are, so an exporter
-    applies its own decompositions to them).  ``bn_gelu_linear_backward`` and
-    ``onednn_linear_backward`` have none: export the model for inference."""
+    applies its own decompositions to them).  ``bn_gelu_linear_backward``,
+    ``onednn_linear_backward`` and ``batch_norm_backward`` have none: export the model for inference."""
     return {
         torch.ops.gkg_pyg.smallest_k.default: _topk_smallest,
         torch.ops.gkg_pyg.knn_smallest_k.default: _knn_smallest_k,
@@ -120,4 +121,5 @@ def plain_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
         torch.ops.gkg_pyg.max_relative_backward.default: _max_relative_backward_pytorch,
         torch.ops.gkg_pyg.bn_gelu_linear.default: _bn_gelu_linear,
         torch.ops.gkg_pyg.onednn_linear.default: _plain_grouped_linear,
+        torch.ops.gkg_pyg.batch_norm.default: batch_norm_with_statistics,
     }
