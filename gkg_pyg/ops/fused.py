@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _native
+from ._autograd import no_second_derivative
 from .linear import grouped_linear, linear_weight_grad
 
 __all__ = ["bn_gelu_linear", "fusable", "batchnorm_gelu"]
@@ -325,15 +326,13 @@ def _(grad_out, h, stat_a, stat_b, bn_weight, bn_bias, weight, training, eps):
     )
 
 
-def _no_second_derivative(ctx, *grads):
-    raise RuntimeError(
-        "gkg_pyg::bn_gelu_linear_backward has no derivative of its own: for higher derivatives differentiate "
-        "gkg_pyg::bn_gelu_linear with create_graph=True (which recomputes its gradients through the plain modules)"
+_bn_gelu_linear_backward_op.register_autograd(
+    no_second_derivative(
+        "gkg_pyg::bn_gelu_linear_backward",
+        "gkg_pyg::bn_gelu_linear",
+        " (which recomputes its gradients through the plain modules)",
     )
-
-
-# Without a formula PyTorch's autograd fallback would only warn and return wrong (missing) terms.
-_bn_gelu_linear_backward_op.register_autograd(_no_second_derivative)
+)
 _BACKWARD = torch.ops.gkg_pyg.bn_gelu_linear_backward.default
 
 

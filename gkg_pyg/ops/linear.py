@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from ._autograd import no_second_derivative
+
 __all__ = ["grouped_linear", "linear_weight_grad"]
 
 
@@ -111,15 +113,10 @@ def _onednn_backward(ctx, grad_out: Tensor):
     return tuple(g if need else None for g, need in zip(grads, mask)) + (None,)
 
 
-def _no_second_derivative(ctx, *grads):
-    raise RuntimeError(
-        "gkg_pyg::onednn_linear_backward has no derivative of its own: differentiate gkg_pyg::onednn_linear "
-        "with create_graph=True instead"
-    )
-
-
 _onednn_linear_op.register_autograd(_onednn_backward, setup_context=_onednn_setup)
-_onednn_linear_backward_op.register_autograd(_no_second_derivative)
+_onednn_linear_backward_op.register_autograd(
+    no_second_derivative("gkg_pyg::onednn_linear_backward", "gkg_pyg::onednn_linear")
+)
 
 
 def _recorded() -> bool:

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._autograd import no_second_derivative
+
 __all__ = ["batch_norm", "opaque_batch_norm", "batch_norm_with_statistics"]
 
 
@@ -90,15 +92,8 @@ def _backward(ctx, grad_out: Tensor, *_unused):
     return (*grads, None, None, None, None)
 
 
-def _no_second_derivative(ctx, *grads):
-    raise RuntimeError(
-        "gkg_pyg::batch_norm_backward has no derivative of its own: differentiate gkg_pyg::batch_norm "
-        "with create_graph=True instead"
-    )
-
-
 _batch_norm_op.register_autograd(_backward, setup_context=_setup)
-_batch_norm_backward_op.register_autograd(_no_second_derivative)
+_batch_norm_backward_op.register_autograd(no_second_derivative("gkg_pyg::batch_norm_backward", "gkg_pyg::batch_norm"))
 
 
 def opaque_batch_norm(bn: nn.Module) -> bool:
