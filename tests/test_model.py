@@ -350,6 +350,22 @@ def test_compiled_training_batch_norms_are_atens_as_one_operator():
     torch.testing.assert_close(out, eager(x), rtol=0, atol=0)
 
 
+def test_batch_norm_operator_only_in_compiled_cpu_training(monkeypatch):
+    """The operator replaces a BatchNorm only where the compiler's own is slow: compiled
+    code on the CPU, with batch statistics (not eager code, evaluation, export, a GPU)."""
+    from gkg_pyg.ops.norm import opaque_batch_norm
+
+    bn = torch.nn.BatchNorm1d(4)
+    assert not opaque_batch_norm(bn)  # eager code
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert opaque_batch_norm(bn) and opaque_batch_norm(torch.nn.BatchNorm1d(4, track_running_stats=False).eval())
+    assert not opaque_batch_norm(bn.eval()) and not opaque_batch_norm(torch.nn.BatchNorm1d(4).to("meta"))
+    assert not opaque_batch_norm(torch.nn.BatchNorm1d(4, affine=False))
+    assert not opaque_batch_norm(torch.nn.BatchNorm1d(4, momentum=None))
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert not opaque_batch_norm(torch.nn.BatchNorm1d(4))
+
+
 def test_position_terms_are_rebuilt_not_cast_twice():
     """Changing the model's dtype recomputes the position terms: float32 table
     values in any dtype, float64 factors, also after a trip through half

@@ -3,9 +3,10 @@
 Eager code runs ATen's BatchNorm kernels.  Under ``torch.compile`` the
 compiler would generate the training BatchNorm itself, and on the CPU it
 generates the backward pass's sums over the rows of ``(N, C)`` node features
-as one scalar loop per channel down a column (strided, not vectorised); the
-operator keeps ATen's ``native_batch_norm`` and ``native_batch_norm_backward``
-there, the kernels (and values) of eager code.
+as one scalar loop per channel down a column (strided, not vectorised).  On
+the CPU the operator keeps ATen's ``native_batch_norm`` and
+``native_batch_norm_backward`` there, the kernels (and values) of eager code;
+on a GPU the compiler's own BatchNorm stays.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import no_second_derivative
+from .fused import _stat_dtype
 
 __all__ = ["batch_norm", "opaque_batch_norm", "batch_norm_with_statistics"]
 
@@ -51,8 +53,7 @@ _batch_norm_op = torch.library.custom_op("gkg_pyg::batch_norm", batch_norm_with_
 
 @_batch_norm_op.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps):
-    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    stats = [x.new_empty(x.shape[1], dtype=stat_dtype) for _ in range(2)]
+    stats = [x.new_empty(x.shape[1], dtype=_stat_dtype(x, weight)) for _ in range(2)]
     if running_mean is None:
         updated = [_no_output(x), _no_output(x)]
     else:
@@ -98,12 +99,14 @@ _batch_norm_backward_op.register_autograd(no_second_derivative("gkg_pyg::batch_n
 
 def opaque_batch_norm(bn: nn.Module) -> bool:
     """Whether :func:`batch_norm` runs ``bn`` as the operator: in compiled code (not
-    exported), with batch statistics, affine, with a float momentum where it
+    exported), on the CPU (on a GPU the compiler's generated BatchNorm is the
+    fast path), with batch statistics, affine, with a float momentum where it
     tracks running statistics."""
-    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or not bn.affine:
         return False
     batch_stats = bn.training or bn.running_mean is None
-    return bn.affine and batch_stats and (bn.running_mean is None or bn.momentum is not None)
+    on_cpu = bn.weight.device.type == "cpu"
+    return on_cpu and batch_stats and (bn.running_mean is None or bn.momentum is not None)
 
 
 def batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
