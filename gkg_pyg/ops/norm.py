@@ -17,13 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import no_second_derivative
-from .fused import _stat_dtype
+from .fused import _no_output, _stat_dtype
 
 __all__ = ["batch_norm", "opaque_batch_norm", "batch_norm_with_statistics"]
-
-
-def _no_output(x: Tensor) -> Tensor:
-    return x.new_empty(0)
 
 
 def batch_norm_with_statistics(
