@@ -32,3 +32,9 @@ def pytest_collection_finish(session):
     only at what the tests make (several seconds less in the quick run)."""
     gc.collect()
     gc.freeze()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, in their order, then the rest: the two workers start on the long
+    end-to-end runs and finish on short tests instead of one worker running a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
