@@ -370,9 +370,10 @@ def test_point_cloud_classifier_learns():
 def test_grouped_linear_onednn_path_matches_plain_products(groups, shape, strided):
     """The oneDNN 1x1-convolution path of ``grouped_linear`` (float32, CPU,
     several threads, large enough) against float64 products: the values to
-    float32 rounding, the gradients, the shape and a contiguous output, also
-    for non-contiguous rows; it is not taken with one thread, in float64,
-    under autocast, for a grouped map with autograd, or for small inputs."""
+    float32 rounding, the gradients (a grouped map's through the operator
+    ``gkg_pyg::onednn_linear``), the shape and a contiguous output, also for
+    non-contiguous rows; it is not taken with one thread, in float64, under
+    autocast, or for small inputs."""
     from gkg_pyg.ops.linear import _onednn_pays, grouped_linear
 
     torch.manual_seed(0)
@@ -391,7 +392,7 @@ def test_grouped_linear_onednn_path_matches_plain_products(groups, shape, stride
             assert not _onednn_pays(x.double(), w.double(), b.double(), groups)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert not _onednn_pays(x, w, b, groups)
-            assert _onednn_pays(x.clone().requires_grad_(), w, b, groups) == (groups == 1)
+            assert _onednn_pays(x.clone().requires_grad_(), w, b, groups)
         with torch.no_grad():
             out = grouped_linear(x, w, b, groups)
         xd = x.double().reshape(-1, groups, x.shape[-1] // groups)
@@ -399,12 +400,14 @@ def test_grouped_linear_onednn_path_matches_plain_products(groups, shape, stride
         expect = torch.einsum("mgi,goi->mgo", xd, wd).reshape(*x.shape[:-1], out_channels) + b.double()
         assert out.shape == expect.shape and out.is_contiguous()
         torch.testing.assert_close(out, expect.float(), rtol=1e-5, atol=1e-4)
-        if groups == 1 and x.numel():  # the gradients through the convolution's backward
+        if x.numel():  # the gradients: the convolution's backward, a grouped map's per-group products
             grad = torch.randn(out.shape)
             got = [t.clone().requires_grad_() for t in (x, w, b)]
-            torch.autograd.backward(grouped_linear(*got, 1), grad)
+            torch.autograd.backward(grouped_linear(*got, groups), grad)
             want = [t.double().requires_grad_() for t in (x, w, b)]
-            torch.autograd.backward(F.linear(*want), grad.double())
+            xw = want[0].reshape(-1, groups, x.shape[-1] // groups)
+            product = torch.einsum("mgi,goi->mgo", xw, want[1].view(groups, out_channels // groups, -1))
+            torch.autograd.backward(product.reshape(*x.shape[:-1], out_channels) + want[2], grad.double())
             for g, e in zip(got, want):
                 torch.testing.assert_close(g.grad, e.grad.float(), rtol=1e-4, atol=1e-3)
         torch.set_num_threads(1)

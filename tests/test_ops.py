@@ -931,9 +931,8 @@ def test_onednn_linear_operator(groups):
 def test_compiled_code_calls_the_onednn_operators():
     """Under torch.compile a large float32 map stays one oneDNN call (the compiler's
     layout choices made it slower than eager), with gradients its backward pass
-    another (oneDNN's convolution backward, as eager autograd runs it); a grouped
-    map with gradients keeps the compiler's products (oneDNN's grouped backward
-    is slower than bmm's), as in eager code."""
+    another (oneDNN's convolution backward, as eager autograd runs it); so does a
+    grouped map with gradients, as in eager code."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("needs oneDNN")
     x = torch.randn(4096, 64, generator=gen(34))
@@ -955,5 +954,33 @@ def test_compiled_code_calls_the_onednn_operators():
         torch.testing.assert_close(got_leaf.grad, want_leaf.grad, rtol=1e-4, atol=1e-5 * scale)
     grouped = torch.randn(1024, 16, generator=gen(38), requires_grad=True)
     with profile() as prof:
-        compiled(x, grouped, bias, 4)
-    assert "gkg_pyg::onednn_linear" not in {e.name for e in prof.events()}
+        compiled(x, grouped, bias, 4).sum().backward()
+    assert {"gkg_pyg::onednn_linear", "gkg_pyg::onednn_linear_backward"} <= {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_map_with_gradients_runs_onednn_forward_and_per_group_products_backward(two_threads, groups):
+    """A large grouped float32 map with gradients in eager code: one
+    ``gkg_pyg::onednn_linear`` call (oneDNN's grouped convolution) whose backward
+    operator runs one product per group on column blocks of the rows; values and
+    gradients equal the ``bmm`` map's in float64 to float32 rounding (grouped
+    blocks that leaked into each other would give O(1) errors)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("needs oneDNN")
+    from gkg_pyg.ops.linear import _plain_grouped_linear
+
+    x = torch.randn(8192, 128, generator=gen(40), requires_grad=True)
+    weight = torch.randn(256, 128 // groups, generator=gen(41), requires_grad=True)
+    bias = torch.randn(256, generator=gen(42), requires_grad=True)
+    grad_out = torch.randn(8192, 256, generator=gen(43))
+    with profile() as prof:
+        out = ops.grouped_linear(x, weight, bias, groups)
+        grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    assert {"gkg_pyg::onednn_linear", "gkg_pyg::onednn_linear_backward"} <= {e.name for e in prof.events()}
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    want = _plain_grouped_linear(*leaves, groups)
+    want_grads = torch.autograd.grad(want, leaves, grad_out.double())
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-4)
+    for got, expected in zip(grads, want_grads):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * scale)

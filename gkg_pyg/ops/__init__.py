@@ -8,7 +8,7 @@
 ``torch.ops.gkg_pyg.max_relative_backward``  its winner scatter, itself differentiable
 ``torch.ops.gkg_pyg.bn_gelu_linear``       ``[linear](GELU(BatchNorm(h)))``, with autograd (:func:`bn_gelu_linear`)
 ``torch.ops.gkg_pyg.bn_gelu_linear_backward``  its backward pass (higher derivatives: the plain modules')
-``torch.ops.gkg_pyg.onednn_linear``        a large float32 CPU linear map as one oneDNN call (compiled code)
+``torch.ops.gkg_pyg.onednn_linear``        a large float32 CPU linear map as one oneDNN call (compiled code; grouped)
 ``torch.ops.gkg_pyg.batch_norm``           ATen's training BatchNorm as one call in compiled code (``gkg_pyg.ops.norm``)
 ``torch.ops.gkg_pyg.cluster_knn``          torch-cluster's kNN as a fixed-size table (``gkg_pyg.ops.cluster``)
 =========================================  ==========================================================
@@ -21,7 +21,9 @@ fake implementations give shapes, dtypes and devices for any device, so
 runs, ``torch.export`` records it, and the profiler and dispatch modes see it
 by name (FLOP counters count the products of the kNN and of
 ``bn_gelu_linear``).  :func:`grouped_linear` and :func:`linear_weight_grad` are
-plain ATen calls that route large float32 CPU maps to oneDNN;
+ATen calls that route large float32 CPU maps to oneDNN (a grouped map with
+gradients through ``gkg_pyg::onednn_linear``, whose backward pass runs MKL's
+products);
 :func:`plain_decompositions` turns the operators of an exported program back
 into ATen operations for exporters that know only those (ONNX).
 

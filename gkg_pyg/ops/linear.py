@@ -11,6 +11,7 @@ and dispatch modes (:func:`_recorded`) see the plain matrix product.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -26,11 +27,25 @@ __all__ = ["grouped_linear", "linear_weight_grad"]
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()
 
 
+@functools.lru_cache(maxsize=256)
+def _image_width(rows: int) -> int:
+    """The largest divisor of ``rows`` up to 64."""
+    return next(w for w in range(min(64, rows), 0, -1) if rows % w == 0)
+
+
+def _as_image(t: Tensor, channels: int) -> Tensor:
+    """``(..., channels)`` rows as a ``(1, channels, M / W, W)`` channels-last image (a view where
+    the rows are contiguous).  oneDNN's 1x1 backward kernels block over the image width: a width of
+    one (a column of M pixels) ran up to 15% slower (1568 rows of 1600 -> 400 channels, 2 threads)."""
+    m = t.numel() // channels
+    w = _image_width(m)
+    return t.reshape(1, m // w, w, channels).permute(0, 3, 1, 2)
+
+
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
     """:func:`grouped_linear` as a oneDNN 1x1 convolution over a channels-last view of the rows (no copy)."""
-    m, n = x.numel() // x.shape[-1], weight.shape[0]
-    rows = x.reshape(1, m, 1, x.shape[-1]).permute(0, 3, 1, 2)  # (1, in, M, 1), channels-last strides
-    out = F.conv2d(rows, weight.reshape(n, weight.shape[1], 1, 1), bias, groups=groups)
+    n = weight.shape[0]
+    out = F.conv2d(_as_image(x, x.shape[-1]), weight.reshape(n, weight.shape[1], 1, 1), bias, groups=groups)
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], n)
 
 
@@ -50,21 +65,49 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
 def _onednn_linear_backward_op(
     grad_out: Tensor, x: Tensor, weight: Tensor, groups: int, output_mask: List[bool]
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_weight, grad_bias)`` of ``gkg_pyg::onednn_linear`` from oneDNN's 1x1 convolution
-    backward over the same channels-last views (what autograd runs for :func:`_onednn_linear` in eager
-    code); an output left out by ``output_mask`` is empty."""
-    m, n = x.numel() // x.shape[-1], weight.shape[0]
-    rows = x.reshape(1, m, 1, x.shape[-1]).permute(0, 3, 1, 2)
-    grad_rows = grad_out.reshape(1, m, 1, n).permute(0, 3, 1, 2)
+    """``(grad_x, grad_weight, grad_bias)`` of ``gkg_pyg::onednn_linear``: without groups oneDNN's 1x1
+    convolution backward over the same channels-last views (what autograd runs for
+    :func:`_onednn_linear` in eager code), with groups :func:`_grouped_linear_backward`; an output left
+    out by ``output_mask`` is empty."""
+    if groups > 1:
+        return _grouped_linear_backward(grad_out, x, weight, groups, output_mask)
+    n = weight.shape[0]
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_rows, rows, weight.reshape(n, weight.shape[1], 1, 1), [n], [1, 1], [0, 0], [1, 1], False, [0, 0],
-        groups, output_mask,
+        _as_image(grad_out, n), _as_image(x, x.shape[-1]), weight.reshape(n, weight.shape[1], 1, 1), [n],
+        [1, 1], [0, 0], [1, 1], False, [0, 0], groups, output_mask,
     )  # fmt: skip
     empty = x.new_empty(0)
     return (
         grad_x.permute(0, 2, 3, 1).reshape(x.shape).contiguous() if output_mask[0] else empty,
         grad_weight.reshape(weight.shape).contiguous() if output_mask[1] else empty.clone(),
         grad_bias if output_mask[2] else empty.clone(),
+    )
+
+
+def _grouped_linear_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, groups: int, output_mask: List[bool]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of a grouped map as one MKL product per group and gradient, each reading and
+    writing column blocks of the ``(M, channels)`` rows in place: oneDNN's grouped 1x1 backward and
+    ``bmm`` over transposed copies measured slower (GKGNet-S's first stage at 224 px batch 8, 25088
+    rows of 160 channels in 4 groups: 10 ms against 13 and 15, 2 threads)."""
+    out_channels, in_per_group = weight.shape
+    out_per_group = out_channels // groups
+    grad_rows = grad_out.reshape(-1, out_channels)
+    rows = x.reshape(-1, in_per_group * groups)
+    empty = x.new_empty(0)
+    grad_x = torch.empty_like(rows) if output_mask[0] else empty
+    grad_weight = torch.empty_like(weight) if output_mask[1] else empty.clone()
+    for g in range(groups):
+        outs, ins = slice(g * out_per_group, (g + 1) * out_per_group), slice(g * in_per_group, (g + 1) * in_per_group)
+        if output_mask[0]:
+            torch.mm(grad_rows[:, outs], weight[outs], out=grad_x[:, ins])
+        if output_mask[1]:
+            torch.mm(grad_rows[:, outs].t(), rows[:, ins], out=grad_weight[outs])
+    return (
+        grad_x.view(x.shape) if output_mask[0] else empty,
+        grad_weight,
+        grad_rows.sum(0) if output_mask[2] else empty.clone(),
     )
 
 
@@ -143,12 +186,15 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     channels-last view of the ``(M, in)`` rows, which needs no copy: on many
     rows (GKGNet's first stages) it measured up to 2x faster than MKL's
     ``addmm`` and ``bmm``, on small inputs slower (see :func:`_onednn_pays`).
-    A grouped map takes this path only without autograd, since oneDNN's
-    grouped backward measured slower than ``bmm``'s.  The values agree with
-    ``F.linear`` to float32 rounding (a different summation order).
+    A grouped map with gradients runs oneDNN forward and MKL's per-group
+    products backward (the operator ``gkg_pyg::onednn_linear``; oneDNN's
+    grouped backward measured slower).  The values agree with ``F.linear`` to
+    float32 rounding (a different summation order).
     """
     if _onednn_pays(x, weight, bias, groups):
-        if torch.compiler.is_compiling():  # one opaque call: the compiler's layout choices would copy the rows
+        # One operator in compiled code (the compiler's layout choices would copy the rows), and for a grouped
+        # map with gradients (whose backward pass runs MKL's products, see _grouped_linear_backward).
+        if torch.compiler.is_compiling() or (groups > 1 and _needs_grad(x, weight, bias)):
             return torch.ops.gkg_pyg.onednn_linear(x, weight, bias, groups)
         return _onednn_linear(x, weight, bias, groups)
     return _plain_grouped_linear(x, weight, bias, groups, bias_in_place=True)
@@ -164,16 +210,17 @@ _ONEDNN_SIZES = ((2048, 1 << 26), (1024, 1 << 27))
 def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> bool:
     """Whether :func:`grouped_linear` runs as a oneDNN 1x1 convolution: rows
     that :func:`_onednn_usable` accepts, a float32 weight and bias, at least 2048
-    rows and 2^26 multiply-adds or 1024 and 2^27, and for a grouped map no
-    gradient to compute."""
+    rows and 2^26 multiply-adds or 1024 and 2^27."""
     if x.dim() < 2 or x.numel() == 0 or not _onednn_usable(x):
         return False
     if any(t is not None and t.dtype != torch.float32 for t in (weight, bias)):
         return False
     rows = x.numel() // x.shape[-1]
-    if not any(rows >= r and rows * weight.numel() >= macs for r, macs in _ONEDNN_SIZES):
-        return False
-    return groups == 1 or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    return any(rows >= r and rows * weight.numel() >= macs for r, macs in _ONEDNN_SIZES)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _onednn_usable(x: Tensor) -> bool:
@@ -215,11 +262,10 @@ def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     in_channels = x.shape[1]
     min_rows, max_outputs = _ONEDNN_WEIGHT_GRAD
     if rows >= min_rows and out_channels <= max_outputs and grad_out.dtype == torch.float32 and _onednn_usable(x):
-        grad_rows = grad_out.reshape(1, rows, 1, out_channels).permute(0, 3, 1, 2)  # (1, out, M, 1), channels-last
-        x_rows = x.reshape(1, rows, 1, in_channels).permute(0, 3, 1, 2)
         weight = grad_out.new_empty(out_channels, in_channels, 1, 1)  # its sizes only: never read
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_rows, x_rows, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
-        )
+            _as_image(grad_out, out_channels), _as_image(x, in_channels), weight, None, [1, 1], [0, 0], [1, 1],
+            False, [0, 0], 1, [False, True, False],
+        )  # fmt: skip
         return grad_weight.view(out_channels, in_channels)
     return grad_out.t() @ x
