@@ -34,7 +34,39 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+# About how long the longest test files take on this machine (seconds, summed per file from
+# `pytest --durations=0`): the full suite shares them out among the workers.
+LONG_FILES = {
+    "test_train.py": 140,
+    "test_gpu_script.py": 130,
+    "test_export.py": 105,
+    "test_model.py": 90,
+    "test_fake_cuda.py": 50,
+    "test_benchmark_scripts.py": 40,
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first, in their order, then the rest: the two workers start on the long
-    end-to-end runs and finish on short tests instead of one worker running a long test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The order for pytest-xdist's work stealing, which hands each of the n workers a contiguous
+    block of this list and lets an idle worker take tests from the end of another's block: each
+    long file goes to the block with the least work so far, at its start, and the other files fill
+    the blocks in their order.  The long files then run at once on all workers, the end is short
+    tests, and a file's tests stay on one worker (a module fixture is built once)."""
+    workers = config.getoption("numprocesses", None)
+    workers = workers if isinstance(workers, int) and workers > 1 else 1
+    by_file: dict = {}
+    for item in items:
+        by_file.setdefault(item.path.name, []).append(item)
+    blocks, work = [[] for _ in range(workers)], [0] * workers
+    for name in sorted(set(by_file) & set(LONG_FILES), key=LONG_FILES.get, reverse=True):
+        least = work.index(min(work))
+        blocks[least] += by_file[name]
+        work[least] += LONG_FILES[name]
+    rest = [item for name, tests in by_file.items() if name not in LONG_FILES for item in tests]
+    ordered, remaining = [], len(items)
+    for i, block in enumerate(blocks):
+        size = remaining // (workers - i)  # the block xdist hands worker i
+        fill = max(0, size - len(block))
+        ordered += block + rest[:fill]
+        rest, remaining = rest[fill:], remaining - size
+    items[:] = ordered + rest
