@@ -44,8 +44,9 @@ fi
 export PYTHONPATH="$PWD/$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 build_cluster() {  # compile torch-cluster for this GPU only, unless it imports already
-    if "$py" -c "import torch_cluster" 2>/dev/null; then
-        echo "torch-cluster: $("$py" -c 'import torch_cluster; print(torch_cluster.__version__)') (installed)"
+    local version
+    if version=$("$py" -c "import torch_cluster; print(torch_cluster.__version__)" 2>/dev/null); then
+        echo "torch-cluster: $version (installed)"
         return
     fi
     if [ -z "$sdist" ]; then
