@@ -46,6 +46,7 @@ LONG_FILES = {
 }
 
 
+@pytest.hookimpl(trylast=True)  # after the deselection of -m and -k: the blocks are those of the tests that run
 def pytest_collection_modifyitems(config, items):
     """The order for pytest-xdist's work stealing, which hands each of the n workers a contiguous
     block of this list and lets an idle worker take tests from the end of another's block: each
