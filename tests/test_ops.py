@@ -926,6 +926,11 @@ def test_onednn_linear_operator(groups):
         for t in (x, weight, bias)
     )
     assert torch.autograd.gradgradcheck(lambda *a: torch.ops.gkg_pyg.onednn_linear(*a, groups), (x64, weight64, bias64))
+    no_rows = torch.randn(0, 16, requires_grad=True)
+    out = torch.ops.gkg_pyg.onednn_linear(no_rows, weight, bias, groups)
+    assert out.shape == (0, 8)
+    grads = torch.autograd.grad(out.sum(), (no_rows, weight, bias))
+    assert grads[0].shape == (0, 16) and not grads[1].any() and not grads[2].any()
 
 
 def test_compiled_code_calls_the_onednn_operators():

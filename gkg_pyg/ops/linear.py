@@ -29,8 +29,8 @@ _ONEDNN_BUILT = torch.backends.mkldnn.is_available()
 
 @functools.lru_cache(maxsize=256)
 def _image_width(rows: int) -> int:
-    """The largest divisor of ``rows`` up to 64."""
-    return next(w for w in range(min(64, rows), 0, -1) if rows % w == 0)
+    """The largest divisor of ``rows`` up to 64 (1 for no rows)."""
+    return next((w for w in range(min(64, rows), 0, -1) if rows % w == 0), 1)
 
 
 def _as_image(t: Tensor, channels: int) -> Tensor:
@@ -44,6 +44,8 @@ def _as_image(t: Tensor, channels: int) -> Tensor:
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
     """:func:`grouped_linear` as a oneDNN 1x1 convolution over a channels-last view of the rows (no copy)."""
+    if x.numel() == 0:  # a convolution refuses an empty image
+        return _plain_grouped_linear(x, weight, bias, groups)
     n = weight.shape[0]
     out = F.conv2d(_as_image(x, x.shape[-1]), weight.reshape(n, weight.shape[1], 1, 1), bias, groups=groups)
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], n)
@@ -67,9 +69,9 @@ def _onednn_linear_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)`` of ``gkg_pyg::onednn_linear``: without groups oneDNN's 1x1
     convolution backward over the same channels-last views (what autograd runs for
-    :func:`_onednn_linear` in eager code), with groups :func:`_grouped_linear_backward`; an output left
-    out by ``output_mask`` is empty."""
-    if groups > 1:
+    :func:`_onednn_linear` in eager code), with groups (or no rows) :func:`_grouped_linear_backward`; an
+    output left out by ``output_mask`` is empty."""
+    if groups > 1 or x.numel() == 0:
         return _grouped_linear_backward(grad_out, x, weight, groups, output_mask)
     n = weight.shape[0]
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
