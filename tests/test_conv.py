@@ -395,19 +395,17 @@ def test_grouped_linear_onednn_path_matches_plain_products(groups, shape, stride
             assert _onednn_pays(x.clone().requires_grad_(), w, b, groups)
         with torch.no_grad():
             out = grouped_linear(x, w, b, groups)
-        xd = x.double().reshape(-1, groups, x.shape[-1] // groups)
-        wd = w.double().view(groups, out_channels // groups, -1)
-        expect = torch.einsum("mgi,goi->mgo", xd, wd).reshape(*x.shape[:-1], out_channels) + b.double()
+        want = [t.double().requires_grad_() for t in (x, w, b)]  # the float64 reference, with its gradients
+        xd = want[0].reshape(-1, groups, x.shape[-1] // groups)
+        wd = want[1].view(groups, out_channels // groups, -1)
+        expect = torch.einsum("mgi,goi->mgo", xd, wd).reshape(*x.shape[:-1], out_channels) + want[2]
         assert out.shape == expect.shape and out.is_contiguous()
-        torch.testing.assert_close(out, expect.float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out, expect.detach().float(), rtol=1e-5, atol=1e-4)
         if x.numel():  # the gradients: the convolution's backward, a grouped map's per-group products
             grad = torch.randn(out.shape)
             got = [t.clone().requires_grad_() for t in (x, w, b)]
             torch.autograd.backward(grouped_linear(*got, groups), grad)
-            want = [t.double().requires_grad_() for t in (x, w, b)]
-            xw = want[0].reshape(-1, groups, x.shape[-1] // groups)
-            product = torch.einsum("mgi,goi->mgo", xw, want[1].view(groups, out_channels // groups, -1))
-            torch.autograd.backward(product.reshape(*x.shape[:-1], out_channels) + want[2], grad.double())
+            torch.autograd.backward(expect, grad.double())
             for g, e in zip(got, want):
                 torch.testing.assert_close(g.grad, e.grad.float(), rtol=1e-4, atol=1e-3)
         torch.set_num_threads(1)
