@@ -273,6 +273,17 @@ class GroupMaxRelConv(MessagePassing):
                 f"{self.__class__.__name__} expects {c} channels, got "
                 f"{x_src.shape[-1]} (source) and {x_dst.shape[-1]} (destination)"
             )
+        if x_src.dtype != x_dst.dtype:
+            raise ValueError(
+                f"{self.__class__.__name__} expects source and destination features of one dtype, got "
+                f"{x_src.dtype} and {x_dst.dtype}"
+            )
+        weight = self.nn[0].weight
+        if x_src.dtype != weight.dtype and not torch.is_autocast_enabled(x_src.device.type):
+            raise ValueError(
+                f"{self.__class__.__name__}'s parameters are {weight.dtype} and the node features {x_src.dtype}: "
+                f"convert one of them (e.g. conv.to({x_src.dtype}) or x.to({weight.dtype}))"
+            )
 
     def _check_table(self, neighbors: Tensor, n_src: int, n_dst: int, check_range: bool) -> None:
         """The table's shape and dtype; with ``check_neighbors`` (and not under

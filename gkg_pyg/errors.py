@@ -41,7 +41,7 @@ class CheckpointError(GkgError, ValueError):
 
 
 class InputSizeError(GkgError, ValueError):
-    """An image tensor the model cannot take (wrong shape, smaller than the smallest input)."""
+    """An image tensor the model cannot take (wrong shape or dtype, smaller than the smallest input)."""
 
 
 class MissingFileError(GkgError, FileNotFoundError):

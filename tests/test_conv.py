@@ -587,6 +587,16 @@ def test_user_mistakes_raise_clear_errors():
         conv(torch.zeros(5, 2, 4), edges)
     with pytest.raises(ValueError, match=r"neighbors must hold int64 \(or int32\) source indices, got torch.float32"):
         conv(torch.zeros(5, 8), neighbors=torch.zeros(2, 5, 3))
+    with pytest.raises(
+        ValueError, match=r"source and destination features of one dtype, got torch.float32 and torch.f"
+    ):
+        conv((torch.zeros(5, 8), torch.zeros(5, 8, dtype=torch.float64)), edges)
+    with pytest.raises(ValueError, match=r"parameters are torch.float32 and the node features torch.float64: convert"):
+        conv(torch.zeros(5, 8, dtype=torch.float64), edges)
+    with pytest.raises(ValueError, match=r"parameters are torch.float64 and the node features torch.float32"):
+        DynamicGroupMaxRelConv(8, 16, k=2).double()(torch.zeros(5, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside the layer: no mismatch
+        assert conv(torch.randn(5, 8, dtype=torch.bfloat16), edges).shape == (5, 16)
 
 
 def test_neighbor_table_indices_are_checked():

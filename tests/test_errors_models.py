@@ -102,6 +102,14 @@ def test_images_of_another_shape_are_an_input_size_error(tiny, shape):
     assert message == f"expected images of shape (batch, 3, height, width), got {shape}"
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_images_are_an_input_size_error(tiny, dtype):
+    """Raw pixels instead of normalised floats: named, with the transform that makes them."""
+    message = raised(InputSizeError, tiny["model"], torch.zeros(1, 3, 33, 33, dtype=dtype))
+    assert message.startswith(f"expected floating-point images, normalised per channel with the model's mean and std, "
+                              f"got {dtype}; gkg_pyg.data.build_test_transform(img_size)")  # fmt: skip
+
+
 def test_export_too_small_img_size_is_one_line(tiny, capsys):
     """export.py --img-size below the model's smallest input: the forward pass's InputSizeError."""
     code = run_script("export", "--checkpoint", tiny["ckpt"], "--output", tiny["tmp"] / "m.onnx", "--img-size", "16",

@@ -364,9 +364,15 @@ class PyramidViGBackbone(nn.Module):
 
     def check_input(self, images: Tensor) -> List[Tuple[int, int]]:
         """The stage grids of ``(B, 3, H, W)`` images; an :class:`InputSizeError` (a
-        ``ValueError``) for any other shape or an input too small for ``k`` neighbours."""
+        ``ValueError``) for any other shape, for integer images (raw pixels: the model
+        takes normalised floats) or an input too small for ``k`` neighbours."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise InputSizeError(f"expected images of shape (batch, 3, height, width), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise InputSizeError(
+                f"expected floating-point images, normalised per channel with the model's mean and std, got "
+                f"{images.dtype}; gkg_pyg.data.build_test_transform(img_size) makes them from PIL images"
+            )
         return check_input_size(images.shape[2], images.shape[3], self.k)
 
     def forward_features(self, images: Tensor, return_graphs: bool = False):
