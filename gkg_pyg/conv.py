@@ -58,6 +58,11 @@ def _activation(name: Optional[str]) -> nn.Module:
     return acts[name]()
 
 
+def _autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never for a device without autocast, such as meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _check_edge_range(edge_index: Tensor, n_src: int, n_dst: int) -> None:
     """Raise a ``ValueError`` naming the first out-of-range index of a ``(2, E)``
     or ``(G, 2, E)`` ``edge_index`` in the caller's own numbering.  The happy path
@@ -279,7 +284,7 @@ class GroupMaxRelConv(MessagePassing):
                 f"{x_src.dtype} and {x_dst.dtype}"
             )
         weight = self.nn[0].weight
-        if x_src.dtype != weight.dtype and not torch.is_autocast_enabled(x_src.device.type):
+        if x_src.dtype != weight.dtype and not _autocasting(x_src.device.type):  # autocast casts for the layer
             raise ValueError(
                 f"{self.__class__.__name__}'s parameters are {weight.dtype} and the node features {x_src.dtype}: "
                 f"convert one of them (e.g. conv.to({x_src.dtype}) or x.to({weight.dtype}))"

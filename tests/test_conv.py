@@ -595,6 +595,8 @@ def test_user_mistakes_raise_clear_errors():
         conv(torch.zeros(5, 8, dtype=torch.float64), edges)
     with pytest.raises(ValueError, match=r"parameters are torch.float64 and the node features torch.float32"):
         DynamicGroupMaxRelConv(8, 16, k=2).double()(torch.zeros(5, 8))
+    with pytest.raises(ValueError, match=r"parameters are torch.float32 and the node features torch.float64"):
+        GroupMaxRelConv(8, 16, groups=2).to("meta")(torch.zeros(5, 8, dtype=torch.float64, device="meta"), edges)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside the layer: no mismatch
         assert conv(torch.randn(5, 8, dtype=torch.bfloat16), edges).shape == (5, 16)
 
