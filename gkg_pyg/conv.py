@@ -13,7 +13,7 @@ from torch_geometric.utils import is_sparse, to_edge_index
 from .knn import group_knn
 from .ops.linear import grouped_linear
 from .ops.aggregate import interleaved, max_relative
-from .ops.fused import batchnorm_gelu, fusable
+from .ops.fused import autocasting, batchnorm_gelu, fusable
 
 PairTensor = Tuple[Tensor, Tensor]
 
@@ -56,11 +56,6 @@ def _activation(name: Optional[str]) -> nn.Module:
     if name not in acts:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(map(str, acts))}")
     return acts[name]()
-
-
-def _autocasting(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (never for a device without autocast, such as meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _check_edge_range(edge_index: Tensor, n_src: int, n_dst: int) -> None:
@@ -284,7 +279,7 @@ class GroupMaxRelConv(MessagePassing):
                 f"{x_src.dtype} and {x_dst.dtype}"
             )
         weight = self.nn[0].weight
-        if x_src.dtype != weight.dtype and not _autocasting(x_src.device.type):  # autocast casts for the layer
+        if x_src.dtype != weight.dtype and not autocasting(x_src.device.type):  # autocast casts for the layer
             raise ValueError(
                 f"{self.__class__.__name__}'s parameters are {weight.dtype} and the node features {x_src.dtype}: "
                 f"convert one of them (e.g. conv.to({x_src.dtype}) or x.to({weight.dtype}))"

@@ -287,6 +287,22 @@ def test_models_build_and_run_on_fake_cuda_tensors(name, backend):
         assert all(p.grad is not None and p.grad.device.type == "cuda" for p in model.stages[0].parameters())
 
 
+@pytest.mark.parametrize("name", ["gkgnet_ti", "pvig_ti"])
+def test_models_run_on_the_meta_device(name):
+    """A model built under ``torch.device("meta")`` runs forward and backward there
+    (shapes without memory, as for sizing a model before loading weights): the
+    fused FFN asked meta tensors for their autocast state, which raised ``unknown
+    device type for autocast``."""
+    with torch.device("meta"):
+        model = gkg_pyg.create_model(name, num_classes=5, img_size=96).train()
+    logits = model(torch.randn(2, 3, 96, 96, device="meta"))
+    assert logits.shape == (2, 5) and logits.device.type == "meta"
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.stages[0].parameters())
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 112, 96, device="meta")).shape == (1, 5)
+
+
 @pytest.mark.parametrize("train", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_compiled_model_compiles_once(train):
     """The first call of a compiled model changes no module state (the position

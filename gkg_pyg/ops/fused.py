@@ -42,6 +42,11 @@ __all__ = ["bn_gelu_linear", "fusable", "batchnorm_gelu"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never for a device without autocast, such as meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _stat_dtype(h: Tensor, bn_weight: Tensor) -> torch.dtype:
     """The dtype of ATen's batch statistics: float32 for half-precision ``h`` on CUDA
     or with float32 BatchNorm parameters, else ``h``'s."""
@@ -438,7 +443,7 @@ def bn_gelu_linear(
     if batch_stats and running_mean is not None and momentum is None:
         raise ValueError("bn_gelu_linear needs a float momentum to update the running statistics")
     device_type = h.device.type
-    if weight is not None and torch.is_autocast_enabled(device_type) and weight.dtype != torch.float64:
+    if weight is not None and autocasting(device_type) and weight.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)  # F.linear's dtype under autocast
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     rows = h.reshape(-1, c)
