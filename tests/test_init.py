@@ -5,8 +5,6 @@ which follows the authors' mmcls code, and against the closed forms."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -14,8 +12,7 @@ import torch
 import gkg_pyg
 from gkg_pyg.models.convert import authors_key_map
 
-sys.path.insert(0, os.path.dirname(__file__))
-from reference_gkgnet import ReferenceGKGNet  # noqa: E402
+from reference_gkgnet import ReferenceGKGNet
 
 # Two independent draws of the same distribution differ in std by a few per
 # cent for the smallest tensor here (648 values); PyTorch's default Linear

@@ -1,17 +1,13 @@
 """Sanity tests of the dense reference GKGNet (tests/reference_gkgnet.py)."""
 
-import os
-import sys
-
 import pytest
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
 from reference_gkgnet import (
     ReferenceGKGNet,
     drop_path,
-    group_knn,  # noqa: E402
+    group_knn,
     group_max_relative,
     interleave,
     relative_position_table,
