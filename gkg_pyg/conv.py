@@ -28,6 +28,8 @@ class GroupedLinear(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 1, bias: bool = True):
         super().__init__()
+        if groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels={in_channels} and out_channels={out_channels} must both be divisible by groups={groups}"
@@ -173,6 +175,11 @@ class GroupMaxRelConv(MessagePassing):
             )
         if groups < 1 or in_channels % groups:
             raise ValueError(f"in_channels={in_channels} is not divisible by groups={groups}")
+        if conv_groups < 1 or (2 * in_channels) % conv_groups or out_channels % conv_groups:
+            raise ValueError(
+                f"conv_groups={conv_groups} must be positive and divide both the update's input width "
+                f"2 * in_channels = {2 * in_channels} and out_channels={out_channels}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.conv_groups = groups, conv_groups
         self.check_neighbors = check_neighbors
@@ -318,7 +325,12 @@ class GroupMaxRelConv(MessagePassing):
                     f"adj_t must be (N_dst, N_src); got an adjacency of size {size} for {n_dst} "
                     f"destination and {n_src} source nodes"
                 )
-            (dst, src), _ = to_edge_index(edge_index)
+            if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo:
+                # Its entries as stored: PyG's to_edge_index would mark the caller's uncoalesced tensor as
+                # coalesced without sorting it (repeated entries are harmless to a maximum).
+                dst, src = edge_index._indices().long()
+            else:
+                (dst, src), _ = to_edge_index(edge_index)
             edge_index = torch.stack([src, dst])
         if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
             raise ValueError(f"edge_index must hold integer indices, got {edge_index.dtype}")

@@ -371,6 +371,8 @@ def _read_graphs(
         ids, host = host[:num_nodes], host[num_nodes:]
         if num_nodes > 1 and bool((ids[1:] < ids[:-1]).any()):
             raise ValueError(f"{name} must be sorted (nodes of one graph stored contiguously)")
+        if num_nodes and int(ids[0]) < 0:
+            raise ValueError(f"{name} holds a negative graph id ({int(ids[0])}); graph ids count from 0")
         sizes.append(torch.bincount(ids).tolist() if num_nodes else [])
     return sizes[0], sizes[1], finite
 

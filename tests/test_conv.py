@@ -267,8 +267,11 @@ def test_dynamic_equals_static_on_group_knn_edges():
 def test_invalid_arguments():
     with pytest.raises(ValueError, match=r"in_channels=10 is not divisible by groups=4"):
         GroupMaxRelConv(10, 20, groups=4)
-    with pytest.raises(ValueError, match=r"in_channels=16 and out_channels=18 .*groups=4"):
+    with pytest.raises(ValueError, match=r"conv_groups=4 .* input width 2 \* in_channels = 16 and out_channels=18"):
         GroupMaxRelConv(8, 18, groups=2, conv_groups=4)
+    for conv_groups in (0, -2, 3):  # not a ZeroDivisionError or a negative-size tensor
+        with pytest.raises(ValueError, match=rf"conv_groups={conv_groups} must be positive and divide both .* 16 and"):
+            GroupMaxRelConv(8, 16, conv_groups=conv_groups)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         GroupMaxRelConv(8, 16, act="swish")
     with pytest.raises(ValueError, match="unknown norm 'layer'"):
@@ -599,6 +602,20 @@ def test_user_mistakes_raise_clear_errors():
         GroupMaxRelConv(8, 16, groups=2).to("meta")(torch.zeros(5, 8, dtype=torch.float64, device="meta"), edges)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside the layer: no mismatch
         assert conv(torch.randn(5, 8, dtype=torch.bfloat16), edges).shape == (5, 16)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_one_destination_in_training_is_refused_as_batch_norm_refuses_it(grad):
+    """BatchNorm in training has no variance from one value per channel: the conv raises
+    F.batch_norm's error on every path (the fused update, taken with gradients, gave
+    near-zero outputs and wrote NaN into running_var) and changes no statistic."""
+    conv = GroupMaxRelConv(8, 16, groups=2).train()
+    x_src, x_dst = torch.randn(5, 8, requires_grad=grad), torch.randn(1, 8)
+    before = {name: t.clone() for name, t in conv.state_dict().items()}
+    for kwargs in (dict(edge_index=torch.tensor([[0, 1, 2], [0, 0, 0]])), dict(neighbors=torch.tensor([[[0, 1]]] * 2))):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            conv((x_src, x_dst), **kwargs)
+    assert all(torch.equal(t, before[name]) for name, t in conv.state_dict().items())
 
 
 def test_neighbor_table_indices_are_checked():

@@ -89,6 +89,19 @@ def test_sparse_adjacency(conv, layout, bipartite):
     assert torch.allclose(conv(x, adj_t), out, rtol=0, atol=1e-12)
 
 
+def test_uncoalesced_coo_adjacency_is_read_and_left_as_given(conv):
+    """Repeated and unsorted COO entries are the edges they list, and the caller's tensor
+    stays uncoalesced (PyG's to_edge_index marks it coalesced without sorting it, which
+    corrupts what the caller computes from it later)."""
+    x = torch.randn(4, 16, dtype=torch.float64)
+    entries = torch.tensor([[3, 1, 0, 3], [2, 0, 1, 2]])  # (destination, source), entry (3, 2) twice
+    adj_t = torch.sparse_coo_tensor(entries, torch.ones(4, dtype=torch.float64), (4, 4))
+    dense_before = adj_t.to_dense()
+    out = conv(x, adj_t)
+    assert not adj_t.is_coalesced() and torch.equal(adj_t.to_sparse_csr().to_dense(), dense_before)
+    assert torch.allclose(out, conv(x, torch.tensor([[2, 0, 1], [3, 1, 0]])), rtol=0, atol=1e-12)
+
+
 @pytest.mark.skipif(not torch_geometric.typing.WITH_TORCH_SPARSE, reason="torch-sparse is not installed")
 def test_sparse_tensor_adjacency(conv):  # pragma: no cover - needs torch-sparse
     from torch_geometric.typing import SparseTensor

@@ -123,6 +123,22 @@ def test_coco_bad_json(tmp_path):
         load({"images": [], "categories": []})
     with pytest.raises(ValueError, match="image_id 99"):
         load(coco_json([(1, "a.jpg")], [(99, 1, 1.0)]))
+    with pytest.raises(ValueError, match="refers to image_id '1', which is not in its images"):
+        load(coco_json([(1, "a.jpg")], [("1", 1, 1.0)]))  # a string id is not image 1: the message shows which
+    # Two images under one id: one of them would silently take the other's labels.
+    with pytest.raises(ValueError, match=r"x.json lists image id 1 twice \('a.jpg' and 'b.jpg'\)"):
+        load(coco_json([(1, "a.jpg"), (1, "b.jpg")], [(1, 1, 1.0)]))
+    # A missing field names the file and the entry, not a bare KeyError.
+    data = coco_json([(1, "a.jpg"), (2, "b.jpg")], [(1, 1, 1.0)])
+    del data["images"][1]["file_name"]
+    with pytest.raises(ValueError, match=r"x.json: images\[1\] has no 'file_name'"):
+        load(data)
+    data = coco_json([(1, "a.jpg")], [(1, 1, 1.0)])
+    del data["annotations"][0]["category_id"]
+    with pytest.raises(ValueError, match=r"annotations\[0\] has no 'category_id'"):
+        load(data)
+    with pytest.raises(ValueError, match=r"categories\[0\] has no 'id' or 'name'"):
+        load(coco_json([(1, "a.jpg")], [], categories=[{}]))
     with pytest.raises(ValueError, match="category_id 5"):
         load(coco_json([(1, "a.jpg")], [(1, 5, 1.0)]))
     with pytest.raises(ValueError, match="several categories named 'dog'"):
@@ -212,6 +228,8 @@ def test_csv_errors_name_file_and_line(tmp_path):
         make("image,labels\n", classes=["dog"])
     with pytest.raises(ValueError, match="lists 'dog' more than once"):
         make("image,labels\na.jpg,dog\n", classes=["dog", "dog"])
+    with pytest.raises(ValueError, match=r"the header of .*t.csv lists 'dog' more than once"):
+        make("image,dog,cat,dog\na.jpg,1,0,1\n", fmt="columns")
     with pytest.raises(FileNotFoundError, match="nothere.csv"):
         CsvDataset(tmp_path / "nothere.csv")
     with pytest.raises(ValueError, match="label delimiter is empty"):

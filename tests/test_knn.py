@@ -226,6 +226,8 @@ def test_error_messages():
         group_knn(x, x, 2, 2, batch_src=batch, batch_dst=torch.zeros(11, dtype=torch.long))
     with pytest.raises(ValueError, match=r"batch_dst must be sorted"):
         group_knn(x, x, 2, 2, batch_src=batch, batch_dst=batch.flip(0))
+    with pytest.raises(ValueError, match=r"batch_src holds a negative graph id \(-1\)"):
+        group_knn(x, x, 2, 2, batch_src=batch - 1, batch_dst=batch)
     bad = x.clone()
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):

@@ -93,6 +93,12 @@ def _read_json(ann_file: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{ann_file} is not a COCO instances file: it has no {key!r} list")
+    for key, fields in (("images", ("id", "file_name")), ("annotations", ("image_id", "category_id")),
+                        ("categories", ("id", "name"))):  # fmt: skip
+        for i, entry in enumerate(data[key]):
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                raise DataError(f"{ann_file}: {key}[{i}] has no {' or '.join(map(repr, missing))}")
     return data
 
 
@@ -180,17 +186,24 @@ class CocoDataset(ImageLabelDataset):
         categories = _sorted_categories(data, ann_path)
         column = {c["id"]: i for i, c in enumerate(categories)}
         names = [str(c["name"]) for c in categories]
-        images = {img["id"]: img for img in data["images"]}
+        images = {}
+        for img in data["images"]:
+            if img["id"] in images:
+                raise DataError(
+                    f"{ann_path} lists image id {img['id']!r} twice ({images[img['id']]['file_name']!r} and "
+                    f"{img['file_name']!r})"
+                )
+            images[img["id"]] = img
         by_image: dict = {}
         for ann in data["annotations"]:
             if ann["category_id"] not in column:
                 raise DataError(
-                    f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_path} has "
-                    f"category_id {ann['category_id']}, which is not in its categories {sorted(column)}"
+                    f"annotation {ann.get('id')} (image {ann.get('image_id')!r}) in {ann_path} has "
+                    f"category_id {ann['category_id']!r}, which is not in its categories {sorted(column)}"
                 )
             if ann["image_id"] not in images:
                 raise DataError(
-                    f"annotation {ann.get('id')} in {ann_path} refers to image_id {ann['image_id']}, "
+                    f"annotation {ann.get('id')} in {ann_path} refers to image_id {ann['image_id']!r}, "
                     f"which is not in its images"
                 )
             by_image.setdefault(ann["image_id"], []).append(ann)

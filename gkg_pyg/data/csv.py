@@ -53,9 +53,12 @@ __all__ = ["CSV_FORMATS", "CsvDataset", "read_class_list", "csv_class_names"]
 CSV_FORMATS = ("names", "columns")
 
 
-def read_class_list(classes: Sequence[str] | str | os.PathLike | None) -> list[str] | None:
+def read_class_list(
+    classes: Sequence[str] | str | os.PathLike | None, source: str = "the given class list"
+) -> list[str] | None:
     """A class list given as names, or as a text file with one name per line
-    (blank lines and lines starting with ``#`` ignored); None stays None."""
+    (blank lines and lines starting with ``#`` ignored); None stays None.
+    ``source`` names given names in errors (a file names itself)."""
     if classes is None:
         return None
     if isinstance(classes, (str, os.PathLike)):
@@ -67,7 +70,6 @@ def read_class_list(classes: Sequence[str] | str | os.PathLike | None) -> list[s
         source = str(path)
     else:
         names = [str(n).strip() for n in classes]
-        source = "the given class list"
     if not names:
         raise DataError(f"{source} is empty")
     if any(not n for n in names):
@@ -122,7 +124,7 @@ def csv_class_names(
         names = [h for i, h in enumerate(header) if i != image_col]
         if not names:
             raise DataError(f"{csv_file} has no class column besides {image_column!r}")
-        return read_class_list(names)
+        return read_class_list(names, source=f"the header of {csv_file}")
     if fmt != "names":
         raise DataError(f"unknown CSV format {fmt!r}; expected one of {CSV_FORMATS}")
     label_col = _column(header, labels_column, csv_file, "labels_column")

@@ -442,6 +442,8 @@ def bn_gelu_linear(
     batch_stats = training or running_mean is None
     if batch_stats and running_mean is not None and momentum is None:
         raise ValueError("bn_gelu_linear needs a float momentum to update the running statistics")
+    if batch_stats and c and h.numel() == c:  # F.batch_norm's check: one value per channel has no variance
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(h.shape)}")
     device_type = h.device.type
     if weight is not None and autocasting(device_type) and weight.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)  # F.linear's dtype under autocast
@@ -475,9 +477,10 @@ def batchnorm_gelu(h: Tensor, bn: nn.BatchNorm1d, linear: Optional[nn.Module] = 
     """``GELU(bn(h))``, then ``linear`` (an ``nn.Linear``) if given, through
     :func:`bn_gelu_linear` with ``bn``'s parameters and statistics, counting
     ``num_batches_tracked`` as ``bn``'s own forward would (check :func:`fusable` first)."""
-    if bn.training:
-        bn.num_batches_tracked.add_(1)
     weight, bias = (None, None) if linear is None else (linear.weight, linear.bias)
-    return bn_gelu_linear(
+    out = bn_gelu_linear(
         h, bn.weight, bn.bias, weight, bias, bn.running_mean, bn.running_var, bn.training, bn.momentum, bn.eps
     )
+    if bn.training:  # counted after the call, which may refuse the input (fusable: momentum is a float)
+        bn.num_batches_tracked.add_(1)
+    return out
