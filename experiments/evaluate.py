@@ -50,7 +50,7 @@ import torch
 if not __package__:  # run as a file (python experiments/evaluate.py): import gkg_pyg from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gkg_pyg.builder import build_model  # noqa: E402
+from gkg_pyg.builder import build_model, check_trained_settings  # noqa: E402
 from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from gkg_pyg.cli import ArgumentParser, add_compile_backend_argument, compiled, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, check_option, load_config  # noqa: E402
@@ -145,6 +145,7 @@ def run(argv=None) -> int:
         torch.set_num_threads(cfg["train"]["num_threads"])
 
     _, checkpoint = read_checkpoint(args.checkpoint)  # before the data: a bad checkpoint fails at once
+    check_trained_settings(cfg, checkpoint, str(args.checkpoint))
     dataset = build_split(cfg, train=False)
     missing = check_images(dataset, "evaluation", cfg, info.is_main)
     model = build_model(cfg, dataset.class_names, load_weights=False)

@@ -54,7 +54,8 @@ from gkg_pyg.training.optim import build_optimizer, build_schedule  # noqa: E402
 from gkg_pyg.training.precision import build_precision  # noqa: E402
 from gkg_pyg.training.rng import derived_seed, seed_everything  # noqa: E402
 from gkg_pyg.training.state import (  # noqa: E402
-    gather_rng_states, link_atomic, load_training_checkpoint, restore_training_state, save_atomic, training_state,
+    check_resume_fits, gather_rng_states, link_atomic, load_training_checkpoint, restore_training_state, save_atomic,
+    training_state,
 )  # fmt: skip
 from gkg_pyg.loss import GKGNetLoss  # noqa: E402
 from gkg_pyg.single_label import SingleLabelLoss, mixup_from_config, single_label_metrics, single_label_report  # noqa
@@ -76,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         const="",
         default=None,
         metavar="PATH",
-        help="continue from PATH (default: <run folder>/checkpoint_last.pth)",
+        help="continue from PATH, a checkpoint or a run folder (default: the config's latest run, "
+        "<output.dir>/<name> or its highest <name>-N)",
     )
     p.add_argument("--output", help="run folder (default: <output.dir>/<name>, or <name>-2, -3, ... if taken)")
     p.add_argument(
@@ -108,7 +110,10 @@ def choose_run_folder(cfg: dict, output, resume):
 
     A fresh run without --output takes <output.dir>/<name>, or the first free
     <name>-2, <name>-3, ... so that running a config again loses nothing;
-    --resume PATH continues in PATH's folder."""
+    --resume continues the latest of them (the last one taken), --resume PATH
+    PATH's folder (PATH a checkpoint or a run folder)."""
+    if resume and Path(resume).is_dir():
+        resume = str(Path(resume) / "checkpoint_last.pth")
     if output:
         run_dir = Path(output)
     elif resume:
@@ -116,9 +121,10 @@ def choose_run_folder(cfg: dict, output, resume):
     else:
         base = run_dir = Path(cfg["output"]["dir"]) / cfg["name"]
         copy = 1
-        while resume is None and (run_dir / "checkpoint_last.pth").exists():
+        taken = lambda n: (base.with_name(f"{base.name}-{n}") if n > 1 else base) / "checkpoint_last.pth"  # noqa: E731
+        while taken(copy).exists() and (resume is None or taken(copy + 1).exists()):
             copy += 1
-            run_dir = base.with_name(f"{base.name}-{copy}")
+        run_dir = taken(copy).parent
     resume_path = None
     if resume is not None:
         resume_path = Path(resume) if resume else run_dir / "checkpoint_last.pth"
@@ -160,6 +166,7 @@ def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
         if resume_state["class_names"] != train_set.class_names:
             raise CheckpointError(f"{resume_path} was trained on other labels than the data set of {args.config}")
         changed = config_diff(resume_state["config"], cfg)
+        check_resume_fits(resume_state, model, resume_path, changed)
         if changed and info.is_main:
             print(f"note: the config differs from the checkpoint's in {', '.join(changed)}")
     return dict(cfg=cfg, run_dir=run_dir, train_set=train_set, val_set=val_set, model=model,

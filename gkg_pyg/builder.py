@@ -150,6 +150,29 @@ def build_model(
     return model
 
 
+# Model settings that define the graph a set of weights was trained on; k and groups change no tensor
+# shape, so a checkpoint loads into a model with other values and silently runs another graph.
+GRAPH_KEYS = ("name", "k", "groups", "cross_level", "num_gcn")
+
+
+def check_trained_settings(cfg: dict, checkpoint: dict, name: str) -> None:
+    """Raise a ``CheckpointError`` where the config's :data:`GRAPH_KEYS` differ
+    from those a training checkpoint (one holding its config) was trained with;
+    other checkpoints, and other keys (``img_size`` resamples), pass."""
+    trained = checkpoint.get("config")
+    trained = trained.get("model") if isinstance(trained, dict) else None
+    if not isinstance(trained, dict):
+        return
+    differ = [k for k in GRAPH_KEYS if k in trained and trained[k] != cfg["model"][k]]
+    if differ:
+        theirs = ", ".join(f"model.{k}={trained[k]}" for k in differ)
+        ours = ", ".join(f"model.{k}={cfg['model'][k]}" for k in differ)
+        raise CheckpointError(
+            f"{name} was trained with {theirs}, the config has {ours}: the weights would run another graph; "
+            f"use the training config or --set {' --set '.join(f'model.{k}={trained[k]}' for k in differ)}"
+        )
+
+
 def load_trained_model(checkpoint_path: str | Path, config_path: str | Path | None = None, ema: bool = False):
     """A trained model for inference, ``(model in eval mode, class names, config, checkpoint dict)``.
 
@@ -162,6 +185,7 @@ def load_trained_model(checkpoint_path: str | Path, config_path: str | Path | No
     _, checkpoint = read_checkpoint(checkpoint_path)
     if config_path:
         cfg = load_config(config_path)
+        check_trained_settings(cfg, checkpoint, str(checkpoint_path))
     elif isinstance(checkpoint.get("config"), dict):
         cfg = validate_config(checkpoint["config"])
     else:

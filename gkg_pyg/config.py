@@ -27,6 +27,9 @@ import yaml
 from .errors import ConfigError, MissingFileError
 from .geometry import min_input_size
 
+# The smallest image the synthetic data set draws (its shapes need the room).
+SYNTHETIC_MIN_IMAGE_SIZE = 64
+
 # Every valid key with its default. A None default accepts any value;
 # otherwise a value must have the default's type (an int is accepted for a
 # float) or be None where the key is listed in NULLABLE.
@@ -467,13 +470,16 @@ def check_values(cfg: dict) -> None:
         f"data.augment.cropmix_min_scale must be in (0, 1], got {aug['cropmix_min_scale']}",
     )
     _require(aug["color_jitter"] >= 0, f"data.augment.color_jitter must be >= 0, got {aug['color_jitter']}")
+    crops = aug["cropmix_crops"]
     _require(
-        all(isinstance(n, int) and n >= 1 for n in aug["cropmix_crops"]),
-        f"data.augment.cropmix_crops must be positive integers, got {aug['cropmix_crops']}",
+        isinstance(crops, list) and crops and all(type(n) is int and n >= 2 for n in crops),
+        f"data.augment.cropmix_crops must be a non-empty list of crop counts >= 2, got {crops}",
     )
     syn = d["synthetic"]
-    for key in ("num_train", "num_val", "image_size"):
+    for key in ("num_train", "num_val"):
         _require(syn[key] >= 1, f"data.synthetic.{key} must be >= 1, got {syn[key]}")
+    size, least = syn["image_size"], SYNTHETIC_MIN_IMAGE_SIZE
+    _require(size >= least, f"data.synthetic.image_size must be >= {least}, got {size}")
 
 
 def _flat_items(tree: dict, prefix: str = ""):

@@ -28,6 +28,7 @@ import base64
 import colorsys
 import io
 import json
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from torch_geometric.data import HeteroData
 from tqdm import tqdm
 
 from .data.images import load_rgb
-from .errors import UsageError
+from .errors import InputSizeError, UsageError
 from .data.transforms import MEAN, STD, build_test_transform
 from .graph import neighbour_table, stack_group_edges
 
@@ -135,9 +136,15 @@ class CapturedGraphs:
             if label not in self.class_names:
                 raise UsageError(f"unknown label {label!r}; the labels are {self.class_names}")
             return self.class_names.index(label)
-        if not 0 <= int(label) < len(self.class_names):
+        try:
+            index = operator.index(label) if not isinstance(label, bool) else None
+        except TypeError:
+            index = None
+        if index is None:
+            raise UsageError(f"a label is an index (int) or a name (str), got {label!r}")
+        if not 0 <= index < len(self.class_names):
             raise UsageError(f"label index {label} out of range 0..{len(self.class_names) - 1}")
-        return int(label)
+        return index
 
 
 def _check_image_tensor(x: Tensor) -> Tensor:
@@ -145,6 +152,11 @@ def _check_image_tensor(x: Tensor) -> Tensor:
         x = x[0]
     if x.dim() != 3 or x.shape[0] != 3:
         raise ValueError(f"expected a normalised (3, H, W) image tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():  # raw pixels: casting them would pass 0..255 off as normalised values
+        raise InputSizeError(
+            f"expected a floating-point image, normalised per channel with the model's mean and std, got {x.dtype}; "
+            "pass an image file or PIL image (normalised here), or use gkg_pyg.data.build_test_transform(img_size)"
+        )
     return x.float()
 
 

@@ -77,6 +77,15 @@ def test_evaluate_missing_checkpoint(tiny, capsys):
     assert one_error_line(capsys) == f"error: checkpoint not found: {missing}"
 
 
+def test_evaluate_refuses_another_graph_than_the_checkpoints(tiny, capsys):
+    """k and groups change no tensor shape: a config with other values would load the weights and
+    silently evaluate another graph."""
+    assert run_script("evaluate", tiny["config"], "--checkpoint", tiny["ckpt"], "--set", "model.groups=1") == 2
+    line = one_error_line(capsys)
+    assert "was trained with model.groups=2, the config has model.groups=1" in line, line
+    assert line.endswith("--set model.groups=2")
+
+
 def test_evaluate_image_broken_after_the_check(tiny, tmp_path, capsys):
     """An image that breaks inside a DataLoader worker: the worker's traceback stays out of the line."""
     root = tmp_path / "data"

@@ -104,6 +104,9 @@ def test_type_and_range_errors(tmp_path):
         ("data.augment.hflip=1.5", "data.augment.hflip must be in"),
         ("data.augment.cropmix_min_scale=0", "data.augment.cropmix_min_scale must be in"),
         ("data.synthetic.num_val=0", "data.synthetic.num_val must be >= 1"),
+        ("data.synthetic.image_size=48", "data.synthetic.image_size must be >= 64, got 48"),
+        ("data.augment.cropmix_crops=[]", r"cropmix_crops must be a non-empty list of crop counts >= 2, got \[\]"),
+        ("data.augment.cropmix_crops=[1]", r"cropmix_crops must be a non-empty list of crop counts >= 2, got \[1\]"),
         ("schedule.warmup_epochs=.inf", "schedule.warmup_epochs must be a finite number"),
     ],
 )

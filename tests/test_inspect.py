@@ -117,6 +117,9 @@ def test_capture_from_path_and_default_names(tmp_path, pil_image):
         gi.capture_graphs(unnamed, cap.tensor, class_names=["a", "b"])
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         gi.capture_graphs(unnamed, torch.zeros(1, 96, 96))
+    # Raw pixels: cast to float they would pass for normalised values (and give other scores).
+    with pytest.raises(ValueError, match=r"floating-point image, normalised .* got torch.uint8"):
+        gi.capture_graphs(unnamed, torch.from_numpy(np.asarray(pil_image.resize((96, 96)))).permute(2, 0, 1))
 
 
 def brute_force_knn(src, dst, k, groups, dilation=1, bias=None):
@@ -190,6 +193,9 @@ def test_label_summaries_match_edges(captured, stage):
     assert len(gi.summarize_labels(captured)) == 4 * len(NAMES)
     with pytest.raises(ValueError, match="unknown label"):
         gi.label_summary(captured, "zebra", stage)
+    for not_a_label in (1.7, True):  # not silently label 1
+        with pytest.raises(ValueError, match=r"a label is an index \(int\) or a name \(str\)"):
+            gi.label_summary(captured, not_a_label, stage)
 
 
 @pytest.mark.parametrize("stage", [1, 4])

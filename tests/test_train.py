@@ -328,6 +328,13 @@ def test_bad_inputs_fail_before_writing(tiny, broken_root, tmp_path):
     with pytest.raises(FileNotFoundError, match=missing):
         run_train_inprocess(config, "--output", run, "--resume", "--set", f"data.root={broken}")
 
+    # A resume checkpoint of another model: one error before anything is written, naming the change
+    # (the weights would not load; a resized position embedding would not fit the optimiser state).
+    with pytest.raises(ValueError, match=r"does not fit this config's model: 'pos_embed' has shape .*model.img_size"):
+        run_train_inprocess(config, "--output", run, "--resume", "--set", "model.img_size=96")
+    with pytest.raises(ValueError, match=r"does not fit this config's model: .*model.name"):
+        run_train_inprocess(config, "--output", run, "--resume", "--set", "model.name=pvig_ti")
+
     # A resume checkpoint that does not exist.
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         run_train_inprocess(config, "--output", run, "--resume", str(tmp_path / "nothere.pth"))
@@ -557,6 +564,14 @@ def test_run_folder_numbering(tmp_path):
     assert elsewhere == second and resume == second / "checkpoint_last.pth"
     with pytest.raises(FileExistsError, match="already holds a run"):
         train.choose_run_folder(cfg, str(first), None)
+    # A second run killed in demo-2: --resume continues it (the latest run), not the finished first one.
+    second.mkdir()
+    (second / "checkpoint_last.pth").write_bytes(b"x")
+    latest, resume = train.choose_run_folder(cfg, None, "")
+    assert latest == second and resume == second / "checkpoint_last.pth"
+    assert train.choose_run_folder(cfg, None, None)[0] == tmp_path / "demo-3"
+    # --resume RUN_FOLDER: that folder's checkpoint_last.pth.
+    assert train.choose_run_folder(cfg, None, str(first)) == (first, first / "checkpoint_last.pth")
 
 
 def test_adamw_is_fused_and_updates_like_the_per_parameter_loop():

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from ..config import SYNTHETIC_MIN_IMAGE_SIZE
 from ..errors import DataError
 from .coco import coco_paths
 
@@ -88,7 +89,7 @@ UNIT_AREA = {
     "stripes": 2.0,
     "checker": 2.0,
 }
-MIN_IMAGE_SIZE = 64
+MIN_IMAGE_SIZE = SYNTHETIC_MIN_IMAGE_SIZE
 CHUNK = 50  # images per worker task
 
 

@@ -99,6 +99,27 @@ def load_training_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def check_resume_fits(state: dict, model: nn.Module, path: str | Path, changed: Sequence[str] = ()) -> None:
+    """Raise a ``CheckpointError`` unless the training checkpoint ``state``
+    holds exactly the tensors of ``model``, with their shapes: a resumed run
+    continues the same model (its optimiser state is per tensor), so nothing
+    is resized or skipped. ``changed``: the config keys that differ from the
+    checkpoint's, named in the error."""
+    own, theirs = unwrap(model).state_dict(), state["model"]
+    problems = [f"it lacks {k!r}" for k in own if k not in theirs]
+    problems += [f"it holds {k!r}, which the model does not have" for k in theirs if k not in own]
+    problems += [
+        f"{k!r} has shape {tuple(theirs[k].shape)} there but {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)
+    ]
+    if problems:
+        model_keys = [k for k in changed if k.startswith("model.")]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        hint = f"; this config changes {', '.join(model_keys)}: resume with the checkpoint's" if model_keys else ""
+        raise CheckpointError(f"{path} does not fit this config's model: {problems[0]}{more}{hint}")
+
+
 def restore_training_state(
     state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
     precision: Precision, ema, info: DistInfo,
