@@ -84,6 +84,10 @@ def test_evaluate_refuses_another_graph_than_the_checkpoints(tiny, capsys):
     line = one_error_line(capsys)
     assert "was trained with model.groups=2, the config has model.groups=1" in line, line
     assert line.endswith("--set model.groups=2")
+    other = tiny["tmp"] / "groups1.yaml"
+    other.write_text(tiny["config"].read_text().replace("k: 3,", "k: 3, groups: 1,"))
+    assert run_script("predict", "--checkpoint", tiny["ckpt"], "--config", other, tiny["image"]) == 2
+    assert "was trained with model.groups=2, the config has model.groups=1" in one_error_line(capsys)
 
 
 def test_evaluate_image_broken_after_the_check(tiny, tmp_path, capsys):
