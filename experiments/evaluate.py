@@ -54,6 +54,7 @@ from gkg_pyg.builder import build_model, check_trained_settings  # noqa: E402
 from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from gkg_pyg.cli import ArgumentParser, add_compile_backend_argument, compiled, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, check_option, load_config  # noqa: E402
+from gkg_pyg.errors import CheckpointError  # noqa: E402
 from gkg_pyg.training.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from gkg_pyg.training.loaders import build_split, check_images, eval_loader  # noqa: E402
 from gkg_pyg.training.loops import evaluate  # noqa: E402
@@ -147,6 +148,12 @@ def run(argv=None) -> int:
     _, checkpoint = read_checkpoint(args.checkpoint)  # before the data: a bad checkpoint fails at once
     check_trained_settings(cfg, checkpoint, str(args.checkpoint))
     dataset = build_split(cfg, train=False)
+    trained_on = checkpoint.get("class_names")
+    if trained_on is not None and list(trained_on) != list(dataset.class_names):  # rows would be mislabelled
+        raise CheckpointError(
+            f"{args.checkpoint} was trained on the labels {list(trained_on)}, the evaluation split has "
+            f"{list(dataset.class_names)} (names and order must agree)"
+        )
     missing = check_images(dataset, "evaluation", cfg, info.is_main)
     model = build_model(cfg, dataset.class_names, load_weights=False)
     load_checkpoint(model, checkpoint, verbose=info.is_main, name=str(args.checkpoint))

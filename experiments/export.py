@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--batch-size", type=int, default=2, help="batch size of the check runs (the exported graph takes any)"
     )
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later: torch.onnx's exporter)")
     p.add_argument("--torch-export", metavar="PATH", help="also save the torch.export program (.pt2)")
     p.add_argument("--check", nargs="*", default=[], metavar="IMAGE", help="images for the onnxruntime check")
     p.add_argument("--topk", type=int, default=3, help="top-k labels compared in the check")
@@ -126,11 +126,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.topk < 1:
         p.error(f"--topk must be >= 1, got {args.topk}")
+    if args.opset < 18:  # torch.onnx's exporter writes 18 at least and would silently raise a lower request
+        p.error(f"--opset must be 18 or later (torch.onnx's exporter), got {args.opset}")
     if args.img_size is not None and args.img_size < 1:
         p.error(f"--img-size must be >= 1, got {args.img_size}")
     if not args.tolerance > 0 or not args.tie_margin >= 0:
         p.error(f"--tolerance must be > 0 and --tie-margin >= 0, got {args.tolerance} and {args.tie_margin}")
     return args
+
+
+def onnx_opset(proto) -> int:
+    """The default-domain opset a written ONNX model declares."""
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def load_for_export(args: argparse.Namespace):
@@ -405,7 +412,7 @@ def export(args: argparse.Namespace) -> dict:
     onnx.save(proto, str(out))
     onnx.checker.check_model(str(out))
     print(f"wrote {out}: input image float32 (batch, 3, {size}, {size}) RGB 0..1, outputs logits and "
-          f"scores (batch, {len(class_names)}), opset {args.opset}")  # fmt: skip
+          f"scores (batch, {len(class_names)}), opset {onnx_opset(proto)}")  # fmt: skip
     result = {"onnx": str(out), "img_size": size, "num_classes": len(class_names)}
     if not args.no_check:
         batches = check_inputs(args.check, preprocess, args.batch_size)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -201,6 +202,10 @@ def run(argv=None) -> list:
         parser.error("--epochs, --k, --batch-size, --num-points and --step must be positive")
     if args.k > args.num_points:
         parser.error(f"--k {args.k} is larger than --num-points {args.num_points}")
+    if min(args.per_class, args.test_per_class) < 1:
+        parser.error("--per-class and --test-per-class must be positive")
+    if not (args.noise >= 0 and args.lr > 0 and math.isfinite(args.noise) and math.isfinite(args.lr)):
+        parser.error(f"--noise must be >= 0 and --lr > 0 (finite), got {args.noise} and {args.lr}")
     if args.threads:
         torch.set_num_threads(args.threads)
     train_set, test_set = build_data(args)

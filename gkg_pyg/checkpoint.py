@@ -74,9 +74,18 @@ def torch_load_weights(path: Union[str, os.PathLike]) -> dict:
         ) from None
 
 
+def _unwrapped_key(key: str) -> str:
+    """``key`` without the prefixes of wrapped models' state dicts: DDP's ``module.``,
+    ``torch.compile``'s ``_orig_mod.``."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def read_checkpoint(path_or_state_dict: PathOrState) -> Tuple[Mapping[str, Tensor], dict]:
     """``(state_dict, whole checkpoint)`` of a path or dict: the state dict is
-    unwrapped from ``state_dict`` or ``model`` and loses DDP's ``module.`` prefix."""
+    unwrapped from ``state_dict`` or ``model`` and loses the ``module.`` (DDP) and
+    ``_orig_mod.`` (``torch.compile``) prefixes of wrapped models."""
     where = "the checkpoint"
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         where = os.fspath(path_or_state_dict)
@@ -90,7 +99,7 @@ def read_checkpoint(path_or_state_dict: PathOrState) -> Tuple[Mapping[str, Tenso
         if isinstance(ckpt.get(wrapper), Mapping):
             ckpt = ckpt[wrapper]
             break
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in ckpt.items() if isinstance(v, Tensor)}
+    state = {_unwrapped_key(k): v for k, v in ckpt.items() if isinstance(v, Tensor)}
     if not state:
         raise CheckpointError(f"{where} holds no tensors (keys: {list(ckpt)[:8]})")
     return state, outer

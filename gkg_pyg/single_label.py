@@ -127,7 +127,7 @@ def topk_accuracy(scores: Tensor, target: Tensor, k: int) -> float:
     """Share of rows whose class is among their ``k`` highest scores (ties by index order),
     in percent; ``k`` larger than the class count counts every row."""
     k = min(k, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
+    top = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # topk's order of ties is unspecified
     return 100.0 * (top == target[:, None]).any(dim=1).float().mean().item()
 
 

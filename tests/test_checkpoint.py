@@ -42,9 +42,10 @@ def test_export_and_reload_authors_layout_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
 
 
-def test_own_layout_under_model_key_with_ddp_prefix():
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])  # DDP, torch.compile, both
+def test_own_layout_under_model_key_with_a_wrapper_prefix(prefix):
     src = perturbed(small_model())
-    state = {"model": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}
+    state = {"model": {f"{prefix}{k}": v for k, v in src.state_dict().items()}, "epoch": 3}
     dst = small_model(seed=1)
     report = gkg_pyg.load_checkpoint(dst, state, verbose=False)
     assert report["source"] == "gkg_pyg" and report["missing"] == [] and report["skipped"] == []

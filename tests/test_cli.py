@@ -77,13 +77,19 @@ def test_evaluate_missing_checkpoint(tiny, capsys):
     assert one_error_line(capsys) == f"error: checkpoint not found: {missing}"
 
 
-def test_evaluate_refuses_another_graph_than_the_checkpoints(tiny, capsys):
+def test_evaluate_refuses_a_checkpoint_of_other_labels_or_graph(tiny, capsys):
     """k and groups change no tensor shape: a config with other values would load the weights and
     silently evaluate another graph."""
     assert run_script("evaluate", tiny["config"], "--checkpoint", tiny["ckpt"], "--set", "model.groups=1") == 2
     line = one_error_line(capsys)
     assert "was trained with model.groups=2, the config has model.groups=1" in line, line
     assert line.endswith("--set model.groups=2")
+    # Labels of another name or order: every row of the results would be mislabelled.
+    renamed = tiny["tmp"] / "renamed.pth"
+    torch.save({**torch.load(tiny["ckpt"], weights_only=True), "class_names": ["cat", "bird", "dog"]}, renamed)
+    assert run_script("evaluate", tiny["config"], "--checkpoint", renamed) == 2
+    line = one_error_line(capsys)
+    assert "was trained on the labels ['cat', 'bird', 'dog'], the evaluation split has ['bird', 'cat', 'dog']" in line
     other = tiny["tmp"] / "groups1.yaml"
     other.write_text(tiny["config"].read_text().replace("k: 3,", "k: 3, groups: 1,"))
     assert run_script("predict", "--checkpoint", tiny["ckpt"], "--config", other, tiny["image"]) == 2

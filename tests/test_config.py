@@ -297,6 +297,15 @@ def test_init_from_drops_only_the_head(tmp_path):
     assert sorted(report["dropped_head"]) == sorted(heads)
     assert sorted(report["missing"]) == sorted(heads)
 
+    # Pyramid ViG's classifier is head_patch.4: reset for other labels, of another count or the same count.
+    pvig = ["model.name=pvig_ti", "model.img_size=64", "model.k=4"]
+    torch.save({"model": build_model(load_config(None, pvig), ["cat", "dog", "eel"]).state_dict(),
+                "class_names": ["cat", "dog", "eel"]}, tmp_path / "pvig3.pth")  # fmt: skip
+    for labels in (["a", "b"], ["xx", "yy", "zz"]):
+        pvig_model = build_model(load_config(None, pvig), labels, load_weights=False)
+        report = init_from_checkpoint(pvig_model, tmp_path / "pvig3.pth", verbose=False)
+        assert sorted(report["dropped_head"]) == ["head_patch.4.bias", "head_patch.4.weight"], labels
+
     # Any other mismatch is an error: groups 1 vs 2 changes no shape, a
     # wider variant does.
     other = load_config(None, ["model.name=gkgnet_s", "model.img_size=33", "model.k=3"])

@@ -77,6 +77,7 @@ def test_onnx_export_matches_pytorch(checkpoint, exported):
     assert "onnxruntime vs PyTorch float64 with the ONNX graph's neighbours on 5 images" in printed
     assert "top-3 labels differ on 0 images" in printed
     assert "PyTorch float32 vs float64" in printed
+    assert "opset 18" in printed and [(o.domain, o.version) for o in onnx.load(str(out)).opset_import][0][1] == 18
 
     # The file on its own: metadata, input and outputs, against the PyTorch model with the
     # package's own preprocessing (normalisation outside, as training and predict.py do).
@@ -238,3 +239,9 @@ def test_torch_export_takes_any_batch_size():
             torch.testing.assert_close(model(x), want, rtol=0, atol=0)
     finally:
         knn_module.DENSE_BLOCK_ELEMENTS = original
+
+
+def test_an_opset_the_exporter_would_raise_is_refused():
+    """torch.onnx's exporter writes opset 18 at least: --opset 9 would silently become 18."""
+    with pytest.raises(ValueError, match="--opset must be 18 or later"):
+        load_script("export").parse_args(["--checkpoint", "c.pth", "--output", "m.onnx", "--opset", "9"])

@@ -137,6 +137,10 @@ def test_script_runs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert script.main(["--variants", "edgeconv,nope"]) == 2  # one line, argparse's exit status
     assert capsys.readouterr().err.startswith("error: unknown variant(s) ['nope']")
+    for bad, message in ((["--per-class", "0"], "--per-class and --test-per-class must be positive"),
+                         (["--noise", "-1"], "--noise must be >= 0"), (["--lr", "nan"], "--lr > 0")):  # fmt: skip
+        assert script.main(bad) == 2
+        assert message in capsys.readouterr().err
 
 
 def write_modelnet(root):

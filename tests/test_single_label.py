@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from gkg_pyg.config import DEFAULTS
 from gkg_pyg.data.single_label import (
     SYNTHETIC_SHAPES,
     CIFARDataset,
@@ -19,6 +20,7 @@ from gkg_pyg.data.single_label import (
     collate_single_label,
     ensure_synthetic_shapes,
     make_synthetic_shapes,
+    single_label_transform,
 )
 from gkg_pyg.single_label import (
     MixupCutmix,
@@ -219,3 +221,21 @@ def test_groups_experiment_script_runs(tmp_path):
     for r in rows:
         assert len(r["top1"]) == 2 and all(0 <= a <= 100 for a in r["top1"]) and r["seconds_per_epoch"] > 0
     assert (tmp_path / "out.json").is_file() and (tmp_path / "shapes" / "val").is_dir()
+
+
+def test_tied_scores_rank_by_class_index_in_every_metric():
+    """All-tied scores (the majority baseline of a balanced split): top-1 and the confusion
+    matrix both take the first class (torch.topk took another)."""
+    scores, target = torch.zeros(4, 12), torch.tensor([0, 0, 0, 5])
+    assert topk_accuracy(scores, target, 1) == 75.0
+    metrics = single_label_metrics(scores, target)
+    assert metrics["top1"] == 75.0 and metrics["confusion"][0, 0] == 3
+    assert topk_accuracy(scores, target, 5) == 75.0 and topk_accuracy(scores, target, 6) == 100.0
+
+
+def test_unknown_auto_augment_policy_is_a_config_error():
+    options = dict(DEFAULTS["single_label"], auto_augment="bogus")
+    with pytest.raises(ValueError, match=r"single_label.auto_augment: timm cannot build the policy 'bogus'"):
+        single_label_transform(64, True, (0.5,) * 3, (0.5,) * 3, options)
+    options["auto_augment"] = "rand-m9-mstd0.5-inc1"
+    assert single_label_transform(64, True, (0.5,) * 3, (0.5,) * 3, options) is not None

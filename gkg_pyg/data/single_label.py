@@ -306,21 +306,29 @@ def single_label_transform(
             std=tuple(std),
             crop_pct=options["eval_crop_pct"],
         )
-    return create_transform(
-        img_size,
-        is_training=True,
-        scale=tuple(options["crop_scale"]),
-        ratio=tuple(options["crop_ratio"]),
-        hflip=options["hflip"],
-        vflip=0.0,
-        color_jitter=options["color_jitter"],
-        auto_augment=options["auto_augment"],
-        interpolation="bicubic",
-        mean=tuple(mean),
-        std=tuple(std),
-        re_prob=options["random_erasing"],
-        re_mode="pixel",
-    )
+    try:
+        return create_transform(
+            img_size,
+            is_training=True,
+            scale=tuple(options["crop_scale"]),
+            ratio=tuple(options["crop_ratio"]),
+            hflip=options["hflip"],
+            vflip=0.0,
+            color_jitter=options["color_jitter"],
+            auto_augment=options["auto_augment"],
+            interpolation="bicubic",
+            mean=tuple(mean),
+            std=tuple(std),
+            re_prob=options["random_erasing"],
+            re_mode="pixel",
+        )
+    except (AssertionError, KeyError, ValueError) as err:  # timm asserts on a policy string it cannot parse
+        if not options["auto_augment"]:
+            raise
+        raise ConfigError(
+            f"single_label.auto_augment: timm cannot build the policy {options['auto_augment']!r} ({err}); "
+            "for example rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original"
+        ) from None
 
 
 def single_label_dataset(data: dict, role: str, transform: Optional[Callable] = None) -> SingleLabelDataset:

@@ -519,8 +519,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: PyramidViG, sourc
     ``backbone.{j}.0.relative_pos`` (recomputed, never read), ``prediction.*``.
     """
     out = filter_checkpoint(state_dict, model, source)
-    if out["source"] != "pyramid_vig":
-        return out
+    if out["source"] == "pyramid_vig":
+        _take_prediction_head(state_dict, model, out)
+    last = out["state_dict"].get("head_patch.4.weight")  # the classifier (GKGNet's is head_patch.weight)
+    out["num_classes"] = None if last is None else int(last.shape[0])
+    return out
+
+
+def _take_prediction_head(state_dict: Dict[str, Tensor], model: PyramidViG, out: dict) -> None:
+    """The authors' ``prediction.*`` head into ``out`` as ``head_patch.*``."""
     for key, target in model.state_dict().items():
         if not key.startswith("head_patch."):
             continue
@@ -532,9 +539,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: PyramidViG, sourc
             out["state_dict"][key], out["names"][key] = tensor, theirs
     out["skipped"] = [k for k in out["skipped"] if not k.startswith("prediction.")]
     out["absent"] = [k for k in out["absent"] if not k.startswith("head_patch.")]
-    last = state_dict.get("prediction.4.weight")
-    out["num_classes"] = None if last is None else int(last.shape[0])
-    return out
 
 
 for _variant in VARIANTS:
