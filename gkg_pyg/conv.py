@@ -10,7 +10,7 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import is_sparse, to_edge_index
 
-from .knn import group_knn
+from .knn import _has_no_data, group_knn
 from .ops.linear import grouped_linear
 from .ops.aggregate import interleaved, max_relative
 from .ops.fused import autocasting, batchnorm_gelu, fusable
@@ -293,15 +293,18 @@ class GroupMaxRelConv(MessagePassing):
             )
 
     def _check_table(self, neighbors: Tensor, n_src: int, n_dst: int, check_range: bool) -> None:
-        """The table's shape and dtype; with ``check_neighbors`` (and not under
-        ``torch.compile``) its range: a ``ValueError`` naming the first index
-        outside ``0 .. n_src - 1`` and its group."""
+        """The table's shape and dtype; with ``check_neighbors`` (not under
+        ``torch.compile``, nor on fake or meta tensors, which hold no values) its
+        range: a ``ValueError`` naming the first index outside ``0 .. n_src - 1``
+        and its group."""
         g = self.groups
         if neighbors.dim() != 3 or neighbors.shape[:2] != (g, n_dst) or neighbors.shape[2] < 1:
             raise ValueError(f"neighbors must be ({g}, {n_dst}, k) with k >= 1, got {tuple(neighbors.shape)}")
         if neighbors.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"neighbors must hold int64 (or int32) source indices, got {neighbors.dtype}")
         if not (check_range and self.check_neighbors) or neighbors.numel() == 0 or torch.compiler.is_compiling():
+            return
+        if _has_no_data(neighbors):
             return
         low, high = torch.stack(torch.aminmax(neighbors)).tolist()  # one read back to the host
         if low >= 0 and high < n_src:
@@ -337,7 +340,7 @@ class GroupMaxRelConv(MessagePassing):
         shape = tuple(edge_index.shape)
         if edge_index.dim() not in (2, 3) or shape[-2] != 2 or (edge_index.dim() == 3 and shape[0] != g):
             raise ValueError(f"edge_index must be ({g}, 2, E) or (2, E), got {shape}")
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not _has_no_data(edge_index):  # fake or meta: no values to read
             _check_edge_range(edge_index, n_src, n_dst)
         return edge_index.unsqueeze(0).expand(g, -1, -1) if edge_index.dim() == 2 else edge_index
 

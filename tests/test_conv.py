@@ -604,6 +604,22 @@ def test_user_mistakes_raise_clear_errors():
         assert conv(torch.randn(5, 8, dtype=torch.bfloat16), edges).shape == (5, 16)
 
 
+def test_the_conv_runs_on_fake_and_meta_tensors():
+    """The range checks of neighbors / edge_index read values, which fake and meta tensors lack:
+    they are skipped there (the default check_neighbors=True), as under torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), torch.device("cuda"):
+        conv = GroupMaxRelConv(64, 64, groups=2)
+        out = conv(torch.randn(300, 64), neighbors=torch.randint(0, 300, (2, 300, 9)))
+        assert out.shape == (300, 64) and out.device.type == "cuda"
+        assert conv(torch.randn(300, 64), torch.randint(0, 300, (2, 2, 900))).shape == (300, 64)
+    with torch.device("meta"):
+        conv = GroupMaxRelConv(64, 64, groups=2)
+        assert conv(torch.randn(300, 64), neighbors=torch.randint(0, 300, (2, 300, 9))).is_meta
+        assert conv(torch.randn(300, 64), torch.randint(0, 300, (2, 900))).shape == (300, 64)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_one_destination_in_training_is_refused_as_batch_norm_refuses_it(grad):
     """BatchNorm in training has no variance from one value per channel: the conv raises

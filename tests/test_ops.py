@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch.library import opcheck
 from torch.profiler import profile
 
+import gkg_pyg
 import gkg_pyg.ops as ops
 from gkg_pyg import GroupMaxRelConv
 from gkg_pyg.ops import _native
+from gkg_pyg.ops.cluster import torch_cluster
 
 # The oneDNN routing and the kernels' threading are what these tests are about (conftest.py).
 pytestmark = pytest.mark.usefixtures("two_threads")
@@ -896,6 +898,33 @@ def test_plain_decompositions_equal_the_operators():
     grad_out = torch.randn(20, 16, generator=gen(4), dtype=torch.float64)
     op = torch.ops.gkg_pyg.max_relative_backward.default
     assert torch.equal(table[op](grad_out, neighbors, rank, 30), op(grad_out, neighbors, rank, 30))
+
+
+@pytest.mark.skipif(torch_cluster is None, reason="torch-cluster is not installed")
+def test_a_torch_cluster_model_decomposes_to_plain_aten():
+    """gkg_pyg::cluster_knn decomposes too (the set of nearest sources, ascending, from products and
+    topk): the torch-cluster backend's group kNN (a model's, with a position term) exports to ATen
+    only, with the same neighbours."""
+    op = torch.ops.gkg_pyg.cluster_knn.default
+    sources, queries = torch.randn(3, 50, 7, generator=gen(5)), torch.randn(3, 20, 7, generator=gen(6))
+    assert torch.equal(ops.plain_decompositions()[op](sources, queries, 6), op(sources, queries, 6))
+
+    class GroupKNN(torch.nn.Module):
+        def forward(self, x_src, x_dst, u, v):  # (B, 40, 8), (B, 30, 8), position factors (30, 3), (40, 3)
+            return gkg_pyg.batched_group_knn(x_src, x_dst, 4, 2, position_bias=(u, v), backend="torch_cluster")
+
+    args = (torch.randn(2, 40, 8, generator=gen(7)), torch.randn(2, 30, 8, generator=gen(8)))
+    args += (torch.randn(30, 3, generator=gen(9), dtype=torch.float64),)
+    args += (torch.randn(40, 3, generator=gen(10), dtype=torch.float64),)
+    program = torch.export.export(GroupKNN(), args)
+    plain = program.run_decompositions(ops.plain_decompositions())
+
+    def targets(p):  # the kNN runs without autograd: in a submodule of the graph
+        return {str(n.target) for m in p.graph_module.modules() for n in m.graph.nodes if n.op == "call_function"}
+
+    assert "gkg_pyg.cluster_knn.default" in targets(program)
+    assert not [t for t in targets(plain) if "gkg_pyg" in t]
+    assert torch.equal(plain.module()(*args), GroupKNN()(*args))
 
 
 @pytest.mark.parametrize("groups", [1, 4])

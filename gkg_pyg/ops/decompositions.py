@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cluster  # noqa: F401  (registers gkg_pyg::cluster_knn)
 from .aggregate import _max_relative_backward_pytorch, _no_rank, interleaved
 from .fused import _stat_dtype
 from .knn import DENSE_BLOCK_ELEMENTS
@@ -82,6 +83,16 @@ def _knn_smallest_k(dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bi
     return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
 
 
+def _cluster_knn(sources: Tensor, queries: Tensor, k: int) -> Tensor:
+    """``gkg_pyg::cluster_knn`` without torch-cluster: the ``k`` nearest sources by
+    squared distance from blocked products (:func:`_knn_smallest_k`), in ascending
+    index order as the operator returns them.  Sources whose distances tie at the
+    ``k``-th place, or lie within rounding of it, may be chosen otherwise."""
+    sq = lambda t: (t * t).sum(-1).unsqueeze(0)  # noqa: E731
+    nearest = _knn_smallest_k(queries.unsqueeze(0), sources.unsqueeze(0), sq(queries), sq(sources), None, k)[0]
+    return nearest.sort(dim=-1).values
+
+
 def _bn_gelu_linear(h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training, momentum, eps):
     """``gkg_pyg::bn_gelu_linear`` (with or without its linear map) with ATen's functional
     BatchNorm variants (the same kernels as ``native_batch_norm``) and an out-of-place GELU."""
@@ -122,4 +133,5 @@ def plain_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
         torch.ops.gkg_pyg.bn_gelu_linear.default: _bn_gelu_linear,
         torch.ops.gkg_pyg.onednn_linear.default: _plain_grouped_linear,
         torch.ops.gkg_pyg.batch_norm.default: batch_norm_with_statistics,
+        torch.ops.gkg_pyg.cluster_knn.default: _cluster_knn,
     }
