@@ -302,9 +302,8 @@ class GroupMaxRelConv(MessagePassing):
             raise ValueError(f"neighbors must be ({g}, {n_dst}, k) with k >= 1, got {tuple(neighbors.shape)}")
         if neighbors.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"neighbors must hold int64 (or int32) source indices, got {neighbors.dtype}")
-        if not (check_range and self.check_neighbors) or neighbors.numel() == 0 or torch.compiler.is_compiling():
-            return
-        if _has_no_data(neighbors):
+        skip = not (check_range and self.check_neighbors) or neighbors.numel() == 0 or torch.compiler.is_compiling()
+        if skip or _has_no_data(neighbors):  # fake or meta tensors: no values to read
             return
         low, high = torch.stack(torch.aminmax(neighbors)).tolist()  # one read back to the host
         if low >= 0 and high < n_src:

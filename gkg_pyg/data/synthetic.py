@@ -89,7 +89,6 @@ UNIT_AREA = {
     "stripes": 2.0,
     "checker": 2.0,
 }
-MIN_IMAGE_SIZE = SYNTHETIC_MIN_IMAGE_SIZE
 CHUNK = 50  # images per worker task
 
 
@@ -450,8 +449,8 @@ def _locked(root: Path) -> Iterator[None]:
 def _check_args(num_train: int, num_val: int, image_size: int) -> None:
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train ({num_train}) and num_val ({num_val}) must be >= 1")
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+    if image_size < SYNTHETIC_MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {SYNTHETIC_MIN_IMAGE_SIZE}, got {image_size}")
 
 
 def _generate(root: Path, params: dict, progress: bool, workers: int | None) -> None:

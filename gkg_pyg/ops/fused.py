@@ -47,6 +47,12 @@ def autocasting(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def refuse_one_value_per_channel(x: Tensor, channels: int) -> None:
+    """F.batch_norm's check before batch statistics: one value per channel has no variance."""
+    if channels and x.numel() == channels:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
 def _stat_dtype(h: Tensor, bn_weight: Tensor) -> torch.dtype:
     """The dtype of ATen's batch statistics: float32 for half-precision ``h`` on CUDA
     or with float32 BatchNorm parameters, else ``h``'s."""
@@ -442,8 +448,8 @@ def bn_gelu_linear(
     batch_stats = training or running_mean is None
     if batch_stats and running_mean is not None and momentum is None:
         raise ValueError("bn_gelu_linear needs a float momentum to update the running statistics")
-    if batch_stats and c and h.numel() == c:  # F.batch_norm's check: one value per channel has no variance
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(h.shape)}")
+    if batch_stats:
+        refuse_one_value_per_channel(h, c)
     device_type = h.device.type
     if weight is not None and autocasting(device_type) and weight.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)  # F.linear's dtype under autocast

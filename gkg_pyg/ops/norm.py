@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import no_second_derivative
-from .fused import _no_output, _stat_dtype
+from .fused import _no_output, _stat_dtype, refuse_one_value_per_channel
 
 __all__ = ["batch_norm", "opaque_batch_norm", "batch_norm_with_statistics"]
 
@@ -109,8 +109,7 @@ def batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
     """``bn(x)`` over dimension 1 of ``x`` as the operator ``gkg_pyg::batch_norm``,
     counting ``num_batches_tracked`` and updating the running statistics as the
     module does (check :func:`opaque_batch_norm` first)."""
-    if x.shape[1] and x.numel() == x.shape[1]:  # F.batch_norm's check: one value per channel has no variance
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    refuse_one_value_per_channel(x, x.shape[1])
     momentum = 0.0
     if bn.running_mean is not None:
         bn.num_batches_tracked.add_(1)
