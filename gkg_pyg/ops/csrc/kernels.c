@@ -525,11 +525,17 @@ static inline vfw loadw(const float *p) { vfw v; memcpy(&v, p, sizeof v); return
  * GELU and its backward to a few units in the last place, not bit for bit: this backs a backward pass
  * only, whose recomputed z differs in rounding from the forward pass's anyway. Each value is computed
  * by the same vector code wherever it lies (a row's last c % GW channels go through a padded vector). */
-static inline vfw expw(vfw x) {
-    x = selectw(x < bcastw(-87.0f), bcastw(-87.0f), x); /* keeps 2^n normal; exp(-87) = 1.6e-38 */
-    x = selectw(x > bcastw(88.0f), bcastw(88.0f), x);
+/* exp(x) for x <= 0 (here -z^2 / 2; a NaN stays NaN). */
+static inline vfw exp_nonpositive(vfw x) {
+    const vfw lo = bcastw(-87.0f); /* keeps 2^n normal; exp(-87) = 1.6e-38 */
+#if GW == 16
+    x = (vfw)_mm512_max_ps((__m512)lo, (__m512)x);
+    vfw n = (vfw)_mm512_roundscale_ps((__m512)(x * bcastw(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+#else
+    x = selectw(x < lo, lo, x);
     const vfw magic = bcastw(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     vfw n = (x * bcastw(1.44269504088896341f) + magic) - magic;
+#endif
     vfw r = fmaw(n, bcastw(-0.693359375f), x);
     r = fmaw(n, bcastw(2.12194440e-4f), r);
     vfw p = bcastw(1.9875691500e-4f);
@@ -539,24 +545,29 @@ static inline vfw expw(vfw x) {
     p = fmaw(p, r, bcastw(1.6666665459e-1f));
     p = fmaw(p, r, bcastw(5.0000001201e-1f));
     p = fmaw(p, r * r, r) + bcastw(1.0f);
+#if GW == 16
+    return (vfw)_mm512_scalef_ps((__m512)p, (__m512)n); /* p 2^n */
+#else
     viw bits = (__builtin_convertvector(n, viw) + 127) << 23;
     return p * (vfw)bits;
+#endif
 }
 
-/* GELU(z) into *gelu and GELU'(z) into *grad (either may be NULL). */
+/* GELU(z) into *gelu and GELU'(z) into *grad (either may be NULL). The sign of erf is applied as a
+ * sign bit (erf is odd), which rounds as ATen's select does. */
 static inline void geluw(vfw z, vfw *gelu, vfw *grad) {
+    const viw sign_bit = (viw)bcastw(-0.0f);
     vfw u = z * bcastw(0.70710678118654752f);
-    vfw e = expw(-(u * u)); /* exp(-z^2 / 2) */
-    viw neg = u < bcastw(0.0f);
-    vfw au = selectw(neg, -u, u);
+    vfw e = exp_nonpositive(-(u * u)); /* exp(-z^2 / 2) */
+    vfw au = (vfw)((viw)u & ~sign_bit);
     vfw t = bcastw(1.0f) / fmaw(au, bcastw(0.3275911f), bcastw(1.0f));
     vfw r = bcastw(1.061405429f);
     r = fmaw(r, t, bcastw(-1.453152027f));
     r = fmaw(r, t, bcastw(1.421413741f));
     r = fmaw(r, t, bcastw(-0.284496736f));
     r = fmaw(r, t, bcastw(0.254829592f));
-    vfw erf_abs = bcastw(1.0f) - r * t * e;
-    vfw cdf = bcastw(0.5f) * (bcastw(1.0f) + selectw(neg, -erf_abs, erf_abs));
+    vfw erf = (vfw)((viw)(bcastw(1.0f) - r * t * e) ^ ((viw)u & sign_bit));
+    vfw cdf = bcastw(0.5f) * (bcastw(1.0f) + erf);
     if (gelu) *gelu = z * cdf;
     if (grad) *grad = fmaw(z * bcastw(0.39894228040143268f), e, cdf); /* pdf(z) = e / sqrt(2 pi) */
 }
