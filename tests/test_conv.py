@@ -458,6 +458,47 @@ def test_linear_weight_grad_matches_float64_product(rows, out_channels, in_chann
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize(
+    "rows, out_channels, in_channels, onednn",
+    [
+        (1568, 400, 1600, True),
+        (256, 512, 512, True),
+        (255, 512, 512, False),
+        (640, 80, 320, False),
+        (300, 30, 7, False),
+    ],
+)
+def test_linear_input_grad_matches_float64_product(rows, out_channels, in_channels, onednn):
+    """``linear_input_grad`` against the float64 ``grad_out @ weight`` on both
+    sides of its oneDNN bounds (at least 256 rows and 2^26 multiply-adds): the
+    values to float32 rounding, a contiguous ``(M, in)`` result, MKL's product
+    written into the given buffer, oneDNN's convolution backward run exactly
+    where the bounds say (seen by the profiler), never with one thread or in
+    float64."""
+    from torch.profiler import profile
+
+    from gkg_pyg.ops.linear import linear_input_grad
+
+    torch.manual_seed(0)
+    grad_out, weight = torch.randn(rows, out_channels), torch.randn(out_channels, in_channels)
+    expect = grad_out.double() @ weight.double()
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, dtype in ((2, torch.float32), (1, torch.float32), (2, torch.float64)):
+            torch.set_num_threads(n_threads)
+            out = torch.full((rows, in_channels), float("nan"), dtype=dtype)
+            with profile() as prof:
+                got = linear_input_grad(grad_out.to(dtype), weight.to(dtype), out)
+            ran_onednn = any(e.key == "aten::convolution_backward" for e in prof.key_averages())
+            takes_onednn = onednn and n_threads == 2 and dtype == torch.float32
+            assert ran_onednn == (takes_onednn and torch.backends.mkldnn.is_available())
+            assert got.shape == (rows, in_channels) and got.is_contiguous() and got.dtype == dtype
+            assert ran_onednn or got.data_ptr() == out.data_ptr()
+            torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("act,norm", [("gelu", "batch"), ("relu", "batch"), (None, "batch"), ("gelu", None)])
 @pytest.mark.parametrize("grad", [False, True])
 def test_eval_fold_equals_the_modules(act, norm, grad):

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _native
 from ._autograd import no_second_derivative
-from .linear import grouped_linear, linear_weight_grad
+from .linear import grouped_linear, linear_input_grad, linear_weight_grad
 
 __all__ = ["bn_gelu_linear", "fusable", "batchnorm_gelu"]
 
@@ -227,8 +227,9 @@ def _backward_kernels(
 
     ``BN(h) = (h - mean) * invstd * bn_weight + bn_bias = h * alpha + beta``.  With
     a ``weight``, first ``a = GELU(BN(h))`` for ``grad_weight = grad_out^T a``, then
-    ``grad_out @ weight`` into the same buffer (one hidden-width temporary);
-    then :func:`_input_grad_kernels`.
+    ``grad_out @ weight`` (:func:`~gkg_pyg.ops.linear.linear_input_grad`: into the
+    same buffer, or from oneDNN into a new one: two hidden-width temporaries for
+    a moment); then :func:`_input_grad_kernels`.
     """
     library = _kernels(h, grad_out, mean, invstd, bn_weight, bn_bias, weight)
     if library is None:
@@ -247,7 +248,7 @@ def _backward_kernels(
         threads = _native.threads(h.numel())
         library.gkg_bn_gelu(h.data_ptr(), n, c, alpha.data_ptr(), beta.data_ptr(), grad.data_ptr(), threads)
         grad_weight = linear_weight_grad(grad_out, grad)
-        grad_in = grad = torch.mm(grad_out, weight, out=grad)
+        grad_in = grad = linear_input_grad(grad_out, weight, out=grad)
     grads = _input_grad_kernels(library, grad_in, grad, h, mean, invstd, alpha, beta, training)
     return None if grads is None else (*grads, grad_weight)
 
