@@ -20,8 +20,9 @@ fake implementations give shapes, dtypes and devices for any device, so
 ``torch.compile`` keeps each operator as one opaque call whose real kernel
 runs, ``torch.export`` records it, and the profiler and dispatch modes see it
 by name (FLOP counters count the products of the kNN and of
-``bn_gelu_linear``).  :func:`grouped_linear` and :func:`linear_weight_grad` are
-ATen calls that route large float32 CPU maps to oneDNN (a grouped map with
+``bn_gelu_linear``).  :func:`grouped_linear`, :func:`linear_weight_grad` and
+:func:`linear_input_grad` are ATen calls that route large float32 CPU maps
+and their gradients to oneDNN where it measured faster (a grouped map with
 gradients through ``gkg_pyg::onednn_linear``, whose backward pass runs MKL's
 products);
 :func:`plain_decompositions` turns the operators of an exported program back
@@ -36,7 +37,7 @@ outside itself.
 from ._native import native_available
 from .fused import bn_gelu_linear
 from .knn import knn_smallest_k, smallest_k
-from .linear import grouped_linear, linear_weight_grad
+from .linear import grouped_linear, linear_input_grad, linear_weight_grad
 from .aggregate import max_relative
 from .decompositions import plain_decompositions
 
@@ -47,6 +48,7 @@ __all__ = [
     "bn_gelu_linear",
     "grouped_linear",
     "linear_weight_grad",
+    "linear_input_grad",
     "native_available",
     "plain_decompositions",
 ]
