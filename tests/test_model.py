@@ -287,6 +287,32 @@ def test_models_build_and_run_on_fake_cuda_tensors(name, backend):
         assert all(p.grad is not None and p.grad.device.type == "cuda" for p in model.stages[0].parameters())
 
 
+def test_image_convolutions_keep_channels_last_weights():
+    """The stem's and the downsampling's 3x3 convolutions store their weights
+    (and so receive their gradients) in the channels-last layout of the images
+    they see, so that a training step copies neither; the state dict holds the
+    parameters themselves (as ``nn.Conv2d``'s does), and loading one, saved
+    contiguous or not, keeps the layout."""
+    channels_last = torch.channels_last
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model("pvig_ti", num_classes=5, img_size=96).train()
+    convs = [model.stem.convs[0], model.stem.convs[3], model.stem.convs[6]]
+    convs += [stage.downsample[0] for stage in model.stages if stage.downsample is not None]
+    assert len(convs) == 6
+    model(torch.randn(2, 3, 96, 96)).sum().backward()
+    state = model.state_dict()
+    for conv in convs:
+        assert conv.weight.is_contiguous(memory_format=channels_last) and not conv.weight.is_contiguous()
+        assert conv.weight.grad.stride() == conv.weight.stride()
+    names = {id(m): n for n, m in model.named_modules()}
+    for conv in convs:
+        assert state[names[id(conv)] + ".weight"].data_ptr() == conv.weight.data_ptr()
+    other = gkg_pyg.create_model("pvig_ti", num_classes=5, img_size=96)
+    other.load_state_dict({k: v.contiguous() for k, v in state.items()})
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), state.values()))
+    assert other.stem.convs[0].weight.is_contiguous(memory_format=channels_last)
+
+
 @pytest.mark.parametrize("name", ["gkgnet_ti", "pvig_ti"])
 def test_models_run_on_the_meta_device(name):
     """A model built under ``torch.device("meta")`` runs forward and backward there

@@ -162,16 +162,19 @@ class PatchGraph(NamedTuple):
     sources: Tensor  # (B, N_src, C) pooled y
 
 
-def image_conv(*args, **kwargs) -> nn.Conv2d:
+class ImageConv(nn.Conv2d):
     """An ``nn.Conv2d`` whose weight is stored channels-last, the layout of the
     images it sees (the stem's input is made channels-last, and a stage's
     ``(B, N, C)`` nodes are one as an image): with a contiguous weight every
     training step copied each weight to that layout and its gradient back
-    (GKGNet-S at 224 px: 9 ms of copies).  The values, the state dict's keys and
-    shapes are ``nn.Conv2d``'s."""
-    conv = nn.Conv2d(*args, **kwargs)
-    conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
-    return conv
+    (GKGNet-S at 224 px: 9 ms of copies).  Keys, shapes and values are
+    ``nn.Conv2d``'s; the state dict's weight is the parameter itself, so it is
+    channels-last too (``.contiguous()`` it for a format that needs that,
+    such as ``safetensors``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight = nn.Parameter(self.weight.detach().contiguous(memory_format=torch.channels_last))
 
 
 class Stage(nn.Module):
@@ -198,7 +201,7 @@ class Stage(nn.Module):
         self.downsample = (
             None
             if not downsample
-            else nn.Sequential(image_conv(cin, channels, 3, stride=2, padding=1), ImageBatchNorm(channels))
+            else nn.Sequential(ImageConv(cin, channels, 3, stride=2, padding=1), ImageBatchNorm(channels))
         )
         self.blocks = nn.ModuleList(
             nn.ModuleDict(dict(grapher=Grapher(channels, groups, dp), ffn=FFN(channels, dp))) for dp in drop_paths
@@ -329,13 +332,13 @@ class PyramidViGBackbone(nn.Module):
         c0 = chans[0]
         self.stem = nn.Module()
         self.stem.convs = nn.Sequential(
-            image_conv(3, c0 // 2, 3, stride=2, padding=1),
+            ImageConv(3, c0 // 2, 3, stride=2, padding=1),
             ImageBatchNorm(c0 // 2),
             nn.GELU(),
-            image_conv(c0 // 2, c0, 3, stride=2, padding=1),
+            ImageConv(c0 // 2, c0, 3, stride=2, padding=1),
             ImageBatchNorm(c0),
             nn.GELU(),
-            image_conv(c0, c0, 3, stride=1, padding=1),
+            ImageConv(c0, c0, 3, stride=1, padding=1),
             ImageBatchNorm(c0),
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, c0, *grids[0]))
