@@ -42,6 +42,26 @@ def _as_image(t: Tensor, channels: int) -> Tensor:
     return t.reshape(1, m // w, w, channels).permute(0, 3, 1, 2)
 
 
+def _conv1x1_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, output_mask: List[bool]
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(grad_x, grad_weight, grad_bias)`` of the map ``x @ weight^T`` on ``(M, in)``
+    rows (an ``(out, in)`` weight), from oneDNN's 1x1 convolution backward over
+    channels-last views of the rows (``x`` is read only for the weight gradient):
+    contiguous ``(M, in)`` and ``(out, in)`` results, ``None`` where ``output_mask``
+    leaves one out."""
+    n, k = weight.shape
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        _as_image(grad_out, n), _as_image(x, k), weight.reshape(n, k, 1, 1), [n],
+        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, output_mask,
+    )  # fmt: skip
+    return (
+        grad_x.permute(0, 2, 3, 1).reshape(-1, k).contiguous() if output_mask[0] else None,
+        grad_weight.reshape(n, k).contiguous() if output_mask[1] else None,
+        grad_bias if output_mask[2] else None,
+    )
+
+
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
     """:func:`grouped_linear` as a oneDNN 1x1 convolution over a channels-last view of the rows (no copy)."""
     if x.numel() == 0:  # a convolution refuses an empty image
@@ -73,15 +93,11 @@ def _onednn_linear_backward_op(
     output left out by ``output_mask`` is empty."""
     if groups > 1 or x.numel() == 0:
         return _grouped_linear_backward(grad_out, x, weight, groups, output_mask)
-    n = weight.shape[0]
-    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        _as_image(grad_out, n), _as_image(x, x.shape[-1]), weight.reshape(n, weight.shape[1], 1, 1), [n],
-        [1, 1], [0, 0], [1, 1], False, [0, 0], groups, output_mask,
-    )  # fmt: skip
+    grad_x, grad_weight, grad_bias = _conv1x1_backward(grad_out, x, weight, output_mask)
     empty = x.new_empty(0)
     return (
-        grad_x.permute(0, 2, 3, 1).reshape(x.shape).contiguous() if output_mask[0] else empty,
-        grad_weight.reshape(weight.shape).contiguous() if output_mask[1] else empty.clone(),
+        grad_x.view(x.shape) if output_mask[0] else empty,
+        grad_weight if output_mask[1] else empty.clone(),
         grad_bias if output_mask[2] else empty.clone(),
     )
 
@@ -264,12 +280,8 @@ def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     in_channels = x.shape[1]
     min_rows, max_outputs = _ONEDNN_WEIGHT_GRAD
     if rows >= min_rows and out_channels <= max_outputs and grad_out.dtype == torch.float32 and _onednn_usable(x):
-        weight = grad_out.new_empty(out_channels, in_channels, 1, 1)  # its sizes only: never read
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            _as_image(grad_out, out_channels), _as_image(x, in_channels), weight, None, [1, 1], [0, 0], [1, 1],
-            False, [0, 0], 1, [False, True, False],
-        )  # fmt: skip
-        return grad_weight.view(out_channels, in_channels)
+        weight = grad_out.new_empty(out_channels, in_channels)  # its sizes only: never read
+        return _conv1x1_backward(grad_out, x, weight, [False, True, False])[1]
     return grad_out.t() @ x
 
 
@@ -289,15 +301,9 @@ def linear_input_grad(grad_out: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     ``(M, in)`` buffer).  The result is contiguous; the values agree to
     rounding (a different summation order).
     """
-    rows, out_channels = grad_out.shape
-    in_channels = weight.shape[1]
+    rows = grad_out.shape[0]
     min_rows, min_macs = _ONEDNN_INPUT_GRAD
     big = rows >= min_rows and rows * weight.numel() >= min_macs
     if big and weight.dtype == torch.float32 and _onednn_usable(grad_out):
-        grad_x, _, _ = torch.ops.aten.convolution_backward(
-            _as_image(grad_out, out_channels), _as_image(out, in_channels),
-            weight.reshape(out_channels, in_channels, 1, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [True, False, False],
-        )  # fmt: skip
-        return grad_x.permute(0, 2, 3, 1).reshape(rows, in_channels).contiguous()
+        return _conv1x1_backward(grad_out, out, weight, [True, False, False])[0]  # out: its sizes only
     return torch.mm(grad_out, weight, out=out)
