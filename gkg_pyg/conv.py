@@ -121,7 +121,9 @@ class GroupMaxRelConv(MessagePassing):
             against the source count (a ``ValueError`` naming the first bad
             one). Callers that build their tables themselves (the models)
             switch it off. (default: ``True``)
-        **kwargs: arguments of :class:`torch_geometric.nn.conv.MessagePassing`.
+        **kwargs: arguments of :class:`torch_geometric.nn.conv.MessagePassing`
+            (the aggregation is the maximum and messages flow from sources to
+            targets: ``aggr`` and ``flow`` take no other value).
 
     Shapes:
         - **input:** floating-point node features :math:`(|\mathcal{V}|, C)` or
@@ -166,7 +168,10 @@ class GroupMaxRelConv(MessagePassing):
         check_neighbors: bool = True,
         **kwargs,
     ):
-        kwargs.setdefault("aggr", "max")
+        # Both paths (edge_index and the neighbour table) compute max_j x_j - x_i over sources j of target i.
+        for name, only in (("aggr", "max"), ("flow", "source_to_target")):
+            if kwargs.setdefault(name, only) != only:
+                raise ValueError(f"GroupMaxRelConv aggregates with {name}={only!r}; got {name}={kwargs[name]!r}")
         super().__init__(**kwargs)
         if in_channels < 1 or out_channels < 1:
             raise ValueError(

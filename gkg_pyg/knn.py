@@ -295,9 +295,9 @@ def group_knn(
         src, dst = _normalized_groups(x_src.detach()[None], groups), _normalized_groups(x_dst.detach()[None], groups)
         if len(set(sizes_src)) == 1 and len(set(sizes_dst)) == 1:  # one batched problem
             n_src, n_dst = sizes_src[0], sizes_dst[0]
-            table = _knn_table(
-                src.reshape(groups, num_graphs, n_src, -1),
-                dst.reshape(groups, num_graphs, n_dst, -1),
+            table = _knn_table(  # explicit widths: -1 cannot be inferred for a side without nodes
+                src.reshape(groups, num_graphs, n_src, channels // groups),
+                dst.reshape(groups, num_graphs, n_dst, channels // groups),
                 needed,
                 position_bias,
                 backend,
@@ -492,6 +492,8 @@ def _cluster_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[
     n_dst = dst.shape[2]
     dtype = torch.promote_types(src.dtype, torch.float32)
     entries = groups * num_graphs
+    if n_dst == 0 or entries == 0:  # nothing to rank (and no row blocks to step through)
+        return torch.empty(groups, num_graphs, n_dst, needed, dtype=torch.long, device=dst.device)
     src = src.reshape(entries, n_src, c).to(dtype)
     dst = dst.reshape(entries, n_dst, c).to(dtype)
     u = v = None

@@ -276,6 +276,12 @@ def test_invalid_arguments():
         GroupMaxRelConv(8, 16, act="swish")
     with pytest.raises(ValueError, match="unknown norm 'layer'"):
         GroupMaxRelConv(8, 16, norm="layer")
+    # The neighbour-table path is a maximum over sources: MessagePassing's aggr and flow have one value.
+    with pytest.raises(ValueError, match=r"aggregates with aggr='max'; got aggr='mean'"):
+        GroupMaxRelConv(8, 16, aggr="mean")
+    with pytest.raises(ValueError, match=r"flow='source_to_target'; got flow='target_to_source'"):
+        GroupMaxRelConv(8, 16, flow="target_to_source")
+    assert GroupMaxRelConv(8, 16, aggr="max", flow="source_to_target").aggr == "max"
     conv = GroupMaxRelConv(8, 16, groups=2)
     x = torch.randn(5, 8)
     with pytest.raises(ValueError, match=r"expects 8 channels, got 6 \(source\) and 8"):

@@ -615,6 +615,23 @@ def test_cluster_knn_empty():
     assert cluster_knn(sources, queries, 3).shape == (2, 0, 3)
 
 
+def test_graphs_without_destinations_give_empty_edges(backend):
+    """No destination nodes (and no nodes at all): empty edges and tables on both backends,
+    with or without batch vectors; the PyG transform passes an empty graph through."""
+    from torch_geometric.data import Data
+
+    from gkg_pyg.transforms import GroupKNNGraph
+
+    for n_src in (10, 0):
+        edges = group_knn(torch.randn(n_src, 8), torch.randn(0, 8), k=3, groups=2, backend=backend)
+        assert edges.shape == (2, 2, 0) and edges.dtype == torch.long
+    table = batched_group_knn(torch.randn(2, 20, 8), torch.randn(2, 0, 8), k=3, groups=2, backend=backend)
+    assert table.shape == (2, 2, 0, 3)
+    assert batched_group_knn(torch.randn(0, 20, 8), torch.randn(0, 5, 8), 3, 2, backend=backend).shape == (2, 0, 5, 3)
+    graph = GroupKNNGraph(k=3, groups=2, backend=backend)(Data(x=torch.randn(0, 8)))
+    assert graph.group_edge_index.shape == (2, 2, 0)
+
+
 @pytest.mark.parametrize("bias_kind", ["dense", "factored"])
 def test_cluster_bias_coordinates_order_like_the_biased_distance(bias_kind):
     """The appended coordinates: |p - q|^2 - |a - b|^2 + B_ij is the same for all
