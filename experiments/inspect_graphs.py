@@ -46,14 +46,14 @@ import gkg_pyg  # noqa: E402
 from gkg_pyg import inspect as gi  # noqa: E402
 from gkg_pyg.checkpoint import read_checkpoint  # noqa: E402
 from gkg_pyg.builder import build_model  # noqa: E402
-from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, device_argument, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.data import IMAGE_SUFFIXES, class_names_from_config  # noqa: E402
 from gkg_pyg.errors import ConfigError, MissingFileError  # noqa: E402
 
 
 def load_model(
-    config: str, checkpoint: Optional[str], seed: int = 0, device: str = "cpu", overrides: Sequence[str] = ()
+    config: str, checkpoint: Optional[str], seed: int = 0, device="cpu", overrides: Sequence[str] = ()
 ) -> Tuple[torch.nn.Module, Optional[List[str]], str]:
     """The model of ``config`` (through ``gkg_pyg.builder.build_model``), its
     class names (None: ``label_i``) and the figure note.
@@ -128,7 +128,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=200, help="images of --dataset to use")
     p.add_argument("--format", choices=("png", "svg"), default="png", help="figure format")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_argument, default="cpu")
     args = p.parse_args(argv)
     if args.patch and args.stage is None:
         p.error("--patch needs --stage (ROW and COL index that stage's patch grid)")

@@ -52,7 +52,7 @@ if not __package__:  # run as a file (python experiments/predict.py): import gkg
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gkg_pyg.builder import load_trained_model  # noqa: E402
-from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, device_argument, run_cli  # noqa: E402
 from gkg_pyg.config import check_option  # noqa: E402
 from gkg_pyg.errors import MissingFileError, UsageError  # noqa: E402
 from gkg_pyg.data import checkpoint_preprocess, find_images, load_rgb  # noqa: E402
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-delimiter", default="|", help="joins the labels in the CSV output (default |)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (as eval.batch_size)")
     p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in this process)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.topk < 1:
@@ -151,7 +151,7 @@ def predict(model, dataset: ImageFiles, thresholds, class_names, args, single: b
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=keep_all)
     records = []
     bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr)
-    device = torch.device(args.device)
+    device = args.device
     model.to(device)
     k = min(args.topk, len(class_names))
     for batch in loader:

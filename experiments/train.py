@@ -96,40 +96,80 @@ def summary(metrics: dict) -> dict:
     return {k: (None if math.isnan(metrics[k]) else metrics[k]) for k in SUMMARY if k in metrics}
 
 
+# A folder holds a run once the run has written its config there, at its start (a fresh run creates
+# the file exclusively: two runs of one config started together take two folders).
+RUN_CONFIG = "config.yaml"
+
+
+def holds_run(folder: Path) -> bool:
+    return (folder / RUN_CONFIG).exists() or (folder / "checkpoint_last.pth").exists()
+
+
+def numbered_folder(base: Path, number: int) -> Path:
+    """``base``, then ``base-2``, ``base-3``, ..."""
+    return base.with_name(f"{base.name}-{number}") if number > 1 else base
+
+
 def check_run_folder(run_dir: Path, resuming: bool) -> None:
     """Refuse to start a fresh run over an existing one (its files would be lost)."""
-    if not resuming and (run_dir / "checkpoint_last.pth").exists():
+    if not resuming and holds_run(run_dir):
         raise RunExistsError(
-            f"{run_dir} already holds a run (checkpoint_last.pth); continue it with --resume, "
+            f"{run_dir} already holds a run ({RUN_CONFIG}); continue it with --resume, "
             f"or choose another folder (--output or --set name=...)"
         )
 
 
 def choose_run_folder(cfg: dict, output, resume):
-    """The run folder and the checkpoint to resume from (None: a fresh run).
+    """The run folder, the checkpoint to resume from (None: start from scratch)
+    and the numbered folders' base (None unless the folder came from the numbering).
 
     A fresh run without --output takes <output.dir>/<name>, or the first free
-    <name>-2, <name>-3, ... so that running a config again loses nothing;
-    --resume continues the latest of them (the last one taken), --resume PATH
-    PATH's folder (PATH a checkpoint or a run folder)."""
+    <name>-2, <name>-3, ... (free: no run has started there), so that running a
+    config again loses nothing; --resume continues the latest of them (the last
+    one taken), --resume PATH PATH's folder (PATH a checkpoint or a run
+    folder). A run folder without checkpoint_last.pth (a run stopped in its
+    first epoch) is resumed by starting that run over in its folder."""
     if resume and Path(resume).is_dir():
         resume = str(Path(resume) / "checkpoint_last.pth")
+    base = None
     if output:
         run_dir = Path(output)
     elif resume:
         run_dir = Path(resume).parent
     else:
-        base = run_dir = Path(cfg["output"]["dir"]) / cfg["name"]
+        base = Path(cfg["output"]["dir"]) / cfg["name"]
         copy = 1
-        taken = lambda n: (base.with_name(f"{base.name}-{n}") if n > 1 else base) / "checkpoint_last.pth"  # noqa: E731
-        while taken(copy).exists() and (resume is None or taken(copy + 1).exists()):
+        while holds_run(numbered_folder(base, copy)) and (resume is None or holds_run(numbered_folder(base, copy + 1))):
             copy += 1
-        run_dir = taken(copy).parent
+        run_dir = numbered_folder(base, copy)
+        base = base if resume is None else None
     resume_path = None
     if resume is not None:
         resume_path = Path(resume) if resume else run_dir / "checkpoint_last.pth"
-    check_run_folder(run_dir, resume_path is not None)
-    return run_dir, resume_path
+        if resume_path == run_dir / "checkpoint_last.pth" and not resume_path.exists() and holds_run(run_dir):
+            resume_path = None  # stopped before its first checkpoint: nothing to restore
+    check_run_folder(run_dir, resume is not None)
+    return run_dir, resume_path, base
+
+
+def claim_run_folder(run_dir: Path, base) -> Path:
+    """Create ``run_dir``'s config file exclusively (the fresh run's claim on its
+    folder) and return the folder: where another run claimed it since
+    :func:`choose_run_folder`, the next free numbered folder (``base`` given),
+    else a :class:`RunExistsError`."""
+    number = 1
+    while True:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            (run_dir / RUN_CONFIG).open("x").close()
+            return run_dir
+        except FileExistsError:
+            if base is None:
+                check_run_folder(run_dir, resuming=False)
+                raise
+        while holds_run(numbered_folder(base, number)):
+            number += 1
+        run_dir = numbered_folder(base, number)
 
 
 def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
@@ -139,7 +179,7 @@ def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
         cfg["data"]["skip_bad_images"] = True
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
-    run_dir, resume_path = choose_run_folder(cfg, args.output, args.resume)
+    run_dir, resume_path, numbered_base = choose_run_folder(cfg, args.output, args.resume)
 
     train_set = build_split(cfg, train=True)
     val_set = build_split(cfg, train=False)
@@ -170,7 +210,8 @@ def prepare(args: argparse.Namespace, info: DistInfo) -> dict:
         if changed and info.is_main:
             print(f"note: the config differs from the checkpoint's in {', '.join(changed)}")
     return dict(cfg=cfg, run_dir=run_dir, train_set=train_set, val_set=val_set, model=model,
-                resume_state=resume_state, resume_path=resume_path, missing=missing)  # fmt: skip
+                resume_state=resume_state, resume_path=resume_path, missing=missing,
+                fresh=args.resume is None, numbered_base=numbered_base)  # fmt: skip
 
 
 def final_report(cfg, run_dir, class_names, train_targets, results: dict, info) -> None:
@@ -249,8 +290,12 @@ def run(argv=None) -> int:
     log_path = run_dir / "log.jsonl"
     writer = None
     if main_rank:
+        if parts["fresh"]:
+            run_dir = claim_run_folder(run_dir, parts["numbered_base"])
+        elif parts["resume_state"] is None:
+            print(f"{run_dir} holds no finished epoch (no checkpoint_last.pth): starting that run over")
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / RUN_CONFIG)
         # Keep the log lines of the epochs the checkpoint holds (a killed run
         # may have logged an epoch whose checkpoint it did not write).
         lines = log_path.read_text().splitlines() if (first_epoch and log_path.exists()) else []

@@ -33,7 +33,15 @@ from typing import Callable, Sequence
 
 from .errors import GkgError, UsageError
 
-__all__ = ["ArgumentParser", "add_compile_backend_argument", "compiled", "one_line", "run_cli", "setup_logging"]
+__all__ = [
+    "ArgumentParser",
+    "add_compile_backend_argument",
+    "compiled",
+    "device_argument",
+    "one_line",
+    "run_cli",
+    "setup_logging",
+]
 
 LOGGER = "gkg_pyg"
 
@@ -55,6 +63,27 @@ def add_compile_backend_argument(parser: argparse.ArgumentParser) -> None:
     (default inductor; ``eager`` / ``aot_eager`` trace without generating code, to debug)."""
     parser.add_argument("--compile-backend", default="inductor", metavar="NAME",
                         help="torch.compile backend for --compile (default inductor)")  # fmt: skip
+
+
+def device_argument(value: str):
+    """``--device``'s type: a ``torch.device`` that this machine has (``cpu``,
+    ``cuda``, ``cuda:1``, ``mps``), else an ``argparse.ArgumentTypeError`` naming it
+    (one ``error:`` line, not a traceback from the first tensor moved there)."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{value!r}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{value!r}: use cpu, cuda, cuda:N or mps")
+    return device
 
 
 def compiled(module, args: argparse.Namespace):

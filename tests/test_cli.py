@@ -119,6 +119,21 @@ def test_predict_missing_checkpoint_and_bad_option(tiny, capsys):
     assert one_error_line(capsys).startswith("error: argument --topk: invalid int value: 'x' (see ")
 
 
+@pytest.mark.parametrize(
+    "device,message",
+    [("foo", "'foo' is not a device"), ("cuda:7", "'cuda:7': this machine has"), ("xla", "'xla': use cpu, cuda")],
+)
+def test_predict_and_inspect_name_a_device_this_machine_lacks(tiny, tmp_path, capsys, device, message):
+    """--device is checked when the options are read: one error line, not a traceback from the first tensor."""
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert run_script("predict", "--checkpoint", tiny["ckpt"], tiny["image"], "--device", device) == 2
+    assert one_error_line(capsys).startswith(f"error: argument --device: {message}")
+    code = run_script("inspect_graphs", "--config", tiny["config"], "--checkpoint", tiny["ckpt"], "--image",
+                      tiny["image"], "--out", tmp_path / "out", "--device", device)  # fmt: skip
+    assert code == 2 and one_error_line(capsys).startswith(f"error: argument --device: {message}")
+
+
 def test_export_missing_checkpoint(tiny, capsys):
     missing = tiny["tmp"] / "nothere.pth"
     assert run_script("export", "--checkpoint", missing, "--output", tiny["tmp"] / "m.onnx") == 2

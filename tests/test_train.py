@@ -552,26 +552,46 @@ def test_loss_scaler_path_equals_plain_float32():
 def test_run_folder_numbering(tmp_path):
     train = load_script("train")
     cfg = {"output": {"dir": str(tmp_path)}, "name": "demo"}
-    first, resume = train.choose_run_folder(cfg, None, None)
-    assert first == tmp_path / "demo" and resume is None
-    first.mkdir()
-    (first / "checkpoint_last.pth").write_bytes(b"x")
-    second, _ = train.choose_run_folder(cfg, None, None)
+    first, resume, base = train.choose_run_folder(cfg, None, None)
+    assert first == tmp_path / "demo" and resume is None and base == tmp_path / "demo"
+    assert train.claim_run_folder(first, base) == first
+    # A run holds its folder from its start (its config), not from its first checkpoint.
+    second, _, _ = train.choose_run_folder(cfg, None, None)
     assert second == tmp_path / "demo-2"  # a second fresh run keeps the first
-    again, resume = train.choose_run_folder(cfg, None, "")
+    again, resume, base = train.choose_run_folder(cfg, None, "")
+    assert again == first and resume is None and base is None  # no finished epoch: that run starts over
+    (first / "checkpoint_last.pth").write_bytes(b"x")
+    again, resume, _ = train.choose_run_folder(cfg, None, "")
     assert again == first and resume == first / "checkpoint_last.pth"
-    elsewhere, resume = train.choose_run_folder(cfg, None, str(second / "checkpoint_last.pth"))
+    elsewhere, resume, _ = train.choose_run_folder(cfg, None, str(second / "checkpoint_last.pth"))
     assert elsewhere == second and resume == second / "checkpoint_last.pth"
     with pytest.raises(FileExistsError, match="already holds a run"):
         train.choose_run_folder(cfg, str(first), None)
-    # A second run killed in demo-2: --resume continues it (the latest run), not the finished first one.
-    second.mkdir()
+    # A second run killed in demo-2 before its first checkpoint: --resume continues it (the latest run,
+    # from its start), not the finished first one.
+    train.claim_run_folder(second, tmp_path / "demo")
+    latest, resume, _ = train.choose_run_folder(cfg, None, "")
+    assert latest == second and resume is None
     (second / "checkpoint_last.pth").write_bytes(b"x")
-    latest, resume = train.choose_run_folder(cfg, None, "")
+    latest, resume, _ = train.choose_run_folder(cfg, None, "")
     assert latest == second and resume == second / "checkpoint_last.pth"
     assert train.choose_run_folder(cfg, None, None)[0] == tmp_path / "demo-3"
     # --resume RUN_FOLDER: that folder's checkpoint_last.pth.
-    assert train.choose_run_folder(cfg, None, str(first)) == (first, first / "checkpoint_last.pth")
+    assert train.choose_run_folder(cfg, None, str(first)) == (first, first / "checkpoint_last.pth", None)
+
+
+def test_runs_started_together_take_separate_folders(tmp_path):
+    """Two fresh runs of one config chose the same folder before either wrote: the first to
+    claim it keeps it, the other moves to the next free number; with --output it stops."""
+    train = load_script("train")
+    cfg = {"output": {"dir": str(tmp_path)}, "name": "race"}
+    (one, _, base), (two, _, _) = train.choose_run_folder(cfg, None, None), train.choose_run_folder(cfg, None, None)
+    assert one == two == tmp_path / "race"
+    assert train.claim_run_folder(one, base) == tmp_path / "race"
+    assert train.claim_run_folder(two, base) == tmp_path / "race-2"
+    assert train.claim_run_folder(tmp_path / "race", base) == tmp_path / "race-3"
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train.claim_run_folder(tmp_path / "race-2", None)
 
 
 def test_adamw_is_fused_and_updates_like_the_per_parameter_loop():
