@@ -75,7 +75,7 @@ from gkg_pyg import knn as knn_module  # noqa: E402
 from gkg_pyg.builder import load_trained_model  # noqa: E402
 from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
 from gkg_pyg.data import checkpoint_preprocess, load_rgb  # noqa: E402
-from gkg_pyg.errors import MissingFileError, UsageError  # noqa: E402
+from gkg_pyg.errors import CheckpointError, MissingFileError, UsageError  # noqa: E402
 from gkg_pyg.ops import plain_decompositions  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds, thresholds_json  # noqa: E402
 
@@ -132,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--img-size must be >= 1, got {args.img_size}")
     if not args.tolerance > 0 or not args.tie_margin >= 0:
         p.error(f"--tolerance must be > 0 and --tie-margin >= 0, got {args.tolerance} and {args.tie_margin}")
+    for option, path in (("--output", args.output), ("--torch-export", args.torch_export)):
+        if path is not None and Path(path).is_dir():  # checked before minutes of exporting
+            p.error(f"{option} {path} is a folder; give the file to write, e.g. {Path(path) / 'model.onnx'}")
     return args
 
 
@@ -266,6 +269,25 @@ class KnnCalls:
         return table[..., ::dilation].contiguous()
 
 
+def load_onnx(onnx_path: Path):
+    """The ONNX model in the file, or a ``CheckpointError`` naming a file that is not one."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(onnx_path))
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{onnx_path} is not an ONNX model ({str(err).splitlines()[0]})") from None
+
+
+def onnx_image_size(onnx_path: Path) -> int | None:
+    """The fixed height of the file's image input (None: not fixed, or no 4-d input)."""
+    dims = load_onnx(onnx_path).graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return None
+    return dims[2].dim_value or None
+
+
 def onnx_session(onnx_path: Path):
     """An onnxruntime session of the file whose outputs are ``logits``,
     ``scores`` and the indices of every ``TopK`` node (the kNN selections),
@@ -273,7 +295,7 @@ def onnx_session(onnx_path: Path):
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.load(str(onnx_path))
+    proto = load_onnx(onnx_path)
     if len(proto.functions):  # selections inside local functions: inline them to reach their outputs
         from onnx import inliner
 
@@ -374,7 +396,12 @@ def verify(args: argparse.Namespace) -> dict:
     out = Path(args.output)
     if not out.is_file():
         raise MissingFileError(f"--verify: no ONNX file {out}")
+    size = onnx_image_size(out)
+    if args.img_size is not None and size is not None and args.img_size != size:
+        raise UsageError(f"--verify: {out} takes {size} x {size} images; --img-size {args.img_size} differs")
     wrapped, _, preprocess, _ = load_for_export(args)
+    if size is not None:
+        preprocess["img_size"] = size  # the file's input, which may differ from the checkpoint's training size
     batches = check_inputs(args.check, preprocess, args.batch_size)
     batches.append(batches[0][:1])
     result = {"onnx": str(out), **compare(out, wrapped, batches, args.topk, args.tie_margin)}
@@ -394,6 +421,7 @@ def export(args: argparse.Namespace) -> dict:
     # saved program then runs without gkg_pyg installed.
     program = program.run_decompositions(plain_decompositions())
     if args.torch_export:
+        Path(args.torch_export).parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, args.torch_export)
         print(f"wrote {args.torch_export} (torch.export program)")
     out = Path(args.output)

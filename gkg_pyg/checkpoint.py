@@ -36,6 +36,19 @@ PathOrState = Union[str, os.PathLike, Mapping]
 log = logging.getLogger(__name__)
 
 
+def _numpy_scalar_globals() -> list:
+    """What a pickled NumPy scalar needs (mmcv keeps some in a checkpoint's ``meta``,
+    e.g. the evaluation hook's ``best_score``): its reconstructor and dtypes, which
+    build a number from bytes and run no code of the file's."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    core = getattr(np, "_core", None) or np.core
+    kinds = (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_)
+    return [core.multiarray.scalar, np.dtype] + [type(np.dtype(kind)) for kind in kinds]
+
+
 def torch_load_weights(path: Union[str, os.PathLike]) -> dict:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that name
     the file and say what is wrong with it."""
@@ -55,7 +68,8 @@ def torch_load_weights(path: Union[str, os.PathLike]) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (it starts with {head!r}, "
                               "neither torch's zip format nor a pickle)")  # fmt: skip
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             raise CheckpointError(

@@ -42,6 +42,33 @@ def test_export_and_reload_authors_layout_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
 
 
+def test_mmcv_meta_with_numpy_scalars_loads(tmp_path):
+    """mmcv's hooks keep NumPy scalars in a checkpoint's meta (the evaluation hook's best_score): the
+    weights-only loader takes them, and the weights load as from a plain file."""
+    import numpy as np
+
+    src = perturbed(small_model())
+    ckpt = gkg_pyg.export_authors_checkpoint(src, tmp_path / "plain.pth")
+    meta = {"hook_msgs": {"best_score": np.float64(0.8765), "last_ckpt": "epoch_40.pth"}, "epoch": np.int64(40),
+            "seed": np.int32(0), "flag": np.bool_(True), "CLASSES": ["a", "b"]}  # fmt: skip
+    torch.save({"meta": meta, "state_dict": ckpt["state_dict"]}, tmp_path / "mmcv.pth")
+    dst = small_model(seed=1)
+    assert gkg_pyg.load_checkpoint(dst, str(tmp_path / "mmcv.pth"), verbose=False)["missing"] == []
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def test_malformed_img_size_and_reset_classifier_keeps_the_mode():
+    for bad in ((100,), 96.0, "96", (96, 96, 3)):
+        with pytest.raises(gkg_pyg.errors.ConfigError, match="img_size must be an int or"):
+            gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=bad)
+    for name in ("gkgnet_ti", "pvig_ti"):
+        model = gkg_pyg.create_model(name, num_classes=5, img_size=96).eval()
+        model.reset_classifier(7)
+        assert not any(m.training for m in model.modules()), name
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])  # DDP, torch.compile, both
 def test_own_layout_under_model_key_with_a_wrapper_prefix(prefix):
     src = perturbed(small_model())

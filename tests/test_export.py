@@ -66,7 +66,7 @@ def exported(checkpoint):
     capture = io.StringIO()
     with contextlib.redirect_stdout(capture):
         code = run_script("export", "--checkpoint", checkpoint["path"], "--output", out, "--batch-size", "2",
-                          "--check", *images, "--torch-export", tmp / "model.pt2")  # fmt: skip
+                          "--check", *images, "--torch-export", tmp / "programs" / "model.pt2")  # fmt: skip
     return {"code": code, "printed": capture.getvalue(), "onnx": out, "images": images}
 
 
@@ -112,7 +112,7 @@ def test_onnx_export_matches_pytorch(checkpoint, exported):
     assert (np.argsort(-scores, axis=1)[:, :3] == torch.argsort(expected, dim=1, descending=True)[:, :3].numpy()).all()
 
     # The torch.export program gives the same numbers.
-    program = torch.export.load(str(tmp / "model.pt2"))
+    program = torch.export.load(str(tmp / "programs" / "model.pt2"))  # its folder made by the export
     with torch.no_grad():
         _, ep_scores = program.module()(x01)
     assert torch.allclose(ep_scores, expected, atol=1e-5)
@@ -148,6 +148,25 @@ def test_the_check_fails_on_a_wrong_graph(checkpoint, exported, tmp_path, capsys
     result = exporter.compare(exported["onnx"], wrapped, batches, 3)
     assert not exporter.check_passes(result, 1e-4)
     assert "picks 4 of" in result["problems"][0] and "not the model's graph" in result["problems"][0]
+
+
+def test_paths_and_files_that_cannot_be_exported_or_verified(checkpoint, exported, tmp_path, capsys):
+    """One error line and status 2, before any export: a folder as --output or --torch-export, a
+    --verify file that is not ONNX, a --verify --img-size other than the file's."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    ckpt = checkpoint["path"]
+    assert run_script("export", "--checkpoint", ckpt, "--output", folder, "--no-check") == 2
+    assert f"error: --output {folder} is a folder" in capsys.readouterr().err
+    assert run_script("export", "--checkpoint", ckpt, "--output", tmp_path / "m.onnx", "--torch-export", folder) == 2
+    assert f"error: --torch-export {folder} is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())  # nothing written
+    text = tmp_path / "text.onnx"
+    text.write_text("hello")
+    assert run_script("export", "--checkpoint", ckpt, "--output", text, "--verify") == 2
+    assert f"error: {text} is not an ONNX model" in capsys.readouterr().err
+    assert run_script("export", "--checkpoint", ckpt, "--output", exported["onnx"], "--verify", "--img-size", "48") == 2
+    assert "takes 40 x 40 images; --img-size 48 differs" in capsys.readouterr().err
 
 
 def test_neighbour_choices_within_the_tie_margin_only():

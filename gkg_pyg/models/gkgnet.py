@@ -219,7 +219,7 @@ class GKGNet(PyramidViGBackbone):
         self._init_classifier()
         for name in ("label_embed", "head_label", "head_patch"):
             if hasattr(self, name):
-                getattr(self, name).to(device=like.device, dtype=like.dtype)
+                getattr(self, name).to(device=like.device, dtype=like.dtype).train(self.training)
 
     def filter_checkpoint(self, state_dict: Dict[str, Tensor], source: str = "auto") -> dict:
         """A checkpoint's tensors in this model's names (:func:`checkpoint_filter_fn`)."""

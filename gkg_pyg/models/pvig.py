@@ -292,6 +292,14 @@ def stage_graph(
 # ---------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------
+def _image_size(img_size) -> Tuple[int, int]:
+    """``img_size`` (an int, or ``(H, W)`` ints) as ``(H, W)``; anything else a ConfigError."""
+    size = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(s, int) for s in size):
+        raise ConfigError(f"img_size must be an int or (height, width) ints, got {img_size!r}")
+    return tuple(size)
+
+
 class PyramidViGBackbone(nn.Module):
     """The Pyramid ViG patch path: stem, absolute position embedding, four stages.
 
@@ -325,7 +333,7 @@ class PyramidViGBackbone(nn.Module):
                 raise ConfigError(f"groups={groups} does not divide the stage width {c} of variant {variant!r}")
         if k < 1:
             raise ConfigError(f"k must be positive, got {k}")
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = _image_size(img_size)
         self.variant, self.k, self.groups = variant, k, groups
         grids = check_input_size(*self.img_size, k, what="img_size")
         chans, depths = spec.channels, spec.depths
@@ -499,7 +507,7 @@ class PyramidViG(PyramidViGBackbone):
         new = nn.Linear(old.in_features, num_classes)
         nn.init.kaiming_normal_(new.weight)
         nn.init.zeros_(new.bias)
-        self.head_patch[-1] = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        self.head_patch[-1] = new.to(device=old.weight.device, dtype=old.weight.dtype).train(self.training)
         self.num_classes, self.class_names = num_classes, list(class_names) if class_names else None
 
     def filter_checkpoint(self, state_dict: Dict[str, Tensor], source: str = "auto") -> dict:
