@@ -395,6 +395,17 @@ def test_table_of_published_weights(variant):
     assert (pvig["imagenet"]["loads"], gkg["imagenet"]["loads"]) == ("full", "backbone")
     assert gkg["imagenet"]["url"] == pvig["imagenet"]["url"]
     assert set(hub.PRETRAINED) == set(gkg_pyg.list_models())
+    # A tag's resolved cfg describes that tag's weights only (none of another tag's metadata).
+    default = get_pretrained_cfg(f"gkgnet_{variant}")
+    assert (default["tag"], default["num_classes"], default["input_size"]) == ("imagenet", 0, (3, 448, 448))
+    assert "COCO" not in str(default)
+
+
+def test_coco_tag_describes_the_coco_checkpoint():
+    cfg = get_pretrained_cfg("gkgnet_s.coco_576")
+    described = (cfg["source"], cfg["loads"], cfg["num_classes"], cfg["input_size"])
+    assert described == ("gkgnet_mmcls", "full", 80, (3, 576, 576))
+    assert "87.65 mAP" in cfg["description"]
 
 
 def test_builder_reads_model_pretrained(server, hub_dir, monkeypatch, published, tmp_path, caplog):

@@ -55,23 +55,10 @@ __all__ = [
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
-# Metadata of the published weights (files are not downloaded: pass their
-# path to gkg_pyg.load_checkpoint).
+# What a model of each variant takes (its published weights and their metadata, such as the
+# authors' COCO checkpoint for gkgnet_s, are the tags of gkg_pyg.models.hub.PRETRAINED).
 pretrained_cfgs: Dict[str, dict] = {
-    "gkgnet_s": dict(
-        file="GKGNet-S COCO checkpoint of the authors (mmcls layout)",
-        source="gkgnet_mmcls",
-        num_classes=80,
-        input_size=(3, 576, 576),
-        interpolation="bicubic",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        coco_map=87.65,
-        backbone_init="pvig_s_82.1.pth.tar (Pyramid ViG-S, ImageNet)",
-    ),
-}
-for _name in ("ti", "m", "b"):
-    pretrained_cfgs[f"gkgnet_{_name}"] = dict(
+    f"gkgnet_{_name}": dict(
         file=None,
         source="gkgnet_mmcls",
         num_classes=80,
@@ -81,6 +68,8 @@ for _name in ("ti", "m", "b"):
         std=IMAGENET_STD,
         backbone_init=f"pvig_{_name}_*.pth.tar (Pyramid ViG-{_name.upper()}, ImageNet)",
     )
+    for _name in ("ti", "s", "m", "b")
+}
 
 
 class LabelGraph(NamedTuple):
