@@ -30,9 +30,9 @@ from .geometry import min_input_size
 # The smallest image the synthetic data set draws (its shapes need the room).
 SYNTHETIC_MIN_IMAGE_SIZE = 64
 
-# Every valid key with its default. A None default accepts any value;
-# otherwise a value must have the default's type (an int is accepted for a
-# float) or be None where the key is listed in NULLABLE.
+# Every valid key with its default. A value must have the default's type (an
+# int is accepted for a float) or be None where the key is listed in NULLABLE;
+# a key whose default is None takes None or a value of its type in NULL_DEFAULT_TYPES.
 DEFAULTS: dict[str, Any] = {
     "name": "run",  # run folder: <output.dir>/<name>
     "seed": 0,
@@ -186,6 +186,21 @@ NULLABLE = {
     "train.clip_grad", "train.num_threads", "train.stop_after_epochs",
     "single_label.auto_augment",
 }  # fmt: skip
+NULL_DEFAULT_TYPES = {
+    "model.num_classes": int,
+    "model.pretrained": (str, bool),
+    "model.init_from": str,
+    "data.ann_file.train": str,
+    "data.ann_file.val": str,
+    "data.image_dir.train": str,
+    "data.image_dir.val": str,
+    "data.csv.train": str,
+    "data.csv.val": str,
+    "data.csv.classes": (list, str),
+    "train.num_threads": int,
+    "train.stop_after_epochs": int,
+    "single_label.auto_augment": str,
+}
 CHOICES = {
     "data.name": ("coco", "voc2007", "synthetic", "csv", "image_folder", "cifar10", "cifar100", "synthetic_shapes"),
     "task": ("multi_label", "single_label"),
@@ -227,6 +242,11 @@ def _check_value(path: str, value: Any, default: Any, source: str) -> None:
             raise ConfigError(f"{path} may not be null ({source})")
         return
     if default is None:
+        kinds = NULL_DEFAULT_TYPES.get(path, object)
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if (isinstance(value, bool) and bool not in kinds and object not in kinds) or not isinstance(value, kinds):
+            names = " or ".join({int: "an int", str: "a string", bool: "true/false", list: "a list"}[k] for k in kinds)
+            raise ConfigError(f"{path} must be null or {names}, got {value!r} ({source})")
         return
     ok = {
         bool: lambda v: isinstance(v, bool),

@@ -1,6 +1,7 @@
 """YAML configs: schema, errors, overrides, inheritance, the shipped configs,
 build_model and init_from."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,19 @@ def test_type_and_range_errors(tmp_path):
         load_config(None, ["train.epochs=three"])
     with pytest.raises(ConfigError, match="train.epochs may not be null"):
         load_config(None, ["train.epochs=null"])
+    # Keys whose default is null take null or a value of their type (no traceback from a later comparison).
+    for override, message in (
+        ("train.num_threads=abc", "train.num_threads must be null or an int, got 'abc'"),
+        ("train.num_threads=true", "train.num_threads must be null or an int, got True"),
+        ("train.stop_after_epochs=1.5", "train.stop_after_epochs must be null or an int, got 1.5"),
+        ("model.num_classes=abc", "model.num_classes must be null or an int"),
+        ("single_label.auto_augment=5", "single_label.auto_augment must be null or a string, got 5"),
+        ("data.csv.classes=5", "data.csv.classes must be null or a list or a string, got 5"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])
+    for override in ("train.num_threads=2", "model.pretrained=imagenet", "data.csv.classes=[a, b]"):
+        load_config(None, [override])
     with pytest.raises(ConfigError, match="train.amp must be one of"):
         load_config(None, ["train.amp=fp8"])
     with pytest.raises(ConfigError, match="must be a mapping"):

@@ -460,6 +460,29 @@ def test_lr_schedule_by_hand():
     assert opt.param_groups[0]["lr"] == pytest.approx(expected[-1])
 
 
+@pytest.mark.parametrize("name", ["cosine", "step"])
+def test_resumed_schedule_keeps_its_epoch_with_other_steps_per_epoch(name):
+    """A run resumed with another process count, batch size or accumulation (here 6 steps per epoch
+    instead of 4): the schedule continues at the same epoch, warm-up and milestones included, and
+    ends where an uninterrupted run with the new step count ends."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    first = optim.LRSchedule(torch.optim.SGD([p], lr=1.0), 4, 3, name, 1.5, 0.1, [2], 0.1)
+    for _ in range(2 * 4):  # two epochs
+        first.step()
+    opt = torch.optim.SGD([p], lr=1.0)
+    resumed = optim.LRSchedule(opt, 6, 3, name, 1.5, 0.1, [2], 0.1)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.step_count == 2 * 6
+    uninterrupted = optim.LRSchedule(torch.optim.SGD([p], lr=1.0), 6, 3, name, 1.5, 0.1, [2], 0.1)
+    for _ in range(6):
+        assert opt.param_groups[0]["lr"] == pytest.approx(uninterrupted.factor(resumed.step_count))
+        resumed.step()
+    assert resumed.step_count == uninterrupted.total_steps
+    # A checkpoint of an older version (no steps_per_epoch): its step count as it is.
+    resumed.load_state_dict({"step_count": 5})
+    assert resumed.step_count == 5
+
+
 def test_param_groups_no_decay():
     model = build_model(load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"]), ["a", "b"])
     names = {id(p): n for n, p in model.named_parameters()}

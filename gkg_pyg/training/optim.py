@@ -105,10 +105,14 @@ class LRSchedule:
         self._apply()
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count}
+        return {"step_count": self.step_count, "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
+        """Continue at the saved position in epochs: a run resumed with another number of
+        processes, batch size or accumulation has another number of steps per epoch, and the
+        saved step count alone would put warm-up, milestones and the cosine out of step."""
+        steps, saved_per_epoch = int(state["step_count"]), int(state.get("steps_per_epoch", self.steps_per_epoch))
+        self.step_count = round(steps * self.steps_per_epoch / max(saved_per_epoch, 1))
         self._apply()
 
 
