@@ -54,7 +54,7 @@ from gkg_pyg.builder import build_model, check_trained_settings  # noqa: E402
 from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from gkg_pyg.cli import ArgumentParser, add_compile_backend_argument, compiled, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, check_option, load_config  # noqa: E402
-from gkg_pyg.errors import CheckpointError  # noqa: E402
+from gkg_pyg.errors import CheckpointError, UsageError  # noqa: E402
 from gkg_pyg.training.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from gkg_pyg.training.loaders import build_split, check_images, eval_loader  # noqa: E402
 from gkg_pyg.training.loops import evaluate  # noqa: E402
@@ -138,6 +138,9 @@ def run(argv=None) -> int:
     if not info.is_main:  # one copy of the library's messages: rank 0's
         logging.getLogger("gkg_pyg").setLevel(logging.ERROR)
     cfg = load_config(args.config, args.overrides)
+    if cfg["task"] == "single_label" and args.choose_thresholds:
+        raise UsageError("--choose-thresholds is for multi-label models (task: multi_label); a single-label model "
+                         "predicts its most probable class and has no thresholds")  # fmt: skip
     if args.skip_bad_images:
         cfg["data"]["skip_bad_images"] = True
     if args.min_positives is not None:  # the same check as the config key

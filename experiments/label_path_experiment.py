@@ -6,13 +6,15 @@
 Trains each variant with several seeds on the synthetic data set (the demo's
 recipe on a smaller set for more epochs: see DEFAULT_OVERRIDES), evaluating
 after every epoch. After every epoch it also measures, on a fixed probe batch
-(the first 64 evaluation images, evaluation mode), what each path contributes: the spread
+(the first 64 evaluation images, or all of fewer; evaluation mode), what each path contributes: the spread
 (standard deviation over images and labels) of the patch head's logits and of
 the label head's logits, and the gradient norms of the patch path (stem,
 stages, patch head) and of the label path (label embedding, cross-level
 modules, label projections, label head). One JSON line per (variant, seed,
 epoch) goes to <out>/log.jsonl; finished runs are skipped when the command
-is run again (so a killed experiment resumes run by run). The report prints
+is run again (so a killed experiment resumes run by run), which must then
+have the same overrides (kept in <out>/settings.json: runs of other
+settings never mix in one table). The report prints
 the final and the best mAP per variant as mean +- standard deviation over the
 seeds, the mAP per epoch, and the diagnostics of the last epoch. A mistake
 in an option or an override stops with one line, ``error: ...`` (exit
@@ -36,6 +38,7 @@ if not __package__:  # run as a file (python experiments/label_path_experiment.p
 
 from gkg_pyg.builder import build_model  # noqa: E402
 from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
+from gkg_pyg.errors import UsageError  # noqa: E402
 from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.data import collate  # noqa: E402
 from gkg_pyg.loss import GKGNetLoss  # noqa: E402
@@ -141,7 +144,7 @@ def train_variant(variant: str, seed: int, overrides: list[str], log_path: Path)
     schedule = build_schedule(cfg, optimizer, steps_per_epoch(len(loader), cfg["train"]["accumulate"]))
     precision = build_precision("none", CPU.device)
     criterion = GKGNetLoss(**cfg["loss"])
-    probe_batch = collate([val_set[i] for i in range(64)])  # the first 64 evaluation images
+    probe_batch = collate([val_set[i] for i in range(min(64, len(val_set)))])  # the first 64 evaluation images
     for epoch in range(cfg["train"]["epochs"]):
         start = time.perf_counter()
         start_epoch(loader, seed, epoch, 0)
@@ -159,6 +162,22 @@ def train_variant(variant: str, seed: int, overrides: list[str], log_path: Path)
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+
+
+def check_settings(path: Path, overrides: list[str], log_path: Path) -> None:
+    """The runs in ``log_path`` were made with ``overrides`` (recorded in ``path`` by the
+    first run), else a UsageError: finished runs of other settings would be skipped and
+    reported as if they were this command's."""
+    if path.exists():
+        saved = json.loads(path.read_text())["overrides"]
+        if saved != overrides:
+            changed = sorted(set(saved) ^ set(overrides))
+            raise UsageError(f"{log_path} holds runs made with other overrides (differing: {', '.join(changed)}); "
+                             f"give another --out, or the same overrides to continue those runs")  # fmt: skip
+    elif load_log(log_path):
+        raise UsageError(f"{log_path} holds runs without {path.name}: give another --out")
+    else:
+        path.write_text(json.dumps({"overrides": overrides}, indent=1))
 
 
 def load_log(log_path: Path) -> list[dict]:
@@ -231,6 +250,7 @@ def run(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     if not args.report:
+        check_settings(out / "settings.json", overrides, log_path)
         for seed in args.seeds:
             for variant in args.variants:
                 rows = [r for r in load_log(log_path) if r["variant"] == variant and r["seed"] == seed]

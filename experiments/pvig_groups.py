@@ -74,7 +74,7 @@ def run_one(groups: int, seed: int, train_set, val_set, args) -> dict:
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss)
+            total += loss.item()
         epoch_times.append(time.perf_counter() - start)
         print(
             f"  groups={groups} seed {seed} epoch {epoch}/{args.epochs}: loss {total / len(loader):.4f} "
@@ -132,8 +132,10 @@ def run(argv=None) -> list:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the runs and the table here as JSON")
     args = parser.parse_args(argv)
-    if min(args.epochs, args.batch_size, args.k) < 1:
-        parser.error("--epochs, --batch-size and --k must be positive")
+    if min(args.epochs, args.batch_size, args.k, args.num_train, args.num_val, args.image_size) < 1:
+        parser.error("--epochs, --batch-size, --k, --num-train, --num-val and --image-size must be positive")
+    if not args.lr > 0 or not args.weight_decay >= 0 or min(args.groups) < 1:
+        parser.error("--lr must be > 0, --weight-decay >= 0 and --groups positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     root = ensure_synthetic_shapes(

@@ -157,6 +157,23 @@ def test_pointcloud_missing_data(tmp_path, capsys):
     assert one_error_line(capsys).startswith(f"error: ModelNet10 not found under {tmp_path / 'ModelNet10'}")
 
 
+@pytest.mark.slow
+def test_label_path_experiment_keeps_its_settings(tmp_path, capsys):
+    """A tiny run (fewer than 64 evaluation images: the probe takes them all), then the same
+    command again (the finished run is skipped) and one with another override (refused: its
+    table would mix runs of two settings)."""
+    small = ["--out", tmp_path / "out", "--seeds", "0", "--variants", "full", "--set", "train.epochs=1",
+             "--set", f"data.root={tmp_path / 'data'}", "--set",
+             "data.synthetic={num_train: 64, num_val: 24, image_size: 64, seed: 1}"]  # fmt: skip
+    assert run_script("label_path_experiment", *small) == 0
+    assert "== full, seed 0" in capsys.readouterr().out
+    assert run_script("label_path_experiment", *small) == 0
+    assert "== full, seed 0" not in capsys.readouterr().out  # finished: skipped
+    assert run_script("label_path_experiment", *small, "--set", "optim.lr=1e-6") == 2
+    line = one_error_line(capsys)
+    assert "holds runs made with other overrides (differing: optim.lr=1e-6)" in line, line
+
+
 def test_label_path_experiment_bad_override(tmp_path, capsys):
     assert run_script("label_path_experiment", "--out", tmp_path, "--set", "train.epoch=3") == 2
     assert one_error_line(capsys).startswith("error: unknown config key 'train.epoch'")
@@ -164,7 +181,12 @@ def test_label_path_experiment_bad_override(tmp_path, capsys):
 
 def test_pvig_groups_bad_option(tmp_path, capsys):
     assert run_script("pvig_groups", "--root", tmp_path, "--k", "0") == 2
-    assert one_error_line(capsys).startswith("error: --epochs, --batch-size and --k must be positive")
+    assert one_error_line(capsys).startswith("error: --epochs, --batch-size, --k, --num-train, --num-val and --ima")
+    assert run_script("pvig_groups", "--root", tmp_path, "--num-train", "0") == 2
+    assert one_error_line(capsys).startswith("error: --epochs, --batch-size, --k, --num-train")
+    assert run_script("pvig_groups", "--root", tmp_path, "--lr", "-1") == 2
+    assert one_error_line(capsys).startswith("error: --lr must be > 0")
+    assert not list(tmp_path.iterdir())  # refused before generating any data
 
 
 # ---------------------------------------------------------------------------

@@ -76,6 +76,9 @@ def test_train_and_evaluate_single_label(tmp_path):
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["model"]["top1"] == pytest.approx(metrics["model"]["top1"])
     assert (out / "confusion_matrix.csv").is_file()
+    # Thresholds are for multi-label models: asking for them is a usage error, not silently nothing.
+    checkpoint = str(run / "checkpoint_last.pth")
+    assert script("evaluate").main([config, "--checkpoint", checkpoint, "--choose-thresholds", *tiny(tmp_path)]) == 2
 
 
 def test_cifar_recipe_runs_on_a_cifar_fixture(tmp_path):
