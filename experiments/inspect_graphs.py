@@ -146,6 +146,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Draw what the command line asks for; returns the summary also written to
     ``summary.json``. Raises on errors (``main`` reports them)."""
     args = parse_args(argv)
+    # The --dataset images before anything is drawn: a wrong folder writes nothing.
+    images = dataset_images(args.dataset, args.max_images) if args.dataset else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, ckpt_names, note = load_model(args.config, args.checkpoint, args.seed, args.device, args.overrides)
@@ -167,8 +169,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         written.append(path)
     if args.html:
         written.append(gi.write_html_viewer(captured, out / "viewer.html"))
-    if args.dataset:
-        images = dataset_images(args.dataset, args.max_images)
+    if images is not None:
         counts = gi.neighbour_count_distribution(model, images, class_names=captured.class_names, note=note)
         for stage in stages:
             path = out / f"histogram_stage{stage}.{args.format}"

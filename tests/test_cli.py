@@ -150,6 +150,11 @@ def test_inspect_bad_image(tiny, tmp_path, capsys):
     assert run_script("inspect_graphs", "--config", tiny["config"], "--checkpoint", tiny["ckpt"], "--image",
                       tmp_path / "nothere.png", "--out", tmp_path / "out") == 2  # fmt: skip
     assert one_error_line(capsys) == f"error: image not found: {tmp_path / 'nothere.png'}"
+    # A --dataset folder without images: refused before anything is drawn.
+    out = tmp_path / "figures"
+    assert run_script("inspect_graphs", "--config", tiny["config"], "--checkpoint", tiny["ckpt"], "--image",
+                      tiny["image"], "--out", out, "--dataset", tmp_path / "nothere") == 2  # fmt: skip
+    assert one_error_line(capsys).startswith("error: no images (") and not out.exists()
 
 
 def test_pointcloud_missing_data(tmp_path, capsys):
