@@ -110,6 +110,14 @@ def numbered_folder(base: Path, number: int) -> Path:
     return base.with_name(f"{base.name}-{number}") if number > 1 else base
 
 
+def first_free_folder(base: Path) -> Path:
+    """The first of ``base``, ``base-2``, ... that holds no run."""
+    number = 1
+    while holds_run(numbered_folder(base, number)):
+        number += 1
+    return numbered_folder(base, number)
+
+
 def check_run_folder(run_dir: Path, resuming: bool) -> None:
     """Refuse to start a fresh run over an existing one (its files would be lost)."""
     if not resuming and holds_run(run_dir):
@@ -136,13 +144,15 @@ def choose_run_folder(cfg: dict, output, resume):
         run_dir = Path(output)
     elif resume:
         run_dir = Path(resume).parent
-    else:
+    elif resume is None:
         base = Path(cfg["output"]["dir"]) / cfg["name"]
+        run_dir = first_free_folder(base)
+    else:  # --resume: the latest run, the last of the numbered folders taken in a row
+        latest = Path(cfg["output"]["dir"]) / cfg["name"]
         copy = 1
-        while holds_run(numbered_folder(base, copy)) and (resume is None or holds_run(numbered_folder(base, copy + 1))):
+        while holds_run(numbered_folder(latest, copy)) and holds_run(numbered_folder(latest, copy + 1)):
             copy += 1
-        run_dir = numbered_folder(base, copy)
-        base = base if resume is None else None
+        run_dir = numbered_folder(latest, copy)
     resume_path = None
     if resume is not None:
         resume_path = Path(resume) if resume else run_dir / "checkpoint_last.pth"
@@ -157,7 +167,6 @@ def claim_run_folder(run_dir: Path, base) -> Path:
     folder) and return the folder: where another run claimed it since
     :func:`choose_run_folder`, the next free numbered folder (``base`` given),
     else a :class:`RunExistsError`."""
-    number = 1
     while True:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -167,9 +176,7 @@ def claim_run_folder(run_dir: Path, base) -> Path:
             if base is None:
                 check_run_folder(run_dir, resuming=False)
                 raise
-        while holds_run(numbered_folder(base, number)):
-            number += 1
-        run_dir = numbered_folder(base, number)
+        run_dir = first_free_folder(base)
 
 
 def prepare(args: argparse.Namespace, info: DistInfo) -> dict:

@@ -236,27 +236,31 @@ def _unknown_key_error(path: str, source: str) -> ConfigError:
     return ConfigError(f"unknown config key {path!r} in {source}{hint}")
 
 
+# Whether a value has a type of the schema: an int is a float too, a bool is neither.
+_HAS_TYPE = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    list: lambda v: isinstance(v, list),
+    dict: lambda v: isinstance(v, dict),
+}
+_TYPE_NAMES = {int: "an int", str: "a string", bool: "true/false", list: "a list"}
+
+
 def _check_value(path: str, value: Any, default: Any, source: str) -> None:
     if value is None:
         if default is not None and path not in NULLABLE:
             raise ConfigError(f"{path} may not be null ({source})")
         return
-    if default is None:
-        kinds = NULL_DEFAULT_TYPES.get(path, object)
+    if default is None:  # every such key is listed in NULL_DEFAULT_TYPES
+        kinds = NULL_DEFAULT_TYPES[path]
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if (isinstance(value, bool) and bool not in kinds and object not in kinds) or not isinstance(value, kinds):
-            names = " or ".join({int: "an int", str: "a string", bool: "true/false", list: "a list"}[k] for k in kinds)
+        if not any(_HAS_TYPE[kind](value) for kind in kinds):
+            names = " or ".join(_TYPE_NAMES[kind] for kind in kinds)
             raise ConfigError(f"{path} must be null or {names}, got {value!r} ({source})")
         return
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, list),
-        dict: lambda v: isinstance(v, dict),
-    }[type(default)](value)
-    if not ok:
+    if not _HAS_TYPE[type(default)](value):
         raise ConfigError(
             f"{path} must be a {type(default).__name__} (like its default {default!r}), got {value!r} ({source})"
         )

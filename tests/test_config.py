@@ -81,6 +81,17 @@ def test_type_and_range_errors(tmp_path):
             load_config(None, [override])
     for override in ("train.num_threads=2", "model.pretrained=imagenet", "data.csv.classes=[a, b]"):
         load_config(None, [override])
+    # Every key whose default is null has its type listed.
+    from gkg_pyg.config import DEFAULTS, NULL_DEFAULT_TYPES
+
+    def null_keys(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from null_keys(value, f"{prefix}{key}.")
+            elif value is None:
+                yield prefix + key
+
+    assert set(null_keys(DEFAULTS)) == set(NULL_DEFAULT_TYPES)
     with pytest.raises(ConfigError, match="train.amp must be one of"):
         load_config(None, ["train.amp=fp8"])
     with pytest.raises(ConfigError, match="must be a mapping"):
