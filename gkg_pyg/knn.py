@@ -136,6 +136,11 @@ def _bias_shape(position_bias: PositionBias) -> Tuple[int, int]:
         if position_bias.dim() != 2:
             raise ValueError(f"position_bias must be (n_dst, n_src), got shape {tuple(position_bias.shape)}")
         return tuple(position_bias.shape)
+    pair = isinstance(position_bias, (tuple, list)) and len(position_bias) == 2
+    if not pair or not all(isinstance(t, Tensor) for t in position_bias):
+        raise ValueError(
+            f"position_bias must be an (n_dst, n_src) tensor or a pair (U, V) of factors, got {type(position_bias)}"
+        )
     u, v = position_bias
     if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
         raise ValueError(
@@ -426,7 +431,7 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
     groups, num_graphs, n_src, _ = src.shape
     n_dst = dst.shape[2]
     s_sq = (src * src).sum(-1).unsqueeze(-2)  # (groups, graphs, 1, n_src)
-    if not isinstance(position_bias, tuple):
+    if position_bias is None or isinstance(position_bias, Tensor):  # the kernel takes no factors
         table = knn_smallest_k(dst, src, (dst * dst).sum(-1), s_sq.squeeze(-2), position_bias, needed)
         if table is not None:
             return table

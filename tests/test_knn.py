@@ -241,6 +241,9 @@ def test_error_messages():
         group_knn(x, x, 2, 2, position_bias=(torch.zeros(10, 3), torch.zeros(10, 2)))
     with pytest.raises(ValueError, match=r"position_bias is \(10, 9\)"):
         group_knn(x, x, 2, 2, position_bias=(torch.zeros(10, 3), torch.zeros(9, 3)))
+    for bad_bias in ((torch.zeros(10, 3),), [torch.zeros(10, 3)] * 3, ([[0.0]], [[0.0]]), "table"):
+        with pytest.raises(ValueError, match="an \\(n_dst, n_src\\) tensor or a pair \\(U, V\\)"):
+            group_knn(x, x, 2, 2, position_bias=bad_bias)
     with pytest.raises(ValueError, match=r"x_src has 8 channels but x_dst has 6"):
         group_knn(x, x[:, :6], 2, 2)
     with pytest.raises(ValueError, match=r"k=0, dilation=1"):
@@ -375,6 +378,11 @@ def test_batched_dense_and_factored_bias_agree(backend):
     dense = batched_group_knn(x_src, x_dst, 5, 2, dilation=2, position_bias=u @ v.t(), backend=backend)
     assert torch.equal(factored, dense)
     assert not torch.equal(factored, batched_group_knn(x_src, x_dst, 5, 2, dilation=2, backend=backend))
+    # The factors as a list are the same pair (the dense backend took a list for a matrix)
+    as_list = batched_group_knn(x_src, x_dst, 5, 2, dilation=2, position_bias=[u, v], backend=backend)
+    assert torch.equal(as_list, dense)
+    flat = dict(x_src=x_src[0], x_dst=x_dst[0], k=5, groups=2, backend=backend)
+    assert torch.equal(group_knn(**flat, position_bias=[u, v]), group_knn(**flat, position_bias=(u, v)))
 
 
 def test_batched_backends_agree_in_float32():

@@ -443,3 +443,30 @@ def test_forward_compiles_without_graph_breaks(name):
         reasons = [str(b.reason) for b in explanation.break_reasons]
         assert explanation.graph_break_count == 0, reasons
         assert explanation.graph_count == 1, explanation.graph_count
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_func_gradients_are_autograds(train):
+    """torch.func.grad through the whole model (input saliency in evaluation; in training
+    the parameters' gradients with the buffers passed in, as torch.func wants a BatchNorm's):
+    the operators' callers take their plain PyTorch paths there, with autograd's gradients
+    to float32 rounding and the running statistics updated alike."""
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=96, drop_path=0.0).train(train)
+    images = torch.randn(2, 3, 96, 96)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+    def loss(params, buffers, images):
+        return torch.func.functional_call(model, (params, buffers), (images,)).square().sum()
+
+    got_params, got_images = torch.func.grad(loss, argnums=(0, 2))(params, buffers, images)
+    leaf = images.clone().requires_grad_(True)
+    model(leaf).square().sum().backward()
+    scale = lambda t: 1e-4 * t.abs().max().item()  # noqa: E731
+    torch.testing.assert_close(got_images, leaf.grad, rtol=1e-4, atol=scale(leaf.grad))
+    largest = max(p.grad.abs().max().item() for p in model.parameters())
+    for name, p in model.named_parameters():  # biases before a BatchNorm: rounding noise around 0
+        torch.testing.assert_close(got_params[name], p.grad, rtol=1e-3, atol=1e-5 * largest, msg=name)
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(buffers[name], b, msg=name)

@@ -721,6 +721,56 @@ def test_bn_gelu_linear_higher_derivatives_are_the_modules(training, linear):
 
 
 # ---------------------------------------------------------------------------
+# torch.func transforms
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_relative_under_torch_func_is_the_operator(dtype):
+    """torch.func.grad, vmap and hessian run (an operator's autograd formula cannot run under
+    them: the differentiable PyTorch path does), with the operator's values and its
+    gradients: to the first maximal neighbour on tied integer features, where ``max``
+    over a dimension may pick another; float32 to rounding (another summation order)."""
+    x_src, x_dst, neighbors = max_relative_inputs(400, 300, 64, 2, 9, dtype, False, seed=21)
+    x_src = x_src.round()  # many ties
+    weights = torch.randn(300, 128, generator=gen(22), dtype=dtype)
+    loss = lambda s, d: (ops.max_relative(s, d, neighbors) * weights).sum()  # noqa: E731
+    leaves = [t.clone().requires_grad_(True) for t in (x_src, x_dst)]
+    loss(*leaves).backward()
+    grads = torch.func.grad(loss, argnums=(0, 1))(x_src, x_dst)
+    for got, leaf in zip(grads, leaves):
+        assert torch.equal(got != 0, leaf.grad != 0)
+        torch.testing.assert_close(got, leaf.grad, rtol=0, atol=0 if dtype == torch.float64 else 1e-5)
+    batch = torch.randn(3, 400, 64, generator=gen(23), dtype=dtype)
+    mapped = torch.func.vmap(lambda s: ops.max_relative(s, x_dst, neighbors))(batch)
+    assert torch.equal(mapped, torch.stack([ops.max_relative(s, x_dst, neighbors) for s in batch]))
+    if dtype == torch.float64:  # the Hessian of a cubic loss: torch.func's against the operator's own formulas
+        small_src, small_dst, small_nb = max_relative_inputs(7, 5, 4, 2, 3, dtype, False, seed=24)
+        cubic = lambda s: (ops.max_relative(s, small_dst, small_nb) ** 3).sum()  # noqa: E731
+        want = torch.autograd.functional.hessian(cubic, small_src)
+        assert want.abs().max() > 0
+        torch.testing.assert_close(torch.func.hessian(cubic)(small_src), want)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_gelu_linear_under_torch_func_is_the_modules(training):
+    """Under torch.func.grad the operator's caller runs F.batch_norm, F.gelu and F.linear:
+    the gradients are the operator's (to float32 rounding) and the running statistics
+    are updated alike."""
+    args = list(bn_gelu_linear_args(3000, 24, 8, torch.float32, False, training, seed=25))
+    running = [args[5].clone(), args[6].clone()]
+    loss = lambda h, w: ops.bn_gelu_linear(h, *args[1:3], w, args[4], *running, *args[7:]).square().sum()  # noqa: E731
+    grads = torch.func.grad(loss, argnums=(0, 1))(args[0], args[3])
+    leaves = [args[0].clone().requires_grad_(True), args[3].clone().requires_grad_(True)]
+    operator_running = [args[5].clone(), args[6].clone()]
+    ops.bn_gelu_linear(
+        leaves[0], *args[1:3], leaves[1], args[4], *operator_running, *args[7:]
+    ).square().sum().backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-4 * leaf.grad.abs().max().item())
+    for got, want in zip(running, operator_running):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------
 # Compilers, profilers, FLOP counters
 # ---------------------------------------------------------------------------
 def test_profiler_shows_each_operator():

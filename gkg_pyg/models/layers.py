@@ -243,12 +243,19 @@ class _AvgPool(torch.autograd.Function):
     backward pass keeps no tensor: the gradient of a window average is the
     output gradient divided by ``p^2`` on each of its inputs (the value ATen's
     kernel gives).  ATen's pooling keeps its input for the backward pass,
-    which would keep the kNN destinations ``y`` alive for nothing else."""
+    which would keep the kNN destinations ``y`` alive for nothing else.
+    (``setup_context`` and the generated vmap rule: ``torch.func`` transforms run it.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: int) -> Tensor:
-        ctx.p, ctx.shape = p, x.shape
+    def forward(x: Tensor, p: int) -> Tensor:
         return F.avg_pool2d(x, p, p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, p = inputs
+        ctx.p, ctx.shape = p, x.shape
 
     @staticmethod
     def backward(ctx, grad: Tensor):

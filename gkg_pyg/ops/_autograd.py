@@ -1,8 +1,11 @@
-"""The autograd formula of a backward operator that has no derivative of its own."""
+"""Autograd helpers of the operators: the formula of a backward operator that has
+no derivative of its own, and the test for ``torch.func`` transforms."""
 
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
 
 
 def no_second_derivative(backward: str, forward: str, note: str = "") -> Callable:
@@ -16,3 +19,12 @@ def no_second_derivative(backward: str, forward: str, note: str = "") -> Callabl
         )
 
     return refuse
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``jacrev``, ``hessian``, ``vmap``, ...)
+    is running.  PyTorch cannot run an operator's registered autograd formula
+    under one (``torch.library``'s generated ``autograd.Function`` has no
+    ``setup_context`` for them), so the operators' callers then take their plain
+    PyTorch path, which every transform differentiates and batches."""
+    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._autograd import functorch_active
 
 __all__ = ["max_relative", "interleaved"]
 
@@ -97,6 +98,24 @@ def _max_relative_kernel(x_src: Tensor, x_dst: Tensor, neighbors: Tensor, with_r
         _native.threads(out.numel()),
     )
     return (out, rank) if status == 0 else None
+
+
+def differentiable_max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor) -> Tensor:
+    """:func:`max_relative` in PyTorch operations that autograd and every ``torch.func``
+    transform differentiate: per group, all ``(N_dst, k, C / G)`` candidates and
+    a gather at the first maximal one (a NaN counts as maximal), so that the
+    gradient goes to the operator's winner (``max`` over a dimension may pick
+    another of tied candidates)."""
+    g = neighbors.shape[0]
+    cg = x_src.shape[1] // g
+    best = []
+    for i in range(g):
+        candidates = x_src[:, i * cg : (i + 1) * cg][neighbors[i]]  # (N_dst, k, C / G)
+        top = candidates.detach().amax(dim=1, keepdim=True)
+        hit = (candidates.detach() == top) | candidates.detach().isnan()
+        winner = hit.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first maximal rank
+        best.append(candidates.gather(1, winner).squeeze(1))
+    return interleaved(x_dst, torch.cat(best, dim=1) - x_dst)
 
 
 def _no_rank(x: Tensor) -> Tensor:
@@ -242,7 +261,8 @@ def max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor) -> Tensor:
     ``x_src`` is ``(N_src, C)``, ``x_dst`` ``(N_dst, C)`` of the same dtype and
     device.  Float32 CPU tensors with at least 2^14 output values run on the
     compiled kernel, everything else on the PyTorch path; both give the same
-    values and gradients.  The indices are not checked here (the kernel
+    values and gradients.  Under a ``torch.func`` transform it runs
+    :func:`differentiable_max_relative` (the same values and gradients).  The indices are not checked here (the kernel
     declines an index out of range and the PyTorch path raises PyTorch's
     ``index out of range`` error): :class:`gkg_pyg.GroupMaxRelConv` checks them.
     """
@@ -261,5 +281,7 @@ def max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor) -> Tensor:
         )
     if neighbors.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"max_relative needs int64 or int32 neighbour indices, got {neighbors.dtype}")
+    if functorch_active():
+        return differentiable_max_relative(x_src, x_dst, neighbors)
     with_rank = x_src.requires_grad and torch.is_grad_enabled()
     return _MAX_RELATIVE(x_src, x_dst, neighbors, with_rank)[0]

@@ -17,9 +17,11 @@ the PyTorch path to float32 rounding, not bit for bit.  Elsewhere it runs
 PyTorch operations.
 
 Higher derivatives: when the backward pass is itself recorded
-(``create_graph=True``: a gradient penalty, ``torch.func``-style Hessians), the
+(``create_graph=True``: a gradient penalty, a Hessian-vector product), the
 gradients are recomputed from the saved inputs through ``F.batch_norm``,
-``F.gelu`` and ``F.linear``, so every derivative is the plain modules'.  The
+``F.gelu`` and ``F.linear``, so every derivative is the plain modules'.
+Under a ``torch.func`` transform :func:`bn_gelu_linear` calls those
+functions directly.  The
 backward operator called directly has no derivative (a clear
 ``RuntimeError``).
 """
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _native
-from ._autograd import no_second_derivative
+from ._autograd import functorch_active, no_second_derivative
 from .linear import grouped_linear, linear_input_grad, linear_weight_grad
 
 __all__ = ["bn_gelu_linear", "fusable", "batchnorm_gelu"]
@@ -456,6 +458,13 @@ def bn_gelu_linear(
         dtype = torch.get_autocast_dtype(device_type)  # F.linear's dtype under autocast
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     rows = h.reshape(-1, c)
+    if functorch_active():  # the plain modules' functions, which torch.func transforms differentiate
+        out = F.gelu(
+            F.batch_norm(rows, running_mean, running_var, bn_weight, bn_bias, batch_stats, momentum or 0.0, eps)
+        )
+        if weight is not None:
+            out = F.linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias)
+        return out.view(*h.shape[:-1], out.shape[-1])
     out, _, _, new_mean, new_var = _BN_GELU_LINEAR(
         rows, bn_weight, bn_bias, weight, bias, running_mean, running_var, batch_stats, momentum or 0.0, eps
     )

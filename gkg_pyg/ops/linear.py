@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from ._autograd import no_second_derivative
+from ._autograd import functorch_active, no_second_derivative
 
 __all__ = ["grouped_linear", "linear_weight_grad", "linear_input_grad"]
 
@@ -181,11 +181,12 @@ _onednn_linear_backward_op.register_autograd(
 
 
 def _recorded() -> bool:
-    """Whether a compiler, exporter, tracer or dispatch mode (a FLOP counter, fake
-    tensors) records or intercepts the call: the oneDNN routing then steps aside,
-    so that they see the plain matrix product."""
+    """Whether a compiler, exporter, tracer, dispatch mode (a FLOP counter, fake
+    tensors) or ``torch.func`` transform records or intercepts the call: the
+    oneDNN routing then steps aside, so that they see the plain matrix product."""
     return (
-        torch.compiler.is_compiling()
+        functorch_active()
+        or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
