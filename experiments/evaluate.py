@@ -52,9 +52,9 @@ if not __package__:  # run as a file (python experiments/evaluate.py): import gk
 
 from gkg_pyg.builder import build_model, check_trained_settings  # noqa: E402
 from gkg_pyg.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
-from gkg_pyg.cli import ArgumentParser, add_compile_backend_argument, compiled, run_cli  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, add_compile_backend_argument, compiled, prepare_output, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, check_option, load_config  # noqa: E402
-from gkg_pyg.errors import CheckpointError, UsageError  # noqa: E402
+from gkg_pyg.errors import CheckpointError, DataError, UsageError  # noqa: E402
 from gkg_pyg.training.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from gkg_pyg.training.loaders import build_split, check_images, eval_loader  # noqa: E402
 from gkg_pyg.training.loops import evaluate  # noqa: E402
@@ -101,7 +101,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="run the evaluation forward pass under torch.compile")
     add_compile_backend_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    given = {
+        "--thresholds-output": args.thresholds_output is not None,
+        "--no-store": args.no_store,
+        "--min-positives": args.min_positives is not None,
+    }
+    needs_choosing = [option for option, present in given.items() if present]
+    if needs_choosing and not args.choose_thresholds:
+        p.error(f"{', '.join(needs_choosing)} apply to the thresholds that --choose-thresholds chooses; add it")
+    return args
 
 
 def evaluation_split(cfg: dict, config: str) -> str:
@@ -124,6 +133,13 @@ def threshold_columns(res: dict, threshold: float, record: dict | None) -> dict:
         columns[f"global {record['global']:.3f}"] = metrics_at_thresholds(res["scores"], res["targets"],
                                                                            record["global"])  # fmt: skip
     return columns
+
+
+def some_images(res: dict) -> dict:
+    """``res``, or a DataError where every image was skipped as unreadable (no metric exists)."""
+    if not len(res["targets"]):
+        raise DataError(f"no evaluation image could be read: all {res['num_skipped']} were skipped as unreadable")
+    return res
 
 
 def main(argv=None) -> int:
@@ -149,6 +165,11 @@ def run(argv=None) -> int:
         torch.set_num_threads(cfg["train"]["num_threads"])
 
     _, checkpoint = read_checkpoint(args.checkpoint)  # before the data: a bad checkpoint fails at once
+    out_dir = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / "eval"
+    if info.is_main:  # before evaluating: where the results go can be written
+        prepare_output(out_dir, "--output" if args.output else "the output folder", folder=True)
+        if args.thresholds_output:
+            prepare_output(args.thresholds_output, "--thresholds-output")
     check_trained_settings(cfg, checkpoint, str(args.checkpoint))
     dataset = build_split(cfg, train=False)
     trained_on = checkpoint.get("class_names")
@@ -169,13 +190,20 @@ def run(argv=None) -> int:
     loader = eval_loader(cfg, dataset, info)
     precision = build_precision(cfg["train"]["amp"], info.device)
     models = {name: compiled(net.to(info.device), args) for name, net in models.items()}
-    out_dir = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / "eval"
     out = {"checkpoint": str(args.checkpoint)}
     if cfg["task"] == "single_label":  # top-1 / top-5 / confusion matrix; no thresholds
         results = {
-            name: evaluate(
-                net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"], "single_label"
-            )
+            name: some_images(
+                evaluate(
+                    net.to(info.device),
+                    loader,
+                    info,
+                    precision,
+                    f"eval {name}",
+                    cfg["output"]["progress"],
+                    "single_label",
+                )
+            )  # fmt: skip
             for name, net in models.items()
         }
         out.update(single_label_report(out_dir, dataset.class_names, None, results, write=info.is_main))
@@ -186,7 +214,8 @@ def run(argv=None) -> int:
     chosen = {}
     split = evaluation_split(cfg, args.config)
     for name, net in models.items():
-        res = evaluate(net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"])
+        res = some_images(evaluate(net.to(info.device), loader, info, precision, f"eval {name}",
+                                   cfg["output"]["progress"]))  # fmt: skip
         metrics = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"], res["areas"],
                                      dataset.class_names)  # fmt: skip
         keys = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS

@@ -46,7 +46,7 @@ import gkg_pyg  # noqa: E402
 from gkg_pyg import inspect as gi  # noqa: E402
 from gkg_pyg.checkpoint import read_checkpoint  # noqa: E402
 from gkg_pyg.builder import build_model  # noqa: E402
-from gkg_pyg.cli import ArgumentParser, device_argument, run_cli  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, device_argument, prepare_output, run_cli  # noqa: E402
 from gkg_pyg.config import add_override_argument, load_config  # noqa: E402
 from gkg_pyg.data import IMAGE_SUFFIXES, class_names_from_config  # noqa: E402
 from gkg_pyg.errors import ConfigError, MissingFileError  # noqa: E402
@@ -148,8 +148,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     # The --dataset images before anything is drawn: a wrong folder writes nothing.
     images = dataset_images(args.dataset, args.max_images) if args.dataset else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(args.out, "--out", folder=True)
     model, ckpt_names, note = load_model(args.config, args.checkpoint, args.seed, args.device, args.overrides)
     if note:
         print(f"note: {note}")

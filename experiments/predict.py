@@ -52,7 +52,7 @@ if not __package__:  # run as a file (python experiments/predict.py): import gkg
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gkg_pyg.builder import load_trained_model  # noqa: E402
-from gkg_pyg.cli import ArgumentParser, device_argument, run_cli  # noqa: E402
+from gkg_pyg.cli import ArgumentParser, device_argument, prepare_output, run_cli  # noqa: E402
 from gkg_pyg.config import check_option  # noqa: E402
 from gkg_pyg.errors import MissingFileError, UsageError  # noqa: E402
 from gkg_pyg.data import checkpoint_preprocess, find_images, load_rgb  # noqa: E402
@@ -83,11 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.topk < 1:
         p.error(f"--topk must be >= 1, got {args.topk}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
     args.batch_size = check_option("eval.batch_size", args.batch_size, "--batch-size")
     if args.threshold not in ("per-class", "global"):  # a number: the checks of eval.threshold
         args.threshold = check_option("eval.threshold", args.threshold, "--threshold")
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         p.error(f"--output must end in .csv or .json, got {args.output}")
+    if args.output:  # before the model runs: the predictions can be written there
+        prepare_output(args.output, "--output")
     return args
 
 

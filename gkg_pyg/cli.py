@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import GkgError, UsageError
@@ -39,6 +41,7 @@ __all__ = [
     "compiled",
     "device_argument",
     "one_line",
+    "prepare_output",
     "run_cli",
     "setup_logging",
 ]
@@ -84,6 +87,31 @@ def device_argument(value: str):
     elif device.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{value!r}: use cpu, cuda, cuda:N or mps")
     return device
+
+
+def prepare_output(path, option: str, folder: bool = False) -> Path:
+    """``path``, checked before any work: for an output ``folder`` the folder,
+    otherwise the file's parent folder, created if missing and written to once
+    (a file probed and removed where it did not exist), so that a long run does
+    not end in a traceback when it saves.  A :class:`UsageError` naming
+    ``option`` for a file or folder in the way, or a place that cannot be written."""
+    path = Path(path)
+    where = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file; give a folder")
+    if not folder and path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give the file to write")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = path if not folder else where / f".gkg-pyg-write-check-{os.getpid()}"
+        existed = probe.exists()
+        with open(probe, "ab"):
+            pass
+        if not existed:
+            probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
+    return path
 
 
 def compiled(module, args: argparse.Namespace):

@@ -289,7 +289,9 @@ def format_metrics_table(metrics: dict, baseline: dict | None = None) -> str:
     lines.insert(1, "-" * len(lines[0]))
     missing = metrics.get("classes_without_positives")
     if missing:
-        lines.append(f"left out of mAP (no positives): {', '.join(map(str, missing))}")
+        # A name holding the separator is quoted, so that the list reads back ("car, red" is one class).
+        shown = (repr(str(n)) if "," in str(n) else str(n) for n in missing)
+        lines.append(f"left out of mAP (no positives): {', '.join(shown)}")
     return "\n".join(lines)
 
 

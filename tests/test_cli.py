@@ -112,6 +112,54 @@ def test_evaluate_image_broken_after_the_check(tiny, tmp_path, capsys):
     end_failed_loader_workers()
 
 
+def test_evaluate_every_image_unreadable(tiny, tmp_path, capsys):
+    """Every evaluation image skipped as unreadable: one line saying so, not a traceback from the metrics."""
+    root = tmp_path / "data"
+    data = build_format("csv_names", root)
+    for image in (root / "imgs" / "val").iterdir():
+        image.write_bytes(b"\x89PNG not really")
+    config = tmp_path / "broken.yaml"
+    config.write_text(TINY_MODEL.format(name="b", root=root, runs=tmp_path / "runs", data=data))
+    code = run_script("evaluate", config, "--checkpoint", tiny["ckpt"], "--output", tmp_path / "eval",
+                      "--set", "data.check_images=exists", "--skip-bad-images")  # fmt: skip
+    assert code == 2
+    assert one_error_line(capsys) == "error: no evaluation image could be read: all 2 were skipped as unreadable"
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tiny, tmp_path, capsys):
+    """--output (evaluate, predict), --thresholds-output and --out (inspect) under a file or where
+    nothing can be written: one line before the model runs (it was a traceback after all the work)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    base = ("evaluate", tiny["config"], "--checkpoint", tiny["ckpt"])
+    assert run_script(*base, "--output", a_file) == 2
+    assert one_error_line(capsys) == f"error: --output {a_file} is a file; give a folder"
+    assert run_script(*base, "--choose-thresholds", "--thresholds-output", a_file / "t.pth") == 2
+    assert one_error_line(capsys).startswith(f"error: --thresholds-output {a_file / 't.pth'}: cannot write there")
+    for output in (a_file / "p.csv", "/proc/gkg-pyg-test/p.json"):
+        assert run_script("predict", "--checkpoint", tiny["ckpt"], tiny["image"], "--output", output) == 2
+        assert one_error_line(capsys).startswith(f"error: --output {output}: cannot write there (")
+    code = run_script("inspect_graphs", "--config", tiny["config"], "--checkpoint", tiny["ckpt"], "--image",
+                      tiny["image"], "--out", a_file)  # fmt: skip
+    assert code == 2 and one_error_line(capsys) == f"error: --out {a_file} is a file; give a folder"
+    assert a_file.read_text() == "keep me"
+    # A new file in a new folder is fine: the folder is made and nothing is left behind until the end
+    ok = tmp_path / "new" / "predictions.csv"
+    assert run_script("predict", "--checkpoint", tiny["ckpt"], tiny["image"], "--output", ok) == 0
+    assert ok.read_text().startswith("image,")
+
+
+def test_options_that_need_another_are_refused(tiny, capsys):
+    """evaluate's threshold options without --choose-thresholds did nothing, silently; predict --workers -1
+    was a DataLoader traceback."""
+    base = ("evaluate", tiny["config"], "--checkpoint", tiny["ckpt"])
+    for extra in (["--thresholds-output", "t.pth"], ["--no-store"], ["--min-positives", "3"]):
+        assert run_script(*base, *extra) == 2
+        assert one_error_line(capsys).startswith(f"error: {extra[0]} apply to the thresholds that --choose-thresholds")
+    assert run_script("predict", "--checkpoint", tiny["ckpt"], tiny["image"], "--workers", "-1") == 2
+    assert one_error_line(capsys).startswith("error: --workers must be >= 0, got -1")
+
+
 def test_predict_missing_checkpoint_and_bad_option(tiny, capsys):
     assert run_script("predict", "--checkpoint", tiny["tmp"] / "nothere.pth", tiny["image"]) == 2
     assert one_error_line(capsys) == f"error: checkpoint not found: {tiny['tmp'] / 'nothere.pth'}"

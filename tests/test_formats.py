@@ -128,6 +128,9 @@ def test_coco_bad_json(tmp_path):
     # Two images under one id: one of them would silently take the other's labels.
     with pytest.raises(ValueError, match=r"x.json lists image id 1 twice \('a.jpg' and 'b.jpg'\)"):
         load(coco_json([(1, "a.jpg"), (1, "b.jpg")], [(1, 1, 1.0)]))
+    # One file under two ids: evaluated twice, with two label sets.
+    with pytest.raises(ValueError, match=r"x.json lists the file 'a.jpg' under two image ids \(1 and 8\)"):
+        load(coco_json([(1, "a.jpg"), (8, "a.jpg")], [(1, 1, 1.0), (8, 1, 1.0)]))
     # A missing field names the file and the entry, not a bare KeyError.
     data = coco_json([(1, "a.jpg"), (2, "b.jpg")], [(1, 1, 1.0)])
     del data["images"][1]["file_name"]
@@ -198,10 +201,13 @@ def test_csv_columns_format(tmp_path):
     ds = CsvDataset(path, fmt="columns")
     assert ds.class_names == ["dog", "cat", "person"]  # header order
     assert ds.targets.tolist() == [[1, 0, 1], [0, 1, 0]]
-    subset = CsvDataset(path, fmt="columns", classes=["person", "dog"])
-    # x/2.jpg has neither class: dropped (data.empty_labels=drop)
-    assert subset.class_names == ["person", "dog"] and subset.targets.tolist() == [[1, 1]]
+    reordered = CsvDataset(path, fmt="columns", classes=["person", "cat", "dog"])
+    assert reordered.class_names == ["person", "cat", "dog"] and reordered.targets.tolist() == [[1, 0, 1], [0, 1, 0]]
     assert csv_class_names(path, "columns") == ["dog", "cat", "person"]
+    # A class column the class list lacks (an evaluation CSV with a class the training CSV has not)
+    # is an error: its labels would be dropped, and images labelled only with it taken for unlabelled.
+    with pytest.raises(ValueError, match=r"cols.csv has class columns \['cat'\] that are not among the 2 classes"):
+        CsvDataset(path, fmt="columns", classes=["person", "dog"])
 
 
 def test_csv_errors_name_file_and_line(tmp_path):

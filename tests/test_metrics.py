@@ -196,6 +196,9 @@ def test_names_for_classes_without_positives():
     scores, targets = random_case(6)
     names = [f"c{i}" for i in range(targets.shape[1])]
     assert multilabel_metrics(scores, targets, class_names=names)["classes_without_positives"] == ["c2"]
+    names[2] = "car, red"  # a name with the list's separator is quoted in the printed table
+    table = format_metrics_table(multilabel_metrics(scores, targets, class_names=names))
+    assert table.splitlines()[-1] == "left out of mAP (no positives): 'car, red'"
 
 
 def test_bad_inputs():

@@ -186,14 +186,20 @@ class CocoDataset(ImageLabelDataset):
         categories = _sorted_categories(data, ann_path)
         column = {c["id"]: i for i, c in enumerate(categories)}
         names = [str(c["name"]) for c in categories]
-        images = {}
+        images, id_of_file = {}, {}
         for img in data["images"]:
             if img["id"] in images:
                 raise DataError(
                     f"{ann_path} lists image id {img['id']!r} twice ({images[img['id']]['file_name']!r} and "
                     f"{img['file_name']!r})"
                 )
+            if img["file_name"] in id_of_file:  # one file, two label sets: evaluated twice, once wrong
+                raise DataError(
+                    f"{ann_path} lists the file {img['file_name']!r} under two image ids "
+                    f"({id_of_file[img['file_name']]!r} and {img['id']!r})"
+                )
             images[img["id"]] = img
+            id_of_file[img["file_name"]] = img["id"]
         by_image: dict = {}
         for ann in data["annotations"]:
             if ann["category_id"] not in column:

@@ -24,9 +24,9 @@ training CSV for ``names``, the header's class columns in their order for
 ``columns``. The evaluation split uses the training split's class list
 (``build_dataset`` passes it), so both always agree.
 
-Errors name the file and the row: an unknown label name (not in a given or
-training class list), a value other than 0/1 in a class column, a missing
-column, an empty image path, an image listed twice. Rows without any label
+Errors name the file and the row: an unknown label name or class column
+(not in a given or training class list), a value other than 0/1 in a class
+column, a missing column, an empty image path, an image listed twice. Rows without any label
 follow ``empty_labels`` ("drop", "keep" as all-negative, or "error"); the
 rows dropped or kept are counted in an INFO record of the ``gkg_pyg.data``
 logger, which the scripts print.
@@ -192,6 +192,13 @@ class CsvDataset(ImageLabelDataset):
             missing = [n for n in names if n not in header]
             if missing:
                 raise DataError(f"{csv_file} has no column for the classes {missing}; its columns: {header}")
+            # Every other column is a class column: one the class list lacks would drop its labels.
+            unknown = [h for i, h in enumerate(header) if i != image_col and h not in column]
+            if unknown:
+                raise DataError(
+                    f"{csv_file} has class columns {unknown} that are not among the {len(names)} classes "
+                    f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}); list them in data.classes"
+                )
             class_cols = [header.index(n) for n in names]
         if not rows:
             raise DataError(f"{csv_file} lists no image")

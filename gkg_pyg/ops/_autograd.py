@@ -27,4 +27,6 @@ def functorch_active() -> bool:
     under one (``torch.library``'s generated ``autograd.Function`` has no
     ``setup_context`` for them), so the operators' callers then take their plain
     PyTorch path, which every transform differentiates and batches."""
+    if torch.compiler.is_compiling():  # the compiler runs the operators' formulas itself
+        return False
     return torch._C._functorch.peek_interpreter_stack() is not None
