@@ -97,7 +97,10 @@ def test_evaluate_chooses_and_stores_thresholds(trained, tmp_path, capsys):
                "--choose-thresholds", "--no-store")  # fmt: skip
     assert "thresholds" not in torch.load(trained["ckpt"], weights_only=True)
     capsys.readouterr()
-    assert run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--min-positives", "0") == 2
+    assert (
+        run_script("evaluate", trained["config"], "--checkpoint", ckpt, "--choose-thresholds", "--min-positives", "0")
+        == 2
+    )
     assert capsys.readouterr().err == "error: --min-positives 0: eval.min_positives must be >= 1, got 0\n"
     trained["with_thresholds"] = ckpt
 
