@@ -10,7 +10,9 @@ torch-cluster first and calls this; see docs/gpu.md).
 on the CPU at 224 px batch 1, each doing no more than its own work needs: the
 ``tests`` step runs one case of ``tests/test_fake_cuda.py``, the ``bench``
 and ``memory`` steps the dense kNN backend only (the ``checks`` step still
-compares both), the ``train`` step 96 + 48 images for 3 epochs.
+compares both), the ``train`` step 96 + 48 images for 3 epochs. Its
+mixed-precision rows are bfloat16 where the CPU computes it natively, else
+float32 (:func:`amp_name`).
 
 Steps (``--steps`` picks some; each row of the table says PASS, FAIL or the figures):
 
@@ -56,6 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -223,25 +226,39 @@ def step_tests(args) -> None:
         row(name, "PASS" if proc.returncode == 0 else "FAIL", summary.strip("= "))
 
 
-def amp_name(device: torch.device) -> str:
-    return "fp16" if device.type == "cuda" else "bf16"
+def amp_name(device: torch.device) -> Optional[str]:
+    """The autocast dtype of the mixed-precision rows: fp16 on CUDA; on the CPU bf16 where it
+    computes bfloat16 natively, else none (float32 rows: emulated bfloat16 products ran about
+    150x slower than float32 on an AVX2 CPU, and the smoke run took 10 minutes instead of 2)."""
+    if device.type == "cuda":
+        return "fp16"
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    return "bf16" if native() else None
+
+
+def amp_args(device: torch.device) -> list:
+    return ["--amp", amp_name(device)] if amp_name(device) else []
+
+
+def precision(device: torch.device) -> str:
+    return amp_name(device) or "fp32"
 
 
 def step_bench(args, device) -> None:
     """benchmarks/throughput.py at each size: one summary row per backend and task."""
     for size in args.sizes:
         cmd = [sys.executable, "benchmarks/throughput.py", "--img-size", size, "--batch", args.batch]
-        cmd += ["--device", device.type, "--amp", amp_name(device), "--iters", args.iters]
+        cmd += ["--device", device.type, *amp_args(device), "--iters", args.iters]
         cmd += ["--backend", "dense"] if args.smoke else []  # every row is a process of its own
         proc = run(cmd)
         if proc.returncode != 0:
-            row(f"GKGNet-S {size} px b{args.batch} {amp_name(device)}", "FAIL", last_line(proc))
+            row(f"GKGNet-S {size} px b{args.batch} {precision(device)}", "FAIL", last_line(proc))
             continue
         for line in proc.stdout.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) == 8 and cells[0].startswith("gkg_pyg["):
                 impl, task, _, ips, peak, _, share, _ = cells
-                name = f"GKGNet-S {size} px b{args.batch} {amp_name(device)} {task}, {impl[8:-1]}"
+                name = f"GKGNet-S {size} px b{args.batch} {precision(device)} {task}, {impl[8:-1]}"
                 if ips == "nan":  # the row's process failed (its error is in the log above)
                     row(name, "FAIL", "the measuring process failed")
                     continue
@@ -272,7 +289,7 @@ def step_authors(args, device) -> None:
     cuda = ["--device", "cuda"] if device.type == "cuda" else []
     for size in args.sizes:
         cmd = [sys.executable, "benchmarks/authors.py", "--harness", harness, "--device", device.type]
-        cmd += ["--img-size", size, "--batch", args.batch, "--rounds", args.rounds, "--amp", amp_name(device)]
+        cmd += ["--img-size", size, "--batch", args.batch, "--rounds", args.rounds, *amp_args(device)]
         proc = run(cmd)
         if proc.returncode != 0:
             row(f"paired {size} px b{args.batch}", "FAIL", last_line(proc))
@@ -281,18 +298,17 @@ def step_authors(args, device) -> None:
             if len(cells) == 4 and cells[0] in ("eval", "train"):
                 row(f"paired {size} px b{args.batch} {cells[0]}: {cells[1]}", "ok", f"{cells[2]} img/s, {cells[3]}")
         for who in ("authors", "gkg_pyg"):
-            cmd = [sys.executable, harness / "peak_memory.py", who, size, args.batch, "train", *cuda, "--amp"]
-            proc = run(cmd)
+            amp = ["--amp"] if amp_name(device) else []
+            proc = run([sys.executable, harness / "peak_memory.py", who, size, args.batch, "train", *cuda, *amp])
             ok = proc.returncode == 0
-            row(
-                f"harness peak memory {size} px b{args.batch} train amp, {who}", "ok" if ok else "FAIL", last_line(proc)
-            )
+            name = f"harness peak memory {size} px b{args.batch} train {'amp' if amp else 'fp32'}, {who}"
+            row(name, "ok" if ok else "FAIL", last_line(proc))
 
 
 def step_train(args, device) -> None:
     """The demo config with AMP and --compile: stopped, resumed, loss falling."""
     out = Path(tempfile.mkdtemp(prefix="gkg_pyg_gpu_train_"))
-    sets = ["train.amp=fp16" if device.type == "cuda" else "train.amp=bf16", f"output.dir={out}"]
+    sets = [f"train.amp={amp_name(device) or 'none'}", f"output.dir={out}"]
     sets += [f"data.root={out / 'data'}"]
     if args.smoke:  # a tiny run: 96 + 48 images, 3 epochs
         sets += ["data.synthetic.num_train=96", "data.synthetic.num_val=48", "train.batch_size=16"]
@@ -307,7 +323,7 @@ def step_train(args, device) -> None:
     first = run(base + overrides + ["--set", f"train.stop_after_epochs={stop}"])
     ckpt = out / "run" / "checkpoint_last.pth"
     if first.returncode != 0 or not ckpt.exists():
-        row("training demo (AMP, compile)", "FAIL", f"first part: {last_line(first)}")
+        row(f"training demo ({precision(device)}, compile)", "FAIL", f"first part: {last_line(first)}")
         return
     second = run(base + overrides + ["--resume", ckpt])
     log = out / "run" / "log.jsonl"
@@ -323,7 +339,7 @@ def step_train(args, device) -> None:
     if second.returncode != 0:
         details += f"; {last_line(second)}"
     row(
-        "training demo (AMP" + ("" if args.no_compile else ", --compile") + ", resume)",
+        f"training demo ({precision(device)}" + ("" if args.no_compile else ", --compile") + ", resume)",
         "PASS" if ok else "FAIL",
         details,
     )

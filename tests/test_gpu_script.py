@@ -82,14 +82,16 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     args += ["--no-compile"]  # gpu.sh's own options first: the rest goes to gpu_check.py
     proc = bash(*args, out=tmp_path, timeout=1800)
     report = (tmp_path / "gpu_report.md").read_text()
+    # bf16 rows where this CPU computes bfloat16 natively, else float32 rows
+    precision = load_gpu_check().precision(torch.device("cpu"))
     for step in (
         "| check |",
         "| tests: fake CUDA |",
-        "| GKGNet-S 224 px b1 bf16",
+        f"| GKGNet-S 224 px b1 {precision}",
         "| estimated peak",
-        "| training demo",
+        f"| training demo ({precision}, resume) | PASS |",
     ):
         assert step in report, f"no {step!r} row:\n{report}\n{proc.stdout[-3000:]}"
     assert proc.returncode == report.count("| FAIL |"), report
     # The throughput step parsed its table: a measured row per task (a FAIL row also names the size).
-    assert "| GKGNet-S 224 px b1 bf16 eval, dense | ok |" in report, report
+    assert f"| GKGNet-S 224 px b1 {precision} eval, dense | ok |" in report, report
