@@ -135,13 +135,6 @@ def threshold_columns(res: dict, threshold: float, record: dict | None) -> dict:
     return columns
 
 
-def some_images(res: dict) -> dict:
-    """``res``, or a DataError where every image was skipped as unreadable (no metric exists)."""
-    if not len(res["targets"]):
-        raise DataError(f"no evaluation image could be read: all {res['num_skipped']} were skipped as unreadable")
-    return res
-
-
 def main(argv=None) -> int:
     """The command line: a user error is one line on stderr and exit status 2 (``gkg_pyg.cli.run_cli``)."""
     return run_cli(run, argv)
@@ -191,21 +184,17 @@ def run(argv=None) -> int:
     precision = build_precision(cfg["train"]["amp"], info.device)
     models = {name: compiled(net.to(info.device), args) for name, net in models.items()}
     out = {"checkpoint": str(args.checkpoint)}
+
+    def evaluated(name: str, net) -> dict:
+        """The model's scores and targets on the split; a DataError where every image was unreadable."""
+        res = evaluate(net.to(info.device), loader, info, precision, f"eval {name}", cfg["output"]["progress"],
+                       cfg["task"])  # fmt: skip
+        if not len(res["targets"]):  # no metric exists
+            raise DataError(f"no evaluation image could be read: all {res['num_skipped']} were skipped as unreadable")
+        return res
+
     if cfg["task"] == "single_label":  # top-1 / top-5 / confusion matrix; no thresholds
-        results = {
-            name: some_images(
-                evaluate(
-                    net.to(info.device),
-                    loader,
-                    info,
-                    precision,
-                    f"eval {name}",
-                    cfg["output"]["progress"],
-                    "single_label",
-                )
-            )  # fmt: skip
-            for name, net in models.items()
-        }
+        results = {name: evaluated(name, net) for name, net in models.items()}
         out.update(single_label_report(out_dir, dataset.class_names, None, results, write=info.is_main))
         if info.is_main:
             (out_dir / "metrics.json").write_text(json.dumps(out, indent=2))
@@ -214,8 +203,7 @@ def run(argv=None) -> int:
     chosen = {}
     split = evaluation_split(cfg, args.config)
     for name, net in models.items():
-        res = some_images(evaluate(net.to(info.device), loader, info, precision, f"eval {name}",
-                                   cfg["output"]["progress"]))  # fmt: skip
+        res = evaluated(name, net)
         metrics = multilabel_metrics(res["scores"], res["targets"], cfg["eval"]["threshold"], res["areas"],
                                      dataset.class_names)  # fmt: skip
         keys = SUMMARY_KEYS + TOP3_KEYS + SCALE_KEYS

@@ -26,10 +26,10 @@ training CSV for ``names``, the header's class columns in their order for
 
 Errors name the file and the row: an unknown label name or class column
 (not in a given or training class list), a value other than 0/1 in a class
-column, a missing column, an empty image path, an image listed twice. Rows without any label
-follow ``empty_labels`` ("drop", "keep" as all-negative, or "error"); the
-rows dropped or kept are counted in an INFO record of the ``gkg_pyg.data``
-logger, which the scripts print.
+column, a missing column, an empty image path, an image listed twice. Rows
+without any label follow ``empty_labels`` ("drop", "keep" as all-negative,
+or "error"); the rows dropped or kept are counted in an INFO record of the
+``gkg_pyg.data`` logger, which the scripts print.
 Missing or undecodable image files are the up-front image check's business
 (``gkg_pyg.data.check_dataset``: an error naming them, or with
 ``skip_bad_images`` left out and counted).

@@ -111,8 +111,8 @@ def differentiable_max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor)
     best = []
     for i in range(g):
         candidates = x_src[:, i * cg : (i + 1) * cg][neighbors[i]]  # (N_dst, k, C / G)
-        top = candidates.detach().amax(dim=1, keepdim=True)
-        hit = (candidates.detach() == top) | candidates.detach().isnan()
+        values = candidates.detach()
+        hit = (values == values.amax(dim=1, keepdim=True)) | values.isnan()
         winner = hit.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first maximal rank
         best.append(candidates.gather(1, winner).squeeze(1))
     return interleaved(x_dst, torch.cat(best, dim=1) - x_dst)
@@ -262,9 +262,10 @@ def max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor) -> Tensor:
     device.  Float32 CPU tensors with at least 2^14 output values run on the
     compiled kernel, everything else on the PyTorch path; both give the same
     values and gradients.  Under a ``torch.func`` transform it runs
-    :func:`differentiable_max_relative` (the same values and gradients).  The indices are not checked here (the kernel
-    declines an index out of range and the PyTorch path raises PyTorch's
-    ``index out of range`` error): :class:`gkg_pyg.GroupMaxRelConv` checks them.
+    :func:`differentiable_max_relative` (the same values and gradients).  The
+    indices are not checked here (the kernel declines an index out of range
+    and the PyTorch path raises PyTorch's ``index out of range`` error):
+    :class:`gkg_pyg.GroupMaxRelConv` checks them.
     """
     if x_src.dim() != 2 or x_dst.dim() != 2 or x_src.shape[1] != x_dst.shape[1]:
         raise ValueError(

@@ -21,9 +21,8 @@ Higher derivatives: when the backward pass is itself recorded
 gradients are recomputed from the saved inputs through ``F.batch_norm``,
 ``F.gelu`` and ``F.linear``, so every derivative is the plain modules'.
 Under a ``torch.func`` transform :func:`bn_gelu_linear` calls those
-functions directly.  The
-backward operator called directly has no derivative (a clear
-``RuntimeError``).
+functions directly.  The backward operator called directly has no
+derivative (a clear ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -358,15 +357,21 @@ def _setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(stat_a, stat_b, new_mean, new_var)
 
 
+def _plain_modules(h, bn_weight, bn_bias, weight, bias, running_mean, running_var, training, momentum, eps) -> Tensor:
+    """``F.linear(F.gelu(F.batch_norm(h, ...)))`` (no linear map without a ``weight``) on ``(N, C)``
+    rows: the plain modules, which autograd and ``torch.func`` differentiate to any order."""
+    out = F.gelu(F.batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    if weight is not None:
+        out = F.linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias)
+    return out
+
+
 def _recorded_gradients(ctx, grad_out: Tensor, inputs: Tuple[Optional[Tensor], ...], stat_a: Tensor, stat_b: Tensor):
     """The gradients of the plain modules' ``F.linear(F.gelu(F.batch_norm(h)))``
     recomputed from the saved inputs, with their own graph (``create_graph``), so
     that every higher derivative is the plain path's."""
-    h, bn_weight, bn_bias, weight, bias = inputs
     running = (None, None) if ctx.training else (stat_a, stat_b)
-    out = F.gelu(F.batch_norm(h, *running, bn_weight, bn_bias, ctx.training, 0.0, ctx.eps))
-    if weight is not None:
-        out = F.linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias)
+    out = _plain_modules(*inputs, *running, ctx.training, 0.0, ctx.eps)
     wanted = [t is not None and need for t, need in zip(inputs, ctx.needs_input_grad)]
     grads = iter(
         torch.autograd.grad(
@@ -458,12 +463,9 @@ def bn_gelu_linear(
         dtype = torch.get_autocast_dtype(device_type)  # F.linear's dtype under autocast
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     rows = h.reshape(-1, c)
-    if functorch_active():  # the plain modules' functions, which torch.func transforms differentiate
-        out = F.gelu(
-            F.batch_norm(rows, running_mean, running_var, bn_weight, bn_bias, batch_stats, momentum or 0.0, eps)
-        )
-        if weight is not None:
-            out = F.linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias)
+    if functorch_active():  # the plain modules, which torch.func transforms differentiate
+        out = _plain_modules(rows, bn_weight, bn_bias, weight, bias, running_mean, running_var, batch_stats,
+                             momentum or 0.0, eps)  # fmt: skip
         return out.view(*h.shape[:-1], out.shape[-1])
     out, _, _, new_mean, new_var = _BN_GELU_LINEAR(
         rows, bn_weight, bn_bias, weight, bias, running_mean, running_var, batch_stats, momentum or 0.0, eps
