@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gkg_pyg import GroupMaxRelConv, group_knn
 from gkg_pyg.geometry import stage_grids
@@ -130,6 +131,25 @@ def test_regular_path_on_group_knn_table_matches_group_knn_edges_dilated():
 # ---------------------------------------------------------------------------
 # Factored position term
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "grid, channels, pool", [((24, 24), 80, 4), ((12, 20), 160, 2), ((9, 7), 40, 1), ((250, 3), 8, 1)]
+)
+def test_position_table_is_the_one_call_build_bit_for_bit(grid, channels, pool):
+    """The chunked build equals the whole ``n x n`` table summed in float64, rounded to
+    float32 and resampled in one ``F.interpolate`` call (the authors' order), bit for bit;
+    (250, 3) spans several chunks with a last partial one."""
+    h, w = grid
+    omega = 1.0 / 10000 ** (torch.arange(channels // 4, dtype=torch.float64) / (channels // 4))
+    pos = torch.arange(h * w)
+    y, x = (pos // w).double(), (pos % w).double()
+    cos_sum = lambda a: torch.cos((a[:, None] - a[None, :])[..., None] * omega).sum(-1)  # noqa: E731
+    table = ((cos_sum(y) * (2.0 / channels)) + (cos_sum(x) * (2.0 / channels))).float()
+    n_src = (h // pool) * (w // pool)
+    if n_src != h * w:
+        table = F.interpolate(table[None, None], size=(h * w, n_src), mode="bicubic", align_corners=False)[0, 0]
+    assert torch.equal(relative_position_table(grid, channels, pool), table)
+
+
 @pytest.mark.parametrize("size", [224, 96])
 def test_position_factors_reproduce_the_dense_table(size):
     """U @ V.T equals the dense table up to its float32 rounding (the table is
