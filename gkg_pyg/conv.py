@@ -238,9 +238,11 @@ class GroupMaxRelConv(MessagePassing):
         BatchNorm and exact GELU as one operator, in evaluation one grouped linear
         map with the BatchNorm folded in, then the activation (in place where no
         gradient flows)."""
-        if len(self.nn) != 3 or type(self.nn[0]) is not GroupedLinear:
+        # the Sequential's modules in one pass (under torch.compile, indexing it traces several calls)
+        maps = list(self.nn) if isinstance(self.nn, nn.Sequential) else []
+        if len(maps) != 3 or type(maps[0]) is not GroupedLinear:
             return self.nn(features)
-        linear, norm, act = self.nn
+        linear, norm, act = maps
         if self.training:
             if torch.is_grad_enabled() and fusable(norm, act):
                 return batchnorm_gelu(linear(features), norm)
@@ -290,8 +292,9 @@ class GroupMaxRelConv(MessagePassing):
                 f"{self.__class__.__name__} expects source and destination features of one dtype, got "
                 f"{x_src.dtype} and {x_dst.dtype}"
             )
-        weight = self.nn[0].weight
-        if x_src.dtype != weight.dtype and not autocasting(x_src.device.type):  # autocast casts for the layer
+        weight = next(self.nn.parameters(), None)
+        if weight is not None and x_src.dtype != weight.dtype and not autocasting(x_src.device.type):
+            # (autocast casts for the layer)
             raise ValueError(
                 f"{self.__class__.__name__}'s parameters are {weight.dtype} and the node features {x_src.dtype}: "
                 f"convert one of them (e.g. conv.to({x_src.dtype}) or x.to({weight.dtype}))"

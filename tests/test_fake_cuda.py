@@ -14,6 +14,7 @@ through ``benchmarks/fake_cuda.py``'s re-implementation of the engine's loop
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -46,8 +47,11 @@ def size_param(size, mode):
 CASES = [size_param(size, mode) for size in (224, 448, 576) for mode in ("eval", "backward")]
 
 
+@functools.lru_cache(maxsize=None)
 def build(name: str, size: int, backend: str):
-    """The model's parameters and buffers made as fake CUDA tensors (built in fake mode)."""
+    """The model's parameters and buffers made as fake CUDA tensors (built in fake mode), once
+    per model, size and backend: the cases of one model differ in precision and mode, and each
+    starts without gradients."""
     mode = fc.fake_mode()
     with mode, torch.device("cuda"):
         model = gkg_pyg.create_model(name, num_classes=CLASSES, img_size=size, knn_backend=backend)
@@ -65,6 +69,7 @@ def check_on_gpu(tensors, what):
 @pytest.mark.parametrize("name", ["gkgnet_s", pytest.param("pvig_s", marks=pytest.mark.slow)])
 def test_fake_cuda(name, backend, amp, size, mode):
     model, fake = build(name, size, backend)
+    model.zero_grad(set_to_none=True)
     dtype = AUTOCAST[amp]
     with fake:
         check_on_gpu(list(model.named_parameters()) + list(model.named_buffers()), "parameters and buffers")

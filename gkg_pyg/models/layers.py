@@ -199,8 +199,17 @@ class LinearBatchNorm(nn.Sequential):
     def __init__(self, cin: int, cout: int):
         super().__init__(NodeLinear(cin, cout), NodeBatchNorm(cout))
 
+    # By name: indexing a Sequential traces several calls under torch.compile (the model makes 64 of these).
+    @property
+    def linear(self) -> NodeLinear:
+        return self._modules["0"]
+
+    @property
+    def bn(self) -> NodeBatchNorm:
+        return self._modules["1"]
+
     def forward(self, x: Tensor) -> Tensor:
-        return linear_then_bn(x, self[0], self[1])
+        return linear_then_bn(x, self.linear, self.bn)
 
 
 class FFN(nn.Module):
@@ -214,11 +223,11 @@ class FFN(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if folds(self.fc1[1]):
+        if folds(self.fc1.bn):
             return residual(x, self.drop_path(self.fc2(activate(self.fc1(x), self.act))))
         # fc2's linear map of GELU(fc1(x)), keeping one hidden tensor for backward instead of three
-        h = bn_act_linear(self.fc1[0](x), self.fc1[1], self.act, self.fc2[0])
-        return residual(x, self.drop_path(self.fc2[1](h)))
+        h = bn_act_linear(self.fc1.linear(x), self.fc1.bn, self.act, self.fc2.linear)
+        return residual(x, self.drop_path(self.fc2.bn(h)))
 
 
 # ---------------------------------------------------------------------------

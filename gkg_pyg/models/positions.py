@@ -25,6 +25,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..knn import PositionBias
 
@@ -65,8 +66,9 @@ def relative_position_table(grid: Grid, channels: int, pool: int) -> Tensor:
     rows, cols = index // w, index % w
     out = torch.empty(n, n_src, device="cpu")
     # Chunks of about 2 MB stay in the cache between the sum and the resampling: at 576 px
-    # (n = 20736) the table takes a quarter of the time of 2048-row chunks.
-    rows_per_chunk = max(1, 2**19 // n)
+    # (n = 20736) the table takes a quarter of the time of 2048-row chunks.  Fake tensors (a
+    # model built under FakeTensorMode) hold no values: one chunk, a few operations to trace.
+    rows_per_chunk = n if isinstance(out, FakeTensor) else max(1, 2**19 // n)
     buffer = torch.empty(rows_per_chunk, h, w, device="cpu")
     for r0 in range(0, n, rows_per_chunk):
         r, c = rows[r0 : r0 + rows_per_chunk], cols[r0 : r0 + rows_per_chunk]

@@ -232,10 +232,14 @@ def _onednn_pays(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int)
     rows and 2^26 multiply-adds or 1024 and 2^27."""
     if x.dim() < 2 or x.numel() == 0 or not _onednn_usable(x):
         return False
-    if any(t is not None and t.dtype != torch.float32 for t in (weight, bias)):
+    # Plain conditions, no generators: torch.compile traces this for every linear map of the model.
+    if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
         return False
     rows = x.numel() // x.shape[-1]
-    return any(rows >= r and rows * weight.numel() >= macs for r, macs in _ONEDNN_SIZES)
+    for least_rows, least_macs in _ONEDNN_SIZES:
+        if rows >= least_rows and rows * weight.numel() >= least_macs:
+            return True
+    return False
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
