@@ -244,44 +244,68 @@ def precision(device: torch.device) -> str:
     return amp_name(device) or "fp32"
 
 
+def bench_command(args, device: torch.device, size: int) -> list:
+    """``benchmarks/throughput.py`` at one size (in a smoke run the dense backend only:
+    every row is a process of its own)."""
+    cmd = [sys.executable, "benchmarks/throughput.py", "--img-size", size, "--batch", args.batch]
+    cmd += ["--device", device.type, *amp_args(device), "--iters", args.iters]
+    return cmd + (["--backend", "dense"] if args.smoke else [])
+
+
+def bench_rows(stdout: str, args, device: torch.device, size: int) -> list:
+    """The summary rows of throughput.py's table: one per backend and task."""
+    rows = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].startswith("gkg_pyg["):
+            impl, task, _, ips, peak, _, share, _ = cells
+            variant = impl.removeprefix("gkg_pyg[").replace("]", "")  # "dense", "dense+compile"
+            name = f"GKGNet-S {size} px b{args.batch} {precision(device)} {task}, {variant}"
+            if ips == "nan":  # the row's process failed (its error is in the log above)
+                rows.append((name, "FAIL", "the measuring process failed"))
+                continue
+            details = f"{ips} img/s, peak {peak} MiB" + (f", kNN {share} of the step" if share else "")
+            rows.append((name, "ok", details))
+    return rows
+
+
 def step_bench(args, device) -> None:
     """benchmarks/throughput.py at each size: one summary row per backend and task."""
     for size in args.sizes:
-        cmd = [sys.executable, "benchmarks/throughput.py", "--img-size", size, "--batch", args.batch]
-        cmd += ["--device", device.type, *amp_args(device), "--iters", args.iters]
-        cmd += ["--backend", "dense"] if args.smoke else []  # every row is a process of its own
-        proc = run(cmd)
+        proc = run(bench_command(args, device, size))
         if proc.returncode != 0:
             row(f"GKGNet-S {size} px b{args.batch} {precision(device)}", "FAIL", last_line(proc))
             continue
-        for line in proc.stdout.splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 8 and cells[0].startswith("gkg_pyg["):
-                impl, task, _, ips, peak, _, share, _ = cells
-                name = f"GKGNet-S {size} px b{args.batch} {precision(device)} {task}, {impl[8:-1]}"
-                if ips == "nan":  # the row's process failed (its error is in the log above)
-                    row(name, "FAIL", "the measuring process failed")
-                    continue
-                details = f"{ips} img/s, peak {peak} MiB" + (f", kNN {share} of the step" if share else "")
-                row(name, "ok", details)
+        for name, result, details in bench_rows(proc.stdout, args, device, size):
+            row(name, result, details)
+
+
+def memory_command(args, size: int) -> list:
+    """``benchmarks/memory.py``: the estimator's peak (fake tensors) for the harness's training step."""
+    cmd = [sys.executable, "benchmarks/memory.py", "--sizes", size, "--batch", args.batch, "--amp", "fp16"]
+    cmd += ["--backends", *(["dense"] if args.smoke else backends())]
+    return cmd + (["--authors", args.harness] if args.harness else [])
+
+
+def memory_rows(stdout: str, args, size: int) -> list:
+    rows = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] == str(size):
+            _, _, _, backend, ours, theirs, ratio = cells
+            details = f"gkg-pyg {ours} MiB" + (f", authors {theirs} MiB ({ratio})" if theirs != "-" else "")
+            rows.append((f"estimated peak, train step {size} px b{args.batch} fp16, {backend}", "ok", details))
+    return rows
 
 
 def step_memory(args, device) -> None:
-    """The estimator's peak (fake tensors) for the harness's training step."""
     for size in args.sizes:
-        cmd = [sys.executable, "benchmarks/memory.py", "--sizes", size, "--batch", args.batch, "--amp", "fp16"]
-        cmd += ["--backends", *(["dense"] if args.smoke else backends())]
-        cmd += ["--authors", args.harness] if args.harness else []
-        proc = run(cmd)
+        proc = run(memory_command(args, size))
         if proc.returncode != 0:
             row(f"estimated peak, train step {size} px b{args.batch} fp16", "FAIL", last_line(proc))
             continue
-        for line in proc.stdout.splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 7 and cells[0] == str(size):
-                _, _, _, backend, ours, theirs, ratio = cells
-                details = f"gkg-pyg {ours} MiB" + (f", authors {theirs} MiB ({ratio})" if theirs != "-" else "")
-                row(f"estimated peak, train step {size} px b{args.batch} fp16, {backend}", "ok", details)
+        for name, result, details in memory_rows(proc.stdout, args, size):
+            row(name, result, details)
 
 
 def step_authors(args, device) -> None:
@@ -364,7 +388,7 @@ def report(args, device) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 576])
@@ -384,6 +408,11 @@ def main(argv=None) -> int:
         args.device, args.sizes, args.batch, args.iters, args.rounds = "cpu", [224], 1, 1, 1
     if args.quick:
         args.steps = ["checks"]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible to torch (use --smoke for the CPU self-test)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ import torch
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def load_script(name: str):
@@ -44,18 +44,17 @@ def table_rows(out: str) -> dict:
     return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
 
 
-def run_throughput(*extra: str) -> str:
-    cmd = [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", "gkgnet_ti", "--img-size", "96"]
-    cmd += ["--batch", "1", "--iters", "1", "--backend", "dense", "--device", "cpu", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
-
-
 def test_throughput_prints_its_table_with_flop_rates_and_a_compile_row():
     """The header names the device's matrix-product rate; every row has positive
     images/s and GFLOP/s (the flop counter saw the model's products, the gkg_pyg
     operators included) and the eager model row a kNN share; the torch.compile
-    row reports the seconds of its first (compiling) step."""
-    out = run_throughput("--skip-train", "--compile")
+    row reports the seconds of its first (compiling) step. The command is the GPU
+    script's bench step's (at its smoke settings, GKGNet-Ti at 96 px), and that step
+    reads the table."""
+    gpu_check = load_script("gpu_check")
+    args, cpu = gpu_check.parse_args(["--smoke"]), torch.device("cpu")
+    cmd = gpu_check.bench_command(args, cpu, 96) + ["--model", "gkgnet_ti", "--skip-train", "--compile"]
+    out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=True, timeout=900, cwd=ROOT).stdout
     header = next(line for line in out.splitlines() if line.startswith("#"))
     assert "dense matrix products" in header and float(header.split("products ")[1].split()[0]) > 0
     rows = table_rows(out)
@@ -65,3 +64,8 @@ def test_throughput_prints_its_table_with_flop_rates_and_a_compile_row():
     assert float(rows["gkg_pyg[dense]"][5]) > 0  # the flop counter saw the model's products
     assert 0 < float(rows["gkg_pyg[dense]"][6].rstrip("%")) < 100  # kNN share
     assert float(rows["gkg_pyg[dense]+compile"][7]) > 0  # seconds of the first step
+    parsed = gpu_check.bench_rows(out, args, cpu, 96)
+    assert [(name.split()[-2:], result) for name, result, _ in parsed] == [
+        (["eval,", "dense"], "ok"),
+        (["eval,", "dense+compile"], "ok"),
+    ], parsed

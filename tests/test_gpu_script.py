@@ -72,26 +72,87 @@ def test_summary_is_one_markdown_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
-    """The whole script on the CPU at tiny sizes: every step leaves a row, and the
-    report is written. The training demo runs without --compile (compiling it takes
-    minutes on 2 cores; torch.compile of the model and of the training scripts is
-    tested in test_model.py, test_train.py and test_benchmark_scripts.py)."""
-    harness = os.environ.get("GKG_PYG_AUTHORS_HARNESS", "/work/authors_harness")
-    args = ["--dry-run"] + (["--harness", harness] if Path(harness, "peak_memory.py").exists() else [])
-    args += ["--no-compile"]  # gpu.sh's own options first: the rest goes to gpu_check.py
-    proc = bash(*args, out=tmp_path, timeout=1800)
+def test_dry_run_checks_tests_and_trains_on_the_cpu(tmp_path):
+    """The script end to end on the CPU at tiny sizes (gpu.sh, gpu_check.py --smoke, the report):
+    the checks, the tests step's pytest run and the training demo, stopped and resumed, each leave
+    their rows. The training demo runs without --compile (compiling it takes minutes on 2 cores;
+    torch.compile of the model and of the training scripts is tested in test_model.py,
+    test_train.py and test_benchmark_scripts.py). The bench, memory and authors steps run their
+    scripts, each a process per row: the commands and the tables they print are tested with the
+    scripts themselves (test_benchmark_scripts.py, test_memory.py) and below."""
+    # gpu.sh's own options first: the rest goes to gpu_check.py
+    proc = bash("--dry-run", "--no-compile", "--steps", "checks", "tests", "train", out=tmp_path, timeout=1800)
     report = (tmp_path / "gpu_report.md").read_text()
     # bf16 rows where this CPU computes bfloat16 natively, else float32 rows
     precision = load_gpu_check().precision(torch.device("cpu"))
-    for step in (
-        "| check |",
-        "| tests: fake CUDA |",
-        f"| GKGNet-S 224 px b1 {precision}",
-        "| estimated peak",
-        f"| training demo ({precision}, resume) | PASS |",
-    ):
+    for step in ("| check | PASS |", "| tests: fake CUDA | PASS |", f"| training demo ({precision}, resume) | PASS |"):
         assert step in report, f"no {step!r} row:\n{report}\n{proc.stdout[-3000:]}"
-    assert proc.returncode == report.count("| FAIL |"), report
-    # The throughput step parsed its table: a measured row per task (a FAIL row also names the size).
-    assert f"| GKGNet-S 224 px b1 {precision} eval, dense | ok |" in report, report
+    assert proc.returncode == report.count("| FAIL |") == 0, report
+
+
+THROUGHPUT = """# GKGNet-S ... dense matrix products 138 GFLOP/s
+| model | task | ms/step | images/s | peak MiB | GFLOP/s | kNN share | first step s |
+|---|---|---|---|---|---|---|---|
+| gkg_pyg[dense] | eval | 140.3 | 7.13 | 909 | 74 | 14% | 0.2 |
+| gkg_pyg[dense] | train | nan | nan | nan | nan | | |
+| gkg_pyg[dense]+compile | eval | 120.0 | 8.33 | 900 | 80 | | 40.1 |
+| group_knn[dense] | knn stage 1 | 3.4 | 291.55 | 795 | 29 | 100% | |
+"""
+MEMORY = """| size | batch | precision | gkg-pyg kNN | gkg-pyg MiB | authors MiB | gkg-pyg / authors |
+|---:|---:|---|---|---:|---:|---:|
+| 96 | 1 | fp16 | dense | 743 | 1200 | 0.62x |
+"""
+AUTHORS = """GKGNet-S, 96 px, batch 1, cpu, 1 rounds
+| task | configuration | images/s (median) | speed / authors fp32 (median of rounds, min-max) |
+|---|---|---|---|
+| eval | gkg-pyg, fp32 | 9.40 | 3.80x (3.35-4.23) |
+| train | gkg-pyg, fp32 | 3.48 | 2.20x (1.82-2.23) |
+"""
+
+
+def test_bench_memory_and_authors_steps_read_their_scripts_tables(monkeypatch, tmp_path):
+    """The steps that run the benchmark scripts, on their tables (the real scripts' tables are
+    parsed in test_benchmark_scripts.py and test_memory.py): a row per measurement, a FAIL row for a
+    measuring process that failed or a script that exited with an error."""
+    gpu_check = load_gpu_check()
+    (tmp_path / "peak_memory.py").write_text("")
+    args = gpu_check.parse_args(["--smoke", "--harness", str(tmp_path)])
+    args.sizes = [96]
+    commands = []
+
+    def run(cmd, timeout=3600):
+        cmd = [str(c) for c in cmd]
+        commands.append(cmd)
+        script = Path(cmd[1]).name
+        out = {"throughput.py": THROUGHPUT, "memory.py": MEMORY, "authors.py": AUTHORS}.get(script, "peak 812 MiB")
+        code = 1 if script == "peak_memory.py" and cmd[2] == "authors" else 0
+        return subprocess.CompletedProcess(cmd, code, out, "")
+
+    monkeypatch.setattr(gpu_check, "run", run)
+    cpu = torch.device("cpu")
+    for step in ("bench", "memory", "authors"):
+        gpu_check.run_step(step, args, cpu)
+    p = gpu_check.precision(cpu)
+    rows = {name: (result, details) for name, result, details in gpu_check.ROWS}
+    assert rows[f"GKGNet-S 96 px b1 {p} eval, dense"] == ("ok", "7.13 img/s, peak 909 MiB, kNN 14% of the step")
+    assert rows[f"GKGNet-S 96 px b1 {p} train, dense"] == ("FAIL", "the measuring process failed")
+    assert rows[f"GKGNet-S 96 px b1 {p} eval, dense+compile"][0] == "ok"
+    assert rows["estimated peak, train step 96 px b1 fp16, dense"] == (
+        "ok",
+        "gkg-pyg 743 MiB, authors 1200 MiB (0.62x)",
+    )
+    assert rows["paired 96 px b1 train: gkg-pyg, fp32"] == ("ok", "3.48 img/s, 2.20x (1.82-2.23)")
+    amp = "amp" if gpu_check.amp_name(cpu) else "fp32"
+    assert rows[f"harness peak memory 96 px b1 train {amp}, authors"][0] == "FAIL"
+    assert rows[f"harness peak memory 96 px b1 train {amp}, gkg_pyg"] == ("ok", "peak 812 MiB")
+    assert [Path(c[1]).name for c in commands] == ["throughput.py", "memory.py", "authors.py"] + ["peak_memory.py"] * 2
+    assert commands[1][-2:] == ["--authors", str(tmp_path)]  # the memory step puts the authors' estimate beside
+
+    gpu_check.ROWS.clear()
+    monkeypatch.setattr(gpu_check, "run", lambda cmd, timeout=3600: subprocess.CompletedProcess(cmd, 2, "", "error: x"))
+    gpu_check.run_step("bench", args, cpu)
+    gpu_check.run_step("memory", args, cpu)
+    assert [(name, result) for name, result, _ in gpu_check.ROWS] == [
+        (f"GKGNet-S 96 px b1 {p}", "FAIL"),
+        ("estimated peak, train step 96 px b1 fp16", "FAIL"),
+    ]

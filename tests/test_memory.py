@@ -160,3 +160,24 @@ def test_breakdown_names_the_model_state():
     assert parts["parameters"] == param_bytes
     assert parts["gradients"] == param_bytes
     assert parts["optimizer state"] >= 2 * param_bytes  # exp_avg, exp_avg_sq (+ the step counters)
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_memory_script_prints_the_table_the_gpu_script_reads(capsys):
+    """benchmarks/memory.py with the GPU script's memory-step command (smoke settings, at 96 px):
+    one row per size and backend, which the step turns into its summary row."""
+    gpu_check, memory = load_benchmark("gpu_check"), load_benchmark("memory")
+    args = gpu_check.parse_args(["--smoke"])
+    cmd = gpu_check.memory_command(args, 96)
+    assert Path(cmd[1]).name == "memory.py"
+    assert memory.main([str(c) for c in cmd[2:]]) in (0, None)
+    rows = gpu_check.memory_rows(capsys.readouterr().out, args, 96)
+    assert len(rows) == 1 and rows[0][0] == "estimated peak, train step 96 px b1 fp16, dense", rows
+    assert rows[0][1] == "ok" and float(rows[0][2].split()[1]) > 0, rows

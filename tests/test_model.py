@@ -432,11 +432,12 @@ def test_position_terms_are_rebuilt_not_cast_twice():
 @pytest.mark.parametrize("name", ["gkgnet_s", "pvig_s"])
 def test_forward_compiles_without_graph_breaks(name):
     """``torch._dynamo.explain`` of an evaluation forward pass (CPU, 224 px,
-    batch 2, dense kNN): one graph, no break, at the construction size and at
-    another size (the resampled position tables)."""
+    batch 2, dense kNN): one graph, no break, at the construction size and, for
+    GKGNet, at another size (the resampled position tables; Pyramid ViG's stages
+    are the same modules)."""
     torch.manual_seed(0)
     model = gkg_pyg.create_model(name, num_classes=80, img_size=224, knn_backend="dense").eval()
-    for size in [(224, 224), (192, 256)]:
+    for size in [(224, 224), (192, 256)] if name == "gkgnet_s" else [(224, 224)]:
         torch._dynamo.reset()
         with torch.no_grad():
             explanation = torch._dynamo.explain(model)(torch.randn(2, 3, *size))

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
 
 from gkg_pyg.builder import build_model
 from gkg_pyg.config import load_config
@@ -238,34 +239,35 @@ def test_compile_flag(tiny, tmp_path, capsys):
     cores would make a 5-minute test): the run trains what the plain run trains, its checkpoint holds
     the plain model's names, and evaluate.py --compile measures what evaluate.py measures.
 
-    The runs are processes of one thread each, started as soon as what they need exists (the
-    evaluations need the plain run's checkpoint, which the compiled run's equals), so that the
-    second core works while the compiled run traces the model."""
-    common = ("--set", "train.epochs=1", "--set", "train.ema=false")
+    Batches of 23 split the epoch's 46 images evenly and the 11 evaluation images are one batch, so
+    each compiled forward pass is traced once per mode (a last, smaller batch would trace it again)."""
+    common = ("--set", "train.epochs=1", "--set", "train.ema=false", "--set", "train.batch_size=23")
     compiled_run, plain_run = tmp_path / "compiled", tmp_path / "plain"
-    compiled = start("train", tiny["config"], "--output", compiled_run, "--compile", "--compile-backend", "eager",
-                     *common)  # fmt: skip
-    finish(start("train", tiny["config"], "--output", plain_run, *common))
-    # One evaluation batch of the 11 images: the compiled model traced for one batch size.
-    evals = {}
-    for flags in (("--compile", "--compile-backend", "eager"), ()):
-        folder = tmp_path / f"eval{len(flags)}"
-        proc = start("evaluate", tiny["config"], "--checkpoint", plain_run / "checkpoint_last.pth", "--output", folder,
-                     "--set", "eval.batch_size=11", *flags)  # fmt: skip
-        evals[bool(flags)] = folder, proc
+    eager = ("--compile", "--compile-backend", "eager")
+    torch._dynamo.reset()  # the runs' traces neither meet nor leave others' in this process
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        assert run_script("train", tiny["config"], "--output", compiled_run, *eager, *common) == 0
+        assert counters["stats"]["unique_graphs"] - graphs == 2  # training and evaluation, each traced once
+        assert run_script("train", tiny["config"], "--output", plain_run, *common) == 0
+        measured = {}
+        for flags in (eager, ()):
+            folder = tmp_path / f"eval{len(flags)}"
+            code = run_script("evaluate", tiny["config"], "--checkpoint", plain_run / "checkpoint_last.pth",
+                              "--output", folder, "--set", "eval.batch_size=11", *flags)  # fmt: skip
+            assert code == 0, capsys.readouterr().err[-3000:]
+            measured[bool(flags)] = json.loads((folder / "metrics.json").read_text())["model"]
+    finally:
+        torch._dynamo.reset()
+    capsys.readouterr()
     bad_backend = ("--compile", "--compile-backend", "nope")
     assert run_script("train", tiny["config"], "--output", tmp_path / "bad", *bad_backend) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
-    finish(compiled)
     state = torch.load(compiled_run / "checkpoint_last.pth", weights_only=True)
     plain = torch.load(plain_run / "checkpoint_last.pth", weights_only=True)
     assert state["model"].keys() == plain["model"].keys()  # no _orig_mod. prefix
     for key, value in plain["model"].items():
         torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    measured = {}
-    for was_compiled, (folder, proc) in evals.items():
-        finish(proc)
-        measured[was_compiled] = json.loads((folder / "metrics.json").read_text())["model"]
     for key in ("mAP", "CF1", "OF1"):
         assert measured[True][key] == pytest.approx(measured[False][key], abs=1e-6), key
 
