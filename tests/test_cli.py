@@ -251,6 +251,7 @@ def command(*args) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a process
 def test_exit_status_and_debug_traceback(tiny, capsys):
     """As a process: exit status 2 and the one line. --debug puts the traceback before that line."""
     plain = command(REPO / "experiments" / "train.py", tiny["config"], "--set", "train.epoch=3")
@@ -324,6 +325,7 @@ def test_console_commands_resolve():
         assert Path(sys.modules[main.__module__].__file__).resolve() == REPO / "experiments" / f"{script}.py"
 
 
+@pytest.mark.slow  # a process
 def test_console_command_runs(tiny):
     """gkg-predict, as installed: the same one-line error as the script."""
     exe = Path(sys.executable).with_name("gkg-predict")

@@ -148,7 +148,9 @@ def _no_graph_breaks(module, *args, **kwargs):
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("edges", ["grouped", "shared", "neighbors", "bipartite"])
+@pytest.mark.parametrize(
+    "edges", ["grouped", "neighbors"] + [pytest.param(e, marks=pytest.mark.slow) for e in ("shared", "bipartite")]
+)
 def test_torch_compile_fullgraph(edges):
     """Static edges: one graph without breaks (torch._dynamo.explain), and the
     compiled module (fullgraph=True) gives the eager outputs and gradients."""

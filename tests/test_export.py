@@ -22,10 +22,17 @@ from helpers import load_script, noise_image, run_script
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
 
-onnx = pytest.importorskip("onnx")
-numpy_helper = pytest.importorskip("onnx.numpy_helper")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+onnx = numpy_helper = ort = None  # imported when a test of this module runs (not by a quick run's collection)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def onnx_packages():
+    global onnx, numpy_helper, ort
+    onnx = pytest.importorskip("onnx")
+    numpy_helper = pytest.importorskip("onnx.numpy_helper")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+
 
 CLASSES = ["a", "b", "c", "d", "e"]
 

@@ -32,19 +32,37 @@ BATCH, CLASSES = 16, 80
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def backend_param(name):
-    marks = [] if name == "dense" or gkg_pyg.knn.has_torch_cluster() else [pytest.mark.skip("needs torch-cluster")]
-    return pytest.param(name, marks=marks)
+# The quick run (-m "not slow") keeps three cases at 224 px that between them take each backend, each
+# mode and float32 and fp16; the rest of the matrix (the paper's sizes, bf16, Pyramid ViG) is slow.
+QUICK = {
+    ("gkgnet_s", "dense", "fp32", 224, "backward"),
+    ("gkgnet_s", "torch_cluster", "fp16", 224, "backward"),
+    ("gkgnet_s", "dense", "fp16", 224, "eval"),
+}
 
 
-def size_param(size, mode):
-    # about a second a case; the paper's sizes together are the slow part of the matrix
-    return pytest.param(size, mode, marks=[pytest.mark.slow] if size > 224 else [], id=f"{size}-{mode}")
+def case(name, backend, amp, size, mode):
+    marks = [] if (name, backend, amp, size, mode) in QUICK else [pytest.mark.slow]
+    if backend == "torch_cluster" and not gkg_pyg.knn.has_torch_cluster():
+        marks.append(pytest.mark.skip("needs torch-cluster"))
+    return pytest.param(name, backend, amp, size, mode, marks=marks, id=f"{name}-{backend}-{amp}-{size}-{mode}")
 
 
 # "backward" runs the training-mode forward pass (and checks its output) before the backward pass,
 # so a separate forward-only training case would repeat a prefix of it.
-CASES = [size_param(size, mode) for size in (224, 448, 576) for mode in ("eval", "backward")]
+CASES = [
+    case(name, backend, amp, size, mode)
+    for name in ("gkgnet_s", "pvig_s")
+    for backend in ("dense", "torch_cluster")
+    for amp in ("fp32", "fp16", "bf16")
+    for size in (224, 448, 576)
+    for mode in ("eval", "backward")
+]
+
+
+def backend_param(name):
+    marks = [] if name == "dense" or gkg_pyg.knn.has_torch_cluster() else [pytest.mark.skip("needs torch-cluster")]
+    return pytest.param(name, marks=marks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,10 +81,7 @@ def check_on_gpu(tensors, what):
     assert not wrong, f"{what} not on the GPU: {wrong[:5]}"
 
 
-@pytest.mark.parametrize("size, mode", CASES)
-@pytest.mark.parametrize("amp", ["fp32", "fp16", pytest.param("bf16", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("backend", [backend_param("dense"), backend_param("torch_cluster")])
-@pytest.mark.parametrize("name", ["gkgnet_s", pytest.param("pvig_s", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name, backend, amp, size, mode", CASES)
 def test_fake_cuda(name, backend, amp, size, mode):
     model, fake = build(name, size, backend)
     model.zero_grad(set_to_none=True)

@@ -376,6 +376,7 @@ def test_viewer_state_element_is_hidden_markup(captured, tmp_path):
     assert re.search(r'<pre id="state" hidden></pre>', text) and "<h3>State</h3>" not in text
 
 
+@pytest.mark.slow  # a browser
 def test_viewer_hides_its_state_from_the_user(captured, chromium, tmp_path):
     """The JSON state stays in the page for scripts and tests, but the browser shows none of it."""
     page = gi.write_html_viewer(captured, tmp_path / "viewer.html")
@@ -389,6 +390,7 @@ def test_viewer_hides_its_state_from_the_user(captured, chromium, tmp_path):
     assert probe["display"] == "none" and probe["boxes"] == 0 and probe["height"] == 0  # ... and not shown
 
 
+@pytest.mark.slow  # a browser
 def test_html_viewer_in_chromium(captured, chromium, tmp_path):
     page = gi.write_html_viewer(captured, tmp_path / "viewer.html")
     text = page.read_text()

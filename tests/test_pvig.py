@@ -68,7 +68,8 @@ def test_registry_lists_both_families():
 @pytest.mark.parametrize("variant,expected_m", [("ti", 10.7), ("s", 27.3)])
 def test_parameters_match_published(variant, expected_m):
     for groups in (1, 2):  # Group KNN adds no parameter
-        model = gkg_pyg.create_model(f"pvig_{variant}", num_classes=1000, img_size=224, groups=groups)
+        with torch.device("meta"):  # shapes only
+            model = gkg_pyg.create_model(f"pvig_{variant}", num_classes=1000, img_size=224, groups=groups)
         assert round(count_params(model) / 1e6, 1) == expected_m
 
 
@@ -102,7 +103,7 @@ def test_head_shape_and_forward():
         PyramidViG("ti", groups=7)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("groups", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_authors_layout_loads_completely_and_equals_reference(groups):
     torch.manual_seed(0)
     ref = ReferencePyramidViG("ti", num_classes=10, img_size=192, groups=groups).double()
@@ -118,9 +119,9 @@ def test_authors_layout_loads_completely_and_equals_reference(groups):
     for mode in ("eval", "train"):
         getattr(ours, mode)(), getattr(ref, mode)()
         for size in [(192, 192), (224, 160)]:
-            x = torch.randn(3, 3, *size, dtype=torch.float64)
+            x = torch.randn(2, 3, *size, dtype=torch.float64)
             a, b = ours(x), ref(x)
-            assert a.shape == (3, 10)
+            assert a.shape == (2, 10)
             assert (a - b).abs().max() <= 1e-8 * b.abs().max(), (mode, size)
 
 

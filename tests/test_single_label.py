@@ -188,6 +188,7 @@ def test_metrics_against_brute_force(tmp_path):
         single_label_metrics(scores, target + 2)
 
 
+@pytest.mark.slow  # a whole experiment
 def test_groups_experiment_script_runs(tmp_path):
     import importlib.util
     from pathlib import Path

@@ -135,8 +135,13 @@ class RelativePosition(nn.Module):
         super().__init__()
         self.grid, self.channels, self.pool = tuple(grid), channels, pool
         device = torch.empty(0).device  # the default device (a torch.device context included)
-        self.register_buffer("relative_pos", self._table().to(device, torch.get_default_dtype()), persistent=False)
-        u, v = self._factors()
+        if device.type == "meta":  # shapes only: leaving the meta device computes the values (_apply)
+            n, n_src = grid[0] * grid[1], self.num_sources(self.grid)
+            table = torch.empty(n, n_src)
+            u, v = (torch.empty(rows, channels, dtype=torch.float64) for rows in (n, n_src))
+        else:
+            table, (u, v) = self._table(), self._factors()
+        self.register_buffer("relative_pos", table.to(device, torch.get_default_dtype()), persistent=False)
         self.register_buffer("factor_u", u.to(device), persistent=False)
         self.register_buffer("factor_v", v.to(device), persistent=False)
         self._bias_cache: Dict[tuple, Tensor] = {}
