@@ -298,8 +298,9 @@ def test_pretrained_must_fit(tmp_path):
     source = build_model(tiny_cfg(), ["a", "b", "c", "d", "e"])
     torch.save(source.state_dict(), tmp_path / "five.pth")
     model = build_model(tiny_cfg(f"model.pretrained={tmp_path / 'five.pth'}"), ["a", "b", "c", "d", "e"])
+    loaded = model.state_dict()
     for key, value in source.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(loaded[key], value), key
     with pytest.raises(ValueError, match="label_embed.weight.*\\(5, 48\\).*\\(3, 48\\)"):
         build_model(tiny_cfg(f"model.pretrained={tmp_path / 'five.pth'}"), ["a", "b", "c"])
 
@@ -312,12 +313,13 @@ def test_init_from_drops_only_the_head(tmp_path):
     model = build_model(tiny_cfg(f"model.init_from={tmp_path / 'five.pth'}"), ["x", "y", "z"])
     heads = {"label_embed.weight", "head_label.weight", "head_label.bias", "head_patch.weight", "head_patch.bias"}
     fresh = build_model(tiny_cfg(), ["x", "y", "z"])  # seed 1 again would differ: compare shapes only
+    fresh_state, source_state = fresh.state_dict(), source.state_dict()
     for key, value in model.state_dict().items():
         if key in heads:
-            assert value.shape == fresh.state_dict()[key].shape
-            assert value.shape != source.state_dict()[key].shape
+            assert value.shape == fresh_state[key].shape
+            assert value.shape != source_state[key].shape
         else:
-            assert torch.equal(value, source.state_dict()[key]), key
+            assert torch.equal(value, source_state[key]), key
     report = init_from_checkpoint(fresh, tmp_path / "five.pth", verbose=False)
     assert sorted(report["dropped_head"]) == sorted(heads)
     assert sorted(report["missing"]) == sorted(heads)

@@ -179,6 +179,7 @@ def test_torch_compile_fullgraph(edges):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow  # generates and compiles C++
 def test_torch_compile_inductor():
     """The default backend (inductor, C++ on the CPU) on the group edges."""
     torch.manual_seed(2)

@@ -429,6 +429,7 @@ def synthetic(tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # the command line end to end
 def test_cli_with_checkpoint_and_html(synthetic, tmp_path):
     cli = load_cli()
     config = tmp_path / "config.yaml"

@@ -356,6 +356,7 @@ def test_compiled_model_compiles_once(train):
         torch.testing.assert_close(outs[0], model(x))
 
 
+@pytest.mark.slow  # compiles
 def test_compiled_training_batch_norms_are_atens_as_one_operator():
     """In compiled training every BatchNorm of the patch path (images and node
     features) is the operator ``gkg_pyg::batch_norm`` and its backward

@@ -862,6 +862,7 @@ def test_compiler_choice(monkeypatch):
     assert _native._compiler()[0] in ("cc", "gcc", "clang")
 
 
+@pytest.mark.slow  # a compiler run
 def test_builds_without_openmp_into_a_fresh_cache(monkeypatch, tmp_path):
     """A compiler that cannot do OpenMP: the kernels are built without it (one
     thread per call) into the given cache and give the same answers."""

@@ -339,6 +339,7 @@ def test_progress_bar_on_request(server, tmp_path, published, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow  # GKGNet-S, built four times
 def test_gkgnet_s_coco_weights_point_to_google_drive(hub_dir, tmp_path, caplog):
     for call in (
         lambda: gkg_pyg.create_model("gkgnet_s", pretrained="coco_576"),

@@ -87,6 +87,7 @@ def test_the_planted_file_would_run_code(tiny):
     marker.unlink()
 
 
+@pytest.mark.slow  # every script and loader
 def test_planted_file_is_refused_everywhere(tiny, capsys):
     tmp = tiny["tmp"]
     state = torch.load(tiny["ckpt"], weights_only=True)["model"]
@@ -162,6 +163,7 @@ def test_unreadable_files_name_the_file_and_the_problem(tiny, content, problem):
         load_training_checkpoint(path)
 
 
+@pytest.mark.slow  # every script
 def test_inference_loads_strictly(tiny, caplog):
     """A training checkpoint with the heads and the label path removed is refused by
     every inference entry point, with the missing tensors listed."""
