@@ -1,7 +1,8 @@
 """GKGNet-S and Pyramid ViG-S on CUDA without a GPU: models built as fake CUDA
 tensors (``FakeTensorMode``), forward in evaluation mode, and forward in
 training mode followed by the backward pass, at 224, 448 and 576 px, batch 16,
-per kNN backend, in float32 and under fp16 and bf16 CUDA autocast.
+per kNN backend, in float32 and under fp16 and bf16 CUDA autocast (GKGNet-S in
+every combination, Pyramid ViG-S at each size in one of the precisions).
 
 A fake tensor has no data, so any read back to the host (``.item()``,
 ``.tolist()``, ``bool(tensor)``) raises: a case that passes synchronises
@@ -49,13 +50,18 @@ def case(name, backend, amp, size, mode):
 
 
 # "backward" runs the training-mode forward pass (and checks its output) before the backward pass,
-# so a separate forward-only training case would repeat a prefix of it.
+# so a separate forward-only training case would repeat a prefix of it. GKGNet-S takes every
+# combination; Pyramid ViG-S, whose stages are GKGNet's, each size in one precision.
 CASES = [
-    case(name, backend, amp, size, mode)
-    for name in ("gkgnet_s", "pvig_s")
+    case("gkgnet_s", backend, amp, size, mode)
     for backend in ("dense", "torch_cluster")
     for amp in ("fp32", "fp16", "bf16")
     for size in (224, 448, 576)
+    for mode in ("eval", "backward")
+] + [
+    case("pvig_s", backend, amp, size, mode)
+    for backend in ("dense", "torch_cluster")
+    for amp, size in (("fp32", 224), ("fp16", 448), ("bf16", 576))
     for mode in ("eval", "backward")
 ]
 

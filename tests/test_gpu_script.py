@@ -72,20 +72,20 @@ def test_summary_is_one_markdown_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_checks_tests_and_trains_on_the_cpu(tmp_path):
+def test_dry_run_checks_and_trains_on_the_cpu(tmp_path):
     """The script end to end on the CPU at tiny sizes (gpu.sh, gpu_check.py --smoke, the report):
-    the checks, the tests step's pytest run and the training demo, stopped and resumed, each leave
-    their rows. The training demo runs without --compile (compiling it takes minutes on 2 cores;
-    torch.compile of the model and of the training scripts is tested in test_model.py,
-    test_train.py and test_benchmark_scripts.py). The bench, memory and authors steps run their
-    scripts, each a process per row: the commands and the tables they print are tested with the
-    scripts themselves (test_benchmark_scripts.py, test_memory.py) and below."""
+    the checks and the training demo, stopped and resumed, leave their rows. The training demo
+    runs without --compile (compiling it takes minutes on 2 cores; torch.compile of the model and
+    of the training scripts is tested in test_model.py, test_train.py and
+    test_benchmark_scripts.py). The tests, bench, memory and authors steps run other processes
+    (pytest, the benchmark scripts, a process per row): the commands and what they print are
+    tested with the scripts themselves (test_benchmark_scripts.py, test_memory.py) and below."""
     # gpu.sh's own options first: the rest goes to gpu_check.py
-    proc = bash("--dry-run", "--no-compile", "--steps", "checks", "tests", "train", out=tmp_path, timeout=1800)
+    proc = bash("--dry-run", "--no-compile", "--steps", "checks", "train", out=tmp_path, timeout=1800)
     report = (tmp_path / "gpu_report.md").read_text()
     # bf16 rows where this CPU computes bfloat16 natively, else float32 rows
     precision = load_gpu_check().precision(torch.device("cpu"))
-    for step in ("| check | PASS |", "| tests: fake CUDA | PASS |", f"| training demo ({precision}, resume) | PASS |"):
+    for step in ("| check | PASS |", f"| training demo ({precision}, resume) | PASS |"):
         assert step in report, f"no {step!r} row:\n{report}\n{proc.stdout[-3000:]}"
     assert proc.returncode == report.count("| FAIL |") == 0, report
 
@@ -156,3 +156,25 @@ def test_bench_memory_and_authors_steps_read_their_scripts_tables(monkeypatch, t
         (f"GKGNet-S 96 px b1 {p}", "FAIL"),
         ("estimated peak, train step 96 px b1 fp16", "FAIL"),
     ]
+
+
+def test_tests_step_reports_each_pytest_run(monkeypatch):
+    """The tests step: one pytest process per suite (no workers: pytest-xdist may be missing on the
+    GPU machine), its summary line in the row, FAIL where pytest failed."""
+    gpu_check = load_gpu_check()
+    outputs = iter([(0, "...\n= 1016 passed, 2 skipped in 80.1s ="), (1, "F.\n= 1 failed, 75 passed in 60.0s =")])
+    commands = []
+
+    def run(cmd, timeout=3600):
+        commands.append([str(c) for c in cmd])
+        code, out = next(outputs)
+        return subprocess.CompletedProcess(cmd, code, out, "")
+
+    monkeypatch.setattr(gpu_check, "run", run)
+    gpu_check.run_step("tests", gpu_check.parse_args(["--device", "cpu"]), torch.device("cpu"))
+    assert gpu_check.ROWS == [
+        ("tests: not slow", "PASS", "1016 passed, 2 skipped in 80.1s"),
+        ("tests: fake CUDA", "FAIL", "1 failed, 75 passed in 60.0s"),
+    ]
+    assert all(c[1:3] == ["-m", "pytest"] and "addopts=-ra" in c for c in commands)
+    assert commands[0][-2:] == ["-m", "not slow"] and commands[1][-1] == "tests/test_fake_cuda.py"

@@ -169,15 +169,15 @@ def load_benchmark(name: str):
     return module
 
 
-@pytest.mark.slow
-def test_memory_script_prints_the_table_the_gpu_script_reads(capsys):
-    """benchmarks/memory.py with the GPU script's memory-step command (smoke settings, at 96 px):
-    one row per size and backend, which the step turns into its summary row."""
+def test_memory_script_prints_the_table_the_gpu_script_reads(monkeypatch, capsys):
+    """benchmarks/memory.py's table with the GPU script's memory-step command (smoke settings, at
+    96 px; the estimate itself, tested above, replaced by a number): one row per size and backend,
+    which the step turns into its summary row."""
     gpu_check, memory = load_benchmark("gpu_check"), load_benchmark("memory")
+    monkeypatch.setattr(memory, "estimate", lambda *args, **kwargs: (743 * 2**20, None, None))
     args = gpu_check.parse_args(["--smoke"])
     cmd = gpu_check.memory_command(args, 96)
     assert Path(cmd[1]).name == "memory.py"
-    assert memory.main([str(c) for c in cmd[2:]]) in (0, None)
+    assert memory.main([str(c) for c in cmd[2:]]) == 0
     rows = gpu_check.memory_rows(capsys.readouterr().out, args, 96)
-    assert len(rows) == 1 and rows[0][0] == "estimated peak, train step 96 px b1 fp16, dense", rows
-    assert rows[0][1] == "ok" and float(rows[0][2].split()[1]) > 0, rows
+    assert rows == [("estimated peak, train step 96 px b1 fp16, dense", "ok", "gkg-pyg 743 MiB")], rows

@@ -61,16 +61,6 @@ output: {{dir: {runs}, progress: false}}
 """
 
 
-def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
-        env=SCRIPT_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-    )  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name}.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def start(name: str, *args) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
@@ -200,7 +190,8 @@ def test_evaluate_script_matches_training(tiny, tmp_path):
 def test_predict_json(tiny, capsys):
     images = sorted((tiny["tmp"] / "synthetic" / "val2014").glob("*.jpg"))[:2]
     ckpt = tiny["run_a"] / "checkpoint_last.pth"
-    out = json.loads(script("predict", "--checkpoint", ckpt, "--json", "--threshold", "0", *images).stdout)
+    assert run_script("predict", "--checkpoint", ckpt, "--json", "--threshold", "0", *images) == 0
+    out = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in out] == [str(p) for p in images]
 
     # Reference: the same model built by hand.
@@ -344,12 +335,15 @@ def test_bad_inputs_fail_before_writing(tiny, broken_root, tmp_path):
     assert snapshot(run) == before, "a failed start changed the run folder"
 
 
-def test_skip_bad_images_counts(tiny, broken_root, tmp_path):
+def test_skip_bad_images_counts(tiny, broken_root, tmp_path, capsys):
     broken, _ = broken_root
-    proc = script("train", tiny["config"], "--output", tmp_path / "run", "--skip-bad-images",
-                  "--set", f"data.root={broken}", "--set", "train.epochs=1", "--set", "train.ema=false")  # fmt: skip
+    one_epoch = ("--set", "train.epochs=1", "--set", "train.ema=false")
+    code = run_script("train", tiny["config"], "--output", tmp_path / "run", "--skip-bad-images",
+                      "--set", f"data.root={broken}", *one_epoch)  # fmt: skip
+    assert code == 0
     # The up-front check leaves the missing image out, so no epoch meets it.
-    assert "left out missing or unreadable images (data.skip_bad_images): 1 training, 0 evaluation" in proc.stdout
+    out = capsys.readouterr().out
+    assert "left out missing or unreadable images (data.skip_bad_images): 1 training, 0 evaluation" in out
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["num_skipped"] == 0 and log["images"] >= 23  # the other images were trained on
 
