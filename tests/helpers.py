@@ -90,12 +90,21 @@ output: {{dir: {runs}, progress: false}}
 """
 
 
-def load_script(name: str):
-    """experiments/<name>.py as a fresh module (as a file, the way ``python experiments/<name>.py`` runs it)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "experiments" / f"{name}.py")
+def _load_file(path: Path, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_script(name: str):
+    """experiments/<name>.py as a fresh module (as a file, the way ``python experiments/<name>.py`` runs it)."""
+    return _load_file(REPO / "experiments" / f"{name}.py", f"script_{name}")
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a fresh module (as a file, the way ``python benchmarks/<name>.py`` runs it)."""
+    return _load_file(REPO / "benchmarks" / f"{name}.py", f"benchmark_{name}")
 
 
 def run_script(name: str, *args, raising: bool = False):

@@ -4,36 +4,29 @@ and its torch.compile row."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import load_benchmark
+
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_authors_benchmark_names_a_missing_harness(tmp_path):
-    script = load_script("authors")
+    script = load_benchmark("authors")
     with pytest.raises(SystemExit, match="no official_model.py there; build it with"):
         script.main(["--harness", str(tmp_path), "--rounds", "1"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_authors_benchmark_without_a_gpu_says_so(tmp_path, capsys):
-    script = load_script("authors")
+    script = load_benchmark("authors")
     with pytest.raises(SystemExit):
         script.main(["--harness", str(tmp_path), "--device", "cuda", "--amp", "fp16"])
     assert "--device cuda: no GPU visible to torch" in capsys.readouterr().err
@@ -51,7 +44,7 @@ def test_throughput_prints_its_table_with_flop_rates_and_a_compile_row():
     row reports the seconds of its first (compiling) step. The command is the GPU
     script's bench step's (at its smoke settings, GKGNet-Ti at 96 px), and that step
     reads the table."""
-    gpu_check = load_script("gpu_check")
+    gpu_check = load_benchmark("gpu_check")
     args, cpu = gpu_check.parse_args(["--smoke"]), torch.device("cpu")
     cmd = gpu_check.bench_command(args, cpu, 96) + ["--model", "gkgnet_ti", "--skip-train", "--compile"]
     out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=True, timeout=900, cwd=ROOT).stdout

@@ -16,18 +16,15 @@ through ``benchmarks/fake_cuda.py``'s re-implementation of the engine's loop
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import gkg_pyg
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fake_cuda", ROOT / "benchmarks" / "fake_cuda.py")
-fc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fc)
+from helpers import load_benchmark
+
+fc = load_benchmark("fake_cuda")
 
 BATCH, CLASSES = 16, 80
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -4,7 +4,6 @@ and (slow) the whole ``--dry-run``: every step on the CPU at tiny sizes."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,18 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import load_benchmark
+
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
-
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def bash(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -45,7 +39,7 @@ def test_script_names_a_missing_sdist_or_harness(tmp_path):
 
 def test_checks_report_a_wrong_neighbour_table(monkeypatch, capsys):
     """The device check compares tables: a wrong one on "the device" is a FAIL row."""
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     real, calls = gpu_check.batched_group_knn, []
 
     def every_second_call_wrong(*args, **kwargs):
@@ -60,7 +54,7 @@ def test_checks_report_a_wrong_neighbour_table(monkeypatch, capsys):
 
 
 def test_summary_is_one_markdown_table(tmp_path):
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     gpu_check.row("bench", "ok", "12.5 img/s | peak 3000 MiB")
     gpu_check.row("train", "FAIL", "loss did not fall")
     args = gpu_check.argparse.Namespace()
@@ -84,7 +78,7 @@ def test_dry_run_checks_and_trains_on_the_cpu(tmp_path):
     proc = bash("--dry-run", "--no-compile", "--steps", "checks", "train", out=tmp_path, timeout=1800)
     report = (tmp_path / "gpu_report.md").read_text()
     # bf16 rows where this CPU computes bfloat16 natively, else float32 rows
-    precision = load_gpu_check().precision(torch.device("cpu"))
+    precision = load_benchmark("gpu_check").precision(torch.device("cpu"))
     for step in ("| check | PASS |", f"| training demo ({precision}, resume) | PASS |"):
         assert step in report, f"no {step!r} row:\n{report}\n{proc.stdout[-3000:]}"
     assert proc.returncode == report.count("| FAIL |") == 0, report
@@ -114,7 +108,7 @@ def test_bench_memory_and_authors_steps_read_their_scripts_tables(monkeypatch, t
     """The steps that run the benchmark scripts, on their tables (the real scripts' tables are
     parsed in test_benchmark_scripts.py and test_memory.py): a row per measurement, a FAIL row for a
     measuring process that failed or a script that exited with an error."""
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     (tmp_path / "peak_memory.py").write_text("")
     args = gpu_check.parse_args(["--smoke", "--harness", str(tmp_path)])
     args.sizes = [96]
@@ -161,7 +155,7 @@ def test_bench_memory_and_authors_steps_read_their_scripts_tables(monkeypatch, t
 def test_tests_step_reports_each_pytest_run(monkeypatch):
     """The tests step: one pytest process per suite (no workers: pytest-xdist may be missing on the
     GPU machine), its summary line in the row, FAIL where pytest failed."""
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     outputs = iter([(0, "...\n= 1016 passed, 2 skipped in 80.1s ="), (1, "F.\n= 1 failed, 75 passed in 60.0s =")])
     commands = []
 

@@ -3,7 +3,6 @@
 
 import copy
 import html
-import importlib.util
 import json
 import os
 import re
@@ -21,6 +20,8 @@ import gkg_pyg
 from gkg_pyg import inspect as gi
 from gkg_pyg.data import SYNTHETIC_CLASSES, build_test_transform, make_synthetic_coco
 from gkg_pyg.errors import UsageError
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG_SIZE = 128  # every stage then has more than K patches (stage 4: 4x4)
@@ -415,13 +416,6 @@ def test_html_viewer_in_chromium(captured, chromium, tmp_path):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-def load_cli():
-    spec = importlib.util.spec_from_file_location("inspect_graphs_cli", ROOT / "experiments" / "inspect_graphs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     return make_synthetic_coco(
@@ -431,7 +425,7 @@ def synthetic(tmp_path_factory):
 
 @pytest.mark.slow  # the command line end to end
 def test_cli_with_checkpoint_and_html(synthetic, tmp_path):
-    cli = load_cli()
+    cli = load_script("inspect_graphs")
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  name: gkgnet_ti\n  num_classes: 10\n  img_size: 96\n")
     torch.manual_seed(5)
@@ -481,7 +475,7 @@ def test_cli_with_checkpoint_and_html(synthetic, tmp_path):
 
 
 def test_cli_random_weights(synthetic, tmp_path):
-    cli = load_cli()
+    cli = load_script("inspect_graphs")
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  name: gkgnet_ti\n  num_classes: 3\n  img_size: 96\n")
     image = sorted((synthetic / "val2014").glob("*.jpg"))[0]
@@ -514,7 +508,7 @@ def test_cli_random_weights(synthetic, tmp_path):
 def test_cli_config_without_num_classes_or_checkpoint(synthetic, tmp_path):
     """The README's demo command without --checkpoint: the class names come from
     the config's data set (the synthetic one's fixed list, nothing generated)."""
-    cli = load_cli()
+    cli = load_script("inspect_graphs")
     image = sorted((synthetic / "val2014").glob("*.jpg"))[0]
     demo = ROOT / "experiments" / "configs" / "demo.yaml"
     summary = cli.run(["--config", str(demo), "--image", str(image), "--stage", "2", "--label", "circle",

@@ -5,17 +5,15 @@ against the autograd engine's memory behaviour."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fake_cuda", ROOT / "benchmarks" / "fake_cuda.py")
-fc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fc)
+from helpers import load_benchmark
+
+fc = load_benchmark("fake_cuda")
 
 N = 1000
 
@@ -160,13 +158,6 @@ def test_breakdown_names_the_model_state():
     assert parts["parameters"] == param_bytes
     assert parts["gradients"] == param_bytes
     assert parts["optimizer state"] >= 2 * param_bytes  # exp_avg, exp_avg_sq (+ the step counters)
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_memory_script_prints_the_table_the_gpu_script_reads(monkeypatch, capsys):

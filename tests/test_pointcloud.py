@@ -2,26 +2,17 @@
 ModelNet in its real OFF layout) and experiments/pointcloud.py (its graphs and
 EdgeConv layer against brute force, and a tiny end-to-end run)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from gkg_pyg.data.pointcloud import MODELNET10_CLASSES, SHAPE_CLASSES, SyntheticShapes, load_modelnet, sample_shape
 
+from helpers import load_script
+
 torch_cluster = pytest.importorskip("torch_cluster")  # the experiment's kNN graphs need it
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pointcloud.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("pointcloud_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shapes_lie_on_their_surfaces():
@@ -67,7 +58,7 @@ def test_synthetic_shapes_data_set():
 
 
 def test_knn_graph_and_edgeconv_against_brute_force():
-    script = load_script()
+    script = load_script("pointcloud")
     torch.manual_seed(0)
     pos = torch.randn(30, 3, dtype=torch.float64)
     batch = torch.tensor([0] * 12 + [1] * 18)
@@ -87,7 +78,7 @@ def test_knn_graph_and_edgeconv_against_brute_force():
 
 @pytest.mark.parametrize("variant", ["edgeconv", "maxrel_g1", "maxrel_g2"])
 def test_dgcnn_variants_forward_and_train(variant):
-    script = load_script()
+    script = load_script("pointcloud")
     torch.manual_seed(0)
     data = SyntheticShapes("train", num_per_class=1, num_points=40)
     from torch_geometric.loader import DataLoader
@@ -103,7 +94,7 @@ def test_dgcnn_variants_forward_and_train(variant):
 
 
 def test_script_runs_end_to_end(tmp_path, capsys):
-    script = load_script()
+    script = load_script("pointcloud")
     out = tmp_path / "runs.json"
     rows = script.run(
         [

@@ -4,7 +4,6 @@ for inference, clear errors for empty, truncated and foreign files."""
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import re
 from pathlib import Path
@@ -19,7 +18,8 @@ from gkg_pyg.config import load_config
 from gkg_pyg.data import make_synthetic_coco
 from gkg_pyg.training.state import load_training_checkpoint
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "experiments"
+from helpers import load_script
+
 TINY = """\
 name: tiny
 model: {{name: gkgnet_ti, img_size: 33, k: 3}}
@@ -42,13 +42,6 @@ class Planted:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"safety_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

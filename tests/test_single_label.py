@@ -31,7 +31,7 @@ from gkg_pyg.single_label import (
     write_confusion_matrix,
 )
 
-from helpers import write_cifar
+from helpers import load_script, write_cifar
 
 
 # ---------------------------------------------------------------------------
@@ -190,13 +190,7 @@ def test_metrics_against_brute_force(tmp_path):
 
 @pytest.mark.slow  # a whole experiment
 def test_groups_experiment_script_runs(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "experiments" / "pvig_groups.py"
-    spec = importlib.util.spec_from_file_location("pvig_groups", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("pvig_groups")
     rows = module.run(
         [
             "--root",

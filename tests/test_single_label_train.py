@@ -3,7 +3,6 @@ train.py (with Mixup/CutMix) and evaluate.py on the synthetic shapes and on a
 CIFAR-10 fixture in its real pickle format, the shipped pvig_*.yaml recipes,
 and the config checks."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,20 +12,13 @@ import torch
 from gkg_pyg.builder import build_model
 from gkg_pyg.config import ConfigError, load_config
 from gkg_pyg.training.optim import build_optimizer
-from helpers import write_cifar
+from helpers import load_script, write_cifar
 
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"
-
-
-def script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny(tmp_path, *extra):
@@ -52,7 +44,7 @@ def tiny(tmp_path, *extra):
 def test_train_and_evaluate_single_label(tmp_path):
     config = str(CONFIGS / "pvig_demo.yaml")
     assert (
-        script("train").main(
+        load_script("train").main(
             [config, *tiny(tmp_path, "--set", "single_label.mixup_alpha=0.8", "--set", "single_label.cutmix_alpha=1.0")]
         )
         == 0
@@ -68,7 +60,7 @@ def test_train_and_evaluate_single_label(tmp_path):
     # evaluate.py on the same split gives the same top-1
     out = tmp_path / "eval"
     assert (
-        script("evaluate").main(
+        load_script("evaluate").main(
             [config, "--checkpoint", str(run / "checkpoint_last.pth"), "--output", str(out), *tiny(tmp_path)]
         )
         == 0
@@ -78,7 +70,9 @@ def test_train_and_evaluate_single_label(tmp_path):
     assert (out / "confusion_matrix.csv").is_file()
     # Thresholds are for multi-label models: asking for them is a usage error, not silently nothing.
     checkpoint = str(run / "checkpoint_last.pth")
-    assert script("evaluate").main([config, "--checkpoint", checkpoint, "--choose-thresholds", *tiny(tmp_path)]) == 2
+    assert (
+        load_script("evaluate").main([config, "--checkpoint", checkpoint, "--choose-thresholds", *tiny(tmp_path)]) == 2
+    )
 
 
 def test_cifar_recipe_runs_on_a_cifar_fixture(tmp_path):
@@ -104,7 +98,7 @@ def test_cifar_recipe_runs_on_a_cifar_fixture(tmp_path):
         "--set",
         "schedule.milestones=[]",
     ]
-    assert script("train").main(args) == 0
+    assert load_script("train").main(args) == 0
     metrics = json.loads((tmp_path / "runs" / "pvig_ti_cifar10_g2" / "metrics.json").read_text())
     assert metrics["model"]["num_images"] == 4  # test_batch
 
@@ -182,7 +176,7 @@ def test_predict_and_export_on_a_single_label_checkpoint(tmp_path):
     from gkg_pyg.data.single_label import single_label_split
 
     config = str(CONFIGS / "pvig_demo.yaml")
-    assert script("train").main([config, *tiny(tmp_path, "--set", "train.epochs=1")]) == 0
+    assert load_script("train").main([config, *tiny(tmp_path, "--set", "train.epochs=1")]) == 0
     ckpt = tmp_path / "runs" / "pvig_demo" / "checkpoint_last.pth"
     state = torch.load(ckpt, weights_only=True)
     assert state["preprocess"]["resize"] == "bicubic_center_crop"
@@ -195,7 +189,7 @@ def test_predict_and_export_on_a_single_label_checkpoint(tmp_path):
     images = sorted((tmp_path / "shapes").rglob("*.png"))[:3]
     assert images
     out = tmp_path / "pred.json"
-    predict = script("predict")
+    predict = load_script("predict")
     assert predict.main(["--checkpoint", str(ckpt), *map(str, images), "--output", str(out), "--topk", "8"]) == 0
     records = json.loads(out.read_text())
     for r in records:
@@ -208,4 +202,4 @@ def test_predict_and_export_on_a_single_label_checkpoint(tmp_path):
     _, _, preprocess, _, single = predict.load_model(predict.parse_args(["--checkpoint", str(old), str(images[0])]))
     assert single and preprocess["resize"] == "bicubic_center_crop"
     with pytest.raises(ValueError, match="single-label checkpoint"):
-        script("export").run(["--checkpoint", str(ckpt), "--output", str(tmp_path / "m.onnx")])
+        load_script("export").run(["--checkpoint", str(ckpt), "--output", str(tmp_path / "m.onnx")])
