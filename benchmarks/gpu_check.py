@@ -244,6 +244,12 @@ def precision(device: torch.device) -> str:
     return amp_name(device) or "fp32"
 
 
+def table_cells(stdout: str):
+    """The stripped cells of every Markdown table line a script printed."""
+    for line in stdout.splitlines():
+        yield [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def bench_command(args, device: torch.device, size: int) -> list:
     """``benchmarks/throughput.py`` at one size (in a smoke run the dense backend only:
     every row is a process of its own)."""
@@ -255,8 +261,7 @@ def bench_command(args, device: torch.device, size: int) -> list:
 def bench_rows(stdout: str, args, device: torch.device, size: int) -> list:
     """The summary rows of throughput.py's table: one per backend and task."""
     rows = []
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    for cells in table_cells(stdout):
         if len(cells) == 8 and cells[0].startswith("gkg_pyg["):
             impl, task, _, ips, peak, _, share, _ = cells
             variant = impl.removeprefix("gkg_pyg[").replace("]", "")  # "dense", "dense+compile"
@@ -276,8 +281,8 @@ def step_bench(args, device) -> None:
         if proc.returncode != 0:
             row(f"GKGNet-S {size} px b{args.batch} {precision(device)}", "FAIL", last_line(proc))
             continue
-        for name, result, details in bench_rows(proc.stdout, args, device, size):
-            row(name, result, details)
+        for summary in bench_rows(proc.stdout, args, device, size):
+            row(*summary)
 
 
 def memory_command(args, size: int) -> list:
@@ -288,9 +293,9 @@ def memory_command(args, size: int) -> list:
 
 
 def memory_rows(stdout: str, args, size: int) -> list:
+    """The summary rows of memory.py's table: one per backend."""
     rows = []
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    for cells in table_cells(stdout):
         if len(cells) == 7 and cells[0] == str(size):
             _, _, _, backend, ours, theirs, ratio = cells
             details = f"gkg-pyg {ours} MiB" + (f", authors {theirs} MiB ({ratio})" if theirs != "-" else "")
@@ -304,8 +309,8 @@ def step_memory(args, device) -> None:
         if proc.returncode != 0:
             row(f"estimated peak, train step {size} px b{args.batch} fp16", "FAIL", last_line(proc))
             continue
-        for name, result, details in memory_rows(proc.stdout, args, size):
-            row(name, result, details)
+        for summary in memory_rows(proc.stdout, args, size):
+            row(*summary)
 
 
 def step_authors(args, device) -> None:
@@ -317,8 +322,7 @@ def step_authors(args, device) -> None:
         proc = run(cmd)
         if proc.returncode != 0:
             row(f"paired {size} px b{args.batch}", "FAIL", last_line(proc))
-        for line in proc.stdout.splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        for cells in table_cells(proc.stdout):
             if len(cells) == 4 and cells[0] in ("eval", "train"):
                 row(f"paired {size} px b{args.batch} {cells[0]}: {cells[1]}", "ok", f"{cells[2]} img/s, {cells[3]}")
         for who in ("authors", "gkg_pyg"):
