@@ -935,9 +935,14 @@ def test_plain_decompositions_equal_the_operators():
         op = torch.ops.gkg_pyg.bn_gelu_linear.default
         for got, want in zip(table[op](*args), op(*args)):
             assert torch.equal(got, want)
-    x_src, x_dst, neighbors = max_relative_inputs(30, 20, 8, 2, 4, torch.float64, False)
+    x_src, x_dst, neighbors = max_relative_inputs(30, 20, 8, 2, 4, torch.float64, False)  # repeated neighbours
+    cases = [(x_src, x_dst, neighbors)]
+    for name in ("k1", "no_destinations", "strided"):
+        *shape, strided = MAX_RELATIVE_CASES[name]
+        cases.append(max_relative_inputs(*shape, torch.float64, False, strided=strided))
+    max_relative = [(torch.ops.gkg_pyg.max_relative.default, (*c, rank)) for c in cases for rank in (True, False)]
     for op, args in [
-        (torch.ops.gkg_pyg.max_relative.default, (x_src, x_dst, neighbors, True)),
+        *max_relative,
         (torch.ops.gkg_pyg.knn_smallest_k.default, (*integer_knn_inputs(2, 3, 40, 30, 4, True, seed=3), 5)),
         (torch.ops.gkg_pyg.smallest_k.default, (torch.randn(30, 20, generator=gen(3), dtype=torch.float64), 4)),
         (torch.ops.gkg_pyg.batch_norm.default, (*batch_norm_args((2, 3, 4, 5), torch.float64, False), 0.1, 1e-5)),

@@ -39,28 +39,28 @@ def _topk_smallest(dist: Tensor, k: int) -> Tensor:
 
 
 def _max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor, with_rank: bool):
-    """The running maximum of the operator's PyTorch path without in-place steps
-    (a decomposition must be functional) and without viewing ``x_src`` as
-    sub-rows (an exported program fixes a view to the strides it was traced
-    with): one column slice per group, the same maxima and ranks."""
+    """The operator's maxima and ranks out of place (a decomposition must be functional) in
+    a few large operations per group, for exporters: the group's columns of all ``k``
+    neighbours gathered at once, their maximum and, ``with_rank``, the first maximal rank
+    (``argmax``).  Without viewing ``x_src`` as sub-rows (an exported program fixes a view
+    to the strides it was traced with), and with ``split`` and ``select`` rather than
+    indexing, which also records full-range slices: an exporter writes every operation
+    as a node of its own, and an ONNX optimizer's time grows with the square of their number."""
     g, n_dst, k = neighbors.shape
-    cg = x_src.shape[1] // g
     bests, ranks = [], []
-    for group in range(g):
-        cols, index = x_src[:, group * cg : (group + 1) * cg], neighbors[group]
-        best = cols.index_select(0, index[:, 0])
-        for j in range(1, k):
-            best = torch.maximum(best, cols.index_select(0, index[:, j]))
-        bests.append(best)
-        if with_rank:  # the number of ranks whose running maximum is still below the final one
-            running = cols.index_select(0, index[:, 0])
-            rank = torch.lt(running, best).to(torch.uint8 if k <= 256 else torch.long)
-            for j in range(1, k - 1):
-                running = torch.maximum(running, cols.index_select(0, index[:, j]))
-                rank = rank + torch.lt(running, best).to(rank.dtype)
-            ranks.append(rank)
+    for group, cols in enumerate(x_src.split(x_src.shape[1] // g, dim=1)):
+        candidates = cols.index_select(0, neighbors.select(0, group).reshape(-1)).view(-1, k, cols.shape[1])
+        bests.append(candidates.amax(dim=1))
+        if with_rank:
+            ranks.append(candidates.argmax(dim=1).to(torch.uint8 if k <= 256 else torch.long))
     out = interleaved(x_dst, torch.cat(bests, dim=1) - x_dst)
     return out, torch.cat(ranks, dim=1) if with_rank else _no_rank(x_src)
+
+
+def _rows(t: Tensor, dim: int, start: int, length: int) -> Tensor:
+    """``length`` rows of ``t`` along ``dim`` from ``start``; ``t`` itself when that is all of
+    them, which records no slice operator."""
+    return t if start == 0 and length == t.shape[dim] else t.narrow(dim, start, length)
 
 
 def _knn_smallest_k(dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bias: Optional[Tensor], k: int):
@@ -73,10 +73,11 @@ def _knn_smallest_k(dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bi
     src_t, src_sq = src.transpose(-1, -2), src_sq.unsqueeze(-2)
     blocks = []
     for r0 in range(0, n_dst, rows):
-        dist = torch.matmul(dst[:, :, r0 : r0 + rows], src_t) * -2 + dst_sq[:, :, r0 : r0 + rows].unsqueeze(-1)
+        n = min(rows, n_dst - r0)
+        dist = torch.matmul(_rows(dst, 2, r0, n), src_t) * -2 + _rows(dst_sq, 2, r0, n).unsqueeze(-1)
         dist = dist + src_sq
         if bias is not None:
-            dist = dist - bias[r0 : r0 + rows].to(src.dtype)
+            dist = dist - _rows(bias, 0, r0, n).to(src.dtype)
         blocks.append(_topk_smallest(dist, k))
     if not blocks:
         return torch.empty(*dst.shape[:3], k, dtype=torch.long, device=dst.device)
