@@ -1,8 +1,11 @@
 """GKGNet-S and Pyramid ViG-S on CUDA without a GPU: models built as fake CUDA
 tensors (``FakeTensorMode``), forward in evaluation mode, and forward in
 training mode followed by the backward pass, at 224, 448 and 576 px, batch 16,
-per kNN backend, in float32 and under fp16 and bf16 CUDA autocast (GKGNet-S in
-every combination, Pyramid ViG-S at each size in one of the precisions).
+per kNN backend, in float32 and under fp16 and bf16 CUDA autocast.  The cases
+are a pairwise design: every precision meets every size in a GKGNet-S case, and
+every value of each of the four factors (backend, precision, size, mode) meets
+every value of each other factor (``test_the_cases_cover_every_pair``); Pyramid
+ViG-S, whose stages are GKGNet's, takes each backend in each mode.
 
 A fake tensor has no data, so any read back to the host (``.item()``,
 ``.tolist()``, ``bool(tensor)``) raises: a case that passes synchronises
@@ -16,6 +19,7 @@ through ``benchmarks/fake_cuda.py``'s re-implementation of the engine's loop
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -30,37 +34,50 @@ BATCH, CLASSES = 16, 80
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-# The quick run (-m "not slow") keeps three cases at 224 px that between them take each backend, each
-# mode and float32 and fp16; the rest of the matrix (the paper's sizes, bf16, Pyramid ViG) is slow.
-QUICK = {
-    ("gkgnet_s", "dense", "fp32", 224, "backward"),
-    ("gkgnet_s", "torch_cluster", "fp16", 224, "backward"),
-    ("gkgnet_s", "dense", "fp16", 224, "eval"),
-}
+# (backend, precision, size, mode). GKGNet-S: each precision at each size, the backend and mode
+# chosen so that every pair of factor values occurs (a full product would be 36 cases of the same
+# code paths). The quick run (-m "not slow") keeps the three at 224 px: each backend, each mode,
+# float32 and fp16.
+GKGNET_S_CASES = [
+    ("dense", "fp32", 224, "backward"),
+    ("torch_cluster", "fp32", 448, "eval"),
+    ("torch_cluster", "fp32", 576, "backward"),
+    ("torch_cluster", "fp16", 224, "backward"),
+    ("dense", "fp16", 448, "backward"),
+    ("dense", "fp16", 576, "eval"),
+    ("dense", "bf16", 224, "eval"),
+    ("torch_cluster", "bf16", 448, "backward"),
+    ("torch_cluster", "bf16", 576, "eval"),
+]
+PVIG_S_CASES = [
+    ("dense", "fp32", 224, "backward"),
+    ("torch_cluster", "fp16", 448, "eval"),
+    ("dense", "bf16", 576, "eval"),
+    ("torch_cluster", "bf16", 576, "backward"),
+]
 
 
 def case(name, backend, amp, size, mode):
-    marks = [] if (name, backend, amp, size, mode) in QUICK else [pytest.mark.slow]
+    marks = [] if name == "gkgnet_s" and size == 224 else [pytest.mark.slow]
     if backend == "torch_cluster" and not gkg_pyg.knn.has_torch_cluster():
         marks.append(pytest.mark.skip("needs torch-cluster"))
     return pytest.param(name, backend, amp, size, mode, marks=marks, id=f"{name}-{backend}-{amp}-{size}-{mode}")
 
 
 # "backward" runs the training-mode forward pass (and checks its output) before the backward pass,
-# so a separate forward-only training case would repeat a prefix of it. GKGNet-S takes every
-# combination; Pyramid ViG-S, whose stages are GKGNet's, each size in one precision.
-CASES = [
-    case("gkgnet_s", backend, amp, size, mode)
-    for backend in ("dense", "torch_cluster")
-    for amp in ("fp32", "fp16", "bf16")
-    for size in (224, 448, 576)
-    for mode in ("eval", "backward")
-] + [
-    case("pvig_s", backend, amp, size, mode)
-    for backend in ("dense", "torch_cluster")
-    for amp, size in (("fp32", 224), ("fp16", 448), ("bf16", 576))
-    for mode in ("eval", "backward")
-]
+# so a separate forward-only training case would repeat a prefix of it.
+CASES = [case("gkgnet_s", *c) for c in GKGNET_S_CASES] + [case("pvig_s", *c) for c in PVIG_S_CASES]
+
+
+def test_the_cases_cover_every_pair():
+    """GKGNet-S's cases: every value of each factor with every value of each other factor;
+    Pyramid ViG-S's: each backend in each mode, and every precision and size."""
+    values = [("dense", "torch_cluster"), ("fp32", "fp16", "bf16"), (224, 448, 576), ("eval", "backward")]
+    for i, j in itertools.combinations(range(4), 2):
+        pairs = {(c[i], c[j]) for c in GKGNET_S_CASES}
+        assert pairs == set(itertools.product(values[i], values[j])), (i, j)
+    assert {(c[0], c[3]) for c in PVIG_S_CASES} == set(itertools.product(values[0], values[3]))
+    assert {c[1] for c in PVIG_S_CASES} == set(values[1]) and {c[2] for c in PVIG_S_CASES} == set(values[2])
 
 
 def backend_param(name):
