@@ -231,7 +231,9 @@ def test_compile_flag(tiny, tmp_path, capsys):
     the plain model's names, and evaluate.py --compile measures what evaluate.py measures.
 
     Batches of 23 split the epoch's 46 images evenly and the 11 evaluation images are one batch, so
-    each compiled forward pass is traced once per mode (a last, smaller batch would trace it again)."""
+    each compiled forward pass is traced once per mode (a last, smaller batch would trace it again).
+    Exactly two graphs also mean no graph break in the forward pass, and no second trace of the
+    training step: its first call changes no module state (the position terms exist from construction)."""
     common = ("--set", "train.epochs=1", "--set", "train.ema=false", "--set", "train.batch_size=23")
     compiled_run, plain_run = tmp_path / "compiled", tmp_path / "plain"
     eager = ("--compile", "--compile-backend", "eager")
