@@ -224,11 +224,12 @@ def test_predict_json(tiny, capsys):
 
 
 @pytest.mark.slow
-def test_compile_flag(tiny, tmp_path, capsys):
+def test_compile_flag(tiny, tmp_path, capsys, monkeypatch):
     """--compile runs the training step and the evaluation forward pass under torch.compile (here its
     eager backend: the graph capture without code generation, which inductor's compile time on 2 CPU
     cores would make a 5-minute test): the run trains what the plain run trains, its checkpoint holds
-    the plain model's names, and evaluate.py --compile measures what evaluate.py measures.
+    the plain model's names, and its compiled evaluation measures what evaluate.py measures of its
+    checkpoint. evaluate.py --compile hands its model to torch.compile with the backend asked for.
 
     Batches of 23 split the epoch's 46 images evenly and the 11 evaluation images are one batch, so
     each compiled forward pass is traced once per mode (a last, smaller batch would trace it again).
@@ -242,27 +243,32 @@ def test_compile_flag(tiny, tmp_path, capsys):
         graphs = counters["stats"]["unique_graphs"]
         assert run_script("train", tiny["config"], "--output", compiled_run, *eager, *common) == 0
         assert counters["stats"]["unique_graphs"] - graphs == 2  # training and evaluation, each traced once
-        assert run_script("train", tiny["config"], "--output", plain_run, *common) == 0
-        measured = {}
-        for flags in (eager, ()):
-            folder = tmp_path / f"eval{len(flags)}"
-            code = run_script("evaluate", tiny["config"], "--checkpoint", plain_run / "checkpoint_last.pth",
-                              "--output", folder, "--set", "eval.batch_size=11", *flags)  # fmt: skip
-            assert code == 0, capsys.readouterr().err[-3000:]
-            measured[bool(flags)] = json.loads((folder / "metrics.json").read_text())["model"]
     finally:
         torch._dynamo.reset()
-    capsys.readouterr()
-    bad_backend = ("--compile", "--compile-backend", "nope")
-    assert run_script("train", tiny["config"], "--output", tmp_path / "bad", *bad_backend) == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
+    assert run_script("train", tiny["config"], "--output", plain_run, *common) == 0
     state = torch.load(compiled_run / "checkpoint_last.pth", weights_only=True)
     plain = torch.load(plain_run / "checkpoint_last.pth", weights_only=True)
     assert state["model"].keys() == plain["model"].keys()  # no _orig_mod. prefix
     for key, value in plain["model"].items():
         torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    for key in ("mAP", "CF1", "OF1"):
-        assert measured[True][key] == pytest.approx(measured[False][key], abs=1e-6), key
+
+    # The compiled run's evaluation (after its only epoch: the checkpoint's weights) against evaluate.py's.
+    compiled_eval = json.loads((compiled_run / "metrics.json").read_text())["model"]
+    handed = []
+    monkeypatch.setattr(torch, "compile", lambda module, backend: handed.append((module, backend)) or module)
+    for flags in ((), eager):
+        folder = tmp_path / f"eval{len(flags)}"
+        code = run_script("evaluate", tiny["config"], "--checkpoint", compiled_run / "checkpoint_last.pth",
+                          "--output", folder, "--set", "eval.batch_size=11", *flags)  # fmt: skip
+        assert code == 0, capsys.readouterr().err[-3000:]
+        measured = json.loads((folder / "metrics.json").read_text())["model"]
+        for key in ("mAP", "CF1", "OF1"):
+            assert compiled_eval[key] == pytest.approx(measured[key], abs=1e-6), key
+    assert [(type(m).__name__, backend) for m, backend in handed] == [("GKGNet", "eager")]
+    capsys.readouterr()
+    bad_backend = ("--compile", "--compile-backend", "nope")
+    assert run_script("train", tiny["config"], "--output", tmp_path / "bad", *bad_backend) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --compile-backend 'nope' is not")
 
 
 # ---------------------------------------------------------------------------
