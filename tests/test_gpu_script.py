@@ -1,6 +1,6 @@
 """benchmarks/gpu.sh and benchmarks/gpu_check.py without a GPU: the script's
 syntax and argument checks, the checks' ability to fail, the summary table,
-and (slow) the whole ``--dry-run``: every step on the CPU at tiny sizes."""
+each step on the CPU at tiny sizes, and (slow) ``--dry-run`` end to end."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_benchmark
+from helpers import load_benchmark, run_script
 
 # End-to-end runs of whole scripts: the quick run (-m "not slow") leaves them out.
 pytestmark = pytest.mark.slow
@@ -66,22 +66,43 @@ def test_summary_is_one_markdown_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_checks_and_trains_on_the_cpu(tmp_path):
-    """The script end to end on the CPU at tiny sizes (gpu.sh, gpu_check.py --smoke, the report):
-    the checks and the training demo, stopped and resumed, leave their rows. The training demo
-    runs without --compile (compiling it takes minutes on 2 cores; torch.compile of the model and
-    of the training scripts is tested in test_model.py, test_train.py and
-    test_benchmark_scripts.py). The tests, bench, memory and authors steps run other processes
-    (pytest, the benchmark scripts, a process per row): the commands and what they print are
-    tested with the scripts themselves (test_benchmark_scripts.py, test_memory.py) and below."""
+def test_dry_run_checks_on_the_cpu(tmp_path):
+    """The script end to end on the CPU at tiny sizes (gpu.sh, gpu_check.py --smoke, the checks, the
+    report). The other steps run other processes (pytest, the benchmark scripts, a process per row,
+    train.py twice): their commands and what they read of their output are tested with the scripts
+    themselves (test_benchmark_scripts.py, test_memory.py), on recorded output and, for the training
+    demo, with train.py run in this process (below)."""
     # gpu.sh's own options first: the rest goes to gpu_check.py
-    proc = bash("--dry-run", "--no-compile", "--steps", "checks", "train", out=tmp_path, timeout=1800)
+    proc = bash("--dry-run", "--steps", "checks", out=tmp_path, timeout=1800)
     report = (tmp_path / "gpu_report.md").read_text()
-    # bf16 rows where this CPU computes bfloat16 natively, else float32 rows
-    precision = load_benchmark("gpu_check").precision(torch.device("cpu"))
-    for step in ("| check | PASS |", f"| training demo ({precision}, resume) | PASS |"):
-        assert step in report, f"no {step!r} row:\n{report}\n{proc.stdout[-3000:]}"
+    assert "| check | PASS |" in report, f"no check rows:\n{report}\n{proc.stdout[-3000:]}"
     assert proc.returncode == report.count("| FAIL |") == 0, report
+
+
+def test_train_step_stops_resumes_and_reports(monkeypatch, capsys):
+    """The training demo step's two runs of experiments/train.py (stopped after epoch 2, resumed to
+    the end), each run by its command line in this process instead of a process of its own: the
+    step reads the log and the resume message and writes one PASS row."""
+    gpu_check = load_benchmark("gpu_check")
+    commands = []
+
+    def run(cmd, timeout=3600):
+        cmd = [str(c) for c in cmd]
+        commands.append(cmd)
+        assert cmd[:2] == [sys.executable, "experiments/train.py"]
+        capsys.readouterr()
+        code = run_script("train", *cmd[2:])
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(cmd, code, printed.out, printed.err)
+
+    monkeypatch.chdir(ROOT)  # the step's paths are relative to the repository, as its processes' are
+    monkeypatch.setattr(gpu_check, "run", run)
+    cpu = torch.device("cpu")
+    gpu_check.run_step("train", gpu_check.parse_args(["--smoke", "--no-compile"]), cpu)
+    ((name, result, details),) = gpu_check.ROWS
+    assert (name, result) == (f"training demo ({gpu_check.precision(cpu)}, resume)", "PASS"), details
+    assert "checkpoint after epoch 2, resumed to epoch 3" in details and details.count("->") == 2
+    assert "train.stop_after_epochs=2" in commands[0] and "--resume" in commands[1]
 
 
 THROUGHPUT = """# GKGNet-S ... dense matrix products 138 GFLOP/s
