@@ -10,6 +10,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import order_for_workers  # noqa: E402
+
 # Fixed thread counts, whatever the machine's load: one intra-op thread per worker
 # (GKG_PYG_TEST_THREADS), and two for the tests of the paths that depend on the count (the oneDNN
 # routing of the linear maps, the compiled kernels' threading), which ask for the `two_threads`
@@ -48,27 +50,8 @@ LONG_FILES = {
 
 @pytest.hookimpl(trylast=True)  # after the deselection of -m and -k: the blocks are those of the tests that run
 def pytest_collection_modifyitems(config, items):
-    """The order for pytest-xdist's work stealing, which hands each of the n workers a contiguous
-    block of this list and lets an idle worker take tests from the end of another's block: each
-    long file goes to the block with the least work so far, at its start, and the other files fill
-    the blocks in their order.  The long files then run at once on all workers, the end is short
-    tests, and a file's tests stay on one worker (a module fixture is built once)."""
-    workers = config.getoption("numprocesses", None)
-    workers = workers if isinstance(workers, int) and workers > 1 else 1
-    by_file: dict = {}
-    for item in items:
-        by_file.setdefault(item.path.name, []).append(item)
-    blocks, work = [[] for _ in range(workers)], [0] * workers
-    # by weight, then name: the same order in every worker (xdist compares their collections)
-    for name in sorted(set(by_file) & set(LONG_FILES), key=lambda n: (-LONG_FILES[n], n)):
-        least = work.index(min(work))
-        blocks[least] += by_file[name]
-        work[least] += LONG_FILES[name]
-    rest = [item for name, tests in by_file.items() if name not in LONG_FILES for item in tests]
-    ordered, remaining = [], len(items)
-    for i, block in enumerate(blocks):
-        size = remaining // (workers - i)  # the block xdist hands worker i
-        fill = max(0, size - len(block))
-        ordered += block + rest[:fill]
-        rest, remaining = rest[fill:], remaining - size
-    items[:] = ordered + rest
+    """The order for pytest-xdist's work stealing (``helpers.order_for_workers``). Each xdist worker
+    collects and orders the tests itself, and there pytest-xdist has set the -n option to None: the
+    worker count comes with the worker's input."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    items[:] = order_for_workers(items, workers, LONG_FILES)

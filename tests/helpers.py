@@ -180,3 +180,30 @@ def build_format(kind: str, root: Path) -> str:
         (root / f"{role}.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
     fmt = "names" if kind == "csv_names" else "columns"
     return f"  name: csv\n  csv: {{train: train.csv, val: val.csv, format: {fmt}, label_delimiter: '|'}}"
+
+
+def order_for_workers(items: list, workers: int, long_files: dict) -> list:
+    """The tests in the order for pytest-xdist's work stealing, which hands each of the ``workers``
+    a contiguous block of the list and lets an idle worker take tests from the end of another's
+    block: each long file (``{file name: seconds}``) goes to the block with the least work so far,
+    at its start, and the other files fill the blocks in their order.  The long files then run at
+    once on all workers, the end is short tests, and a file's tests stay on one worker (a module
+    fixture is built once)."""
+    workers = max(1, workers)
+    by_file: dict = {}
+    for item in items:
+        by_file.setdefault(item.path.name, []).append(item)
+    blocks, work = [[] for _ in range(workers)], [0] * workers
+    # by weight, then name: the same order in every worker (xdist compares their collections)
+    for name in sorted(set(by_file) & set(long_files), key=lambda n: (-long_files[n], n)):
+        least = work.index(min(work))
+        blocks[least] += by_file[name]
+        work[least] += long_files[name]
+    rest = [item for name, tests in by_file.items() if name not in long_files for item in tests]
+    ordered, remaining = [], len(items)
+    for i, block in enumerate(blocks):
+        size = remaining // (workers - i)  # the block xdist hands worker i
+        fill = max(0, size - len(block))
+        ordered += block + rest[:fill]
+        rest, remaining = rest[fill:], remaining - size
+    return ordered + rest
