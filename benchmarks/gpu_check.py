@@ -68,9 +68,9 @@ sys.path.insert(0, str(ROOT))
 from gkg_pyg import GroupMaxRelConv, batched_group_knn, create_model  # noqa: E402
 from gkg_pyg.knn import has_torch_cluster  # noqa: E402
 from gkg_pyg.models.pvig import Stage  # noqa: E402
+from gkg_pyg.training.precision import build_precision  # noqa: E402
 
 STEPS = ["checks", "tests", "bench", "memory", "authors", "train"]
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FAILURES = []
 ROWS = []  # (step, result, details) of the summary table
 
@@ -156,7 +156,7 @@ def check_model(device: torch.device, size: int) -> None:
         name = f"training step under {amp} autocast" if amp else "float32 training step"
         name += f" on {device.type}, {backend}"
         try:
-            with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
+            with build_precision(amp or "none", device).autocast():
                 loss = model(x.float().to(device)).float().sigmoid().mean()
             loss.backward()
         except Exception as e:  # a failure of this check, not of the run

@@ -57,10 +57,13 @@ PVIG_S_CASES = [
 ]
 
 
+def installed(backend):
+    """No mark, or the skip of a torch_cluster case without the package."""
+    return [] if backend == "dense" or gkg_pyg.knn.has_torch_cluster() else [pytest.mark.skip("needs torch-cluster")]
+
+
 def case(name, backend, amp, size, mode):
-    marks = [] if name == "gkgnet_s" and size == 224 else [pytest.mark.slow]
-    if backend == "torch_cluster" and not gkg_pyg.knn.has_torch_cluster():
-        marks.append(pytest.mark.skip("needs torch-cluster"))
+    marks = ([] if name == "gkgnet_s" and size == 224 else [pytest.mark.slow]) + installed(backend)
     return pytest.param(name, backend, amp, size, mode, marks=marks, id=f"{name}-{backend}-{amp}-{size}-{mode}")
 
 
@@ -78,11 +81,6 @@ def test_the_cases_cover_every_pair():
         assert pairs == set(itertools.product(values[i], values[j])), (i, j)
     assert {(c[0], c[3]) for c in PVIG_S_CASES} == set(itertools.product(values[0], values[3]))
     assert {c[1] for c in PVIG_S_CASES} == set(values[1]) and {c[2] for c in PVIG_S_CASES} == set(values[2])
-
-
-def backend_param(name):
-    marks = [] if name == "dense" or gkg_pyg.knn.has_torch_cluster() else [pytest.mark.skip("needs torch-cluster")]
-    return pytest.param(name, marks=marks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +157,7 @@ def test_a_host_read_on_fake_cuda_fails():
             bool((x > 0).any())
 
 
-@pytest.mark.parametrize("backend", [backend_param("dense"), backend_param("torch_cluster")])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=installed(b)) for b in ("dense", "torch_cluster")])
 def test_group_knn_api_on_fake_cuda(backend):
     """The library API without batch vectors reads nothing back on fake CUDA;
     with batch vectors it names the problem (graph sizes need values)."""

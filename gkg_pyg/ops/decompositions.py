@@ -46,7 +46,7 @@ def _max_relative(x_src: Tensor, x_dst: Tensor, neighbors: Tensor, with_rank: bo
     to the strides it was traced with), and with ``split`` and ``select`` rather than
     indexing, which also records full-range slices: an exporter writes every operation
     as a node of its own, and an ONNX optimizer's time grows with the square of their number."""
-    g, n_dst, k = neighbors.shape
+    g, _, k = neighbors.shape
     bests, ranks = [], []
     for group, cols in enumerate(x_src.split(x_src.shape[1] // g, dim=1)):
         candidates = cols.index_select(0, neighbors.select(0, group).reshape(-1)).view(-1, k, cols.shape[1])
