@@ -76,6 +76,7 @@ from gkg_pyg.builder import load_trained_model  # noqa: E402
 from gkg_pyg.cli import ArgumentParser, run_cli  # noqa: E402
 from gkg_pyg.data import checkpoint_preprocess, load_rgb  # noqa: E402
 from gkg_pyg.errors import CheckpointError, MissingFileError, UsageError  # noqa: E402
+from gkg_pyg.models.layers import fold_batchnorms  # noqa: E402
 from gkg_pyg.ops import plain_decompositions  # noqa: E402
 from gkg_pyg.thresholds import read_thresholds, thresholds_json  # noqa: E402
 
@@ -416,7 +417,11 @@ def export(args: argparse.Namespace) -> dict:
     example = torch.rand(max(2, args.batch_size), 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         wrapped(example)  # builds the position tables before tracing
-    program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    # Traced with its BatchNorms folded into the linear maps once (the same function): otherwise the
+    # graph holds the folding's arithmetic for each of them, a third of its operations to trace and convert.
+    program = torch.export.export(
+        fold_batchnorms(wrapped), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     # The gkg_pyg:: operators as plain ATen operations: the ONNX exporter knows only those, and the
     # saved program then runs without gkg_pyg installed.
     program = program.run_decompositions(plain_decompositions())

@@ -78,6 +78,22 @@ def _check_edge_range(edge_index: Tensor, n_src: int, n_dst: int) -> None:
                 )
 
 
+def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], bn: nn.Module) -> Tuple[Tensor, Tensor]:
+    """The weight and bias of one linear map equal to ``bn(linear(x))`` in
+    evaluation, for a linear map's ``(out, in)`` or grouped ``(out, in / g)``
+    ``weight`` and ``bias`` (or None) and a BatchNorm with running statistics:
+    ``W' = s W``, ``b' = s (b - mu) + beta`` with ``s = gamma / sqrt(var + eps)``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.unsqueeze(1), shift
+
+
 def _norm(name: Optional[str], channels: int) -> nn.Module:
     if name == "batch":
         return nn.BatchNorm1d(channels)
@@ -250,15 +266,7 @@ class GroupMaxRelConv(MessagePassing):
         if type(act) not in (nn.GELU, nn.ReLU, nn.Identity):
             return self.nn(features)
         if type(norm) is nn.BatchNorm1d and not norm.training and norm.running_mean is not None:
-            scale = torch.rsqrt(norm.running_var + norm.eps)
-            if norm.weight is not None:
-                scale = norm.weight * scale
-            bias = -norm.running_mean * scale
-            if norm.bias is not None:
-                bias = bias + norm.bias
-            if linear.bias is not None:
-                bias = bias + linear.bias * scale
-            out = grouped_linear(features, linear.weight * scale.unsqueeze(1), bias, linear.groups)
+            out = grouped_linear(features, *fold_batchnorm(linear.weight, linear.bias, norm), linear.groups)
         elif type(norm) is nn.Identity:
             out = linear(features)
         else:

@@ -391,6 +391,56 @@ def test_folding_needs_running_statistics_and_an_affine_batchnorm():
         torch.testing.assert_close(block(x), bn(block[0](x)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["gkgnet_ti", "pvig_ti"])
+def test_folded_copy_gives_the_models_values_with_fewer_operations(name):
+    """fold_batchnorms: a copy without the BatchNorms that follow linear maps (every
+    one over node features, and Pyramid ViG's head's) whose evaluation output is the
+    model's (bit for bit where evaluation folds them too), with no folding arithmetic
+    left to run (or to trace); the model itself keeps its modules and weights."""
+    import gkg_pyg
+    from gkg_pyg.models.layers import fold_batchnorms
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model(name, num_classes=5, img_size=40, k=3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 40, 40))  # running statistics away from 0 and 1
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):  # and the affine maps
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorms(model)
+    node_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert node_norms and not [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    x = torch.randn(2, 3, 40, 40)
+    runs = []
+    for module in (model, folded):
+        with torch.no_grad(), CountOps() as counter:
+            counter.counts = {}
+            runs.append((module(x), counter.counts))
+    (out, ops), (out_folded, ops_folded) = runs
+    if name == "pvig_ti":  # the head's BatchNorm1d, run as a module in evaluation: folded, other rounding
+        torch.testing.assert_close(out_folded, out, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out_folded, out)
+    folded_each_call = len(node_norms) - (name == "pvig_ti")  # all but Pyramid ViG's head's BatchNorm
+    assert ops["rsqrt"] == folded_each_call and "rsqrt" not in ops_folded
+    assert sum(ops_folded.values()) <= sum(ops.values()) - 4 * ops["rsqrt"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert sorted(before) == sorted(model.state_dict())
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 12), (1, 4, 9, 11)])
 def test_source_pooling_equals_avg_pool2d_and_keeps_nothing(shape):
     """The kNN sources' pooling: ATen's forward, and the same input gradient as

@@ -18,6 +18,7 @@ The helpers take the cheaper route where it gives the same values:
 
 from __future__ import annotations
 
+import copy
 import struct
 from typing import List, Tuple
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..conv import GroupedLinear
+from ..conv import GroupedLinear, fold_batchnorm
 from ..ops import grouped_linear
 from ..ops.fused import batchnorm_gelu, fusable
 from ..ops.norm import batch_norm, opaque_batch_norm
@@ -41,6 +42,7 @@ __all__ = [
     "FFN",
     "folds",
     "linear_then_bn",
+    "fold_batchnorms",
     "activate",
     "residual",
     "bn_act_linear",
@@ -130,12 +132,37 @@ def linear_then_bn(x: Tensor, linear: nn.Module, bn: nn.Module) -> Tensor:
     with ``s = gamma / sqrt(var + eps)`` (one pass over the features instead of two)."""
     if not folds(bn):
         return bn(linear(x))
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
-    if linear.bias is not None:
-        bias = bias + linear.bias * scale
-    weight = linear.weight * scale.unsqueeze(1)
-    return grouped_linear(x, weight, bias, getattr(linear, "groups", 1))
+    return grouped_linear(x, *fold_batchnorm(linear.weight, linear.bias, bn), getattr(linear, "groups", 1))
+
+
+def fold_batchnorms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference in which every BatchNorm over
+    features that follows a linear map in an ``nn.Sequential`` (each
+    :class:`LinearBatchNorm`, the graph convolutions' update maps, Pyramid
+    ViG's head) is folded into that map once and replaced by ``nn.Identity``.
+
+    The copy computes what the model computes in evaluation (which folds at
+    every call, :func:`linear_then_bn`: the same values; Pyramid ViG's head,
+    which evaluation runs as modules, to float rounding), with fewer
+    operations in a traced graph: GKGNet-Ti's ``torch.export`` graph has a
+    third fewer nodes.  The folded weights are constants (no gradient) and
+    the copy cannot train as the model does (its BatchNorms are gone); the
+    model itself is left as it is.
+    """
+    model = copy.deepcopy(model).eval()
+    for sequence in model.modules():
+        if not isinstance(sequence, nn.Sequential):
+            continue
+        names = list(sequence._modules)
+        for first, second in zip(names, names[1:]):
+            linear, bn = sequence._modules[first], sequence._modules[second]
+            if isinstance(linear, (nn.Linear, GroupedLinear)) and folds(bn):
+                with torch.no_grad():
+                    weight, bias = fold_batchnorm(linear.weight, linear.bias, bn)
+                # Constants, as the folded weights of evaluation are (ATen's matmul picks its kernel by requires_grad).
+                linear.weight, linear.bias = nn.Parameter(weight, False), nn.Parameter(bias, False)
+                sequence._modules[second] = nn.Identity()
+    return model
 
 
 def _no_grad_for(t: Tensor) -> bool:

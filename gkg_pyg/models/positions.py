@@ -172,7 +172,8 @@ class RelativePosition(nn.Module):
     def table(self, like: Tensor) -> Tensor:
         """The ``(n, n_src)`` term at the construction grid in ``like``'s device and
         dtype (the buffer itself where they are the buffer's)."""
-        return self.relative_pos.to(like)
+        table = self.relative_pos
+        return table if (table.device, table.dtype) == (like.device, like.dtype) else table.to(like)
 
     def bias(self, grid: Grid, like: Tensor) -> Tensor:
         """The ``(N, N_src)`` term at a runtime grid (resampled bicubically from
@@ -209,11 +210,12 @@ class RelativePosition(nn.Module):
         """The term for ``backend``: the exact dense table for the dense kNN,
         factors (``r = C`` extra coordinates) for torch-cluster, in ``dtype``
         promoted to float32 at least (the kNN ranks in float32 at least, also under autocast)."""
-        dtype = torch.promote_types(dtype, torch.float32)
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.promote_types(dtype, torch.float32)
         if backend == "torch_cluster":
             u, v = self.factors(grid, like.device)
             return u.to(dtype), v.to(dtype)
-        return self.bias(grid, like).to(dtype)
+        bias = self.bias(grid, like)
+        return bias if bias.dtype == dtype else bias.to(dtype)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, channels={self.channels}, pool={self.pool}"

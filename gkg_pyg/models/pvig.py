@@ -149,8 +149,11 @@ class Grapher(nn.Module):
         table = flat_neighbour_table(neighbors, sources.shape[1])
         # Under autocast a cross-level module's label features are half precision and the patches
         # float32: the aggregation runs in the promoted dtype, as y_j - y_i would.
-        dtype = torch.promote_types(sources.dtype, y.dtype)
-        m = self.graph_conv((sources.reshape(-1, c).to(dtype), y.reshape(-1, c).to(dtype)), neighbors=table)
+        sources, y = sources.reshape(-1, c), y.reshape(-1, c)
+        if sources.dtype != y.dtype:
+            dtype = torch.promote_types(sources.dtype, y.dtype)
+            sources, y = sources.to(dtype), y.to(dtype)
+        m = self.graph_conv((sources, y), neighbors=table)
         return residual(x, self.drop_path(self.fc2(m).view(x.shape)))
 
 

@@ -77,7 +77,8 @@ def _knn_smallest_k(dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bi
         dist = torch.matmul(_rows(dst, 2, r0, n), src_t) * -2 + _rows(dst_sq, 2, r0, n).unsqueeze(-1)
         dist = dist + src_sq
         if bias is not None:
-            dist = dist - _rows(bias, 0, r0, n).to(src.dtype)
+            block_bias = _rows(bias, 0, r0, n)
+            dist = dist - (block_bias if block_bias.dtype == src.dtype else block_bias.to(src.dtype))
         blocks.append(_topk_smallest(dist, k))
     if not blocks:
         return torch.empty(*dst.shape[:3], k, dtype=torch.long, device=dst.device)
