@@ -20,6 +20,7 @@ header gives (the best of a few 2048^3 products in the row's dtype).
 
     python benchmarks/throughput.py --model gkgnet_s --img-size 224 --batch 8 --device cpu
     python benchmarks/throughput.py --img-size 448 --batch 16 --device cuda --amp fp16 --compile
+    python benchmarks/throughput.py --compile --compile-backend aot_eager   # trace only, no code generation
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed
 steps; on the CPU the process's maximum resident set (model, warm-up step and
@@ -117,7 +118,7 @@ def measure(args, impl: str, task: str, queue):
     model = build(args.variant, args.img_size, args.num_classes, backend).to(device)
     module = model
     if compiled:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=args.compile_backend)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     targets = (torch.rand(args.batch, args.num_classes, device=device) < 0.1).float()
     if task == "train":
@@ -241,6 +242,9 @@ def gemm_rate(args, device) -> float:
 
 
 def main(argv=None):
+    from gkg_pyg.cli import add_compile_backend_argument, check_compile_backend
+    from gkg_pyg.errors import UsageError
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gkgnet_s", help="gkgnet_ti | gkgnet_s | gkgnet_m | gkgnet_b")
     parser.add_argument("--img-size", type=int, default=224)
@@ -260,6 +264,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time every gkg-pyg row under torch.compile")
+    add_compile_backend_argument(parser)
     args = parser.parse_args(argv)
     args.variant = args.model.replace("gkgnet_", "")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -272,6 +277,11 @@ def main(argv=None):
 
     from gkg_pyg.knn import has_torch_cluster
 
+    if args.compile:
+        try:
+            check_compile_backend(args.compile_backend)
+        except UsageError as error:
+            parser.error(str(error))
     backends = args.backend or (["dense", "torch_cluster"] if has_torch_cluster() else ["dense"])
     for b in backends:
         if b not in ("dense", "torch_cluster"):
@@ -288,7 +298,8 @@ def main(argv=None):
     print(
         f"# {args.model} at {args.img_size}x{args.img_size}, batch {args.batch}, {name}, torch {torch.__version__}, "
         f"amp {args.amp or 'off (fp32)'}, {args.iters} timed iterations per row, "
-        f"dense matrix products {gemm_rate(args, torch.device(args.device)):.0f} GFLOP/s"
+        + (f"compile backend {args.compile_backend}, " if args.compile else "")
+        + f"dense matrix products {gemm_rate(args, torch.device(args.device)):.0f} GFLOP/s"
     )
     rows = []
     for task in ("eval", "train") if not args.skip_train else ("eval",):

@@ -38,6 +38,7 @@ from .errors import GkgError, UsageError
 __all__ = [
     "ArgumentParser",
     "add_compile_backend_argument",
+    "check_compile_backend",
     "compiled",
     "device_argument",
     "one_line",
@@ -120,12 +121,18 @@ def compiled(module, args: argparse.Namespace):
     if not getattr(args, "compile", False):
         return module
     import torch
+
+    check_compile_backend(args.compile_backend)
+    return torch.compile(module, backend=args.compile_backend)
+
+
+def check_compile_backend(name: str) -> None:
+    """A UsageError naming the known ``torch.compile`` backends when ``name`` is not one of them."""
     import torch._dynamo
 
     known = torch._dynamo.list_backends(exclude_tags=())
-    if args.compile_backend not in known:
-        raise UsageError(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; known: {known}")
-    return torch.compile(module, backend=args.compile_backend)
+    if name not in known:
+        raise UsageError(f"--compile-backend {name!r} is not a torch.compile backend; known: {known}")
 
 
 class _ConsoleHandler(logging.Handler):
