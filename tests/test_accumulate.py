@@ -176,9 +176,7 @@ def run_ddp(model, shard, accumulate, info):
 
 
 def test_ddp_accumulation_and_a_rank_without_images(tmp_path):
-    # Forked, not spawned: the workers start with this process's imports (spawned, each spent 6-7 s of CPU
-    # importing torch, PyG and the library) and run one thread each (no OpenMP team to inherit).
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     data = batches([2, 2, 2, 2, 2, 2], seed=10)
 

@@ -398,11 +398,7 @@ def single_process_eval(config, state_dict):
 
 
 def test_ddp_two_cpu_processes(tiny, tmp_path):
-    # Forked, not spawned: the workers start with this process's imports (spawned, each spent 6-7 s of CPU
-    # importing torch, PyG and the library) and run one thread each (no OpenMP team to inherit).
-    mp.start_processes(
-        _ddp_worker, args=(2, free_port(), str(tiny["config"]), str(tmp_path)), nprocs=2, start_method="fork"
-    )
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tiny["config"]), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for key in r0["state"]:
         assert torch.equal(r0["state"][key], r1["state"][key]), f"{key} differs between ranks"
