@@ -50,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
         "num_gcn": 1,
         "drop_rate": 0.0,  # pvig_* only: dropout in the classification head
         "knn_backend": "auto",
+        # Blocks per stage, e.g. [1, 1, 3, 1] (None: the variant's; no published weights fit other depths).
+        "depths": None,
         # Weights that must fit the model completely (a Pyramid ViG ImageNet
         # checkpoint fills the patch path; see gkg_pyg.load_checkpoint).
         "pretrained": None,
@@ -190,6 +192,7 @@ NULL_DEFAULT_TYPES = {
     "model.num_classes": int,
     "model.pretrained": (str, bool),
     "model.init_from": str,
+    "model.depths": list,
     "data.ann_file.train": str,
     "data.ann_file.val": str,
     "data.image_dir.train": str,

@@ -39,9 +39,12 @@ CLASSES = ["a", "b", "c", "d", "e"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A training-format checkpoint of gkgnet_ti at 40 px whose batch norms saw data (sane activations)."""
+    """A training-format checkpoint of gkgnet_ti at 40 px whose batch norms saw data (sane activations),
+    with 1, 1, 3 and 1 blocks per stage (the third stage's last block at dilation 2): every kind of block
+    and graph of the model, and 10 of the full model's 16 Grapher blocks to trace and convert."""
     tmp = tmp_path_factory.mktemp("export")
-    cfg = load_config(None, ["model.name=gkgnet_ti", "model.img_size=40", "model.k=3", "model.drop_path=0.0"])
+    cfg = load_config(None, ["model.name=gkgnet_ti", "model.img_size=40", "model.k=3", "model.drop_path=0.0",
+                             "model.depths=[1,1,3,1]"])  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg, CLASSES, verbose=False)
     for m in model.modules():

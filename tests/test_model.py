@@ -189,6 +189,36 @@ def test_variants_widths():
         gkg_pyg.create_model("gkgnet_x")
 
 
+def test_depths_set_the_blocks_per_stage():
+    """depths (model.depths in a config): the variant's widths with these blocks per stage, each block's
+    dilation and stochastic-depth rate by its place among all blocks, as in the variants; bad values
+    are one ConfigError naming them; weights of the variant's depths do not load."""
+    from gkg_pyg.builder import build_model
+    from gkg_pyg.checkpoint import CheckpointError
+    from gkg_pyg.config import load_config
+    from gkg_pyg.errors import ConfigError
+
+    with torch.device("meta"):
+        full = gkg_pyg.create_model("gkgnet_ti", num_classes=3, img_size=224, drop_path=0.1)
+        short = gkg_pyg.create_model("pvig_ti", num_classes=3, img_size=224, drop_path=0.1, depths=[1, 1, 3, 2])
+    assert full.depths == (2, 2, 6, 2) and short.depths == (1, 1, 3, 2)
+    assert [len(s.blocks) for s in short.stages] == [1, 1, 3, 2]
+    assert [s.dilations for s in short.stages] == [[1], [1], [1, 1, 2], [2, 2]]
+    rates = [r for s in short.stages for r in s.drop_paths]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates) and len(rates) == 7
+    assert [m.channels for m in (full, short)] == [(48, 96, 240, 384)] * 2
+    cfg = load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3", "model.depths=[1,1,1,1]"])
+    model = build_model(cfg, ["a", "b"], verbose=False).eval()
+    assert [len(s.blocks) for s in model.stages] == [1, 1, 1, 1]
+    assert model(torch.randn(2, 3, 33, 33)).shape == (2, 2)
+    for bad in ([1, 1, 1], [1, 0, 1, 1], [1, 1, 1.5, 1], "deep"):
+        with pytest.raises(ConfigError, match="depths must be four positive block counts, one per stage, got"):
+            gkg_pyg.create_model("gkgnet_ti", num_classes=3, img_size=33, k=3, depths=bad)
+    standard = gkg_pyg.create_model("gkgnet_ti", num_classes=2, img_size=33, k=3)
+    with pytest.raises(CheckpointError):
+        gkg_pyg.load_checkpoint(model, standard.state_dict())
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 def test_drop_path_draws_and_scales_like_timms(p):
     """The model's own DropPath (so that building a model does not import

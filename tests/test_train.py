@@ -1,6 +1,6 @@
 """Training machinery and the experiment scripts, on a tiny synthetic set.
 
-One module-scoped pair of runs (2 epochs, gkgnet_ti at its smallest input)
+One module-scoped pair of runs (2 epochs, gkgnet_ti with one block per stage at its smallest input)
 is shared: run A goes uninterrupted, run B is SIGKILLed after its first
 epoch's checkpoint and resumed; their final states must be identical.
 """
@@ -46,7 +46,7 @@ RUN_TIMEOUT = 240
 TINY = """\
 name: tiny
 seed: 3
-model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.1}}
+model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.1, depths: [1, 1, 1, 1]}}
 data:
   name: synthetic
   root: {root}

@@ -117,6 +117,8 @@ class GKGNet(PyramidViGBackbone):
         num_gcn: cross-level modules after the last stage.
         knn_backend: backend of :func:`gkg_pyg.group_knn`.
         class_names: label names, attached to captured graphs.
+        depths: patch blocks per stage; None: the variant's (see
+            :class:`~gkg_pyg.models.pvig.PyramidViGBackbone`).
 
     ``forward(images)`` takes normalised ``(B, 3, H, W)`` images and returns
     logits ``(B, L)``; ``forward(images, return_graphs=True)`` also returns
@@ -136,12 +138,15 @@ class GKGNet(PyramidViGBackbone):
         num_gcn: int = 1,
         knn_backend: str = "auto",
         class_names: Optional[Sequence[str]] = None,
+        depths: Optional[Sequence[int]] = None,
     ):
         if num_classes < 1 or num_gcn < 1:
             raise ConfigError(f"num_classes and num_gcn must be positive, got {num_classes} and {num_gcn}")
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
-        super().__init__(variant, img_size, k=k, groups=groups, drop_path=drop_path, knn_backend=knn_backend)
+        super().__init__(
+            variant, img_size, k=k, groups=groups, drop_path=drop_path, knn_backend=knn_backend, depths=depths
+        )
         self.num_classes, self.class_names = num_classes, list(class_names) if class_names else None
         self.cross_level = cross_level
         chans = self.channels

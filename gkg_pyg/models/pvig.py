@@ -303,6 +303,17 @@ def _image_size(img_size) -> Tuple[int, int]:
     return tuple(size)
 
 
+def _stage_depths(depths) -> Tuple[int, int, int, int]:
+    """``depths`` as four positive block counts, or a ``ConfigError`` naming the value."""
+    if (
+        not isinstance(depths, (tuple, list))
+        or len(depths) != 4
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in depths)
+    ):
+        raise ConfigError(f"depths must be four positive block counts, one per stage, got {depths!r}")
+    return tuple(depths)
+
+
 class PyramidViGBackbone(nn.Module):
     """The Pyramid ViG patch path: stem, absolute position embedding, four stages.
 
@@ -314,6 +325,9 @@ class PyramidViGBackbone(nn.Module):
         groups: channel groups ``G`` of the group kNN graphs.
         drop_path: final stochastic-depth rate (linear from 0 over the blocks).
         knn_backend: backend of :func:`gkg_pyg.group_knn`.
+        depths: blocks per stage (four positive integers); None: the variant's
+            (Pyramid ViG's). Other depths make a model of the variant's widths
+            that no published weights fit (shallower models for quick runs and studies).
     """
 
     def __init__(
@@ -324,6 +338,7 @@ class PyramidViGBackbone(nn.Module):
         groups: int = 1,
         drop_path: float = 0.0,
         knn_backend: str = "auto",
+        depths: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -339,7 +354,8 @@ class PyramidViGBackbone(nn.Module):
         self.img_size = _image_size(img_size)
         self.variant, self.k, self.groups = variant, k, groups
         grids = check_input_size(*self.img_size, k, what="img_size")
-        chans, depths = spec.channels, spec.depths
+        chans, depths = spec.channels, spec.depths if depths is None else _stage_depths(depths)
+        self.depths = tuple(depths)
         c0 = chans[0]
         self.stem = nn.Module()
         self.stem.convs = nn.Sequential(
@@ -450,6 +466,7 @@ class PyramidViG(PyramidViGBackbone):
         drop_rate: dropout before the last layer of the head.
         knn_backend: backend of :func:`gkg_pyg.group_knn`.
         class_names: class names, attached to captured graphs.
+        depths: blocks per stage; None: the variant's (see :class:`PyramidViGBackbone`).
 
     ``forward(images)`` takes normalised ``(B, 3, H, W)`` images and returns
     logits ``(B, num_classes)`` (softmax scores); ``return_graphs=True``
@@ -473,8 +490,11 @@ class PyramidViG(PyramidViGBackbone):
         drop_rate: float = 0.0,
         knn_backend: str = "auto",
         class_names: Optional[Sequence[str]] = None,
+        depths: Optional[Sequence[int]] = None,
     ):
-        super().__init__(variant, img_size, k=k, groups=groups, drop_path=drop_path, knn_backend=knn_backend)
+        super().__init__(
+            variant, img_size, k=k, groups=groups, drop_path=drop_path, knn_backend=knn_backend, depths=depths
+        )
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
