@@ -76,7 +76,7 @@ def write_cifar(root, name, images_per_file=6, seed=0):
 TINY_MODEL = """\
 name: {name}
 seed: 0
-model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.0}}
+model: {{name: gkgnet_ti, img_size: 33, k: 3, drop_path: 0.0, depths: [1, 1, 1, 1]}}
 data:
   root: {root}
   num_workers: 0
