@@ -39,8 +39,7 @@ def trained(tmp_path_factory):
 
 def scores_by_hand(ckpt: Path, paths) -> torch.Tensor:
     state = torch.load(ckpt, weights_only=True)
-    model = build_model(load_config(None, ["model.name=gkgnet_ti", "model.img_size=33", "model.k=3"]),
-                        state["class_names"], load_weights=False)  # fmt: skip
+    model = build_model(state["config"], state["class_names"], load_weights=False)  # the trained model's settings
     model.load_state_dict(state["model"])
     x = torch.stack([build_test_transform(33)(load_rgb(p)) for p in paths])
     with torch.no_grad():
