@@ -93,3 +93,49 @@ def test_reset_classifier_initialises_like_the_constructor():
     assert model(torch.randn(2, 3, 65, 65)).shape == (2, 7)
     with pytest.raises(ValueError, match="3 class names for 4 classes"):
         model.reset_classifier(4, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("name, default_draws", [("gkgnet_ti", 3), ("pvig_ti", 0)])
+def test_create_model_sets_every_value_once(name, default_draws, monkeypatch):
+    """``create_model`` builds on the meta device and initialises once: with uninitialised memory
+    filled with NaN nothing is left unset, the constant parameters and every buffer are those of
+    the class's own construction, the drawn ones follow the same distributions, and PyTorch's
+    default initialisation runs only where the authors keep it (GKGNet's three label projections)."""
+    kaiming_uniform = torch.nn.init.kaiming_uniform_
+    draws = []
+
+    def counted(tensor, *args, **kwargs):
+        if not tensor.is_meta:  # on the meta device nothing is drawn
+            draws.append(tensor.shape)
+        return kaiming_uniform(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counted)
+    deterministic, fill = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # torch.empty gives NaN
+    try:
+        model = gkg_pyg.create_model(name, num_classes=20, img_size=96)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert len(draws) == default_draws
+    cls = type(model)
+    direct = cls(variant="ti", num_classes=20, img_size=96)
+    ours = dict(model.named_parameters()) | dict(model.named_buffers())
+    theirs = dict(direct.named_parameters()) | dict(direct.named_buffers())
+    assert ours.keys() == theirs.keys()
+    buffers = dict(direct.named_buffers())
+    drawn = 0
+    for key, value in ours.items():
+        want = theirs[key]
+        assert (value.shape, value.dtype, value.stride()) == (want.shape, want.dtype, want.stride()), key
+        assert not value.is_floating_point() or torch.isfinite(value).all(), f"{key} was left unset"
+        if key in buffers or bool((want == want.flatten()[0]).all()):  # a buffer or a constant
+            assert torch.equal(value, want), key
+        else:
+            assert 1 / RATIO < (value.std() / want.std()).item() < RATIO, key
+            drawn += 1
+    assert drawn > 50

@@ -163,7 +163,8 @@ class GKGNet(PyramidViGBackbone):
             # Per-label linear head on the label nodes: logit_l = w_l . x_l + b_l.
             self.head_label = nn.Linear(chans[3], num_classes)
         self.head_patch = nn.Linear(chans[3], num_classes)
-        self.init_weights()
+        if not self.pos_embed.is_meta:  # shapes only: init_weights() after to_empty() sets the values
+            self.init_weights()
 
     def init_weights(self) -> None:
         """The authors' initialisation (mmcls ``GKGNet.model_init`` and ``LabelQueryHead``).
@@ -172,13 +173,16 @@ class GKGNet(PyramidViGBackbone):
         downsampling convolutions and every 1x1 convolution of the Graphers,
         FFNs and graph convolutions in the patch path and in the label path
         (linear maps here), gets ``kaiming_normal_`` (fan-in, gain sqrt 2) and
-        a zero bias. Their label projections are ``nn.Linear`` and keep
-        PyTorch's default; the label embedding is N(0, 1) (``nn.Embedding``'s
-        default); both heads are N(0, 0.01) with zero bias (``_init_classifier``).
+        a zero bias; every BatchNorm is fresh. Their label projections are
+        ``nn.Linear`` and get PyTorch's default; the label embedding is N(0, 1)
+        (``nn.Embedding``'s default); both heads are N(0, 0.01) with zero bias
+        (``_init_classifier``). This sets every parameter and buffer.
         """
         self.init_patch_path()
         if self.cross_level:
             init_conv_like(self.label_modules)
+            for proj in self.label_projs:
+                proj.reset_parameters()
         self._init_classifier()
 
     def _init_classifier(self) -> None:

@@ -207,16 +207,23 @@ class NodeLinear(nn.Linear):
 
 
 def init_conv_like(module: nn.Module) -> None:
-    """Kaiming-normal weights (fan-in, gain sqrt 2) and zero biases for every
-    layer of ``module`` that is a convolution in the authors' code: ``nn.Conv2d``
-    and the linear maps that stand for 1x1 convolutions (the fan-in of an
-    ``(out, in)`` or grouped ``(out, in / g)`` weight is that of the 1x1
-    convolution)."""
+    """The authors' initialisation of every layer of ``module``: Kaiming-normal
+    weights (fan-in, gain sqrt 2) and zero biases for the layers that are
+    convolutions in their code (``nn.Conv2d`` and the linear maps that stand for
+    1x1 convolutions: the fan-in of an ``(out, in)`` or grouped ``(out, in / g)``
+    weight is that of the 1x1 convolution), PyTorch's own
+    (``reset_parameters``) for the others that hold parameters or buffers
+    (the BatchNorms: weight 1, bias 0, fresh running statistics).  Together
+    this sets every parameter and buffer of the layers, so that a model built
+    on the meta device and materialised uninitialised (``to_empty``) needs
+    nothing else."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, GroupedLinear)):
             nn.init.kaiming_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif (m._parameters or m._buffers) and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
 
 
 class LinearBatchNorm(nn.Sequential):

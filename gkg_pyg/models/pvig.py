@@ -441,9 +441,11 @@ class PyramidViGBackbone(nn.Module):
 
     def init_patch_path(self) -> None:
         """Kaiming-normal weights and zero biases for every convolution of the
-        patch path, the 1x1 ones that are linear maps here included (:func:`init_conv_like`)."""
+        patch path, the 1x1 ones that are linear maps here included, fresh
+        BatchNorms (:func:`init_conv_like`) and a zero position embedding."""
         init_conv_like(self.stem)
         init_conv_like(self.stages)
+        nn.init.zeros_(self.pos_embed)
 
     def no_weight_decay(self) -> set:
         """Names of the parameters besides norms and biases that are not
@@ -510,7 +512,8 @@ class PyramidViG(PyramidViGBackbone):
             nn.Dropout(drop_rate),
             nn.Linear(HEAD_HIDDEN, num_classes),
         )
-        self.init_weights()
+        if not self.pos_embed.is_meta:  # shapes only: init_weights() after to_empty() sets the values
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
