@@ -281,22 +281,24 @@ def load_onnx(onnx_path: Path):
         raise CheckpointError(f"{onnx_path} is not an ONNX model ({str(err).splitlines()[0]})") from None
 
 
-def onnx_image_size(onnx_path: Path) -> int | None:
-    """The fixed height of the file's image input (None: not fixed, or no 4-d input)."""
-    dims = load_onnx(onnx_path).graph.input[0].type.tensor_type.shape.dim
+def onnx_image_size(proto) -> int | None:
+    """The fixed height of the ONNX model's image input (None: not fixed, or no 4-d input)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
     if len(dims) != 4:
         return None
     return dims[2].dim_value or None
 
 
-def onnx_session(onnx_path: Path):
-    """An onnxruntime session of the file whose outputs are ``logits``,
+def onnx_session(proto):
+    """An onnxruntime session of the ONNX model whose outputs are ``logits``,
     ``scores`` and the indices of every ``TopK`` node (the kNN selections),
     and the number of those."""
     import onnx
     import onnxruntime as ort
 
-    proto = load_onnx(onnx_path)
+    extended = onnx.ModelProto()
+    extended.CopyFrom(proto)  # the caller's model keeps its outputs
+    proto = extended
     if len(proto.functions):  # selections inside local functions: inline them to reach their outputs
         from onnx import inliner
 
@@ -339,14 +341,14 @@ def selections_per_call(selections: list[np.ndarray], calls: list[dict]) -> list
     return tables
 
 
-def compare(onnx_path: Path, wrapped: nn.Module, batches, topk: int, tie_margin: float = 1e-4) -> dict:
-    """onnxruntime against PyTorch in float64 run with the ONNX graph's own
+def compare(proto, wrapped: nn.Module, batches, topk: int, tie_margin: float = 1e-4) -> dict:
+    """onnxruntime (the ONNX model ``proto``) against PyTorch in float64 run with the ONNX graph's own
     neighbours (module docstring). Returns the largest |score| and |logit|
     differences, the images whose top-k labels differ, the neighbour choices
     that depart from float64's (``flips``) with the margin explaining them,
     PyTorch float32's own distance from float64, and ``problems``: why the
     graph is not the model's (empty when it is)."""
-    session, num_selections = onnx_session(onnx_path)
+    session, num_selections = onnx_session(proto)
     reference = copy.deepcopy(wrapped).double().eval()
     out = {"images": 0, "max_score_diff": 0.0, "max_logit_diff": 0.0, "topk_mismatch": [], "flips": 0,
            "flip_margin": 0.0, "float32_score_diff": 0.0, "same_neighbours": num_selections > 0,
@@ -397,7 +399,8 @@ def verify(args: argparse.Namespace) -> dict:
     out = Path(args.output)
     if not out.is_file():
         raise MissingFileError(f"--verify: no ONNX file {out}")
-    size = onnx_image_size(out)
+    proto = load_onnx(out)  # read once: the input size and the check
+    size = onnx_image_size(proto)
     if args.img_size is not None and size is not None and args.img_size != size:
         raise UsageError(f"--verify: {out} takes {size} x {size} images; --img-size {args.img_size} differs")
     wrapped, _, preprocess, _ = load_for_export(args)
@@ -405,7 +408,7 @@ def verify(args: argparse.Namespace) -> dict:
         preprocess["img_size"] = size  # the file's input, which may differ from the checkpoint's training size
     batches = check_inputs(args.check, preprocess, args.batch_size)
     batches.append(batches[0][:1])
-    result = {"onnx": str(out), **compare(out, wrapped, batches, args.topk, args.tie_margin)}
+    result = {"onnx": str(out), **compare(proto, wrapped, batches, args.topk, args.tie_margin)}
     print(report(result, args))
     return result
 
@@ -450,7 +453,7 @@ def export(args: argparse.Namespace) -> dict:
     if not args.no_check:
         batches = check_inputs(args.check, preprocess, args.batch_size)
         batches.append(batches[0][:1])  # and a batch of one: the batch dimension is dynamic
-        result.update(compare(out, wrapped, batches, args.topk, args.tie_margin))
+        result.update(compare(load_onnx(out), wrapped, batches, args.topk, args.tie_margin))  # the file as written
         print(report(result, args))
     return result
 

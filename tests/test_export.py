@@ -157,7 +157,7 @@ def test_the_check_fails_on_a_wrong_graph(checkpoint, exported, tmp_path, capsys
         if hasattr(module, "k") and isinstance(module.k, int):
             module.k = 4
     batches = exporter.check_inputs([], preprocess, 2)
-    result = exporter.compare(exported["onnx"], wrapped, batches, 3)
+    result = exporter.compare(exporter.load_onnx(exported["onnx"]), wrapped, batches, 3)
     assert not exporter.check_passes(result, 1e-4)
     assert "picks 4 of" in result["problems"][0] and "not the model's graph" in result["problems"][0]
 
