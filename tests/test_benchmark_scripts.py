@@ -4,6 +4,7 @@ and its torch.compile row."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,18 @@ def test_authors_benchmark_without_a_gpu_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.main(["--harness", str(tmp_path), "--device", "cuda", "--amp", "fp16"])
     assert "--device cuda: no GPU visible to torch" in capsys.readouterr().err
+
+
+def test_authors_benchmark_pairs_rounds():
+    """Speed-ups are taken round by round, then summarised: a drift that slows both sides of a
+    round alike leaves them unchanged, where a ratio of the two medians would move."""
+    script = load_benchmark("authors")
+    baseline, timed = [2.0, 4.0, 8.0], [1.0, 2.2, 4.0]  # seconds: speed-ups 2.0, 1.82, 2.0
+    assert script.paired_speedup(baseline, timed) == "2.00x (1.82-2.00)"
+    assert script.paired_speedup(baseline, timed, digits=3) == "2.000x (1.82-2.00)"
+    assert statistics.median(baseline) / statistics.median(timed) != 2.0
+    with pytest.raises(ValueError):
+        script.paired_speedup(baseline, timed[:2])
 
 
 def table_rows(out: str) -> dict:
