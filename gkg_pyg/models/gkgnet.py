@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..knn import batched_group_knn
 from .convert import export_authors_checkpoint, filter_checkpoint
 from ..geometry import min_input_size, stage_grids
-from .layers import FFN, init_conv_like
+from .layers import FFN, init_like_authors
 from .pvig import VARIANTS, Grapher, PyramidViGBackbone, stage_graph
 from .registry import create_model, list_models, register_model
 
@@ -120,6 +120,10 @@ class GKGNet(PyramidViGBackbone):
         depths: patch blocks per stage; None: the variant's (see
             :class:`~gkg_pyg.models.pvig.PyramidViGBackbone`).
 
+    Built on the meta device (shapes only) the model is left uninitialised:
+    ``to_empty(device=...)`` then :meth:`init_weights` give it values
+    (what :func:`~gkg_pyg.models.create_model` does).
+
     ``forward(images)`` takes normalised ``(B, 3, H, W)`` images and returns
     logits ``(B, L)``; ``forward(images, return_graphs=True)`` also returns
     one :class:`~torch_geometric.data.HeteroData` per stage
@@ -180,7 +184,7 @@ class GKGNet(PyramidViGBackbone):
         """
         self.init_patch_path()
         if self.cross_level:
-            init_conv_like(self.label_modules)
+            init_like_authors(self.label_modules)
             for proj in self.label_projs:
                 proj.reset_parameters()
         self._init_classifier()

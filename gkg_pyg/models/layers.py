@@ -37,7 +37,7 @@ __all__ = [
     "DropPath",
     "drop_path_rates",
     "NodeLinear",
-    "init_conv_like",
+    "init_like_authors",
     "LinearBatchNorm",
     "FFN",
     "folds",
@@ -206,7 +206,7 @@ class NodeLinear(nn.Linear):
         return grouped_linear(x, self.weight, self.bias, 1)
 
 
-def init_conv_like(module: nn.Module) -> None:
+def init_like_authors(module: nn.Module) -> None:
     """The authors' initialisation of every layer of ``module``: Kaiming-normal
     weights (fan-in, gain sqrt 2) and zero biases for the layers that are
     convolutions in their code (``nn.Conv2d`` and the linear maps that stand for

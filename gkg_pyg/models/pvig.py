@@ -53,7 +53,7 @@ from .layers import (
     LinearBatchNorm,
     avg_pool,
     drop_path_rates,
-    init_conv_like,
+    init_like_authors,
     residual,
     to_image,
     to_nodes,
@@ -442,9 +442,9 @@ class PyramidViGBackbone(nn.Module):
     def init_patch_path(self) -> None:
         """Kaiming-normal weights and zero biases for every convolution of the
         patch path, the 1x1 ones that are linear maps here included, fresh
-        BatchNorms (:func:`init_conv_like`) and a zero position embedding."""
-        init_conv_like(self.stem)
-        init_conv_like(self.stages)
+        BatchNorms (:func:`init_like_authors`) and a zero position embedding."""
+        init_like_authors(self.stem)
+        init_like_authors(self.stages)
         nn.init.zeros_(self.pos_embed)
 
     def no_weight_decay(self) -> set:
@@ -469,6 +469,9 @@ class PyramidViG(PyramidViGBackbone):
         knn_backend: backend of :func:`gkg_pyg.group_knn`.
         class_names: class names, attached to captured graphs.
         depths: blocks per stage; None: the variant's (see :class:`PyramidViGBackbone`).
+
+    Built on the meta device (shapes only) the model is left uninitialised:
+    ``to_empty(device=...)`` then :meth:`init_weights` give it values.
 
     ``forward(images)`` takes normalised ``(B, 3, H, W)`` images and returns
     logits ``(B, num_classes)`` (softmax scores); ``return_graphs=True``
@@ -520,7 +523,7 @@ class PyramidViG(PyramidViGBackbone):
         """Pyramid ViG's initialisation (``DeepGCN.model_init``): Kaiming-normal
         weights and zero biases for every convolution, head included."""
         self.init_patch_path()
-        init_conv_like(self.head_patch)
+        init_like_authors(self.head_patch)
 
     def reset_classifier(self, num_classes: int, class_names: Optional[Sequence[str]] = None) -> None:
         """A new, freshly initialised last layer for ``num_classes`` classes

@@ -157,7 +157,7 @@ def create_model(name: str, pretrained=False, pretrained_cfg_overlay: Optional[d
         model = model_class(**kwargs)
     else:
         # Built on the meta device and materialised uninitialised, then initialised once: the
-        # layers' own initialisation, which the authors' redraws, took a fifth of the build.
+        # layers' own initialisation, which the authors' redraws, was a fifth to a quarter of the build.
         with torch.device("meta"):
             model = model_class(**kwargs)
         model = model.to_empty(device=like.device)
