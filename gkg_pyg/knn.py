@@ -62,6 +62,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .ops import knn_smallest_k, smallest_k
+from .ops._dtypes import as_dtype
 from .ops.cluster import CUDA_MAX_K, cluster_knn
 from .ops.cluster import torch_cluster  # None without the package (compiled from source, optional)
 
@@ -420,8 +421,7 @@ def _normalized_groups(x: Tensor, groups: int) -> Tensor:
     in at least float32: half-precision distances (8 or 11 mantissa bits)
     would reorder neighbours whose similarities differ in the third digit."""
     b, n, c = x.shape
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
+    x = as_dtype(x, torch.promote_types(x.dtype, torch.float32))
     return F.normalize(x.reshape(b, n, groups, c // groups), dim=-1).permute(2, 0, 1, 3)
 
 
@@ -448,9 +448,7 @@ def _dense_knn(src: Tensor, dst: Tensor, needed: int, position_bias: Optional[Po
     else:
         graph_blocks = [slice(b0, b0 + per) for b0 in range(0, num_graphs, per)]
     for r0 in range(0, n_dst, rows):
-        bias = None if position_bias is None else _bias_rows(position_bias, r0, r0 + rows)
-        if bias is not None and bias.dtype != src.dtype:
-            bias = bias.to(src.dtype)
+        bias = None if position_bias is None else as_dtype(_bias_rows(position_bias, r0, r0 + rows), src.dtype)
         for graphs in graph_blocks:
             s, dd = src[:, graphs], dst[:, graphs, r0 : r0 + rows]
             # |a|^2 - 2 a.b + |b|^2 - B as ((-2 a.b + |a|^2) + |b|^2) - B, in place (bit-identical to

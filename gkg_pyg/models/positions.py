@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..knn import PositionBias
+from ..ops._dtypes import as_dtype
 
 __all__ = ["relative_position_table", "relative_position_factors", "resample_rows", "RelativePosition"]
 
@@ -210,12 +211,11 @@ class RelativePosition(nn.Module):
         """The term for ``backend``: the exact dense table for the dense kNN,
         factors (``r = C`` extra coordinates) for torch-cluster, in ``dtype``
         promoted to float32 at least (the kNN ranks in float32 at least, also under autocast)."""
-        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.promote_types(dtype, torch.float32)
+        dtype = torch.promote_types(dtype, torch.float32)
         if backend == "torch_cluster":
             u, v = self.factors(grid, like.device)
             return u.to(dtype), v.to(dtype)
-        bias = self.bias(grid, like)
-        return bias if bias.dtype == dtype else bias.to(dtype)
+        return as_dtype(self.bias(grid, like), dtype)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, channels={self.channels}, pool={self.pool}"

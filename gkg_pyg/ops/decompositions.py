@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cluster  # noqa: F401  (registers gkg_pyg::cluster_knn)
+from ._dtypes import as_dtype
 from .aggregate import _max_relative_backward_pytorch, _no_rank, interleaved
 from .fused import _stat_dtype
 from .knn import DENSE_BLOCK_ELEMENTS
@@ -77,8 +78,7 @@ def _knn_smallest_k(dst: Tensor, src: Tensor, dst_sq: Tensor, src_sq: Tensor, bi
         dist = torch.matmul(_rows(dst, 2, r0, n), src_t) * -2 + _rows(dst_sq, 2, r0, n).unsqueeze(-1)
         dist = dist + src_sq
         if bias is not None:
-            block_bias = _rows(bias, 0, r0, n)
-            dist = dist - (block_bias if block_bias.dtype == src.dtype else block_bias.to(src.dtype))
+            dist = dist - as_dtype(_rows(bias, 0, r0, n), src.dtype)
         blocks.append(_topk_smallest(dist, k))
     if not blocks:
         return torch.empty(*dst.shape[:3], k, dtype=torch.long, device=dst.device)
@@ -117,7 +117,7 @@ def _bn_gelu_linear(h, bn_weight, bn_bias, weight, bias, running_mean, running_v
         stats = tuple(t.to(dtype) for t in stats)
     out = F.gelu(z)
     if weight is not None:
-        out = F.linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias)
+        out = F.linear(as_dtype(out, weight.dtype), weight, bias)
     return (out, *stats, *updated)
 
 

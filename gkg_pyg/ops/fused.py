@@ -36,6 +36,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _native
 from ._autograd import functorch_active, no_second_derivative
+from ._dtypes import as_dtype
 from .linear import grouped_linear, linear_input_grad, linear_weight_grad
 
 __all__ = ["bn_gelu_linear", "fusable", "batchnorm_gelu"]
@@ -101,7 +102,7 @@ def _bn_gelu_linear_op(
         stat_a, stat_b = running_mean.clone(), running_var.clone()
     out = torch.ops.aten.gelu_(z)  # in place: z is ours alone
     if weight is not None:
-        out = grouped_linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias, 1)
+        out = grouped_linear(as_dtype(out, weight.dtype), weight, bias, 1)
     if not update:
         new_mean, new_var = _no_output(h), _no_output(h)
     return out, stat_a, stat_b, new_mean, new_var
@@ -362,7 +363,7 @@ def _plain_modules(h, bn_weight, bn_bias, weight, bias, running_mean, running_va
     rows: the plain modules, which autograd and ``torch.func`` differentiate to any order."""
     out = F.gelu(F.batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
     if weight is not None:
-        out = F.linear(out if out.dtype == weight.dtype else out.to(weight.dtype), weight, bias)
+        out = F.linear(as_dtype(out, weight.dtype), weight, bias)
     return out
 
 
