@@ -296,13 +296,12 @@ def onnx_session(proto):
     import onnx
     import onnxruntime as ort
 
-    extended = onnx.ModelProto()
-    extended.CopyFrom(proto)  # the caller's model keeps its outputs
-    proto = extended
-    if len(proto.functions):  # selections inside local functions: inline them to reach their outputs
+    if len(proto.functions):  # selections inside local functions: inline them (a new model) to reach their outputs
         from onnx import inliner
 
         proto = inliner.inline_local_functions(proto)
+    else:  # a copy: the caller's model keeps its outputs
+        proto = copy.deepcopy(proto)
     names = [node.output[1] for node in proto.graph.node if node.op_type == "TopK" and len(node.output) > 1]
     for name in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
