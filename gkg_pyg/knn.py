@@ -62,7 +62,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .ops import knn_smallest_k, smallest_k
-from .ops._dtypes import as_dtype
+from .ops._dtypes import as_dtype, at_least_float32
 from .ops.cluster import CUDA_MAX_K, cluster_knn
 from .ops.cluster import torch_cluster  # None without the package (compiled from source, optional)
 
@@ -421,7 +421,7 @@ def _normalized_groups(x: Tensor, groups: int) -> Tensor:
     in at least float32: half-precision distances (8 or 11 mantissa bits)
     would reorder neighbours whose similarities differ in the third digit."""
     b, n, c = x.shape
-    x = as_dtype(x, torch.promote_types(x.dtype, torch.float32))
+    x = as_dtype(x, at_least_float32(x.dtype))
     return F.normalize(x.reshape(b, n, groups, c // groups), dim=-1).permute(2, 0, 1, 3)
 
 

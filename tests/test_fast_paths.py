@@ -441,6 +441,26 @@ def test_folded_copy_gives_the_models_values_with_fewer_operations(name):
     assert sorted(before) == sorted(model.state_dict())
 
 
+def test_exported_graph_holds_no_cast_that_changes_nothing():
+    """The program ``torch.export`` records for the export's folded float32 model has no cast to the
+    dtype its input has and no ``promote_types`` (``gkg_pyg.ops._dtypes``): each would be nodes of
+    their own to trace, decompose and convert."""
+    import gkg_pyg
+    from gkg_pyg.models.layers import fold_batchnorms
+
+    torch.manual_seed(0)
+    model = gkg_pyg.create_model("gkgnet_ti", num_classes=5, img_size=40, k=3, depths=[1, 1, 1, 1]).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        model(x)  # the position tables
+    graph = torch.export.export(fold_batchnorms(model), (x,)).graph
+    assert not [n for n in graph.nodes if "promote_types" in str(n.target)]
+    ops = [n for n in graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    casts = [n for n in ops if n.target.overloadpacket.__name__ in ("to", "_to_copy")]
+    no_ops = [n for n in casts if n.args[0].meta["val"].dtype == n.meta["val"].dtype]
+    assert not no_ops, [str(n.target) for n in no_ops]
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 12), (1, 4, 9, 11)])
 def test_source_pooling_equals_avg_pool2d_and_keeps_nothing(shape):
     """The kNN sources' pooling: ATen's forward, and the same input gradient as

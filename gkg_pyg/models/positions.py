@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..knn import PositionBias
-from ..ops._dtypes import as_dtype
+from ..ops._dtypes import as_dtype, at_least_float32
 
 __all__ = ["relative_position_table", "relative_position_factors", "resample_rows", "RelativePosition"]
 
@@ -211,7 +211,7 @@ class RelativePosition(nn.Module):
         """The term for ``backend``: the exact dense table for the dense kNN,
         factors (``r = C`` extra coordinates) for torch-cluster, in ``dtype``
         promoted to float32 at least (the kNN ranks in float32 at least, also under autocast)."""
-        dtype = torch.promote_types(dtype, torch.float32)
+        dtype = at_least_float32(dtype)
         if backend == "torch_cluster":
             u, v = self.factors(grid, like.device)
             return u.to(dtype), v.to(dtype)

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._autograd import functorch_active, no_second_derivative
+from ._dtypes import as_dtype
 
 __all__ = ["grouped_linear", "linear_weight_grad", "linear_input_grad"]
 
@@ -153,7 +154,8 @@ def _plain_grouped_linear(
     out = out.transpose(0, 1).reshape(*x.shape[:-1], out_channels)
     if bias is None:
         return out
-    return out.add_(bias.to(out.dtype)) if bias_in_place else out + bias.to(out.dtype)
+    bias = as_dtype(bias, out.dtype)
+    return out.add_(bias) if bias_in_place else out + bias
 
 
 def _onednn_setup(ctx, inputs, output) -> None:
