@@ -590,18 +590,55 @@ static inline vfw load_part(const float *p, int64_t t, int64_t c) {
 
 static inline void store_part(float *p, int64_t t, int64_t c, vfw v) { memcpy(p + t, &v, (t + GW <= c ? GW : c - t) * sizeof(float)); }
 
+/* The vector at channel t of a row: `full` (a constant where inlined) when t + GW <= c. The passes below run
+ * each row's full vectors and its padded last one as two loops over one inlined body: one loop that decides
+ * per vector spilled its registers around the rarely taken partial branch and ran 2x slower. */
+static inline __attribute__((always_inline)) vfw load_at(const float *p, int64_t t, int64_t c, int full) {
+    return full ? loadw(p + t) : load_part(p, t, c);
+}
+
+static inline __attribute__((always_inline)) void store_at(float *p, int64_t t, int64_t c, vfw v, int full) {
+    if (full)
+        memcpy(p + t, &v, sizeof v);
+    else
+        store_part(p, t, c, v);
+}
+
+/* Calls body(..., i, t, c, full) for every vector t of every row i in r0 .. r1 - 1 of c channels. */
+#define FOR_ROW_VECTORS(r0, r1, c, body, ...)                                      \
+    for (int64_t i_ = (r0); i_ < (r1); ++i_) {                                     \
+        int64_t t_ = 0;                                                            \
+        for (; t_ + GW <= (c); t_ += GW) body(__VA_ARGS__, i_, t_, (c), 1);        \
+        if (t_ < (c)) body(__VA_ARGS__, i_, t_, (c), 0);                           \
+    }
+
+static inline __attribute__((always_inline)) void bn_gelu_vector(const struct bn_gelu_args *a, int64_t i, int64_t t,
+                                                                 int64_t c, int full) {
+    vfw z = fmaw(load_at(a->h + i * c, t, c, full), load_at(a->alpha, t, c, full), load_at(a->beta, t, c, full)), g;
+    geluw(z, &g, NULL);
+    store_at(a->out + i * c, t, c, g, full);
+}
+
 static void *run_bn_gelu(void *arg) {
     struct rows_job *jb = arg;
     const struct bn_gelu_args *a = jb->args;
-    const int64_t c = a->c;
-    for (int64_t i = jb->r0; i < jb->r1; ++i)
-        for (int64_t t = 0; t < c; t += GW) {
-            vfw z = fmaw(load_part(a->h + i * c, t, c), load_part(a->alpha, t, c), load_part(a->beta, t, c)), g;
-            geluw(z, &g, NULL);
-            store_part(a->out + i * c, t, c, g);
-        }
+    FOR_ROW_VECTORS(jb->r0, jb->r1, a->c, bn_gelu_vector, a)
     jb->status = 0;
     return NULL;
+}
+
+/* grad <- grad_in * GELU'(z) (times scale), its sums added into part (2 c8 floats: the sums, then those
+ * times h - mean). */
+static inline __attribute__((always_inline)) void bn_gelu_backward_vector(const struct bn_gelu_args *a, float *part,
+                                                                          int64_t c8, int64_t i, int64_t t, int64_t c,
+                                                                          int full) {
+    vfw x = load_at(a->h + i * c, t, c, full), d;
+    geluw(fmaw(x, load_at(a->alpha, t, c, full), load_at(a->beta, t, c, full)), NULL, &d);
+    vfw g = load_at(a->in + i * c, t, c, full) * d;
+    vfw s = loadw(part + t) + g, p = fmaw(g, x - load_at(a->mean, t, c, full), loadw(part + c8 + t));
+    memcpy(part + t, &s, sizeof s);
+    memcpy(part + c8 + t, &p, sizeof p);
+    store_at(a->out + i * c, t, c, a->scale ? g * load_at(a->scale, t, c, full) : g, full);
 }
 
 /* Partial sums in float over blocks of SUM_ROWS rows, added into the job's double sums. */
@@ -617,16 +654,7 @@ static void *run_bn_gelu_backward(void *arg) {
     for (int64_t i0 = jb->r0; i0 < jb->r1; i0 += SUM_ROWS) {
         memset(part, 0, 2 * c8 * sizeof(float));
         const int64_t i1 = i0 + SUM_ROWS < jb->r1 ? i0 + SUM_ROWS : jb->r1;
-        for (int64_t i = i0; i < i1; ++i)
-            for (int64_t t = 0; t < c; t += GW) {
-                vfw x = load_part(a->h + i * c, t, c), d;
-                geluw(fmaw(x, load_part(a->alpha, t, c), load_part(a->beta, t, c)), NULL, &d);
-                vfw g = load_part(a->in + i * c, t, c) * d;
-                vfw s = loadw(part + t) + g, p = fmaw(g, x - load_part(a->mean, t, c), loadw(part + c8 + t));
-                memcpy(part + t, &s, sizeof s);
-                memcpy(part + c8 + t, &p, sizeof p);
-                store_part(a->out + i * c, t, c, a->scale ? g * load_part(a->scale, t, c) : g);
-            }
+        FOR_ROW_VECTORS(i0, i1, c, bn_gelu_backward_vector, a, part, c8)
         for (int64_t t = 0; t < c; ++t) {
             sums[t] += part[t];
             sums[c + t] += part[c8 + t];
@@ -637,16 +665,17 @@ static void *run_bn_gelu_backward(void *arg) {
     return NULL;
 }
 
+static inline __attribute__((always_inline)) void bn_backward_vector(const struct bn_gelu_args *a, int64_t i, int64_t t,
+                                                                     int64_t c, int full) {
+    vfw xmu = load_at(a->h + i * c, t, c, full) - load_at(a->mean, t, c, full);
+    vfw g = fmaw(load_at(a->out + i * c, t, c, full), load_at(a->scale, t, c, full), load_at(a->shift, t, c, full));
+    store_at(a->out + i * c, t, c, fmaw(xmu, load_at(a->xmu_scale, t, c, full), g), full);
+}
+
 static void *run_bn_backward(void *arg) {
     struct rows_job *jb = arg;
     const struct bn_gelu_args *a = jb->args;
-    const int64_t c = a->c;
-    for (int64_t i = jb->r0; i < jb->r1; ++i)
-        for (int64_t t = 0; t < c; t += GW) {
-            vfw xmu = load_part(a->h + i * c, t, c) - load_part(a->mean, t, c);
-            vfw g = fmaw(load_part(a->out + i * c, t, c), load_part(a->scale, t, c), load_part(a->shift, t, c));
-            store_part(a->out + i * c, t, c, fmaw(xmu, load_part(a->xmu_scale, t, c), g));
-        }
+    FOR_ROW_VECTORS(jb->r0, jb->r1, a->c, bn_backward_vector, a)
     jb->status = 0;
     return NULL;
 }
