@@ -474,17 +474,18 @@ def test_linear_weight_grad_matches_float64_product(rows, out_channels, in_chann
         (300, 30, 7, False),
     ],
 )
-def test_linear_input_grad_matches_float64_product(rows, out_channels, in_channels, onednn):
+def test_linear_input_grad_matches_float64_product(monkeypatch, rows, out_channels, in_channels, onednn):
     """``linear_input_grad`` against the float64 ``grad_out @ weight`` on both
-    sides of its oneDNN bounds (at least 256 rows and 2^26 multiply-adds): the
-    values to float32 rounding, a contiguous ``(M, in)`` result, MKL's product
-    written into the given buffer, oneDNN's convolution backward run exactly
-    where the bounds say (seen by the profiler), never with one thread or in
-    float64."""
+    sides of its oneDNN bounds (at least 256 rows and 2^26 multiply-adds, the
+    AVX-512 CPUs' bounds, set here on any CPU): the values to float32 rounding,
+    a contiguous ``(M, in)`` result, MKL's product written into the given
+    buffer, oneDNN's convolution backward run exactly where the bounds say
+    (seen by the profiler), never with one thread or in float64."""
     from torch.profiler import profile
 
-    from gkg_pyg.ops.linear import linear_input_grad
+    from gkg_pyg.ops import linear
 
+    monkeypatch.setattr(linear, "_ONEDNN_INPUT_GRAD", (256, 1 << 26))
     torch.manual_seed(0)
     grad_out, weight = torch.randn(rows, out_channels), torch.randn(out_channels, in_channels)
     expect = grad_out.double() @ weight.double()
@@ -494,7 +495,7 @@ def test_linear_input_grad_matches_float64_product(rows, out_channels, in_channe
             torch.set_num_threads(n_threads)
             out = torch.full((rows, in_channels), float("nan"), dtype=dtype)
             with profile() as prof:
-                got = linear_input_grad(grad_out.to(dtype), weight.to(dtype), out)
+                got = linear.linear_input_grad(grad_out.to(dtype), weight.to(dtype), out)
             ran_onednn = any(e.key == "aten::convolution_backward" for e in prof.key_averages())
             takes_onednn = onednn and n_threads == 2 and dtype == torch.float32
             assert ran_onednn == (takes_onednn and torch.backends.mkldnn.is_available())
@@ -503,6 +504,23 @@ def test_linear_input_grad_matches_float64_product(rows, out_channels, in_channe
             torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
     finally:
         torch.set_num_threads(threads)
+
+
+def test_linear_input_grad_takes_onednn_only_with_avx512(monkeypatch):
+    """Without AVX-512 (where oneDNN's input gradient was no faster alone and
+    slower in a training step) the input gradient is MKL's product into the
+    given buffer at any size; with it, oneDNN from 256 rows and 2^26
+    multiply-adds."""
+    from gkg_pyg.ops import linear
+
+    assert linear._ONEDNN_INPUT_GRAD == linear._onednn_input_grad_bounds(torch.backends.cpu.get_cpu_capability())
+    for capability in ("DEFAULT", "AVX2", "ZVECTOR"):
+        assert linear._onednn_input_grad_bounds(capability) is None
+    for capability in ("AVX512", "AVX512_BF16"):
+        assert linear._onednn_input_grad_bounds(capability) == (256, 1 << 26)
+    monkeypatch.setattr(linear, "_ONEDNN_INPUT_GRAD", None)
+    out = torch.empty(1568, 1600)
+    assert linear.linear_input_grad(torch.randn(1568, 400), torch.randn(400, 1600), out).data_ptr() == out.data_ptr()
 
 
 @pytest.mark.parametrize("act,norm", [("gelu", "batch"), ("relu", "batch"), (None, "batch"), ("gelu", None)])

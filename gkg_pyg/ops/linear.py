@@ -292,25 +292,32 @@ def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     return grad_out.t() @ x
 
 
-# Rows and multiply-adds from which oneDNN's input gradient beat MKL's product (measured here, 2 threads:
-# 392 to 25088 rows of 80 .. 640 -> 320 .. 2560 channels, 1.03-1.25x; 640 rows of 160 -> 640 as fast,
-# of 80 -> 320 0.8x).
-_ONEDNN_INPUT_GRAD = (256, 1 << 26)
+def _onednn_input_grad_bounds(cpu_capability: str) -> Optional[Tuple[int, int]]:
+    """oneDNN's input-gradient bounds (rows, multiply-adds) for ATen's CPU capability, ``None`` without AVX-512."""
+    return (256, 1 << 26) if cpu_capability.startswith("AVX512") else None
+
+
+# Rows and multiply-adds from which oneDNN's input gradient beat MKL's product where oneDNN runs its AVX-512
+# kernels (Zen 4, 2 threads: 392 to 25088 rows of 80 .. 640 -> 320 .. 2560 channels, 1.03-1.25x; 640 rows of
+# 160 -> 640 as fast, of 80 -> 320 0.8x; a training step 1.25-1.7% faster).  With AVX2 (Zen 3) the two ran
+# equally fast alone, and in a GKGNet-S training step MKL's product into the caller's buffer (which the
+# previous pass has just written) made the step 1.02-1.06x faster in three paired runs.  None: MKL always.
+_ONEDNN_INPUT_GRAD = _onednn_input_grad_bounds(torch.backends.cpu.get_cpu_capability())
 
 
 def linear_input_grad(grad_out: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     """``grad_out @ weight``: the ``(M, in)`` input gradient of a linear map with
     an ``(out, in)`` weight, for ``(M, out)`` rows of ``grad_out``.
 
-    From :data:`_ONEDNN_INPUT_GRAD` on (rows that :func:`_onednn_usable`
-    accepts), oneDNN's 1x1 convolution input gradient over channels-last views
-    of the rows, into a new tensor; otherwise MKL's product into ``out`` (an
-    ``(M, in)`` buffer).  The result is contiguous; the values agree to
-    rounding (a different summation order).
+    On a CPU with AVX-512, from :data:`_ONEDNN_INPUT_GRAD` on (rows that
+    :func:`_onednn_usable` accepts), oneDNN's 1x1 convolution input gradient
+    over channels-last views of the rows, into a new tensor; otherwise MKL's
+    product into ``out`` (an ``(M, in)`` buffer).  The result is contiguous;
+    the values agree to rounding (a different summation order).
     """
+    bounds = _ONEDNN_INPUT_GRAD
     rows = grad_out.shape[0]
-    min_rows, min_macs = _ONEDNN_INPUT_GRAD
-    big = rows >= min_rows and rows * weight.numel() >= min_macs
+    big = bounds is not None and rows >= bounds[0] and rows * weight.numel() >= bounds[1]
     if big and weight.dtype == torch.float32 and _onednn_usable(grad_out):
         return _conv1x1_backward(grad_out, out, weight, [True, False, False])[0]  # out: its sizes only
     return torch.mm(grad_out, weight, out=out)
