@@ -476,8 +476,8 @@ def test_linear_weight_grad_matches_float64_product(rows, out_channels, in_chann
 )
 def test_linear_input_grad_matches_float64_product(monkeypatch, rows, out_channels, in_channels, onednn):
     """``linear_input_grad`` against the float64 ``grad_out @ weight`` on both
-    sides of its oneDNN bounds (at least 256 rows and 2^26 multiply-adds, the
-    AVX-512 CPUs' bounds, set here on any CPU): the values to float32 rounding,
+    sides of its oneDNN bounds (at least 256 rows and 2^26 multiply-adds, on
+    AVX-512 CPUs, set here on any CPU): the values to float32 rounding,
     a contiguous ``(M, in)`` result, MKL's product written into the given
     buffer, oneDNN's convolution backward run exactly where the bounds say
     (seen by the profiler), never with one thread or in float64."""
@@ -485,7 +485,7 @@ def test_linear_input_grad_matches_float64_product(monkeypatch, rows, out_channe
 
     from gkg_pyg.ops import linear
 
-    monkeypatch.setattr(linear, "_ONEDNN_INPUT_GRAD", (256, 1 << 26))
+    monkeypatch.setattr(linear, "_ONEDNN_BACKWARD", True)
     torch.manual_seed(0)
     grad_out, weight = torch.randn(rows, out_channels), torch.randn(out_channels, in_channels)
     expect = grad_out.double() @ weight.double()
@@ -506,21 +506,39 @@ def test_linear_input_grad_matches_float64_product(monkeypatch, rows, out_channe
         torch.set_num_threads(threads)
 
 
-def test_linear_input_grad_takes_onednn_only_with_avx512(monkeypatch):
-    """Without AVX-512 (where oneDNN's input gradient was no faster alone and
-    slower in a training step) the input gradient is MKL's product into the
-    given buffer at any size; with it, oneDNN from 256 rows and 2^26
-    multiply-adds."""
+def test_onednn_backward_only_with_avx512(monkeypatch):
+    """Without AVX-512 (where oneDNN's 1x1 backward was slower than MKL's
+    products) a map's input gradient is MKL's product into the given buffer at
+    any size, and a plain map with gradients runs MKL's products backward (as
+    a grouped one does); with AVX-512 autograd's oneDNN backward.  The
+    gradients are the plain map's either way."""
+    from torch.profiler import profile
+
     from gkg_pyg.ops import linear
 
-    assert linear._ONEDNN_INPUT_GRAD == linear._onednn_input_grad_bounds(torch.backends.cpu.get_cpu_capability())
-    for capability in ("DEFAULT", "AVX2", "ZVECTOR"):
-        assert linear._onednn_input_grad_bounds(capability) is None
-    for capability in ("AVX512", "AVX512_BF16"):
-        assert linear._onednn_input_grad_bounds(capability) == (256, 1 << 26)
-    monkeypatch.setattr(linear, "_ONEDNN_INPUT_GRAD", None)
-    out = torch.empty(1568, 1600)
-    assert linear.linear_input_grad(torch.randn(1568, 400), torch.randn(400, 1600), out).data_ptr() == out.data_ptr()
+    assert linear._ONEDNN_BACKWARD == linear._onednn_backward_pays(torch.backends.cpu.get_cpu_capability())
+    assert not any(map(linear._onednn_backward_pays, ("DEFAULT", "AVX2", "ZVECTOR", "SVE256")))
+    assert all(map(linear._onednn_backward_pays, ("AVX512", "AVX512_BF16")))
+    torch.manual_seed(1)
+    x, weight, bias = torch.randn(4096, 80), torch.randn(320, 80), torch.randn(320)
+    grad_out = torch.randn(4096, 320)
+    expect = [t.double().requires_grad_(True) for t in (x, weight, bias)]
+    torch.nn.functional.linear(*expect).backward(grad_out.double())
+    for avx512 in (False, True):
+        monkeypatch.setattr(linear, "_ONEDNN_BACKWARD", avx512)
+        out = torch.empty(1568, 1600)
+        got = linear.linear_input_grad(torch.randn(1568, 400), torch.randn(400, 1600), out)
+        assert (got.data_ptr() == out.data_ptr()) == (not avx512 or not torch.backends.mkldnn.is_available())
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        with profile() as prof:
+            linear.grouped_linear(*leaves, 1).backward(grad_out)
+        names = {e.key for e in prof.key_averages()}
+        if torch.backends.mkldnn.is_available():
+            assert ("aten::convolution_backward" in names) == avx512
+            assert ("gkg_pyg::onednn_linear_backward" in names) == (not avx512)
+        for leaf, want in zip(leaves, expect):
+            scale = want.grad.abs().max().item()
+            torch.testing.assert_close(leaf.grad.double(), want.grad, rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("act,norm", [("gelu", "batch"), ("relu", "batch"), (None, "batch"), ("gelu", None)])

@@ -28,6 +28,23 @@ __all__ = ["grouped_linear", "linear_weight_grad", "linear_input_grad"]
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()
 
 
+def _onednn_backward_pays(cpu_capability: str) -> bool:
+    """Whether oneDNN's 1x1 convolution backward beats MKL's products on a CPU of
+    ATen's ``cpu_capability``: only where oneDNN runs AVX-512 kernels.
+
+    With AVX-512 (Zen 4, 2 threads) oneDNN's input gradient measured 1.03-1.25x
+    MKL's product (392 to 25088 rows of 80 .. 640 -> 320 .. 2560 channels) and a
+    training step 1.25-1.7% faster with it.  With AVX2 (Zen 3) MKL's products
+    were faster: both gradients of GKGNet-S's large maps 1.05-1.28x (25088 rows
+    of 80 -> 320: 25 against 32 ms), the input gradient alone as fast, and a
+    training step 1.02-1.06x faster with MKL's input gradient into the caller's
+    buffer, in three paired runs."""
+    return cpu_capability.startswith("AVX512")
+
+
+_ONEDNN_BACKWARD = _onednn_backward_pays(torch.backends.cpu.get_cpu_capability())
+
+
 @functools.lru_cache(maxsize=256)
 def _image_width(rows: int) -> int:
     """The largest divisor of ``rows`` up to 64 (1 for no rows)."""
@@ -88,11 +105,11 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
 def _onednn_linear_backward_op(
     grad_out: Tensor, x: Tensor, weight: Tensor, groups: int, output_mask: List[bool]
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_weight, grad_bias)`` of ``gkg_pyg::onednn_linear``: without groups oneDNN's 1x1
-    convolution backward over the same channels-last views (what autograd runs for
-    :func:`_onednn_linear` in eager code), with groups (or no rows) :func:`_grouped_linear_backward`; an
-    output left out by ``output_mask`` is empty."""
-    if groups > 1 or x.numel() == 0:
+    """``(grad_x, grad_weight, grad_bias)`` of ``gkg_pyg::onednn_linear``: without groups, where
+    :data:`_ONEDNN_BACKWARD`, oneDNN's 1x1 convolution backward over the same channels-last views (what
+    autograd runs for :func:`_onednn_linear`); otherwise (and for no rows) MKL's products of
+    :func:`_grouped_linear_backward`; an output left out by ``output_mask`` is empty."""
+    if groups > 1 or x.numel() == 0 or not _ONEDNN_BACKWARD:
         return _grouped_linear_backward(grad_out, x, weight, groups, output_mask)
     grad_x, grad_weight, grad_bias = _conv1x1_backward(grad_out, x, weight, output_mask)
     empty = x.new_empty(0)
@@ -106,10 +123,10 @@ def _onednn_linear_backward_op(
 def _grouped_linear_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, groups: int, output_mask: List[bool]
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The gradients of a grouped map as one MKL product per group and gradient, each reading and
-    writing column blocks of the ``(M, channels)`` rows in place: oneDNN's grouped 1x1 backward and
-    ``bmm`` over transposed copies measured slower (GKGNet-S's first stage at 224 px batch 8, 25088
-    rows of 160 channels in 4 groups: 10 ms against 13 and 15, 2 threads)."""
+    """The gradients of a grouped map (``groups == 1``: a plain one) as one MKL product per group and
+    gradient, each reading and writing column blocks of the ``(M, channels)`` rows in place: oneDNN's
+    grouped 1x1 backward and ``bmm`` over transposed copies measured slower (GKGNet-S's first stage at
+    224 px batch 8, 25088 rows of 160 channels in 4 groups: 10 ms against 13 and 15, 2 threads)."""
     out_channels, in_per_group = weight.shape
     out_per_group = out_channels // groups
     grad_rows = grad_out.reshape(-1, out_channels)
@@ -207,15 +224,16 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     channels-last view of the ``(M, in)`` rows, which needs no copy: on many
     rows (GKGNet's first stages) it measured up to 2x faster than MKL's
     ``addmm`` and ``bmm``, on small inputs slower (see :func:`_onednn_pays`).
-    A grouped map with gradients runs oneDNN forward and MKL's per-group
-    products backward (the operator ``gkg_pyg::onednn_linear``; oneDNN's
-    grouped backward measured slower).  The values agree with ``F.linear`` to
+    A map with gradients runs oneDNN forward and, if grouped or on a CPU
+    without AVX-512 (:func:`_onednn_backward_pays`), MKL's products backward
+    (the operator ``gkg_pyg::onednn_linear``); otherwise autograd's oneDNN
+    backward.  The values agree with ``F.linear`` to
     float32 rounding (a different summation order).
     """
     if _onednn_pays(x, weight, bias, groups):
-        # One operator in compiled code (the compiler's layout choices would copy the rows), and for a grouped
-        # map with gradients (whose backward pass runs MKL's products, see _grouped_linear_backward).
-        if torch.compiler.is_compiling() or (groups > 1 and _needs_grad(x, weight, bias)):
+        # One operator in compiled code (the compiler's layout choices would copy the rows), and for a map with
+        # gradients whose backward pass runs MKL's products (grouped, or without _ONEDNN_BACKWARD).
+        if torch.compiler.is_compiling() or ((groups > 1 or not _ONEDNN_BACKWARD) and _needs_grad(x, weight, bias)):
             return torch.ops.gkg_pyg.onednn_linear(x, weight, bias, groups)
         return _onednn_linear(x, weight, bias, groups)
     return _plain_grouped_linear(x, weight, bias, groups, bias_in_place=True)
@@ -292,32 +310,26 @@ def linear_weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     return grad_out.t() @ x
 
 
-def _onednn_input_grad_bounds(cpu_capability: str) -> Optional[Tuple[int, int]]:
-    """oneDNN's input-gradient bounds (rows, multiply-adds) for ATen's CPU capability, ``None`` without AVX-512."""
-    return (256, 1 << 26) if cpu_capability.startswith("AVX512") else None
-
-
-# Rows and multiply-adds from which oneDNN's input gradient beat MKL's product where oneDNN runs its AVX-512
-# kernels (Zen 4, 2 threads: 392 to 25088 rows of 80 .. 640 -> 320 .. 2560 channels, 1.03-1.25x; 640 rows of
-# 160 -> 640 as fast, of 80 -> 320 0.8x; a training step 1.25-1.7% faster).  With AVX2 (Zen 3) the two ran
-# equally fast alone, and in a GKGNet-S training step MKL's product into the caller's buffer (which the
-# previous pass has just written) made the step 1.02-1.06x faster in three paired runs.  None: MKL always.
-_ONEDNN_INPUT_GRAD = _onednn_input_grad_bounds(torch.backends.cpu.get_cpu_capability())
+# Rows and multiply-adds from which oneDNN's input gradient beat MKL's product where _ONEDNN_BACKWARD (Zen 4,
+# 2 threads: 392 to 25088 rows of 80 .. 640 -> 320 .. 2560 channels, 1.03-1.25x; 640 rows of 160 -> 640 as
+# fast, of 80 -> 320 0.8x).
+_ONEDNN_INPUT_GRAD = (256, 1 << 26)
 
 
 def linear_input_grad(grad_out: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     """``grad_out @ weight``: the ``(M, in)`` input gradient of a linear map with
     an ``(out, in)`` weight, for ``(M, out)`` rows of ``grad_out``.
 
-    On a CPU with AVX-512, from :data:`_ONEDNN_INPUT_GRAD` on (rows that
-    :func:`_onednn_usable` accepts), oneDNN's 1x1 convolution input gradient
-    over channels-last views of the rows, into a new tensor; otherwise MKL's
-    product into ``out`` (an ``(M, in)`` buffer).  The result is contiguous;
+    Where :data:`_ONEDNN_BACKWARD` (a CPU with AVX-512), from
+    :data:`_ONEDNN_INPUT_GRAD` on (rows that :func:`_onednn_usable` accepts),
+    oneDNN's 1x1 convolution input gradient over channels-last views of the
+    rows, into a new tensor; otherwise MKL's product into ``out`` (an
+    ``(M, in)`` buffer).  The result is contiguous;
     the values agree to rounding (a different summation order).
     """
-    bounds = _ONEDNN_INPUT_GRAD
+    min_rows, min_macs = _ONEDNN_INPUT_GRAD
     rows = grad_out.shape[0]
-    big = bounds is not None and rows >= bounds[0] and rows * weight.numel() >= bounds[1]
+    big = _ONEDNN_BACKWARD and rows >= min_rows and rows * weight.numel() >= min_macs
     if big and weight.dtype == torch.float32 and _onednn_usable(grad_out):
         return _conv1x1_backward(grad_out, out, weight, [True, False, False])[0]  # out: its sizes only
     return torch.mm(grad_out, weight, out=out)
