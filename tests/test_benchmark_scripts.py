@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,34 @@ def test_authors_benchmark_pairs_rounds():
     assert statistics.median(baseline) / statistics.median(timed) != 2.0
     with pytest.raises(ValueError):
         script.paired_speedup(baseline, timed[:2])
+
+
+def test_authors_benchmark_warms_up_every_configuration(tmp_path, capsys, monkeypatch):
+    """``--warmup`` untimed steps of each configuration come before the timed rounds
+    (a stand-in for the authors' model counts its calls), and fewer than one is refused."""
+    (tmp_path / "official_model.py").write_text(
+        "import torch\n"
+        "class OfficialGKGNet(torch.nn.Module):\n"
+        "    calls = 0\n"
+        "    def __init__(self, size, choice):\n"
+        "        super().__init__()\n"
+        "        self.head = torch.nn.Linear(3, 80)\n"
+        "    def forward(self, x):\n"
+        "        type(self).calls += 1\n"
+        "        return self.head(x.mean((2, 3)))\n"
+    )
+    script = load_benchmark("authors")
+    argv = ["--harness", str(tmp_path), "--img-size", "96", "--batch", "1", "--tasks", "eval", "--rounds", "2"]
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main puts the harness first on the path
+    try:
+        script.main(argv + ["--warmup", "3"])
+        assert sys.modules["official_model"].OfficialGKGNet.calls == 3 + 2
+    finally:
+        sys.modules.pop("official_model", None)
+    assert "| eval | gkg-pyg, fp32 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(argv + ["--warmup", "0"])
+    assert "--warmup must be at least 1" in capsys.readouterr().err
 
 
 def table_rows(out: str) -> dict:
