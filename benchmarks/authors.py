@@ -5,7 +5,8 @@ it with ``../shared/authors_gkgnet/make_harness.sh GIT_DIR OUT_DIR`` and pass
 ``--harness OUT_DIR``. Both models (GKGNet-S, random weights, 80 classes) live
 in one process; every round runs one step of each configuration, in turn,
 and the table gives each configuration's median images/s and the median over
-rounds of its speed ratio to the authors' float32 step. Slow changes of a
+rounds of its speed ratio to the authors' float32 step. Every other round runs
+the configurations in reverse order. Slow changes of a
 shared machine's load hit both sides of a round alike, so the ratios are
 steadier than timings of blocks of steps (compare ratios, not images/s).
 
@@ -134,8 +135,10 @@ def main(argv=None):
                 if warmup == 0 and name == "gkg_pyg compiled":
                     print(f"{task}: first torch.compile step {seconds:.1f} s (compilation included)", flush=True)
         times = {row: [] for row in rows}
-        for _ in range(args.rounds):
-            for row, (name, amp) in rows.items():
+        for round_ in range(args.rounds):
+            # Every other round in reverse order: what a step leaves behind (caches, the heap) then precedes
+            # each configuration alike.
+            for row, (name, amp) in list(rows.items())[:: -1 if round_ % 2 else 1]:
                 times[row].append(step(models[name], optims[name], scalers[row], task, x, y, amp))
         for row in rows:
             speed = paired_speedup(times["authors, fp32"], times[row])

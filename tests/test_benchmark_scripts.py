@@ -48,7 +48,8 @@ def test_authors_benchmark_pairs_rounds():
 
 def test_authors_benchmark_warms_up_every_configuration(tmp_path, capsys, monkeypatch):
     """``--warmup`` untimed steps of each configuration come before the timed rounds
-    (a stand-in for the authors' model counts its calls), and fewer than one is refused."""
+    (a stand-in for the authors' model counts its calls), every other round runs the
+    configurations in reverse order, and fewer than one warm-up step is refused."""
     (tmp_path / "official_model.py").write_text(
         "import torch\n"
         "class OfficialGKGNet(torch.nn.Module):\n"
@@ -63,11 +64,15 @@ def test_authors_benchmark_warms_up_every_configuration(tmp_path, capsys, monkey
     script = load_benchmark("authors")
     argv = ["--harness", str(tmp_path), "--img-size", "96", "--batch", "1", "--tasks", "eval", "--rounds", "2"]
     monkeypatch.setattr(sys, "path", list(sys.path))  # main puts the harness first on the path
+    order, step = [], script.step
+    monkeypatch.setattr(script, "step", lambda model, *args: order.append(type(model).__name__) or step(model, *args))
     try:
         script.main(argv + ["--warmup", "3"])
         assert sys.modules["official_model"].OfficialGKGNet.calls == 3 + 2
     finally:
         sys.modules.pop("official_model", None)
+    rounds = order[2 * 3 :]
+    assert rounds == ["OfficialGKGNet", "GKGNet", "GKGNet", "OfficialGKGNet"]
     assert "| eval | gkg-pyg, fp32 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main(argv + ["--warmup", "0"])
