@@ -580,28 +580,19 @@ struct bn_gelu_args {
     double *sums; /* per job: 2c partial sums */
 };
 
-/* Loads channels t .. t + GW - 1 of a row of c values (t + GW > c: the rest padded with 0). */
-static inline vfw load_part(const float *p, int64_t t, int64_t c) {
-    if (t + GW <= c) return loadw(p + t);
+/* Channels t .. t + GW - 1 of a row of c values: `full` (a constant where inlined) when t + GW <= c, else the
+ * row's last c - t values, padded with 0 (stored: only those). The passes below run each row's full vectors
+ * and its padded last one as two loops over one inlined body: one loop that decided per vector spilled its
+ * registers around the rarely taken partial branch and ran 2x slower. */
+static inline __attribute__((always_inline)) vfw load_at(const float *p, int64_t t, int64_t c, int full) {
+    if (full) return loadw(p + t);
     vfw v = bcastw(0.0f);
     memcpy(&v, p + t, (c - t) * sizeof(float));
     return v;
 }
 
-static inline void store_part(float *p, int64_t t, int64_t c, vfw v) { memcpy(p + t, &v, (t + GW <= c ? GW : c - t) * sizeof(float)); }
-
-/* The vector at channel t of a row: `full` (a constant where inlined) when t + GW <= c. The passes below run
- * each row's full vectors and its padded last one as two loops over one inlined body: one loop that decides
- * per vector spilled its registers around the rarely taken partial branch and ran 2x slower. */
-static inline __attribute__((always_inline)) vfw load_at(const float *p, int64_t t, int64_t c, int full) {
-    return full ? loadw(p + t) : load_part(p, t, c);
-}
-
 static inline __attribute__((always_inline)) void store_at(float *p, int64_t t, int64_t c, vfw v, int full) {
-    if (full)
-        memcpy(p + t, &v, sizeof v);
-    else
-        store_part(p, t, c, v);
+    memcpy(p + t, &v, (full ? GW : c - t) * sizeof(float));
 }
 
 /* Calls body(..., i, t, c, full) for every vector t of every row i in r0 .. r1 - 1 of c channels. */
