@@ -29,8 +29,8 @@ scaler, as the paper's recipe does). ``--compile`` adds gkg-pyg under
 prints how long its first, compiling step took and its speed-up over eager
 gkg-pyg from further rounds of those two alone, paired round by round like
 the ratios to the authors (with the authors' step between them that ratio
-was 0.94-1.09x for the evaluation in five runs of one day on the Zen 3). On CUDA every step is
-synchronised before and after its timing.
+was 0.94-1.09x for the evaluation in five runs of one day on the Zen 3). On
+CUDA every step is synchronised before and after its timing.
 """
 
 from __future__ import annotations
@@ -125,34 +125,45 @@ def main(argv=None):
     print("| task | configuration | images/s (median) | speed / authors fp32 (median of rounds, min-max) |")
     print("|---|---|---|---|")
     for task in args.tasks:
-        optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-        if args.compile:
-            optims["gkg_pyg compiled"] = optims["gkg_pyg"]
-        scalers = {
-            row: torch.amp.GradScaler(device.type, enabled=amp == torch.float16) for row, (_, amp) in rows.items()
-        }
-        for warmup in range(args.warmup):  # the first steps (for torch.compile, compilation), in turn
-            for row, (name, amp) in rows.items():
-                seconds = step(models[name], optims[name], scalers[row], task, x, y, amp)
-                if warmup == 0 and name == "gkg_pyg compiled":
-                    print(f"{task}: first torch.compile step {seconds:.1f} s (compilation included)", flush=True)
-        times = {row: [] for row in rows}
-        for round_ in range(args.rounds):
-            # Every other round in reverse order: what a step leaves behind (caches, the heap) then precedes
-            # each configuration alike.
-            for row, (name, amp) in list(rows.items())[:: -1 if round_ % 2 else 1]:
-                times[row].append(step(models[name], optims[name], scalers[row], task, x, y, amp))
+        bench_task(task, args, models, rows, x, y)
+
+
+def bench_task(task: str, args: argparse.Namespace, models: dict, rows: dict, x, y) -> None:
+    """Warm-up steps, then the timed rounds of every configuration (``rows``: row name -> (model name,
+    autocast dtype)) for ``task``; prints the task's table rows and, with ``--compile``, the speed-up
+    of torch.compile over eager gkg-pyg."""
+    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    if args.compile:
+        optims["gkg_pyg compiled"] = optims["gkg_pyg"]
+    scalers = {row: torch.amp.GradScaler(x.device.type, enabled=amp == torch.float16) for row, (_, amp) in rows.items()}
+
+    def run(row: str) -> float:
+        name, amp = rows[row]
+        return step(models[name], optims[name], scalers[row], task, x, y, amp)
+
+    for warmup in range(args.warmup):  # the first steps (for torch.compile, compilation), in turn
         for row in rows:
-            speed = paired_speedup(times["authors, fp32"], times[row])
-            print(f"| {task} | {row} | {args.batch / statistics.median(times[row]):.2f} | {speed} |", flush=True)
-        if args.compile:  # rounds of the two alone: with the authors' step between them the ratio was 0.94-1.09x
-            pair = {"gkg-pyg, fp32": [], "gkg-pyg, fp32, torch.compile": []}
-            for round_ in range(args.rounds):
-                for row in list(pair)[:: -1 if round_ % 2 else 1]:
-                    name, amp = rows[row]
-                    pair[row].append(step(models[name], optims[name], scalers[row], task, x, y, amp))
-            speed = paired_speedup(*pair.values(), digits=3)
-            print(f"{task}: torch.compile against eager gkg-pyg, {args.rounds} paired rounds of the two: {speed}")
+            seconds = run(row)
+            if warmup == 0 and rows[row][0] == "gkg_pyg compiled":
+                print(f"{task}: first torch.compile step {seconds:.1f} s (compilation included)", flush=True)
+    times = timed_rounds(run, list(rows), args.rounds)
+    for row in rows:
+        speed = paired_speedup(times["authors, fp32"], times[row])
+        print(f"| {task} | {row} | {args.batch / statistics.median(times[row]):.2f} | {speed} |", flush=True)
+    if args.compile:  # rounds of the two alone: with the authors' step between them the ratio was 0.94-1.09x
+        pair = timed_rounds(run, ["gkg-pyg, fp32", "gkg-pyg, fp32, torch.compile"], args.rounds)
+        speed = paired_speedup(*pair.values(), digits=3)
+        print(f"{task}: torch.compile against eager gkg-pyg, {args.rounds} paired rounds of the two: {speed}")
+
+
+def timed_rounds(run, rows: list, rounds: int) -> dict:
+    """Seconds of ``run(row)`` per row, the rows in turn, ``rounds`` times; every other round in
+    reverse order, so that what a step leaves behind (caches, the heap) precedes each row alike."""
+    times = {row: [] for row in rows}
+    for round_ in range(rounds):
+        for row in rows[:: -1 if round_ % 2 else 1]:
+            times[row].append(run(row))
+    return times
 
 
 def paired_speedup(baseline: list, timed: list, digits: int = 2) -> str:
